@@ -1,0 +1,17 @@
+"""pydeform: GPU kernels for deformable and region-based vision operators.
+
+Every op runs on CuPy arrays (CuPy RawKernels by default, ``backend="numba"`` for the Numba
+CUDA kernels) and on NumPy arrays (Numba CPU kernels), with an analytic backward pass.
+Importing pydeform compiles nothing and needs neither CuPy nor a GPU.
+"""
+
+from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeformConv2dGrads",
+    "__version__",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+]

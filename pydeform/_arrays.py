@@ -1,0 +1,117 @@
+"""Array rules shared by every op: which library an array belongs to, dtypes, devices.
+
+Every public op calls these checks before any backend sees an array, so each rule is written
+once and every error names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "accumulation_dtype",
+    "array_library",
+    "check_arrays",
+    "check_backend",
+    "int_pair",
+]
+
+BACKENDS = ("cupy", "numba")
+
+_CPU_DTYPES = ("float32", "float64")
+_GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def array_library(name: str, value) -> str:
+    """Return ``"numpy"`` or ``"cupy"`` for a supported array, else raise ``TypeError``."""
+    if isinstance(value, np.ndarray):
+        return "numpy"
+    if type(value).__module__.split(".")[0] == "cupy" and hasattr(value, "__cuda_array_interface__"):
+        return "cupy"
+    raise TypeError(
+        f"{name}: expected a NumPy or CuPy array, got {type(value).__module__}.{type(value).__qualname__}"
+    )
+
+
+def _device_id(value) -> int:
+    return value.device.id
+
+
+def check_backend(backend, library: str) -> str:
+    """Resolve ``backend=`` for arrays of ``library``; return ``"cupy"``, ``"numba"``."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected None, 'cupy' or 'numba', got {backend!r}")
+    if library == "numpy":
+        if backend == "cupy":
+            raise ValueError(
+                "backend: 'cupy' runs on CuPy arrays only, got NumPy arrays "
+                "(use backend=None or 'numba' for the CPU)"
+            )
+        return "numba"
+    return backend or "cupy"
+
+
+def check_arrays(arrays: dict, *, ranks: dict) -> tuple[str, np.dtype]:
+    """Check that the named arrays share one library, device and floating dtype.
+
+    ``arrays`` maps argument names to arrays (or None for an absent optional argument, which is
+    skipped); ``ranks`` maps the same names to the expected number of dimensions. The first
+    array fixes the library, device and dtype the others must match. Returns
+    ``(library, dtype)``.
+    """
+    present = {k: v for k, v in arrays.items() if v is not None}
+    first_name, first = next(iter(present.items()))
+    library = array_library(first_name, first)
+    dtype = np.dtype(first.dtype)
+    allowed = _CPU_DTYPES if library == "numpy" else _GPU_DTYPES
+    for name, value in present.items():
+        lib = array_library(name, value)
+        if lib != library:
+            raise TypeError(f"{name}: expected a {library} array like {first_name}, got a {lib} array")
+        if library == "cupy" and _device_id(value) != _device_id(first):
+            raise ValueError(
+                f"{name}: expected an array on GPU {_device_id(first)} like {first_name}, "
+                f"got one on GPU {_device_id(value)}"
+            )
+        if _dtype_name(value.dtype) not in allowed:
+            where = "on the CPU (NumPy arrays)" if library == "numpy" else "on the GPU"
+            raise TypeError(
+                f"{name}: expected a floating dtype among {', '.join(allowed)} {where}, "
+                f"got {_dtype_name(value.dtype)}"
+            )
+        if np.dtype(value.dtype) != dtype:
+            raise TypeError(
+                f"{name}: expected dtype {dtype.name} like {first_name}, got {_dtype_name(value.dtype)}"
+            )
+        if value.ndim != ranks[name]:
+            raise ValueError(
+                f"{name}: expected a {ranks[name]}-d array, got {value.ndim}-d with shape {tuple(value.shape)}"
+            )
+    return library, dtype
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float64 accumulates in float64; float32, float16 and bfloat16 in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def int_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
+    """Normalise an int or a pair of ints (per-axis h, w) and check each is >= ``minimum``."""
+    items = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
+    if len(items) != 2 or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items
+    ):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return int(items[0]), int(items[1])

@@ -1,0 +1,16 @@
+"""The one place pydeform imports Numba's CUDA target from.
+
+Numba's CUDA support lives in the ``numba-cuda`` package; keeping the import here makes a
+move to its successor a one-line change.
+"""
+
+from numba import cuda
+
+__all__ = ["cuda", "simulator_enabled"]
+
+
+def simulator_enabled() -> bool:
+    """True under ``NUMBA_ENABLE_CUDASIM=1``, where ``cuda.is_available()`` is True without a GPU."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)

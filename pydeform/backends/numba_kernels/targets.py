@@ -1,0 +1,102 @@
+"""The two Numba targets: how a shared function is compiled, and how a kernel is launched.
+
+Op modules write their per-item arithmetic once as plain Python and build their kernels with
+:func:`build_for_cpu` / :func:`build_for_cuda`, which hand them a :class:`Target` whose
+``device`` compiles a helper for that target and whose ``atomic_add`` scatters into an array
+(a plain add on the CPU, where kernels are written so that no two threads share an element).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from . import bilinear
+
+THREADS_PER_BLOCK = 256
+# Enough blocks to fill any current GPU several times over; the kernels' grid-stride loops
+# cover the rest.
+MAX_BLOCKS = 65536
+
+
+class Target(NamedTuple):
+    name: str
+    device: Callable  # compiles a plain Python function for this target
+    atomic_add: Callable  # atomic_add(array4d, b, c, h, w, value)
+    zero_padded_setup: Callable
+    zero_padded_corner_flags: Callable
+    zero_padded_corners: Callable
+    bilinear_value: Callable
+    bilinear_gradient: Callable
+
+
+def _compiled_helpers(device):
+    return dict(
+        zero_padded_setup=device(bilinear.zero_padded_setup),
+        zero_padded_corner_flags=device(bilinear.zero_padded_corner_flags),
+        zero_padded_corners=device(bilinear.zero_padded_corners),
+        bilinear_value=device(bilinear.bilinear_value),
+        bilinear_gradient=device(bilinear.bilinear_gradient),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_target() -> Target:
+    import numba
+
+    def device(fn):
+        return numba.njit(nogil=True, error_model="numpy")(fn)
+
+    @device
+    def add(array, b, c, h, w, value):
+        array[b, c, h, w] += value
+
+    return Target("cpu", device, add, **_compiled_helpers(device))
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_target() -> Target:
+    from ..numba_cuda import cuda
+
+    def device(fn):
+        return cuda.jit(device=True)(fn)
+
+    @device
+    def add(array, b, c, h, w, value):
+        cuda.atomic.add(array, (b, c, h, w), value)
+
+    return Target("cuda", device, add, **_compiled_helpers(device))
+
+
+def cpu_kernel(fn):
+    """Compile a CPU kernel whose outer loop is a ``numba.prange``."""
+    import numba
+
+    return numba.njit(parallel=True, nogil=True, error_model="numpy")(fn)
+
+
+def cuda_kernel(fn):
+    from ..numba_cuda import cuda
+
+    return cuda.jit(fn)
+
+
+def launch_cuda(kernel, n_items: int, xp, *args) -> None:
+    """Launch a grid-stride CUDA kernel over ``n_items`` on CuPy's current stream.
+
+    With ``xp`` NumPy (the CUDA simulator, host arrays) it launches without a stream and with
+    small blocks, since the simulator runs every thread as a Python thread.
+    """
+    if n_items == 0:
+        return
+    from ..numba_cuda import cuda
+
+    if xp is np:
+        threads = 32
+        kernel[min(-(-n_items // threads), 4), threads](*args)
+        return
+    blocks = min(-(-n_items // THREADS_PER_BLOCK), MAX_BLOCKS)
+    stream = cuda.external_stream(xp.cuda.get_current_stream().ptr)
+    kernel[blocks, THREADS_PER_BLOCK, stream](*args)

@@ -1,0 +1,286 @@
+"""Deformable convolution v1 and modulated deformable convolution (DCNv2).
+
+Semantics are torchvision's ``deform_conv2d`` (SPEC section 2). This module is the one place
+where arguments are checked, shapes inferred and dtype rules applied; it then runs a
+backend-independent driver: deformable im2col into a column buffer, GEMM with the array
+library's ``matmul`` (cuBLAS for CuPy, BLAS for NumPy), the batch processed in chunks so the
+column buffer stays under :data:`COLUMN_BUFFER_BYTES`. The kernels come from a *kernel set*
+(CuPy RawKernels, Numba CUDA or Numba CPU), see :mod:`pydeform.backends`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair
+from .backends import deform_conv2d_kernels
+
+__all__ = [
+    "COLUMN_BUFFER_BYTES",
+    "DeformConv2dGeometry",
+    "DeformConv2dGrads",
+    "deform_conv2d",
+    "deform_conv2d_backward",
+]
+
+#: Upper bound, in bytes, of each column buffer the driver allocates (forward: one buffer,
+#: backward: two). A batch whose columns would exceed it is processed in chunks of images;
+#: one image is always processed whole.
+COLUMN_BUFFER_BYTES = 256 * 2**20
+
+
+class DeformConv2dGeometry(NamedTuple):
+    """Sizes every kernel needs; the batch size comes from the arrays themselves."""
+
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dilation_h: int
+    dilation_w: int
+    groups: int
+    offset_groups: int
+    out_h: int
+    out_w: int
+
+
+class DeformConv2dGrads(NamedTuple):
+    """Gradients of :func:`deform_conv2d`; ``bias`` / ``mask`` are None when not given."""
+
+    input: object
+    offset: object
+    weight: object
+    bias: Optional[object]
+    mask: Optional[object]
+
+
+def _shape(x) -> tuple:
+    return tuple(int(s) for s in x.shape)
+
+
+def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=None):
+    """Check every argument once; return (kernel set, contiguous arrays, geometry)."""
+    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    ranks = {"input": 4, "offset": 4, "weight": 4, "bias": 1, "mask": 4}
+    if grad_output is not None:
+        arrays = {"grad_output": grad_output, **arrays}
+        ranks["grad_output"] = 4
+    for name in ("input", "offset", "weight"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    library, dtype = check_arrays(arrays, ranks=ranks)
+    kind = check_backend(backend, library)
+
+    stride_h, stride_w = int_pair("stride", stride, minimum=1)
+    pad_h, pad_w = int_pair("padding", padding, minimum=0)
+    dil_h, dil_w = int_pair("dilation", dilation, minimum=1)
+
+    n, channels, height, width = _shape(input)
+    out_channels, channels_per_group, kernel_h, kernel_w = _shape(weight)
+    if out_channels == 0 or channels_per_group == 0 or kernel_h == 0 or kernel_w == 0:
+        raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {_shape(weight)}")
+    if channels % channels_per_group:
+        raise ValueError(
+            f"weight: shape[1] = {channels_per_group} must divide the input's {channels} channels "
+            f"(weight is [C_out, C/groups, kh, kw]), got weight shape {_shape(weight)}"
+        )
+    groups = channels // channels_per_group
+    if out_channels % groups:
+        raise ValueError(
+            f"weight: C_out = {out_channels} must be divisible by groups = {groups} "
+            f"(inferred from input channels {channels} / weight.shape[1] {channels_per_group})"
+        )
+    kernel_points = kernel_h * kernel_w
+    offset_channels = _shape(offset)[1]
+    if offset_channels == 0 or offset_channels % (2 * kernel_points):
+        raise ValueError(
+            f"offset: shape[1] must be a positive multiple of 2*kh*kw = {2 * kernel_points}, "
+            f"got offset shape {_shape(offset)}"
+        )
+    offset_groups = offset_channels // (2 * kernel_points)
+    if channels % offset_groups:
+        raise ValueError(
+            f"offset: {offset_groups} offset groups (shape[1] / (2*kh*kw)) must divide the "
+            f"input's {channels} channels"
+        )
+
+    out_h = (height + 2 * pad_h - (dil_h * (kernel_h - 1) + 1)) // stride_h + 1
+    out_w = (width + 2 * pad_w - (dil_w * (kernel_w - 1) + 1)) // stride_w + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"input: spatial size {height}x{width} with padding {(pad_h, pad_w)}, dilation "
+            f"{(dil_h, dil_w)} and kernel {kernel_h}x{kernel_w} gives an empty output ({out_h}x{out_w})"
+        )
+
+    expected = {
+        "offset": (n, 2 * offset_groups * kernel_points, out_h, out_w),
+        "mask": (n, offset_groups * kernel_points, out_h, out_w),
+        "bias": (out_channels,),
+        "grad_output": (n, out_channels, out_h, out_w),
+    }
+    for name, shape in expected.items():
+        value = arrays.get(name)
+        if value is not None and _shape(value) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {_shape(value)}")
+
+    geometry = DeformConv2dGeometry(
+        channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w,
+        pad_h, pad_w, dil_h, dil_w, groups, offset_groups, out_h, out_w,
+    )
+    kernels = deform_conv2d_kernels(library, kind)
+    xp = kernels.xp
+    contiguous = {k: (None if v is None else xp.ascontiguousarray(v)) for k, v in arrays.items()}
+    return kernels, contiguous, geometry
+
+
+def _chunk_size(n: int, geometry: DeformConv2dGeometry, itemsize: int, buffers: int) -> int:
+    g = geometry
+    per_image = g.in_channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w * itemsize * buffers
+    return max(1, min(n, COLUMN_BUFFER_BYTES // per_image))
+
+
+def _grouped_weight(xp, weight, geometry, acc_dtype):
+    """weight [C_out, C/G, kh, kw] -> [G, C_out/G, C/G*kh*kw] in the accumulation dtype."""
+    g = geometry
+    return weight.astype(acc_dtype, copy=False).reshape(g.groups, g.out_channels // g.groups, -1)
+
+
+def _batch(array, start, stop):
+    return None if array is None else array[start:stop]
+
+
+def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geometry):
+    """The forward driver, shared by every backend (arrays checked and contiguous).
+
+    Per chunk of ``B`` images: ``columns [B, C*kh*kw, Ho*Wo] = im2col(...)``, then
+    ``out[b, group] = weight[group] @ columns[b, group]`` as one batched GEMM.
+    """
+    xp, g = kernels.xp, geometry
+    n = input.shape[0]
+    acc = accumulation_dtype(input.dtype)
+    out = xp.empty((n, g.out_channels, g.out_h, g.out_w), dtype=input.dtype)
+    if n == 0:
+        return out
+    weight_g = _grouped_weight(xp, weight, g, acc)
+    bias_acc = None if bias is None else bias.astype(acc).reshape(1, -1, 1, 1)
+    chunk = _chunk_size(n, g, acc.itemsize, buffers=1)
+    columns = xp.empty((chunk, weight_g.shape[2] * g.groups, g.out_h * g.out_w), dtype=acc)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        cols = columns[: stop - start]
+        kernels.im2col(input[start:stop], offset[start:stop], _batch(mask, start, stop), cols, g)
+        grouped_cols = cols.reshape(stop - start, g.groups, weight_g.shape[2], -1)
+        result = xp.matmul(weight_g, grouped_cols).reshape(stop - start, g.out_channels, g.out_h, g.out_w)
+        if bias_acc is not None:
+            result += bias_acc
+        out[start:stop] = result
+    return out
+
+
+def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight, bias, geometry):
+    """The backward driver, shared by every backend; returns :class:`DeformConv2dGrads`.
+
+    Per chunk: ``grad_columns = weight^T @ grad_output`` (batched GEMM), then one kernel for the
+    offset and mask gradients, one scattering onto the input gradient (accumulated in float32
+    for half types), and the weight gradient as ``grad_output @ columns^T`` with the columns
+    recomputed by im2col.
+    """
+    xp, g = kernels.xp, geometry
+    n = input.shape[0]
+    dtype = input.dtype
+    acc = accumulation_dtype(dtype)
+    weight_g = _grouped_weight(xp, weight, g, acc)
+    weight_t = weight_g.transpose(0, 2, 1)
+    group_rows = weight_g.shape[2]
+    grad_input = xp.zeros(input.shape, dtype=acc)
+    grad_offset = xp.empty(offset.shape, dtype=dtype)
+    grad_mask = None if mask is None else xp.empty(mask.shape, dtype=dtype)
+    grad_weight = xp.zeros(weight_g.shape, dtype=acc)
+    chunk = _chunk_size(max(n, 1), g, acc.itemsize, buffers=2)
+    grad_columns = xp.empty((chunk, group_rows * g.groups, g.out_h * g.out_w), dtype=acc)
+    columns = xp.empty_like(grad_columns)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        b = stop - start
+        inp, off, msk = input[start:stop], offset[start:stop], _batch(mask, start, stop)
+        grad_out = grad_output[start:stop].astype(acc, copy=False).reshape(b, g.groups, -1, g.out_h * g.out_w)
+        gcols = grad_columns[:b]
+        xp.matmul(weight_t, grad_out, out=gcols.reshape(b, g.groups, group_rows, -1))
+        kernels.col2im_coord(inp, off, msk, gcols, grad_offset[start:stop], _batch(grad_mask, start, stop), g)
+        kernels.col2im(off, msk, gcols, grad_input[start:stop], g)
+        cols = columns[:b]
+        kernels.im2col(inp, off, msk, cols, g)
+        grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
+        grad_weight += xp.matmul(grad_out, grouped_cols.transpose(0, 1, 3, 2)).sum(axis=0)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=acc).astype(dtype)
+    return DeformConv2dGrads(
+        grad_input.astype(dtype, copy=False),
+        grad_offset,
+        grad_weight.reshape(weight.shape).astype(dtype, copy=False),
+        grad_bias,
+        grad_mask,
+    )
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None):
+    r"""Deformable convolution (v1), or modulated deformable convolution (DCNv2) with ``mask``.
+
+    .. math::
+        out[n,o,y,x] = bias[o] + \sum_{c \in grp(o), i, j} weight[o, c, i, j]\, m\,
+        B_A(input[n,c],\ y s_h - p_h + i d_h + \Delta y,\ x s_w - p_w + j d_w + \Delta x)
+
+    with ``B_A`` zero-padded bilinear sampling and ``m`` the mask value (1 without mask).
+
+    Args:
+        input: ``[N, C, H, W]``.
+        offset: ``[N, 2*Goff*kh*kw, Ho, Wo]``; for kernel point ``(i, j)`` of offset group ``g``,
+            channel ``g*2*kh*kw + 2*(i*kw + j)`` is the y offset and the next one the x offset.
+        weight: ``[C_out, C/G, kh, kw]``; the weight groups ``G = C // weight.shape[1]``.
+        bias: ``[C_out]`` or None.
+        stride, padding, dilation: an int or an ``(h, w)`` pair.
+        mask: ``[N, Goff*kh*kw, Ho, Wo]`` modulation scalars, or None for DCNv1.
+        backend: None (NumPy arrays: Numba CPU; CuPy arrays: CuPy RawKernels), ``"cupy"`` or
+            ``"numba"`` (Numba CUDA kernels for CuPy arrays, Numba CPU for NumPy arrays).
+
+    Returns:
+        ``[N, C_out, Ho, Wo]`` with ``Ho = (H + 2*ph - (dh*(kh-1)+1)) // sh + 1`` (same for Wo),
+        same array type, device and dtype as ``input``.
+
+    All arrays share one library, device and dtype: float32 or float64 on the CPU, also float16
+    and bfloat16 on the GPU (accumulated in float32). Inputs are never modified. A sampling
+    position outside ``(-1, H) x (-1, W)`` (or not finite) contributes 0.
+    """
+    kernels, a, geometry = _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backend)
+    return run_deform_conv2d_forward(kernels, a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry)
+
+
+def deform_conv2d_backward(
+    grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None
+) -> DeformConv2dGrads:
+    """Gradients of :func:`deform_conv2d` with respect to every array argument.
+
+    Args:
+        grad_output: ``[N, C_out, Ho, Wo]``, the gradient of the loss with respect to the output.
+        input, offset, weight, bias, stride, padding, dilation, mask, backend: as for
+            :func:`deform_conv2d`.
+
+    Returns:
+        :class:`DeformConv2dGrads` ``(input, offset, weight, bias, mask)``, each with its
+        argument's shape and dtype; ``bias`` and ``mask`` are None when not given. The offset
+        and mask gradients are 0 where a sample lies outside ``(-1, H) x (-1, W)``, where the
+        forward is constant.
+    """
+    kernels, a, geometry = _prepare(
+        input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=grad_output
+    )
+    return run_deform_conv2d_backward(
+        kernels, a["grad_output"], a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry
+    )
