@@ -17,8 +17,9 @@ import numpy as np
 
 from .targets import cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
 
-# CPU input-gradient tasks own blocks of this many channels, so that no two threads scatter
-# into the same element (no atomics needed) while the bilinear set-up is shared by the block.
+# CPU im2col / input-gradient tasks own blocks of this many channels: no two threads write the
+# same element (no atomics needed), each task's reads and writes stay within a few pages, and
+# the bilinear set-up of an item is shared by the block.
 CPU_CHANNEL_BLOCK = 16
 
 
@@ -50,15 +51,14 @@ def _item_functions(t):
         return b, g, ij, y, x, h, w, m, dy_channel
 
     @t.device
-    def im2col_item(item, input, offset, mask, has_mask, columns, geometry):
-        channels, height, width = geometry[0], geometry[1], geometry[2]
+    def im2col_item(item, c_begin, c_end, input, offset, mask, has_mask, columns, geometry):
+        height, width = geometry[1], geometry[2]
         points = geometry[4] * geometry[5]
-        per_group = channels // geometry[13]
         b, g, ij, y, x, h, w, m, _ = sample(item, offset, mask, has_mask, geometry)
         column = y * geometry[15] + x
         inside, h0, w0, lh, lw = setup(h, w, height, width)
         in00, in01, in10, in11 = flags(h0, w0, height, width)
-        for c in range(g * per_group, (g + 1) * per_group):
+        for c in range(c_begin, c_end):
             value = 0.0
             if inside:
                 v00, v01, v10, v11 = corners(input, b, c, h0, w0, in00, in01, in10, in11)
@@ -125,30 +125,46 @@ def _cpu_kernels():
 
     im2col_item, col2im_coord_item, col2im_item = _item_functions(cpu_target())
 
+    @cpu_target().device
+    def channel_block_task(task, n_items, batch, geometry):
+        """Task -> (first item, last item, c_begin, c_end): one block of channels of one
+        (image, offset group), so tasks never write the same element."""
+        offset_groups = geometry[13]
+        per_group = geometry[0] // offset_groups
+        blocks = (per_group + CPU_CHANNEL_BLOCK - 1) // CPU_CHANNEL_BLOCK
+        items_per_group = n_items // (batch * offset_groups)
+        image_group = task // blocks
+        g = image_group % offset_groups
+        c_begin = g * per_group + (task % blocks) * CPU_CHANNEL_BLOCK
+        c_end = min(c_begin + CPU_CHANNEL_BLOCK, (g + 1) * per_group)
+        first = image_group * items_per_group
+        return first, first + items_per_group, c_begin, c_end
+
+    @cpu_target().device
+    def task_count(batch, geometry):
+        per_group = geometry[0] // geometry[13]
+        return batch * geometry[13] * ((per_group + CPU_CHANNEL_BLOCK - 1) // CPU_CHANNEL_BLOCK)
+
     @cpu_kernel
     def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
-        for item in prange(n_items):
-            im2col_item(item, input, offset, mask, has_mask, columns, geometry)
+        batch = input.shape[0]
+        for task in prange(task_count(batch, geometry)):
+            first, last, c_begin, c_end = channel_block_task(task, n_items, batch, geometry)
+            for item in range(first, last):
+                im2col_item(item, c_begin, c_end, input, offset, mask, has_mask, columns, geometry)
 
     @cpu_kernel
     def col2im_coord(input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry, n_items):
+        # Each item sums over all channels of its group, so this one is parallel over items.
         for item in prange(n_items):
             col2im_coord_item(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
 
     @cpu_kernel
     def col2im(offset, mask, has_mask, grad_columns, grad_input, geometry, n_items):
-        offset_groups = geometry[13]
-        per_group = geometry[0] // offset_groups
-        blocks = (per_group + CPU_CHANNEL_BLOCK - 1) // CPU_CHANNEL_BLOCK
-        items_per_group = n_items // (offset.shape[0] * offset_groups)
-        # A task owns one block of channels of one image: tasks never touch the same element.
-        for task in prange(offset.shape[0] * offset_groups * blocks):
-            block = task % blocks
-            image_group = task // blocks
-            c_begin = (image_group % offset_groups) * per_group + block * CPU_CHANNEL_BLOCK
-            c_end = min(c_begin + CPU_CHANNEL_BLOCK, (image_group % offset_groups + 1) * per_group)
-            first = image_group * items_per_group
-            for item in range(first, first + items_per_group):
+        batch = offset.shape[0]
+        for task in prange(task_count(batch, geometry)):
+            first, last, c_begin, c_end = channel_block_task(task, n_items, batch, geometry)
+            for item in range(first, last):
                 col2im_item(item, c_begin, c_end, offset, mask, has_mask, grad_columns, grad_input, geometry)
 
     return im2col, col2im_coord, col2im
@@ -162,8 +178,11 @@ def _cuda_kernels():
 
     @cuda_kernel
     def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
+        per_group = geometry[0] // geometry[13]
+        items_per_group = geometry[4] * geometry[5] * geometry[14] * geometry[15]
         for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
-            im2col_item(item, input, offset, mask, has_mask, columns, geometry)
+            g = (item // items_per_group) % geometry[13]
+            im2col_item(item, g * per_group, (g + 1) * per_group, input, offset, mask, has_mask, columns, geometry)
 
     @cuda_kernel
     def col2im_coord(input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry, n_items):

@@ -47,7 +47,7 @@ def cpu_target() -> Target:
     import numba
 
     def device(fn):
-        return numba.njit(nogil=True, error_model="numpy")(fn)
+        return numba.njit(nogil=True, error_model="numpy", inline="always")(fn)
 
     @device
     def add(array, b, c, h, w, value):
