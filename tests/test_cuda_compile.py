@@ -1,0 +1,102 @@
+"""Every kernel template of every ``.cu`` file in pydeform/backends/cupy_kernels compiles with
+NVRTC for each storage type and several architectures, without a GPU (tests/nvrtc.py).
+
+Kernel sets declare their ``.cu`` file and templates in a ``KERNELS`` manifest, the one list
+CuPy compiles from too; a new kernel-set module is picked up here automatically.
+"""
+
+import importlib
+import pkgutil
+
+import numpy as np
+import pytest
+
+from pydeform.backends import cupy_kernels
+from pydeform.backends.cupy_kernels import deform_conv
+from pydeform.backends.cupy_kernels._compile import (
+    COMPILE_OPTIONS,
+    KERNEL_DIR,
+    TEMPLATE_ARGUMENTS,
+    KernelManifest,
+    kernel_source,
+    name_expression,
+)
+from pydeform.deform_conv import DeformConv2dGeometry
+from tests import nvrtc
+
+pytestmark = pytest.mark.skipif(
+    not nvrtc.available(), reason="needs NVRTC and CUDA's headers (the test extras)"
+)
+
+ARCHS = (70, 80, 90)
+# NVRTC's notice for compute_70, which CUDA 12 still supports.
+ARCH_DEPRECATION = "Architectures prior to '<compute/sm>_75' are deprecated"
+
+
+def kernel_manifests():
+    manifests = []
+    for module_info in pkgutil.iter_modules(cupy_kernels.__path__):
+        module = importlib.import_module(f"{cupy_kernels.__name__}.{module_info.name}")
+        manifest = getattr(module, "KERNELS", None)
+        if isinstance(manifest, KernelManifest):
+            manifests.append(manifest)
+    return manifests
+
+
+MANIFESTS = kernel_manifests()
+
+
+def compile_manifest(manifest, type_name, arch):
+    expressions = [name_expression(t, type_name) for t in manifest.templates]
+    return expressions, nvrtc.compile_source(
+        kernel_source(manifest.source), manifest.source, arch, expressions, COMPILE_OPTIONS
+    )
+
+
+def test_every_cu_file_has_a_manifest():
+    assert sorted(m.source for m in MANIFESTS) == sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("type_name", TEMPLATE_ARGUMENTS.values())
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.source)
+def test_kernels_compile(manifest, type_name, arch):
+    if arch < 75 and nvrtc.nvrtc_version() >= (13, 0):
+        pytest.skip("CUDA 13 no longer targets compute_70")
+    expressions, result = compile_manifest(manifest, type_name, arch)
+    entries = nvrtc.entry_parameter_sizes(result.ptx)
+    for expression in expressions:
+        assert result.lowered_names[expression] in entries, expression
+    warnings = [line for line in result.log.splitlines() if line and ARCH_DEPRECATION not in line]
+    assert not warnings, result.log
+
+
+def argument_sizes(args):
+    """Bytes each marshalled argument occupies in the kernel's parameter buffer."""
+    return [4 if isinstance(a, np.int32) else 8 for a in args]
+
+
+def deform_conv2d_launches(with_mask):
+    g = DeformConv2dGeometry(4, 5, 6, 2, 3, 2, 1, 1, 1, 0, 1, 1, 1, 2, 5, 5)
+    empty = np.empty((1, 1, 1, 1), dtype=np.float32)
+    mask = empty if with_mask else None
+    return [
+        deform_conv.im2col_launch(empty, empty, mask, empty, g),
+        deform_conv.col2im_coord_launch(empty, empty, mask, empty, empty, mask, g),
+        deform_conv.col2im_launch(empty, mask, empty, empty, g),
+    ]
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("type_name", ["float", "__half"])
+def test_deform_conv2d_arguments_match_kernel_parameters(with_mask, type_name):
+    """The marshalled argument tuples have the count and widths of the compiled kernels'
+    parameters (a width mismatch would pass on the host shim's x86-64 registers)."""
+    _, result = compile_manifest(deform_conv.KERNELS, type_name, 80)
+    entries = nvrtc.entry_parameter_sizes(result.ptx)
+    launches = deform_conv2d_launches(with_mask)
+    assert sorted(template for template, _, _ in launches) == sorted(deform_conv.KERNELS.templates)
+    for template, n_items, args in launches:
+        lowered = result.lowered_names[name_expression(template, type_name)]
+        assert argument_sizes(args) == entries[lowered], template
+        assert args[0] == n_items
