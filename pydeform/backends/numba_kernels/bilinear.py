@@ -4,52 +4,67 @@ These are plain Python functions; :mod:`pydeform.backends.numba_kernels.targets`
 as CPU functions (``njit``) and as CUDA device functions (``cuda.jit(device=True)``), and the
 kernels of every op call the compiled versions. They never call each other (a call by global
 name would reach the uncompiled function). Rules as SPEC section 1.
+
+Images are addressed flat: ``plane`` is the index of element (0, 0) of one ``H x W`` image in
+a 1-d array, and a corner set is given by ``corner = h0 * W + w0`` plus a 4-bit set of the
+corners that lie inside the image: bit 0 (h0, w0), bit 1 (h0, w0+1), bit 2 (h0+1, w0),
+bit 3 (h0+1, w0+1).
 """
 
 import math
+
+ALL_CORNERS = 15
 
 
 def zero_padded_setup(h, w, height, width):
     """Rule A (zero-padded) set-up for the sample at ``(h, w)``.
 
-    Returns ``(inside, h0, w0, lh, lw)``: ``inside`` is False when the sample lies outside
-    ``(-1, height) x (-1, width)`` (strictly), where rule A gives 0 and its derivatives are 0.
-    The comparisons are written so that a NaN position counts as outside, so no corner index
-    is ever computed from it.
+    Returns ``(inside, corner, lh, lw)``: ``inside`` is the bit set of corners inside the image,
+    0 when the sample lies outside ``(-1, height) x (-1, width)`` (strictly), where rule A and
+    its derivatives are 0. The comparisons are written so that a NaN position counts as
+    outside, so no corner index is ever computed from it.
     """
     if not (h > -1.0 and h < height and w > -1.0 and w < width):
-        return False, 0, 0, 0.0, 0.0
+        return 0, 0, 0.0, 0.0
     h0 = int(math.floor(h))
     w0 = int(math.floor(w))
-    return True, h0, w0, h - h0, w - w0
+    inside = 0
+    if h0 >= 0:
+        inside |= (1 if w0 >= 0 else 0) | (2 if w0 + 1 < width else 0)
+    if h0 + 1 < height:
+        inside |= (4 if w0 >= 0 else 0) | (8 if w0 + 1 < width else 0)
+    return inside, h0 * width + w0, h - h0, w - w0
 
 
-def zero_padded_corner_flags(h0, w0, height, width):
-    """Which of the corners (h0,w0), (h0,w0+1), (h0+1,w0), (h0+1,w0+1) lie in the image."""
-    top = h0 >= 0
-    bottom = h0 + 1 < height
-    left = w0 >= 0
-    right = w0 + 1 < width
-    return top and left, top and right, bottom and left, bottom and right
+def bilinear_weights(lh, lw, scale):
+    """The four corner weights at fractions ``(lh, lw)``, each multiplied by ``scale``."""
+    return (
+        scale * (1.0 - lh) * (1.0 - lw),
+        scale * (1.0 - lh) * lw,
+        scale * lh * (1.0 - lw),
+        scale * lh * lw,
+    )
 
 
-def zero_padded_corners(image, b, c, h0, w0, in00, in01, in10, in11):
-    """The four corner values of ``image[b, c]`` around ``(h0, w0)``; a corner whose flag
-    (from :func:`zero_padded_corner_flags`) is False is outside the image and reads as 0."""
-    v00 = image[b, c, h0, w0] if in00 else 0.0
-    v01 = image[b, c, h0, w0 + 1] if in01 else 0.0
-    v10 = image[b, c, h0 + 1, w0] if in10 else 0.0
-    v11 = image[b, c, h0 + 1, w0 + 1] if in11 else 0.0
+def zero_padded_corners(image, plane, corner, inside, width):
+    """The four corner values around ``corner`` of the image at ``plane``; 0 outside it."""
+    at = plane + corner
+    if inside == ALL_CORNERS:
+        return image[at], image[at + 1], image[at + width], image[at + width + 1]
+    v00 = image[at] if inside & 1 else 0.0
+    v01 = image[at + 1] if inside & 2 else 0.0
+    v10 = image[at + width] if inside & 4 else 0.0
+    v11 = image[at + width + 1] if inside & 8 else 0.0
     return v00, v01, v10, v11
 
 
-def bilinear_value(v00, v01, v10, v11, lh, lw):
-    """Bilinear interpolation of the four corner values at fractions ``(lh, lw)``."""
-    return (1.0 - lh) * ((1.0 - lw) * v00 + lw * v01) + lh * ((1.0 - lw) * v10 + lw * v11)
+def bilinear_combine(v00, v01, v10, v11, w00, w01, w10, w11):
+    """Weighted sum of the four corner values."""
+    return w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11
 
 
 def bilinear_gradient(v00, v01, v10, v11, lh, lw):
-    """Derivatives of :func:`bilinear_value` with respect to the position: ``(d/dh, d/dw)``."""
+    """Derivatives of bilinear interpolation with respect to the position: ``(d/dh, d/dw)``."""
     d_dh = (1.0 - lw) * (v10 - v00) + lw * (v11 - v01)
     d_dw = (1.0 - lh) * (v01 - v00) + lh * (v11 - v10)
     return d_dh, d_dw

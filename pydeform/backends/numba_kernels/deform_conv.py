@@ -1,12 +1,21 @@
-"""deform_conv2d kernels for Numba: the per-item arithmetic once, compiled for CPU and CUDA.
+"""deform_conv2d kernels for Numba: the per-sample arithmetic once, compiled for CPU and CUDA.
 
-A work item is one (image b, offset group g, kernel point ij, output pixel y, x), numbered with
-x fastest. It computes its sampling position and bilinear set-up once and reuses them for every
-channel of offset group g. Array layouts are those of the kernel-set interface in
-:mod:`pydeform.deform_conv`: ``columns`` / ``grad_columns`` are ``[B, C*kh*kw, Ho*Wo]``.
+A *sample* is one (image b, offset group g, kernel point ij, output pixel p = y*Wo + x),
+numbered ``item = ((b*Goff + g)*kh*kw + ij)*Ho*Wo + p``; it is shared by the C/Goff channels
+of group g. Its *plan* is computed once: the flat index of its top-left corner, the set of
+corners inside the image and the four bilinear weights with the mask folded in.
 
-``geometry`` reaches the kernels as a plain tuple of ints in the field order of
-:class:`pydeform.deform_conv.DeformConv2dGeometry`.
+- CUDA: one thread per sample keeps the plan in registers and loops over the group's channels
+  (gather for im2col, atomic scatter for the input gradient).
+- CPU: the plans of a chunk are computed in parallel into arrays, then each (image, channel)
+  task walks every sample of its group. Its reads stay in one image plane and its writes in
+  one contiguous block of the column buffer (channel rows are multiples of 4 KiB apart, so
+  touching many channels per sample would thrash the cache sets), and since a task owns its
+  channel the input-gradient scatter needs no atomics.
+
+Kernels take flat (1-d) views of C-contiguous arrays with the layouts of the kernel-set
+interface in :mod:`pydeform.deform_conv`; ``geometry`` is a plain tuple of ints in the field
+order of :class:`pydeform.deform_conv.DeformConv2dGeometry`.
 """
 
 from __future__ import annotations
@@ -17,216 +26,252 @@ import numpy as np
 
 from .targets import cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
 
-# CPU im2col / input-gradient tasks own blocks of this many channels: no two threads write the
-# same element (no atomics needed), each task's reads and writes stay within a few pages, and
-# the bilinear set-up of an item is shared by the block.
-CPU_CHANNEL_BLOCK = 16
 
-
-def _item_functions(t):
-    """Compile the per-item functions of the three kernels for target ``t``."""
-    setup, corners, flags = t.zero_padded_setup, t.zero_padded_corners, t.zero_padded_corner_flags
-    value_of, gradient_of, atomic_add = t.bilinear_value, t.bilinear_gradient, t.atomic_add
+def _sample_functions(t):
+    """Compile the per-sample functions for target ``t``."""
+    setup, weights_of, corners = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners
+    combine, gradient_of, atomic_add = t.bilinear_combine, t.bilinear_gradient, t.atomic_add
 
     @t.device
-    def sample(item, offset, mask, has_mask, geometry):
-        """Decode ``item`` and return (b, g, ij, y, x, h, w, m, offset channel of dy)."""
+    def locate(item, offset, mask, has_mask, geometry):
+        """Sample ``item`` -> (b*Goff + g, index k = ij*Ho*Wo + p within the group's block,
+        h, w, mask value, flat index of its y offset; the x offset follows Ho*Wo later)."""
         (_, _, _, _, kernel_h, kernel_w, stride_h, stride_w,
-         pad_h, pad_w, dil_h, dil_w, _, offset_groups, out_h, out_w) = geometry
+         pad_h, pad_w, dil_h, dil_w, _, _, out_h, out_w) = geometry
+        pixels = out_h * out_w
+        p = item % pixels
+        y = p // out_w
+        x = p - y * out_w
+        point_row = item // pixels  # (b*Goff + g)*kh*kw + ij
         points = kernel_h * kernel_w
-        x = item % out_w
-        rest = item // out_w
-        y = rest % out_h
-        rest //= out_h
-        ij = rest % points
-        rest //= points
-        g = rest % offset_groups
-        b = rest // offset_groups
+        ij = point_row % points
         i = ij // kernel_w
         j = ij - i * kernel_w
-        dy_channel = g * 2 * points + 2 * ij
-        h = y * stride_h - pad_h + i * dil_h + offset[b, dy_channel, y, x]
-        w = x * stride_w - pad_w + j * dil_w + offset[b, dy_channel + 1, y, x]
-        m = mask[b, g * points + ij, y, x] if has_mask else 1.0
-        return b, g, ij, y, x, h, w, m, dy_channel
+        # offset channel of dy: (b*Goff + g)*2*kh*kw + 2*ij = 2*point_row; dx is the next one
+        dy_index = 2 * point_row * pixels + p
+        h = y * stride_h - pad_h + i * dil_h + offset[dy_index]
+        w = x * stride_w - pad_w + j * dil_w + offset[dy_index + pixels]
+        m = mask[item] if has_mask else 1.0
+        return point_row // points, ij * pixels + p, h, w, m, dy_index
 
     @t.device
-    def im2col_item(item, c_begin, c_end, input, offset, mask, has_mask, columns, geometry):
-        height, width = geometry[1], geometry[2]
-        points = geometry[4] * geometry[5]
-        b, g, ij, y, x, h, w, m, _ = sample(item, offset, mask, has_mask, geometry)
-        column = y * geometry[15] + x
-        inside, h0, w0, lh, lw = setup(h, w, height, width)
-        in00, in01, in10, in11 = flags(h0, w0, height, width)
+    def plan(item, offset, mask, has_mask, geometry):
+        """Sample ``item`` -> (b*Goff + g, k, corner, inside, w00, w01, w10, w11)."""
+        group_row, k, h, w, m, _ = locate(item, offset, mask, has_mask, geometry)
+        inside, corner, lh, lw = setup(h, w, geometry[1], geometry[2])
+        w00, w01, w10, w11 = weights_of(lh, lw, m)
+        return group_row, k, corner, inside, w00, w01, w10, w11
+
+    @t.device
+    def channel_span(group_row, geometry):
+        """(first channel, end channel, image) of the channels sharing a group's samples."""
+        per_group = geometry[0] // geometry[13]
+        g = group_row % geometry[13]
+        return g * per_group, (g + 1) * per_group, group_row // geometry[13]
+
+    @t.device
+    def im2col_sample(item, input, offset, mask, has_mask, columns, geometry):
+        group_row, k, corner, inside, w00, w01, w10, w11 = plan(item, offset, mask, has_mask, geometry)
+        c_begin, c_end, b = channel_span(group_row, geometry)
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        plane_size = geometry[1] * geometry[2]
         for c in range(c_begin, c_end):
+            bc = b * geometry[0] + c
             value = 0.0
             if inside:
-                v00, v01, v10, v11 = corners(input, b, c, h0, w0, in00, in01, in10, in11)
-                value = m * value_of(v00, v01, v10, v11, lh, lw)
-            columns[b, c * points + ij, column] = value
+                v00, v01, v10, v11 = corners(input, bc * plane_size, corner, inside, geometry[2])
+                value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+            columns[bc * block + k] = value
 
     @t.device
-    def col2im_coord_item(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry):
-        channels, height, width = geometry[0], geometry[1], geometry[2]
-        points = geometry[4] * geometry[5]
-        per_group = channels // geometry[13]
-        b, g, ij, y, x, h, w, m, dy_channel = sample(item, offset, mask, has_mask, geometry)
-        column = y * geometry[15] + x
-        inside, h0, w0, lh, lw = setup(h, w, height, width)
+    def col2im_sample(item, offset, mask, has_mask, grad_columns, grad_input, geometry):
+        group_row, k, corner, inside, w00, w01, w10, w11 = plan(item, offset, mask, has_mask, geometry)
+        if not inside:
+            return
+        c_begin, c_end, b = channel_span(group_row, geometry)
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        plane_size = geometry[1] * geometry[2]
+        width = geometry[2]
+        for c in range(c_begin, c_end):
+            bc = b * geometry[0] + c
+            grad = grad_columns[bc * block + k]
+            at = bc * plane_size + corner
+            if inside & 1:
+                atomic_add(grad_input, at, w00 * grad)
+            if inside & 2:
+                atomic_add(grad_input, at + 1, w01 * grad)
+            if inside & 4:
+                atomic_add(grad_input, at + width, w10 * grad)
+            if inside & 8:
+                atomic_add(grad_input, at + width + 1, w11 * grad)
+
+    @t.device
+    def col2im_coord_sample(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry):
+        group_row, k, h, w, m, dy_index = locate(item, offset, mask, has_mask, geometry)
+        inside, corner, lh, lw = setup(h, w, geometry[1], geometry[2])
+        c_begin, c_end, b = channel_span(group_row, geometry)
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        plane_size = geometry[1] * geometry[2]
+        w00, w01, w10, w11 = weights_of(lh, lw, 1.0)
         grad_h = 0.0
         grad_w = 0.0
         grad_m = 0.0
         if inside:
-            in00, in01, in10, in11 = flags(h0, w0, height, width)
-            for c in range(g * per_group, (g + 1) * per_group):
-                grad_col = grad_columns[b, c * points + ij, column]
-                v00, v01, v10, v11 = corners(input, b, c, h0, w0, in00, in01, in10, in11)
+            for c in range(c_begin, c_end):
+                bc = b * geometry[0] + c
+                grad = grad_columns[bc * block + k]
+                v00, v01, v10, v11 = corners(input, bc * plane_size, corner, inside, geometry[2])
                 d_dh, d_dw = gradient_of(v00, v01, v10, v11, lh, lw)
-                grad_h += grad_col * d_dh
-                grad_w += grad_col * d_dw
-                grad_m += grad_col * value_of(v00, v01, v10, v11, lh, lw)
-        grad_offset[b, dy_channel, y, x] = m * grad_h
-        grad_offset[b, dy_channel + 1, y, x] = m * grad_w
+                grad_h += grad * d_dh
+                grad_w += grad * d_dw
+                grad_m += grad * combine(v00, v01, v10, v11, w00, w01, w10, w11)
+        pixels = geometry[14] * geometry[15]
+        grad_offset[dy_index] = m * grad_h
+        grad_offset[dy_index + pixels] = m * grad_w
         if has_mask:
-            grad_mask[b, g * points + ij, y, x] = grad_m
+            grad_mask[item] = grad_m
 
-    @t.device
-    def col2im_item(item, c_begin, c_end, offset, mask, has_mask, grad_columns, grad_input, geometry):
-        height, width = geometry[1], geometry[2]
-        points = geometry[4] * geometry[5]
-        b, g, ij, y, x, h, w, m, _ = sample(item, offset, mask, has_mask, geometry)
-        inside, h0, w0, lh, lw = setup(h, w, height, width)
-        if not inside:
-            return
-        column = y * geometry[15] + x
-        in00, in01, in10, in11 = flags(h0, w0, height, width)
-        for c in range(c_begin, c_end):
-            grad = m * grad_columns[b, c * points + ij, column]
-            if in00:
-                atomic_add(grad_input, b, c, h0, w0, (1.0 - lh) * (1.0 - lw) * grad)
-            if in01:
-                atomic_add(grad_input, b, c, h0, w0 + 1, (1.0 - lh) * lw * grad)
-            if in10:
-                atomic_add(grad_input, b, c, h0 + 1, w0, lh * (1.0 - lw) * grad)
-            if in11:
-                atomic_add(grad_input, b, c, h0 + 1, w0 + 1, lh * lw * grad)
-
-    return im2col_item, col2im_coord_item, col2im_item
-
-
-def item_count(batch, geometry):
-    """Number of work items of a kernel launch over ``batch`` images (host side)."""
-    return batch * geometry[13] * geometry[4] * geometry[5] * geometry[14] * geometry[15]
+    return plan, channel_span, im2col_sample, col2im_sample, col2im_coord_sample
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernels():
     from numba import prange
 
-    im2col_item, col2im_coord_item, col2im_item = _item_functions(cpu_target())
-
-    @cpu_target().device
-    def channel_block_task(task, n_items, batch, geometry):
-        """Task -> (first item, last item, c_begin, c_end): one block of channels of one
-        (image, offset group), so tasks never write the same element."""
-        offset_groups = geometry[13]
-        per_group = geometry[0] // offset_groups
-        blocks = (per_group + CPU_CHANNEL_BLOCK - 1) // CPU_CHANNEL_BLOCK
-        items_per_group = n_items // (batch * offset_groups)
-        image_group = task // blocks
-        g = image_group % offset_groups
-        c_begin = g * per_group + (task % blocks) * CPU_CHANNEL_BLOCK
-        c_end = min(c_begin + CPU_CHANNEL_BLOCK, (g + 1) * per_group)
-        first = image_group * items_per_group
-        return first, first + items_per_group, c_begin, c_end
-
-    @cpu_target().device
-    def task_count(batch, geometry):
-        per_group = geometry[0] // geometry[13]
-        return batch * geometry[13] * ((per_group + CPU_CHANNEL_BLOCK - 1) // CPU_CHANNEL_BLOCK)
+    plan, channel_span, _, _, col2im_coord_sample = _sample_functions(cpu_target())
+    t = cpu_target()
+    corners, combine, atomic_add = t.zero_padded_corners, t.bilinear_combine, t.atomic_add
 
     @cpu_kernel
-    def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
-        batch = input.shape[0]
-        for task in prange(task_count(batch, geometry)):
-            first, last, c_begin, c_end = channel_block_task(task, n_items, batch, geometry)
-            for item in range(first, last):
-                im2col_item(item, c_begin, c_end, input, offset, mask, has_mask, columns, geometry)
+    def make_plans(offset, mask, has_mask, geometry, n_items, corner, inside, weights):
+        for item in prange(n_items):
+            _, _, corner[item], inside[item], w00, w01, w10, w11 = plan(item, offset, mask, has_mask, geometry)
+            weights[0, item] = w00
+            weights[1, item] = w01
+            weights[2, item] = w10
+            weights[3, item] = w11
+
+    @cpu_target().device
+    def task_span(task, geometry):
+        """(image*C + channel, first sample of its group): one task per (image, channel)."""
+        channels = geometry[0]
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        group_row = (task // channels) * geometry[13] + (task % channels) // (channels // geometry[13])
+        return task, group_row * block
+
+    @cpu_kernel
+    def apply_im2col(input, columns, geometry, n_tasks, corner, inside, weights):
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        plane_size = geometry[1] * geometry[2]
+        for task in prange(n_tasks):
+            bc, first = task_span(task, geometry)
+            for k in range(block):
+                s = first + k
+                value = 0.0
+                if inside[s]:
+                    v00, v01, v10, v11 = corners(input, bc * plane_size, corner[s], inside[s], geometry[2])
+                    value = combine(v00, v01, v10, v11, weights[0, s], weights[1, s], weights[2, s], weights[3, s])
+                columns[bc * block + k] = value
+
+    @cpu_kernel
+    def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
+        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
+        plane_size = geometry[1] * geometry[2]
+        width = geometry[2]
+        for task in prange(n_tasks):
+            bc, first = task_span(task, geometry)
+            for k in range(block):
+                s = first + k
+                if inside[s]:
+                    grad = grad_columns[bc * block + k]
+                    at = bc * plane_size + corner[s]
+                    if inside[s] & 1:
+                        atomic_add(grad_input, at, weights[0, s] * grad)
+                    if inside[s] & 2:
+                        atomic_add(grad_input, at + 1, weights[1, s] * grad)
+                    if inside[s] & 4:
+                        atomic_add(grad_input, at + width, weights[2, s] * grad)
+                    if inside[s] & 8:
+                        atomic_add(grad_input, at + width + 1, weights[3, s] * grad)
 
     @cpu_kernel
     def col2im_coord(input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry, n_items):
-        # Each item sums over all channels of its group, so this one is parallel over items.
         for item in prange(n_items):
-            col2im_coord_item(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
+            col2im_coord_sample(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
 
-    @cpu_kernel
-    def col2im(offset, mask, has_mask, grad_columns, grad_input, geometry, n_items):
-        batch = offset.shape[0]
-        for task in prange(task_count(batch, geometry)):
-            first, last, c_begin, c_end = channel_block_task(task, n_items, batch, geometry)
-            for item in range(first, last):
-                col2im_item(item, c_begin, c_end, offset, mask, has_mask, grad_columns, grad_input, geometry)
-
-    return im2col, col2im_coord, col2im
+    return make_plans, apply_im2col, apply_col2im, col2im_coord
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernels():
     from ..numba_cuda import cuda
 
-    im2col_item, col2im_coord_item, col2im_item = _item_functions(cuda_target())
+    _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target())
 
     @cuda_kernel
     def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
-        per_group = geometry[0] // geometry[13]
-        items_per_group = geometry[4] * geometry[5] * geometry[14] * geometry[15]
         for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
-            g = (item // items_per_group) % geometry[13]
-            im2col_item(item, g * per_group, (g + 1) * per_group, input, offset, mask, has_mask, columns, geometry)
+            im2col_sample(item, input, offset, mask, has_mask, columns, geometry)
 
     @cuda_kernel
     def col2im_coord(input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry, n_items):
         for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
-            col2im_coord_item(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
+            col2im_coord_sample(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
 
     @cuda_kernel
     def col2im(offset, mask, has_mask, grad_columns, grad_input, geometry, n_items):
-        per_group = geometry[0] // geometry[13]
-        items_per_group = geometry[4] * geometry[5] * geometry[14] * geometry[15]
         for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
-            g = (item // items_per_group) % geometry[13]
-            col2im_item(item, g * per_group, (g + 1) * per_group, offset, mask, has_mask, grad_columns, grad_input, geometry)
+            col2im_sample(item, offset, mask, has_mask, grad_columns, grad_input, geometry)
 
     return im2col, col2im_coord, col2im
 
 
-def _mask_args(mask, stand_in):
-    """Kernels always take a mask array; without one they get a stand-in and has_mask=False."""
-    return (stand_in, False) if mask is None else (mask, True)
+def sample_count(batch: int, geometry) -> int:
+    """Number of samples (work items) of ``batch`` images."""
+    g = geometry
+    return batch * g.offset_groups * g.kernel_h * g.kernel_w * g.out_h * g.out_w
+
+
+def _flat(array):
+    return array.reshape(-1)
+
+
+def _flat_mask(mask, stand_in):
+    """Kernels always take a mask array: without one, a stand-in and has_mask=False."""
+    return (_flat(stand_in), False) if mask is None else (_flat(mask), True)
 
 
 class NumbaCpuDeformConv2dKernels:
-    """deform_conv2d kernels for NumPy arrays, parallel over work items with ``prange``."""
+    """deform_conv2d kernels for NumPy arrays, parallel with ``numba.prange``."""
 
     xp = np
 
-    def im2col(self, input, offset, mask, columns, geometry):
-        mask, has_mask = _mask_args(mask, offset)
-        g = tuple(geometry)
-        _cpu_kernels()[0](input, offset, mask, has_mask, columns, g, item_count(input.shape[0], g))
+    def _plans(self, offset, mask, geometry, dtype):
+        n = sample_count(offset.shape[0], geometry)
+        corner = np.empty(n, np.int64)
+        inside = np.empty(n, np.uint8)
+        weights = np.empty((4, n), dtype)
+        mask, has_mask = _flat_mask(mask, offset)
+        _cpu_kernels()[0](_flat(offset), mask, has_mask, tuple(geometry), n, corner, inside, weights)
+        return corner, inside, weights
 
-    def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
-        mask, has_mask = _mask_args(mask, offset)
-        grad_mask = grad_offset if grad_mask is None else grad_mask
-        g = tuple(geometry)
-        _cpu_kernels()[1](
-            input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, g, item_count(input.shape[0], g)
-        )
+    def im2col(self, input, offset, mask, columns, geometry):
+        plans = self._plans(offset, mask, geometry, columns.dtype)
+        tasks = input.shape[0] * geometry.in_channels
+        _cpu_kernels()[1](_flat(input), _flat(columns), tuple(geometry), tasks, *plans)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
-        mask, has_mask = _mask_args(mask, offset)
-        g = tuple(geometry)
-        _cpu_kernels()[2](offset, mask, has_mask, grad_columns, grad_input, g, item_count(offset.shape[0], g))
+        plans = self._plans(offset, mask, geometry, grad_columns.dtype)
+        tasks = offset.shape[0] * geometry.in_channels
+        _cpu_kernels()[2](_flat(grad_columns), _flat(grad_input), tuple(geometry), tasks, *plans)
+
+    def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
+        mask, has_mask = _flat_mask(mask, offset)
+        grad_mask = _flat(grad_offset if grad_mask is None else grad_mask)
+        _cpu_kernels()[3](
+            _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_offset), grad_mask,
+            tuple(geometry), sample_count(input.shape[0], geometry),
+        )
 
 
 class NumbaCudaDeformConv2dKernels:
@@ -242,7 +287,8 @@ class NumbaCudaDeformConv2dKernels:
             import cupy as xp
         self.xp = xp
 
-    def _as_float(self, array):
+    @staticmethod
+    def _as_float(array):
         return array if array is None or array.dtype.itemsize >= 4 else array.astype(np.float32)
 
     def _launch(self, index, n_items, *args):
@@ -250,18 +296,20 @@ class NumbaCudaDeformConv2dKernels:
 
     def im2col(self, input, offset, mask, columns, geometry):
         input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
-        mask, has_mask = _mask_args(mask, offset)
-        g = tuple(geometry)
-        self._launch(0, item_count(input.shape[0], g), input, offset, mask, has_mask, columns, g)
+        mask, has_mask = _flat_mask(mask, offset)
+        self._launch(
+            0, sample_count(input.shape[0], geometry),
+            _flat(input), _flat(offset), mask, has_mask, _flat(columns), tuple(geometry),
+        )
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
-        mask, has_mask = _mask_args(mask, offset)
+        mask, has_mask = _flat_mask(mask, offset)
         out_offset, out_mask = self._as_float(grad_offset), self._as_float(grad_mask)
-        g = tuple(geometry)
         self._launch(
-            1, item_count(input.shape[0], g), input, offset, mask, has_mask, grad_columns,
-            out_offset, out_offset if out_mask is None else out_mask, g,
+            1, sample_count(input.shape[0], geometry),
+            _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(out_offset),
+            _flat(out_offset if out_mask is None else out_mask), tuple(geometry),
         )
         # Half-type outputs were computed into float32 copies: write them back.
         if out_offset is not grad_offset:
@@ -271,6 +319,8 @@ class NumbaCudaDeformConv2dKernels:
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = self._as_float(offset), self._as_float(mask)
-        mask, has_mask = _mask_args(mask, offset)
-        g = tuple(geometry)
-        self._launch(2, item_count(offset.shape[0], g), offset, mask, has_mask, grad_columns, grad_input, g)
+        mask, has_mask = _flat_mask(mask, offset)
+        self._launch(
+            2, sample_count(offset.shape[0], geometry),
+            _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_input), tuple(geometry),
+        )

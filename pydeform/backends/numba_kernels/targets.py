@@ -24,22 +24,17 @@ MAX_BLOCKS = 65536
 class Target(NamedTuple):
     name: str
     device: Callable  # compiles a plain Python function for this target
-    atomic_add: Callable  # atomic_add(array4d, b, c, h, w, value)
+    atomic_add: Callable  # atomic_add(array1d, index, value)
     zero_padded_setup: Callable
-    zero_padded_corner_flags: Callable
+    bilinear_weights: Callable
     zero_padded_corners: Callable
-    bilinear_value: Callable
+    bilinear_combine: Callable
     bilinear_gradient: Callable
 
 
 def _compiled_helpers(device):
-    return dict(
-        zero_padded_setup=device(bilinear.zero_padded_setup),
-        zero_padded_corner_flags=device(bilinear.zero_padded_corner_flags),
-        zero_padded_corners=device(bilinear.zero_padded_corners),
-        bilinear_value=device(bilinear.bilinear_value),
-        bilinear_gradient=device(bilinear.bilinear_gradient),
-    )
+    names = ("zero_padded_setup", "bilinear_weights", "zero_padded_corners", "bilinear_combine", "bilinear_gradient")
+    return {name: device(getattr(bilinear, name)) for name in names}
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +45,8 @@ def cpu_target() -> Target:
         return numba.njit(nogil=True, error_model="numpy", inline="always")(fn)
 
     @device
-    def add(array, b, c, h, w, value):
-        array[b, c, h, w] += value
+    def add(array, index, value):
+        array[index] += value
 
     return Target("cpu", device, add, **_compiled_helpers(device))
 
@@ -64,8 +59,8 @@ def cuda_target() -> Target:
         return cuda.jit(device=True)(fn)
 
     @device
-    def add(array, b, c, h, w, value):
-        cuda.atomic.add(array, (b, c, h, w), value)
+    def add(array, index, value):
+        cuda.atomic.add(array, index, value)
 
     return Target("cuda", device, add, **_compiled_helpers(device))
 
