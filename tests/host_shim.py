@@ -41,14 +41,14 @@ def _export_symbol(template, type_name):
     return f"pydeform_host_{template}_{type_name}"
 
 
-def _translation_unit(manifest):
+def _translation_unit(source, templates):
     exports = "\n".join(
         f'extern "C" const void* const {_export_symbol(template, type_name)} =\n'
         f"    reinterpret_cast<const void*>(&{template}<{type_name}>);"
-        for template in manifest.templates
+        for template in templates
         for type_name in HOST_TYPES
     )
-    return f"{kernel_source(manifest.source)}\n\n// Host shim exports\n{exports}\n"
+    return f"{source}\n\n// Host shim exports\n{exports}\n"
 
 
 def _build_inputs_digest(unit):
@@ -60,25 +60,31 @@ def _build_inputs_digest(unit):
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(manifest):
-    """The shared library of ``manifest``'s source, rebuilt whenever a source or header changes."""
-    unit = _translation_unit(manifest)
-    stem = f"{Path(manifest.source).stem}_{_build_inputs_digest(unit)}"
+def load_library(name, source, templates):
+    """The shared library of CUDA C ``source`` (includes already inlined) exporting each of
+    ``templates`` for float and double; rebuilt whenever the source or a shim header changes."""
+    unit = _translation_unit(source, templates)
+    stem = f"{name}_{_build_inputs_digest(unit)}"
     library = BUILD_DIR / f"{stem}.so"
     if not library.exists():
         BUILD_DIR.mkdir(exist_ok=True)
-        source = BUILD_DIR / f"{stem}.cpp"
-        source.write_text(unit)
+        unit_path = BUILD_DIR / f"{stem}.cpp"
+        unit_path.write_text(unit)
         # Built under a private name and renamed, so that concurrent test processes never load
         # a half-written library.
         partial = BUILD_DIR / f"{stem}.{os.getpid()}.so.partial"
         command = ["g++", *CXX_FLAGS, "-include", str(SHIM_HEADER), "-I", str(HOST_INCLUDE_DIR),
-                   str(source), "-o", str(partial)]
+                   str(unit_path), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise HostBuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
         os.replace(partial, library)
     return ctypes.CDLL(str(library))
+
+
+def manifest_library(manifest):
+    """The library of a kernel set's ``.cu`` file, built from the text NVRTC compiles."""
+    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates)
 
 
 def _ctype(arg):
@@ -99,9 +105,8 @@ def _cvalue(arg):
     return int(arg)
 
 
-def run_kernel(manifest, template, storage_dtype, args):
-    """Calls ``template<storage_dtype>`` of ``manifest`` with a marshalled argument tuple."""
-    library = load_library(manifest)
+def run_kernel(library, template, storage_dtype, args):
+    """Calls ``template<storage_dtype>`` of a host library with a marshalled argument tuple."""
     symbol = _export_symbol(template, template_argument(storage_dtype))
     address = ctypes.c_void_p.in_dll(library, symbol).value
     function = ctypes.CFUNCTYPE(None, *(_ctype(a) for a in args))(address)
@@ -115,4 +120,4 @@ class HostShimDeformConv2dKernels(CupyDeformConv2dKernels):
 
     def _launch(self, storage_dtype, template, n_items, args):
         if n_items:
-            run_kernel(DEFORM_CONV_KERNELS, template, storage_dtype, args)
+            run_kernel(manifest_library(DEFORM_CONV_KERNELS), template, storage_dtype, args)
