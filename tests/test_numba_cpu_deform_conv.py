@@ -1,0 +1,279 @@
+"""The Numba CPU backend of deform_conv2d (NumPy arrays) against the float64 reference:
+forward and every gradient, the kernels one by one, and the op's behaviour at the edges
+(empty batch, chunked batches, non-contiguous and non-finite inputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.lib.stride_tricks import sliding_window_view
+
+import reference
+from pydeform import deform_conv as deform_conv_module
+from pydeform import deform_conv2d, deform_conv2d_backward
+from pydeform.backends.numba_kernels.deform_conv import NumbaCpuDeformConv2dKernels
+from tests.strategies import (
+    ARRAY_NAMES,
+    DeformConvCase,
+    assert_close,
+    assert_grads_close,
+    deform_conv_cases,
+)
+
+DTYPES = [np.float64, np.float32]
+
+
+def copies(case: DeformConvCase) -> DeformConvCase:
+    return case.map_arrays(np.copy)
+
+
+def assert_unchanged(case: DeformConvCase, before: DeformConvCase) -> None:
+    for name in ARRAY_NAMES + ("grad_output",):
+        if getattr(case, name) is not None:
+            np.testing.assert_array_equal(getattr(case, name), getattr(before, name), err_msg=f"{name} was modified")
+
+
+def run_forward(case: DeformConvCase, **kwargs):
+    return deform_conv2d(**case.arguments(), **kwargs)
+
+
+def run_backward(case: DeformConvCase, **kwargs):
+    return deform_conv2d_backward(case.grad_output, **case.arguments(), **kwargs)
+
+
+def fixed_case(rng, dtype=np.float64, n=2, with_mask=True) -> DeformConvCase:
+    """A deterministic case with every dimension > 1: C=4, G=2, Goff=2, 3x2 kernel, 7x7 image,
+    per-axis stride / padding / dilation, offsets an integer plus a fraction in [0.05, 0.95]."""
+    offset_shape = (n, 2 * 2 * 6, 4, 3)
+
+    def cast(a):
+        return a.astype(dtype)
+
+    return DeformConvCase(
+        input=cast(rng.standard_normal((n, 4, 7, 7))),
+        offset=cast(rng.integers(-3, 3, offset_shape) + rng.uniform(0.05, 0.95, offset_shape)),
+        weight=cast(rng.standard_normal((6, 2, 3, 2))),
+        bias=cast(rng.standard_normal(6)),
+        mask=cast(rng.uniform(-0.5, 1.5, (n, 2 * 6, 4, 3))) if with_mask else None,
+        grad_output=cast(rng.standard_normal((n, 6, 4, 3))),
+        stride=(2, 2),
+        padding=(1, 0),
+        dilation=(1, 2),
+        groups=2,
+        offset_groups=2,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@given(data=st.data())
+def test_forward_matches_reference(dtype, data):
+    case = data.draw(deform_conv_cases(dtype=dtype))
+    before = copies(case)
+    out = run_forward(case)
+    assert type(out) is np.ndarray and out.dtype == np.dtype(dtype)
+    assert_close("output", out, case.reference_forward(), dtype)
+    assert_unchanged(case, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@given(data=st.data())
+def test_backward_matches_reference(dtype, data):
+    case = data.draw(deform_conv_cases(dtype=dtype, with_grad=True))
+    before = copies(case)
+    grads = run_backward(case)
+    for name in ARRAY_NAMES:
+        grad = getattr(grads, name)
+        if grad is not None:
+            assert type(grad) is np.ndarray and grad.dtype == np.dtype(dtype), name
+    assert_grads_close(grads, case.reference_backward(), dtype)
+    assert_unchanged(case, before)
+
+
+def identity_weight(case: DeformConvCase) -> np.ndarray:
+    """weight [C*K, C, kh, kw] whose output channel c*K + ij is input channel c sampled at kernel
+    point ij: the reference's output with it is the column matrix of im2col."""
+    channels = case.input.shape[1]
+    kernel_h, kernel_w = case.weight.shape[2:]
+    rows = channels * kernel_h * kernel_w
+    return np.eye(rows).reshape(rows, channels, kernel_h, kernel_w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@given(data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_kernels_write_every_element(dtype, data, seed):
+    """Each kernel, called directly with NaN-poisoned outputs, writes every element of them,
+    with the reference's values, and leaves its inputs alone."""
+    case = data.draw(deform_conv_cases(dtype=dtype, with_grad=True))
+    kernels, arrays, geometry = deform_conv_module._prepare(
+        case.input, case.offset, case.weight, case.bias, case.stride, case.padding, case.dilation, case.mask, None
+    )
+    assert isinstance(kernels, NumbaCpuDeformConv2dKernels)
+    input, offset, mask = arrays["input"], arrays["offset"], arrays["mask"]
+    before = copies(case)
+    acc = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    n, rows, pixels = input.shape[0], identity_weight(case).shape[0], geometry.out_h * geometry.out_w
+    selector = dict(weight=identity_weight(case), mask=case.mask, **case.options())
+    grad_columns = np.random.default_rng(seed).standard_normal((n, rows, pixels)).astype(acc)
+    expected = reference.deform_conv2d_backward(
+        grad_columns.reshape(n, rows, geometry.out_h, geometry.out_w), case.input, case.offset, **selector
+    )
+
+    columns = np.full((n, rows, pixels), np.nan, dtype=acc)
+    kernels.im2col(input, offset, mask, columns, geometry)
+    expected_columns = reference.deform_conv2d(case.input, case.offset, **selector).reshape(n, rows, pixels)
+    assert_close("columns", columns, expected_columns, dtype)
+
+    grad_offset = np.full(offset.shape, np.nan, dtype=dtype)
+    grad_mask = None if mask is None else np.full(mask.shape, np.nan, dtype=dtype)
+    kernels.col2im_coord(input, offset, mask, grad_columns, grad_offset, grad_mask, geometry)
+    assert_close("grad offset", grad_offset, expected["offset"], dtype)
+    if mask is not None:
+        assert_close("grad mask", grad_mask, expected["mask"], dtype)
+
+    grad_input = np.zeros(input.shape, dtype=acc)
+    kernels.col2im(offset, mask, grad_columns, grad_input, geometry)
+    assert_close("grad input", grad_input, expected["input"], dtype)
+    assert_unchanged(case, before)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_empty_batch(with_mask):
+    case = fixed_case(np.random.default_rng(0), n=0, with_mask=with_mask)
+    out = run_forward(case)
+    assert out.shape == (0, 6, 4, 3) and out.dtype == np.float64
+    grads = run_backward(case)
+    assert grads.input.shape == case.input.shape
+    assert grads.offset.shape == case.offset.shape
+    assert grads.mask is None if not with_mask else grads.mask.shape == case.mask.shape
+    np.testing.assert_array_equal(grads.weight, np.zeros(case.weight.shape))
+    np.testing.assert_array_equal(grads.bias, np.zeros(case.bias.shape))
+
+
+def record_batch_sizes(monkeypatch) -> list:
+    """Wrap every kernel method of the CPU kernel set to log (kernel name, batch size)."""
+    calls = []
+    for name, batch_argument in (("im2col", 0), ("col2im_coord", 0), ("col2im", 0)):
+        original = getattr(NumbaCpuDeformConv2dKernels, name)
+
+        def spy(self, *args, _original=original, _name=name, _index=batch_argument):
+            calls.append((_name, args[_index].shape[0]))
+            return _original(self, *args)
+
+        monkeypatch.setattr(NumbaCpuDeformConv2dKernels, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk, sizes", [(1, [1] * 5), (2, [2, 2, 1]), (3, [3, 2])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_chunked_batches_match_reference(monkeypatch, chunk, sizes, dtype):
+    """With a column buffer that holds ``chunk`` images, N=5 runs in those chunks and still
+    matches the reference."""
+    case = fixed_case(np.random.default_rng(1), dtype=dtype, n=5)
+    calls = record_batch_sizes(monkeypatch)
+    acc_itemsize = 8 if np.dtype(dtype) == np.float64 else 4
+    image_bytes = 4 * 6 * 4 * 3 * acc_itemsize  # C * kh * kw * Ho * Wo columns of one image
+    # One byte short of one more image, so the chunk size is rounded down as it must be.
+    monkeypatch.setattr(deform_conv_module, "COLUMN_BUFFER_BYTES", (chunk + 1) * image_bytes - 1)
+    out = run_forward(case)
+    assert calls == [("im2col", size) for size in sizes]
+    assert_close("output", out, case.reference_forward(), dtype)
+
+    calls.clear()
+    monkeypatch.setattr(deform_conv_module, "COLUMN_BUFFER_BYTES", (chunk + 1) * 2 * image_bytes - 1)
+    grads = run_backward(case)
+    assert calls == [(name, size) for size in sizes for name in ("col2im_coord", "col2im", "im2col")]
+    assert_grads_close(grads, case.reference_backward(), dtype)
+
+
+def transposed(a):
+    """The same values as a view with the last two axes' strides swapped."""
+    return np.swapaxes(np.swapaxes(a, -1, -2).copy(), -1, -2) if a.ndim >= 2 else a[::-1].copy()[::-1]
+
+
+def every_other(a):
+    """The same values as a view taking every other element along the last axis."""
+    spread = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=a.dtype)
+    spread[..., ::2] = a
+    return spread[..., ::2]
+
+
+def reversed_axes(a):
+    """The same values as a view with negative strides on every axis."""
+    flip = (slice(None, None, -1),) * a.ndim
+    return a[flip].copy()[flip]
+
+
+@pytest.mark.parametrize("view", [transposed, every_other, reversed_axes])
+def test_non_contiguous_inputs(view):
+    case = fixed_case(np.random.default_rng(2))
+    views = case.map_arrays(view)
+    for name in ARRAY_NAMES + ("grad_output",):
+        assert not getattr(views, name).flags.c_contiguous, name
+    before = copies(views)
+    np.testing.assert_array_equal(run_forward(views), run_forward(case))
+    assert_close("output", run_forward(views), case.reference_forward(), np.float64)
+    grads = run_backward(views)
+    assert_grads_close(grads, case.reference_backward(), np.float64)
+    assert_unchanged(views, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "huge", "-huge"])
+def test_non_finite_or_huge_offsets_count_as_outside(dtype, bad):
+    """A NaN / inf / huge offset gives what a sample far outside the image gives (0 for that
+    sample, 0 offset and mask gradients), with everything finite."""
+    case = fixed_case(np.random.default_rng(3), dtype=dtype)
+    if isinstance(bad, str):
+        bad = np.finfo(dtype).max * (-1.0 if bad.startswith("-") else 1.0)
+    offset = case.offset.copy()
+    outside = case.offset.copy()
+    # dy of some samples, dx of others, in both images and both offset groups.
+    poisoned = (np.array([0, 0, 1, 1]), np.array([0, 3, 12, 21]), np.array([0, 1, 3, 2]), np.array([0, 2, 1, 0]))
+    offset[poisoned] = bad
+    outside[poisoned] = -1e6
+    bad_case = dataclasses.replace(case, offset=offset)
+    far_case = dataclasses.replace(case, offset=outside)
+    assert_close("output", run_forward(bad_case), far_case.reference_forward(), dtype)
+    grads = run_backward(bad_case)
+    expected = far_case.reference_backward()
+    assert_grads_close(grads, expected, dtype)
+    # The reference agrees that the poisoned samples have no offset gradient.
+    assert np.all(expected["offset"][poisoned] == 0)
+
+
+def ordinary_conv2d(input, weight, bias, stride, padding, dilation, groups):
+    """Grouped 2-d convolution from sliding windows of the zero-padded input."""
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = (
+        (v, v) if np.isscalar(v) else v for v in (stride, padding, dilation)
+    )
+    n, channels = input.shape[:2]
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    padded = np.pad(input, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)))
+    span = (dil_h * (kernel_h - 1) + 1, dil_w * (kernel_w - 1) + 1)
+    windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::stride_h, ::stride_w, ::dil_h, ::dil_w]
+    out_h, out_w = windows.shape[2:4]
+    windows = windows.reshape(n, groups, group_channels, out_h, out_w, kernel_h, kernel_w)
+    grouped = weight.reshape(groups, out_channels // groups, group_channels, kernel_h, kernel_w)
+    out = np.einsum("ngcyxij,gocij->ngoyx", windows, grouped).reshape(n, out_channels, out_h, out_w)
+    return out if bias is None else out + bias[None, :, None, None]
+
+
+@given(case=deform_conv_cases(), unit_mask=st.booleans())
+def test_zero_offsets_and_unit_mask_give_an_ordinary_convolution(case, unit_mask):
+    mask = np.ones_like(case.mask) if unit_mask and case.mask is not None else None
+    plain = dataclasses.replace(case, offset=np.zeros_like(case.offset), mask=mask)
+    expected = ordinary_conv2d(
+        case.input, case.weight, case.bias, case.stride, case.padding, case.dilation, case.groups
+    )
+    assert_close("output", run_forward(plain), expected, np.float64)
+
+
+def test_backend_numba_is_the_cpu_backend_for_numpy_arrays():
+    case = fixed_case(np.random.default_rng(4))
+    np.testing.assert_array_equal(run_forward(case, backend="numba"), run_forward(case))
+    for got, default in zip(run_backward(case, backend="numba"), run_backward(case)):
+        np.testing.assert_array_equal(got, default)
