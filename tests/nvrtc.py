@@ -1,13 +1,17 @@
-"""Compiling CUDA C with NVRTC directly, without a GPU or a driver.
+"""Compiling CUDA C with NVRTC directly, and assembling its PTX with ptxas, without a GPU.
 
 CuPy's own compile path asks the driver for the device's architecture, so it cannot run on a
 machine without a GPU; NVRTC itself only needs libnvrtc and CUDA's headers, both shipped as
-wheels (nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12).
+wheels (nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12), and ptxas comes with
+nvidia-cuda-nvcc-cu12.
 """
 
 import ctypes
 import functools
+import os
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,3 +105,43 @@ def entry_parameter_sizes(ptx):
         name: [int(bits) // 8 for bits in _PARAM.findall(params)]
         for name, params in _ENTRY.findall(ptx)
     }
+
+
+class KernelResources(NamedTuple):
+    registers: int
+    stack_frame_bytes: int
+    spill_bytes: int  # stores plus loads
+
+
+def ptxas_path():
+    """ptxas of the nvidia-cuda-nvcc wheel, or None when that wheel is not installed."""
+    try:
+        candidate = _wheel_dir("nvidia.cuda_nvcc") / "bin" / "ptxas"
+    except ImportError:
+        return None
+    return candidate if candidate.is_file() else None
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def kernel_resources(ptx, arch):
+    """Mangled entry name -> KernelResources, from ``ptxas -v`` assembling ``ptx`` for sm_<arch>."""
+    with tempfile.TemporaryDirectory() as directory:
+        ptx_path = Path(directory) / "kernels.ptx"
+        ptx_path.write_text(ptx)
+        result = subprocess.run(
+            [str(ptxas_path()), f"-arch=sm_{arch}", "-v", str(ptx_path), "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        )
+    resources, entry, frame = {}, None, None
+    for line in (result.stdout + result.stderr).splitlines():
+        if match := _PTXAS_ENTRY.search(line):
+            entry = match.group(1)
+        elif match := _PTXAS_FRAME.search(line):
+            frame = [int(g) for g in match.groups()]
+        elif match := _PTXAS_REGISTERS.search(line):
+            resources[entry] = KernelResources(int(match.group(1)), frame[0], frame[1] + frame[2])
+    return resources

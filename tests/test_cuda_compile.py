@@ -100,3 +100,16 @@ def test_deform_conv2d_arguments_match_kernel_parameters(with_mask, type_name):
         lowered = result.lowered_names[name_expression(template, type_name)]
         assert argument_sizes(args) == entries[lowered], template
         assert args[0] == n_items
+
+
+@pytest.mark.skipif(nvrtc.ptxas_path() is None, reason="needs ptxas (nvidia-cuda-nvcc wheel)")
+@pytest.mark.parametrize("type_name", TEMPLATE_ARGUMENTS.values())
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.source)
+def test_kernels_keep_everything_in_registers(manifest, type_name):
+    """No stack frame and no spills on sm_80: per-thread arrays (the four bilinear corners)
+    must be fully unrolled into registers, never placed in slow local memory."""
+    expressions, result = compile_manifest(manifest, type_name, 80)
+    resources = nvrtc.kernel_resources(result.ptx, 80)
+    for expression in expressions:
+        used = resources[result.lowered_names[expression]]
+        assert used.stack_frame_bytes == 0 and used.spill_bytes == 0, (expression, used)
