@@ -1,0 +1,99 @@
+"""``python -m pydeform selftest`` and ``info``: run as a user would, and made to fail on purpose."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import pydeform
+from pydeform import selftest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pydeform", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_quick_selftest_passes_on_numba_cpu():
+    result = run_cli("selftest", "--quick")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["op", "backend", "dtype", "check", "max", "error", "tolerance", "time", "result"]
+    rows = [line.split() for line in lines if line.startswith("deform_conv2d")]
+    cpu_checks = [entry for entry in selftest.CHECKS
+                  for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
+    assert len(rows) == len(cpu_checks)
+    assert all(row[1] == "numba-cpu" and row[2] in ("float32", "float64") and row[-1] == "PASS" for row in rows)
+    for name in ("forward vs float64", "zero offsets = convolution", "grad offset vs finite difference"):
+        assert name in result.stdout
+    assert "FAIL" not in result.stdout
+    assert f"{len(rows)} checks passed, 0 failed" in result.stdout
+    # Without a GPU both GPU backends are named as skipped, with a reason.
+    backends, skipped = selftest.discover_backends()
+    for name, reason in skipped.items():
+        assert f"skipped backend {name}: {reason}" in result.stdout
+
+
+def test_info_names_versions_and_backends():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"pydeform: {pydeform.__version__}" in result.stdout
+    for label in ("Python:", "numpy:", "numba:", "numba-cuda:", "CuPy:", "backend numba-cpu: usable"):
+        assert label in result.stdout
+    assert "GPU" in result.stdout
+
+
+def test_help_lists_both_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "selftest" in result.stdout and "info" in result.stdout
+    assert "--quick" in run_cli("selftest", "--help").stdout
+
+
+def test_a_failing_check_fails_the_run():
+    registry = []
+
+    @selftest.check("demo_op", "always off by one", {"float32": 1e-6, "float64": 1e-6}, registry=registry)
+    def off_by_one(backend, dtype, quick):
+        return 1.0
+
+    @selftest.check("demo_op", "raises", {"float32": 1e-6, "float64": 1e-6}, registry=registry)
+    def raises(backend, dtype, quick):
+        raise RuntimeError("kernel exploded")
+
+    @selftest.check("demo_op", "exact", {"float64": 0.0}, applies=selftest.float64_only, registry=registry)
+    def exact(backend, dtype, quick):
+        return 0.0
+
+    out = io.StringIO()
+    status = selftest.run_selftest(checks=registry, backends=[selftest.NUMBA_CPU], skipped={}, out=out)
+    text = out.getvalue()
+    assert status == 1
+    rows = [line.split() for line in text.splitlines() if line.startswith("demo_op")]
+    assert [row[-1] for row in rows] == ["FAIL", "FAIL", "FAIL", "FAIL", "PASS"]
+    assert "RuntimeError: kernel exploded" in text
+    assert "1 checks passed, 4 failed" in text
+
+
+def test_a_passing_registry_exits_zero():
+    registry = []
+    selftest.check("demo_op", "exact", {"float32": 0.0, "float64": 0.0}, registry=registry)(
+        lambda backend, dtype, quick: 0.0
+    )
+    out = io.StringIO()
+    assert selftest.run_selftest(checks=registry, backends=[selftest.NUMBA_CPU], skipped={}, out=out) == 0
+
+
+def test_numpy_helpers_agree():
+    """The two NumPy formulations the selftest checks against agree at zero offsets."""
+    case, arrays, _ = next(selftest._deform_conv_cases(quick=True))
+    arrays["offset"] = np.zeros_like(arrays["offset"])
+    arrays["mask"] = np.ones_like(arrays["mask"])
+    gathered = selftest.whole_pixel_deform_conv2d(**arrays, **case.options())
+    convolved = selftest.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
+    np.testing.assert_allclose(gathered, convolved, rtol=1e-12, atol=1e-12)
