@@ -82,6 +82,8 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
     dil_h, dil_w = int_pair("dilation", dilation, minimum=1)
 
     n, channels, height, width = _shape(input)
+    if channels == 0:
+        raise ValueError(f"input: expected at least one channel, got shape {_shape(input)}")
     out_channels, channels_per_group, kernel_h, kernel_w = _shape(weight)
     if out_channels == 0 or channels_per_group == 0 or kernel_h == 0 or kernel_w == 0:
         raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {_shape(weight)}")
@@ -278,6 +280,8 @@ def deform_conv2d_backward(
         and mask gradients are 0 where a sample lies outside ``(-1, H) x (-1, W)``, where the
         forward is constant.
     """
+    if grad_output is None:
+        raise TypeError("grad_output: expected an array, got None")
     kernels, a, geometry = _prepare(
         input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=grad_output
     )
