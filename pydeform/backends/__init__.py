@@ -1,26 +1,40 @@
-"""Kernel sets: the per-backend kernels behind each op's shared driver.
+"""Kernel sets: the per-backend kernels behind each op family's shared driver.
 
 A kernel set has an ``xp`` attribute (the array library: ``numpy`` or ``cupy``) and one method
-per kernel of an op. Backends are imported only when an op first needs them, so
+per kernel of an op family. Backends are imported only when an op first needs them, so
 ``import pydeform`` compiles nothing and needs neither CuPy nor a GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+
+# family -> (module name in numba_kernels / cupy_kernels, class name stem)
+_FAMILIES = {
+    "deform_conv2d": ("deform_conv", "DeformConv2dKernels"),
+    "roi": ("roi", "RoIKernels"),
+}
 
 
 @functools.lru_cache(maxsize=None)
-def deform_conv2d_kernels(library: str, backend: str):
-    """The deform_conv2d kernel set for arrays of ``library`` run by ``backend``."""
+def kernel_set(family: str, library: str, backend: str):
+    """The kernel set of ``family`` for arrays of ``library`` (``"numpy"`` / ``"cupy"``) run
+    by ``backend`` (``"numba"`` / ``"cupy"``): Numba CPU for NumPy arrays, else Numba CUDA or
+    CuPy RawKernels."""
+    module, stem = _FAMILIES[family]
     if library == "numpy":
-        from .numba_kernels.deform_conv import NumbaCpuDeformConv2dKernels
+        package, prefix = "numba_kernels", "NumbaCpu"
+    elif backend == "numba":
+        package, prefix = "numba_kernels", "NumbaCuda"
+    else:
+        package, prefix = "cupy_kernels", "Cupy"
+    return getattr(importlib.import_module(f".{package}.{module}", __name__), prefix + stem)()
 
-        return NumbaCpuDeformConv2dKernels()
-    if backend == "numba":
-        from .numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 
-        return NumbaCudaDeformConv2dKernels()
-    from .cupy_kernels.deform_conv import CupyDeformConv2dKernels
+def deform_conv2d_kernels(library: str, backend: str):
+    return kernel_set("deform_conv2d", library, backend)
 
-    return CupyDeformConv2dKernels()
+
+def roi_kernels(library: str, backend: str):
+    return kernel_set("roi", library, backend)

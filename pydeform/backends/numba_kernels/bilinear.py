@@ -68,3 +68,46 @@ def bilinear_gradient(v00, v01, v10, v11, lh, lw):
     d_dh = (1.0 - lw) * (v10 - v00) + lw * (v11 - v01)
     d_dw = (1.0 - lh) * (v01 - v00) + lh * (v11 - v10)
     return d_dh, d_dw
+
+
+def border_clamped_setup(y, x, height, width):
+    """Rule B (border-clamped) set-up for the sample at ``(y, x)``.
+
+    Returns ``(inside, corner, row_step, col_step, ly, lx, slope_y, slope_x)``: ``inside`` is
+    False outside ``[-1, height] x [-1, width]`` (inclusive), where rule B gives 0 (also for a
+    NaN position). The coordinates are clamped into the image; ``row_step`` / ``col_step`` are
+    the flat distances to the second row / column (0 where both corners are the last one, so
+    no read leaves the image), and ``slope_*`` is 0 along an axis where a clamp holds (at
+    ``<= 0`` or on the last row / column), where the sample does not move with the position.
+    """
+    if not (y >= -1.0 and y <= height and x >= -1.0 and x <= width):
+        return False, 0, 0, 0, 0.0, 0.0, 0.0, 0.0
+    slope_y = 1.0
+    slope_x = 1.0
+    if y <= 0.0:
+        y = 0.0
+        slope_y = 0.0
+    if x <= 0.0:
+        x = 0.0
+        slope_x = 0.0
+    y0 = int(y)
+    x0 = int(x)
+    row_step = width
+    col_step = 1
+    if y0 >= height - 1:
+        y0 = height - 1
+        y = float(y0)
+        row_step = 0
+        slope_y = 0.0
+    if x0 >= width - 1:
+        x0 = width - 1
+        x = float(x0)
+        col_step = 0
+        slope_x = 0.0
+    return True, y0 * width + x0, row_step, col_step, y - y0, x - x0, slope_y, slope_x
+
+
+def border_clamped_corners(image, plane, corner, row_step, col_step):
+    """The four corner values of a rule-B set-up (always inside the image)."""
+    at = plane + corner
+    return image[at], image[at + col_step], image[at + row_step], image[at + row_step + col_step]

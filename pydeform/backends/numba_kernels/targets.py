@@ -30,11 +30,23 @@ class Target(NamedTuple):
     zero_padded_corners: Callable
     bilinear_combine: Callable
     bilinear_gradient: Callable
+    border_clamped_setup: Callable
+    border_clamped_corners: Callable
+
+
+_HELPERS = (
+    "zero_padded_setup",
+    "bilinear_weights",
+    "zero_padded_corners",
+    "bilinear_combine",
+    "bilinear_gradient",
+    "border_clamped_setup",
+    "border_clamped_corners",
+)
 
 
 def _compiled_helpers(device):
-    names = ("zero_padded_setup", "bilinear_weights", "zero_padded_corners", "bilinear_combine", "bilinear_gradient")
-    return {name: device(getattr(bilinear, name)) for name in names}
+    return {name: device(getattr(bilinear, name)) for name in _HELPERS}
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,83 @@
+"""Argument rules shared by the RoI ops: the boxes, the output size, scalar parameters."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._arrays import accumulation_dtype, array_library
+
+__all__ = ["check_positive_float", "normalize_rois", "output_size_pair"]
+
+
+def output_size_pair(name: str, value) -> tuple[int, int]:
+    """An int or an (h, w) pair of positive ints."""
+    items = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
+    if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(items) < 1:
+        raise ValueError(f"{name}: expected positive sizes, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def check_positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
+    return float(value)
+
+
+def normalize_rois(rois, input, library: str, xp):
+    """Return the boxes as a C-contiguous ``[K, 5]`` array in the accumulation dtype of ``input``.
+
+    ``rois`` is ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list/tuple of per-image
+    ``[L_i, 4]`` arrays whose list position is the batch index. Boxes may have the input's dtype
+    or, for float16 / bfloat16 inputs, float32 (coordinates of a few hundred pixels are not
+    representable in bfloat16). A batch index that is not an integer in ``[0, N)`` or a
+    non-finite coordinate raises ``ValueError`` naming the first offending row; for CuPy arrays
+    this check costs one device-to-host transfer of a flag.
+    """
+    acc = accumulation_dtype(input.dtype)
+    allowed = {np.dtype(input.dtype), acc}
+
+    def check_part(name, part, columns):
+        lib = array_library(name, part)
+        if lib != library:
+            raise TypeError(f"{name}: expected a {library} array like input, got a {lib} array")
+        if library == "cupy" and part.device.id != input.device.id:
+            raise ValueError(f"{name}: expected an array on GPU {input.device.id} like input, got GPU {part.device.id}")
+        if np.dtype(part.dtype) not in allowed:
+            raise TypeError(
+                f"{name}: expected dtype {' or '.join(sorted(d.name for d in allowed))} like input, "
+                f"got {np.dtype(part.dtype).name}"
+            )
+        if part.ndim != 2 or part.shape[1] != columns:
+            raise ValueError(f"{name}: expected shape [K, {columns}], got {tuple(part.shape)}")
+        return part.astype(acc, copy=False)
+
+    if isinstance(rois, (list, tuple)):
+        parts = []
+        for i, boxes in enumerate(rois):
+            boxes = check_part(f"rois[{i}]", boxes, 4)
+            index = xp.full((boxes.shape[0], 1), i, dtype=acc)
+            parts.append(xp.concatenate([index, boxes], axis=1))
+        boxes = xp.concatenate(parts, axis=0) if parts else xp.empty((0, 5), dtype=acc)
+    else:
+        boxes = check_part("rois", rois, 5)
+    boxes = xp.ascontiguousarray(boxes)
+
+    n = input.shape[0]
+    index = boxes[:, 0]
+    bad = (index != xp.floor(index)) | ~(index >= 0) | ~(index < n) | ~xp.isfinite(boxes[:, 1:]).all(axis=1)
+    if boxes.shape[0] and bool(bad.any()):
+        row = int(xp.argmax(bad))
+        raise ValueError(
+            f"rois: row {row} = {[float(v) for v in boxes[row].tolist()]} must have an integer batch index "
+            f"in [0, {n}) and finite coordinates"
+        )
+    return boxes

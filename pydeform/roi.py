@@ -1,0 +1,488 @@
+"""Region-of-interest pooling: RoI Align, RoI Pool, their position-sensitive variants,
+deformable RoI pooling (mmcv, with its modulated variant) and deformable PS RoI pooling.
+
+Semantics are SPEC section 3. This module checks every argument once, infers the output shape,
+allocates outputs and gradients and calls the RoI kernel set of the backend
+(:func:`pydeform.backends.roi_kernels`), which has one ``<op>_forward`` and one
+``<op>_backward`` method per kernel family below; position-sensitive variants are flags of
+their plain op's kernels:
+
+``roi_align_forward(input, rois, output, params)`` and
+``roi_align_backward(grad_output, input, rois, grad_input, params)`` with
+:class:`RoIAlignParams` (also ps_roi_align); ``roi_pool_*`` likewise with
+:class:`RoIPoolParams` (also ps_roi_pool);
+``deform_roi_pool_forward(input, rois, offset, mask, output, params)``,
+``deform_roi_pool_backward(grad_output, input, rois, offset, mask, grad_input, grad_offset,
+grad_mask, params)`` with :class:`DeformRoIPoolParams`;
+``deform_psroi_pool_forward(input, rois, trans, output, params)``,
+``deform_psroi_pool_backward(grad_output, input, rois, trans, grad_input, grad_trans, params)``
+with :class:`DeformPSRoIPoolParams`.
+
+Arrays reaching the kernels are C-contiguous: ``input [N, C, H, W]`` and ``grad_output`` /
+``output [K, C_out, PH, PW]`` in the storage dtype T; ``rois [K, 5]`` in the accumulation
+dtype A (float64 for float64, else float32); ``offset [K, 2, PH, PW]``, ``mask [K, 1, PH, PW]``,
+``trans [K, 2*classes, P, P]`` in T or None when absent. Gradients are A arrays zero-filled
+here, which the kernels accumulate into (atomically on the GPU); every ``output`` element is
+written by the forward kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+from ._arrays import accumulation_dtype, check_arrays, check_backend
+from ._rois import check_positive_float, normalize_rois, output_size_pair
+from .backends import roi_kernels
+
+__all__ = [
+    "DeformPSRoIPoolGrads",
+    "DeformRoIPoolGrads",
+    "RoIGrads",
+    "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "roi_align",
+    "roi_align_backward",
+    "roi_pool",
+    "roi_pool_backward",
+]
+
+
+class RoIAlignParams(NamedTuple):
+    channels: int
+    height: int
+    width: int
+    pooled_h: int
+    pooled_w: int
+    channels_out: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    max_mode: bool
+    position_sensitive: bool
+
+
+class RoIPoolParams(NamedTuple):
+    """roi_pool (max over the bin) or, with ``position_sensitive``, ps_roi_pool (average)."""
+
+    channels: int
+    height: int
+    width: int
+    pooled_h: int
+    pooled_w: int
+    channels_out: int
+    spatial_scale: float
+    position_sensitive: bool
+
+
+class DeformRoIPoolParams(NamedTuple):
+    channels: int
+    height: int
+    width: int
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    gamma: float
+    has_offset: bool
+    has_mask: bool
+
+
+class DeformPSRoIPoolParams(NamedTuple):
+    channels: int
+    height: int
+    width: int
+    output_dim: int
+    group_size: int
+    pooled_size: int
+    part_size: int
+    sample_per_part: int
+    trans_std: float
+    spatial_scale: float
+    num_classes: int
+    has_trans: bool
+
+
+class RoIGrads(NamedTuple):
+    """Gradient of roi_align / roi_pool / ps_roi_align / ps_roi_pool (the boxes get none)."""
+
+    input: object
+
+
+class DeformRoIPoolGrads(NamedTuple):
+    """Gradients of :func:`deform_roi_pool`; ``offset`` / ``mask`` are None when not given."""
+
+    input: object
+    offset: Optional[object]
+    mask: Optional[object]
+
+
+class DeformPSRoIPoolGrads(NamedTuple):
+    """Gradients of :func:`deform_psroi_pool`; ``trans`` is None when not given."""
+
+    input: object
+    trans: Optional[object]
+
+
+def _int(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _shape(x):
+    return tuple(int(s) for s in x.shape)
+
+
+class _Call(NamedTuple):
+    kernels: object
+    xp: object
+    arrays: dict
+    rois: object
+
+
+def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
+    """Shared checks: one library / device / dtype for the arrays, the boxes normalised."""
+    library, _ = check_arrays(arrays, ranks=ranks)
+    kind = check_backend(backend, library)
+    kernels = roi_kernels(library, kind)
+    xp = kernels.xp
+    contiguous = {k: (None if v is None else xp.ascontiguousarray(v)) for k, v in arrays.items()}
+    boxes = normalize_rois(rois, contiguous["input"], library, xp)
+    return _Call(kernels, xp, contiguous, boxes)
+
+
+def _check_shape(name, value, expected):
+    if value is not None and _shape(value) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {_shape(value)}")
+
+
+def _check_grad_output(grad_output, expected):
+    if grad_output is not None:
+        _check_shape("grad_output", grad_output, expected)
+
+
+def _position_sensitive_channels(channels, pooled_h, pooled_w):
+    if channels % (pooled_h * pooled_w):
+        raise ValueError(
+            f"input: position-sensitive pooling needs channels divisible by output_size "
+            f"{pooled_h}x{pooled_w} = {pooled_h * pooled_w}, got {channels} channels"
+        )
+    return channels // (pooled_h * pooled_w)
+
+
+def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode,
+                    position_sensitive, backend, grad_output=None):
+    arrays = {"input": input, "grad_output": grad_output}
+    call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
+    n, channels, height, width = _shape(call.arrays["input"])
+    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    if mode not in ("avg", "max"):
+        raise ValueError(f"mode: expected 'avg' or 'max', got {mode!r}")
+    if not isinstance(aligned, bool):
+        raise TypeError(f"aligned: expected a bool, got {aligned!r}")
+    channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
+    params = RoIAlignParams(
+        channels, height, width, pooled_h, pooled_w, channels_out,
+        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
+        aligned, mode == "max", position_sensitive,
+    )
+    _check_grad_output(call.arrays["grad_output"], (call.rois.shape[0], channels_out, pooled_h, pooled_w))
+    return call, params
+
+
+def _roi_pool_call(input, rois, output_size, spatial_scale, position_sensitive, backend, grad_output=None):
+    arrays = {"input": input, "grad_output": grad_output}
+    call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
+    n, channels, height, width = _shape(call.arrays["input"])
+    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
+    params = RoIPoolParams(
+        channels, height, width, pooled_h, pooled_w, channels_out,
+        check_positive_float("spatial_scale", spatial_scale), position_sensitive,
+    )
+    _check_grad_output(call.arrays["grad_output"], (call.rois.shape[0], channels_out, pooled_h, pooled_w))
+    return call, params
+
+
+def _forward(call, params, method, channels_out, pooled, *extra):
+    xp, input = call.xp, call.arrays["input"]
+    output = xp.empty((call.rois.shape[0], channels_out) + pooled, dtype=input.dtype)
+    if output.size:
+        getattr(call.kernels, method)(input, call.rois, *extra, output, params)
+    return output
+
+
+def _zeros_acc(xp, like):
+    return xp.zeros(like.shape, dtype=accumulation_dtype(like.dtype))
+
+
+def _input_grad(call, params, method, *extra):
+    xp, input = call.xp, call.arrays["input"]
+    grad_input = _zeros_acc(xp, input)
+    if call.arrays["grad_output"].size:
+        getattr(call.kernels, method)(call.arrays["grad_output"], input, call.rois, *extra, grad_input, params)
+    return grad_input
+
+
+def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", *,
+              backend=None):
+    """RoI Align (Mask R-CNN), torchvision semantics; ``mode="max"`` takes the maximum sample (ONNX / mmcv).
+
+    Each of the ``PH x PW`` bins of a roi averages (or maxes) ``gh x gw`` border-clamped bilinear
+    samples, ``gh = sampling_ratio`` if positive else ``ceil(roi_height / PH)`` (same for w).
+    With ``aligned=True`` box corners are shifted by -0.5 pixel (half-pixel centres).
+
+    Args:
+        input: ``[N, C, H, W]``.
+        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image coordinates, or a
+            list of per-image ``[L_i, 4]`` boxes. Same dtype as ``input`` (float32 also allowed
+            with float16 / bfloat16 inputs).
+        output_size: ``PH`` or ``(PH, PW)``.
+        spatial_scale: feature-map size / image size (e.g. 1/16).
+        sampling_ratio: samples per bin along each axis; ``<= 0`` for adaptive.
+        aligned: half-pixel box coordinates.
+        mode: ``"avg"`` or ``"max"``.
+        backend: as for :func:`pydeform.deform_conv2d`.
+
+    Returns:
+        ``[K, C, PH, PW]``, input's array type, device and dtype.
+    """
+    call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend)
+    return _forward(call, p, "roi_align_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+
+
+def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+                       mode="avg", *, backend=None) -> RoIGrads:
+    """Gradient of :func:`roi_align` with respect to ``input``.
+
+    ``grad_output`` is ``[K, C, PH, PW]``; the other arguments are those of the forward.
+    Average mode spreads each bin's gradient over its samples' bilinear corners; max mode routes
+    it through the sample that held the maximum (first one on ties).
+    """
+    call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend,
+                              grad_output)
+    return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
+
+
+def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None):
+    """Position-sensitive RoI Align (R-FCN), torchvision semantics; always half-pixel aligned.
+
+    Output channel ``c`` of bin ``(ph, pw)`` averages input channel ``(c*PH + ph)*PW + pw``.
+    ``input`` is ``[N, C_out*PH*PW, H, W]``; returns ``[K, C_out, PH, PW]``. Other arguments as
+    :func:`roi_align`.
+    """
+    call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend)
+    return _forward(call, p, "roi_align_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+
+
+def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *,
+                          backend=None) -> RoIGrads:
+    """Gradient of :func:`ps_roi_align` with respect to ``input``; ``grad_output [K, C_out, PH, PW]``."""
+    call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend,
+                              grad_output)
+    return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
+
+
+def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+    """RoI Pool (Fast R-CNN), torchvision semantics: max over integer bins of the rounded box.
+
+    Box corners are rounded half away from zero after scaling; an empty bin gives 0 and the first
+    maximum in row-major order wins. ``input [N, C, H, W]``, ``rois`` as :func:`roi_align`;
+    returns ``[K, C, PH, PW]``.
+    """
+    call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend)
+    return _forward(call, p, "roi_pool_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+
+
+def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
+    """Gradient of :func:`roi_pool`: each bin's gradient goes to its arg-max element."""
+    call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend, grad_output)
+    return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
+
+
+def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+    """Position-sensitive RoI Pool (R-FCN), torchvision semantics: the average over each bin.
+
+    Bins are those of :func:`roi_pool` except that the rounded box spans ``max(x2 - x1, 1)``
+    pixels (torchvision's ps_roi_pool has no +1). Channel mapping as :func:`ps_roi_align`.
+    """
+    call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend)
+    return _forward(call, p, "roi_pool_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+
+
+def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
+    """Gradient of :func:`ps_roi_pool` with respect to ``input``."""
+    call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend, grad_output)
+    return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
+
+
+def _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, backend,
+                          grad_output=None):
+    arrays = {"input": input, "offset": offset, "mask": mask, "grad_output": grad_output}
+    call = _prepare(arrays, {"input": 4, "offset": 4, "mask": 4, "grad_output": 4}, rois, backend)
+    n, channels, height, width = _shape(call.arrays["input"])
+    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    k = call.rois.shape[0]
+    _check_shape("offset", call.arrays["offset"], (k, 2, pooled_h, pooled_w))
+    _check_shape("mask", call.arrays["mask"], (k, 1, pooled_h, pooled_w))
+    params = DeformRoIPoolParams(
+        channels, height, width, pooled_h, pooled_w,
+        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
+        _float("gamma", gamma), offset is not None, mask is not None,
+    )
+    _check_grad_output(call.arrays["grad_output"], (k, channels, pooled_h, pooled_w))
+    return call, params
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                    mask=None, *, backend=None):
+    """Deformable RoI pooling (mmcv ``DeformRoIPool``; with ``mask``, ``ModulatedDeformRoIPool``).
+
+    RoI Align with half-pixel box coordinates and no minimum roi size, each bin shifted by
+    ``gamma * roi_width * offset[k, 0, ph, pw]`` in x and ``gamma * roi_height * offset[k, 1, ph, pw]``
+    in y, its average multiplied by ``mask[k, 0, ph, pw]`` when given.
+
+    Args:
+        input: ``[N, C, H, W]``.
+        rois: as :func:`roi_align`.
+        offset: ``[K, 2, PH, PW]`` (x first) or None (plain RoI Align, aligned).
+        output_size: ``PH`` or ``(PH, PW)``.
+        spatial_scale, sampling_ratio: as :func:`roi_align` (``sampling_ratio <= 0``: adaptive).
+        gamma: offset scale.
+        mask: ``[K, 1, PH, PW]`` modulation or None.
+
+    Returns:
+        ``[K, C, PH, PW]``.
+    """
+    call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
+                                    backend)
+    a = call.arrays
+    return _forward(call, p, "deform_roi_pool_forward", p.channels, (p.pooled_h, p.pooled_w), a["offset"], a["mask"])
+
+
+def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7, spatial_scale=1.0,
+                             sampling_ratio=0, gamma=0.1, mask=None, *, backend=None) -> DeformRoIPoolGrads:
+    """Gradients of :func:`deform_roi_pool` with respect to ``input``, ``offset`` and ``mask``.
+
+    ``grad_output`` is ``[K, C, PH, PW]``; the offset and mask gradients are None when the
+    forward had none.
+    """
+    call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
+                                    backend, grad_output)
+    xp, a = call.xp, call.arrays
+    grad_input = _zeros_acc(xp, a["input"])
+    grad_offset = None if a["offset"] is None else _zeros_acc(xp, a["offset"])
+    grad_mask = None if a["mask"] is None else _zeros_acc(xp, a["mask"])
+    if a["grad_output"].size:
+        call.kernels.deform_roi_pool_backward(
+            a["grad_output"], a["input"], call.rois, a["offset"], a["mask"], grad_input, grad_offset, grad_mask, p
+        )
+    dtype = a["input"].dtype
+    return DeformRoIPoolGrads(*(None if g is None else g.astype(dtype, copy=False)
+                                for g in (grad_input, grad_offset, grad_mask)))
+
+
+def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size, sample_per_part,
+                            trans_std, spatial_scale, backend, grad_output=None):
+    arrays = {"input": input, "trans": trans, "grad_output": grad_output}
+    call = _prepare(arrays, {"input": 4, "trans": 4, "grad_output": 4}, rois, backend)
+    n, channels, height, width = _shape(call.arrays["input"])
+    group_size = _int("group_size", group_size, 1)
+    pooled_size = _int("pooled_size", pooled_size, 1)
+    part_size = pooled_size if part_size is None or part_size == 0 else _int("part_size", part_size, 1)
+    sample_per_part = _int("sample_per_part", sample_per_part, 1)
+    if output_dim is None:
+        if channels % (group_size * group_size):
+            raise ValueError(
+                f"input: channels ({channels}) must be output_dim * group_size^2 = output_dim * {group_size**2}"
+            )
+        output_dim = channels // (group_size * group_size)
+    output_dim = _int("output_dim", output_dim, 1)
+    if channels != output_dim * group_size * group_size:
+        raise ValueError(
+            f"input: expected output_dim * group_size^2 = {output_dim * group_size * group_size} channels, "
+            f"got {channels}"
+        )
+    k = call.rois.shape[0]
+    num_classes = 1
+    t = call.arrays["trans"]
+    if t is not None:
+        if t.shape[1] == 0 or t.shape[1] % 2 or output_dim % (t.shape[1] // 2):
+            raise ValueError(
+                f"trans: expected [K, 2*num_classes, part_size, part_size] with num_classes dividing "
+                f"output_dim = {output_dim}, got shape {_shape(t)}"
+            )
+        num_classes = t.shape[1] // 2
+        _check_shape("trans", t, (k, 2 * num_classes, part_size, part_size))
+    params = DeformPSRoIPoolParams(
+        channels, height, width, output_dim, group_size, pooled_size, part_size, sample_per_part,
+        _float("trans_std", trans_std), check_positive_float("spatial_scale", spatial_scale), num_classes,
+        t is not None,
+    )
+    _check_grad_output(call.arrays["grad_output"], (k, output_dim, pooled_size, pooled_size))
+    return call, params
+
+
+def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7, part_size=None,
+                      sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *, backend=None):
+    """Deformable position-sensitive RoI pooling (Deformable ConvNets, MXNet ``DeformablePSROIPooling``).
+
+    Each ``pooled_size^2`` bin averages ``sample_per_part^2`` bilinear samples of input channel
+    ``(c*group_size + gh)*group_size + gw``, shifted by ``trans * trans_std * roi size``.
+
+    Args:
+        input: ``[N, output_dim*group_size^2, H, W]``.
+        rois: as :func:`roi_align` (box corners are rounded, then scaled).
+        trans: ``[K, 2*num_classes, part_size, part_size]`` or None (no deformation).
+        output_dim: output channels; default ``C // group_size^2``.
+        group_size: position-sensitive grid size.
+        pooled_size: output is ``pooled_size x pooled_size``.
+        part_size: trans grid size; None or 0 means ``pooled_size``.
+        sample_per_part: samples per bin along each axis.
+        trans_std: scale of ``trans``.
+        spatial_scale: feature-map size / image size.
+
+    Returns:
+        ``[K, output_dim, pooled_size, pooled_size]``.
+    """
+    call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
+                                      sample_per_part, trans_std, spatial_scale, backend)
+    return _forward(call, p, "deform_psroi_pool_forward", p.output_dim, (p.pooled_size, p.pooled_size),
+                    call.arrays["trans"])
+
+
+def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7,
+                               part_size=None, sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *,
+                               backend=None) -> DeformPSRoIPoolGrads:
+    """Gradients of :func:`deform_psroi_pool` with respect to ``input`` and ``trans``.
+
+    ``grad_output`` is ``[K, output_dim, pooled_size, pooled_size]``; the trans gradient is None
+    when ``trans`` is None.
+    """
+    call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
+                                      sample_per_part, trans_std, spatial_scale, backend, grad_output)
+    xp, a = call.xp, call.arrays
+    grad_input = _zeros_acc(xp, a["input"])
+    grad_trans = None if a["trans"] is None else _zeros_acc(xp, a["trans"])
+    if a["grad_output"].size:
+        call.kernels.deform_psroi_pool_backward(
+            a["grad_output"], a["input"], call.rois, a["trans"], grad_input, grad_trans, p
+        )
+    dtype = a["input"].dtype
+    return DeformPSRoIPoolGrads(grad_input.astype(dtype, copy=False),
+                                None if grad_trans is None else grad_trans.astype(dtype, copy=False))
