@@ -6,12 +6,44 @@ Importing pydeform compiles nothing and needs neither CuPy nor a GPU.
 """
 
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from .roi import (
+    DeformPSRoIPoolGrads,
+    DeformRoIPoolGrads,
+    RoIGrads,
+    deform_psroi_pool,
+    deform_psroi_pool_backward,
+    deform_roi_pool,
+    deform_roi_pool_backward,
+    ps_roi_align,
+    ps_roi_align_backward,
+    ps_roi_pool,
+    ps_roi_pool_backward,
+    roi_align,
+    roi_align_backward,
+    roi_pool,
+    roi_pool_backward,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DeformConv2dGrads",
+    "DeformPSRoIPoolGrads",
+    "DeformRoIPoolGrads",
+    "RoIGrads",
     "__version__",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+    "deform_roi_pool",
+    "deform_roi_pool_backward",
+    "ps_roi_align",
+    "ps_roi_align_backward",
+    "ps_roi_pool",
+    "ps_roi_pool_backward",
+    "roi_align",
+    "roi_align_backward",
+    "roi_pool",
+    "roi_pool_backward",
 ]
