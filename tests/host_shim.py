@@ -77,6 +77,7 @@ def load_library(name, source, templates):
                    str(unit_path), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
+            partial.unlink(missing_ok=True)
             raise HostBuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
         os.replace(partial, library)
     return ctypes.CDLL(str(library))
