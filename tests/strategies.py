@@ -75,26 +75,8 @@ class DeformConvCase:
         return reference.deform_conv2d_backward(self.grad_output, **self.arguments())
 
 
-def _pair_or_int(draw, values: tuple):
-    """An equal pair is sometimes passed as a plain int, as callers do."""
-    if values[0] == values[1] and draw(st.booleans()):
-        return values[0]
-    return values
-
-
-def _axis(draw):
-    """Draw one spatial axis: (input size, kernel, stride, padding, dilation, output size),
-    with the input size derived from the output size so that the output is never empty."""
-    out = draw(st.integers(1, 4))
-    kernel = draw(st.integers(1, 3))
-    stride = draw(st.integers(1, 3))
-    dilation = draw(st.integers(1, 2))
-    spare = draw(st.integers(0, stride - 1))  # input rows the last stride step leaves unused
-    span = dilation * (kernel - 1) + 1
-    unpadded = (out - 1) * stride + span + spare  # = size + 2 * padding
-    padding = draw(st.integers(0, min(2, (unpadded - 1) // 2)))
-    size = unpadded - 2 * padding
-    return size, kernel, stride, padding, dilation, out
+def _pair(value) -> tuple:
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _sample_positions(rng, shape, size, with_grad, dtype_name):
@@ -116,29 +98,20 @@ def _sample_positions(rng, shape, size, with_grad, dtype_name):
     return np.where(rng.random(shape) < 0.05, rng.choice([-1.0, 1.0], shape) * (size + 50.5), positions)
 
 
-@st.composite
-def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
-    """A valid deform_conv2d problem of ``dtype`` (a NumPy or ml_dtypes dtype).
-
-    Batch 0..max_batch, weight groups G and offset groups Goff in 1..3 with the channel count a
-    multiple of both, C_out a multiple of G, kernels 1..3 per axis (1x1 and non-square
-    included), per-axis stride 1..3, padding 0..2, dilation 1..2, output 1..4 per axis; mask and
-    bias present or not. Offsets send samples inside, across the border and far outside the
-    image. ``with_grad`` adds ``grad_output`` and keeps every sample position an integer plus a
-    fraction in [0.05, 0.95], away from the kinks of bilinear sampling.
-    """
+def build_case(
+    rng, *, n, channels, out_channels, size, kernel, groups=1, offset_groups=1, stride=1, padding=0,
+    dilation=1, with_mask=True, with_bias=True, dtype=np.float64, with_grad=True,
+) -> DeformConvCase:
+    """A case with the given geometry (``size`` = (H, W), ``kernel`` = (kh, kw); options an int
+    or a pair, kept as given) and random arrays from ``rng``: standard normal input / weight /
+    bias / grad_output, mask uniform in [-0.5, 1.5], offsets as :func:`_sample_positions`
+    (``with_grad``: every sample an integer plus a fraction in [0.05, 0.95])."""
     dtype = np.dtype(dtype)
-    n = draw(st.integers(0, max_batch))
-    groups = draw(st.integers(1, 3))
-    offset_groups = draw(st.integers(1, 3))
-    channels = math.lcm(groups, offset_groups) * draw(st.integers(1, 2))
-    out_channels = groups * draw(st.integers(1, 2))
-    height, kernel_h, stride_h, pad_h, dil_h, out_h = _axis(draw)
-    width, kernel_w, stride_w, pad_w, dil_w, out_w = _axis(draw)
-    has_mask = draw(st.booleans())
-    has_bias = draw(st.booleans())
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-
+    (height, width), (kernel_h, kernel_w) = size, kernel
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = map(_pair, (stride, padding, dilation))
+    out_h = (height + 2 * pad_h - (dil_h * (kernel_h - 1) + 1)) // stride_h + 1
+    out_w = (width + 2 * pad_w - (dil_w * (kernel_w - 1) + 1)) // stride_w + 1
+    assert out_h > 0 and out_w > 0, "build_case: the geometry gives an empty output"
     points = kernel_h * kernel_w
     kernel_i, kernel_j = np.divmod(np.arange(points), kernel_w)
     # Where each kernel point samples with a zero offset: [K, Ho, Wo].
@@ -152,8 +125,8 @@ def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
     def cast(array):
         return None if array is None else np.ascontiguousarray(array.astype(dtype))
 
-    mask = rng.uniform(-0.5, 1.5, (n, offset_groups * points, out_h, out_w)) if has_mask else None
-    bias = rng.standard_normal(out_channels) if has_bias else None
+    mask = rng.uniform(-0.5, 1.5, (n, offset_groups * points, out_h, out_w)) if with_mask else None
+    bias = rng.standard_normal(out_channels) if with_bias else None
     grad_output = rng.standard_normal((n, out_channels, out_h, out_w)) if with_grad else None
     case = DeformConvCase(
         input=cast(rng.standard_normal((n, channels, height, width))),
@@ -162,9 +135,9 @@ def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
         bias=cast(bias),
         mask=cast(mask),
         grad_output=cast(grad_output),
-        stride=_pair_or_int(draw, (stride_h, stride_w)),
-        padding=_pair_or_int(draw, (pad_h, pad_w)),
-        dilation=_pair_or_int(draw, (dil_h, dil_w)),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
         groups=groups,
         offset_groups=offset_groups,
     )
@@ -174,6 +147,53 @@ def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
             "a gradient case's sample position came within 0.04 of an integer in its dtype"
         )
     return case
+
+
+def _axis(draw):
+    """Draw one spatial axis: (input size, kernel, stride, padding, dilation), with the input
+    size derived from a drawn output size (1..4) so that the output is never empty."""
+    out = draw(st.integers(1, 4))
+    kernel = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    spare = draw(st.integers(0, stride - 1))  # input rows the last stride step leaves unused
+    span = dilation * (kernel - 1) + 1
+    unpadded = (out - 1) * stride + span + spare  # = size + 2 * padding
+    padding = draw(st.integers(0, min(2, (unpadded - 1) // 2)))
+    return unpadded - 2 * padding, kernel, stride, padding, dilation
+
+
+def _option(draw, values: tuple):
+    """An equal pair is sometimes passed as a plain int, as callers do."""
+    if values[0] == values[1] and draw(st.booleans()):
+        return values[0]
+    return values
+
+
+@st.composite
+def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
+    """A valid deform_conv2d problem of ``dtype`` (a NumPy or ml_dtypes dtype).
+
+    Batch 0..max_batch, weight groups G and offset groups Goff in 1..3 with the channel count a
+    multiple of both, C_out a multiple of G, kernels 1..3 per axis (1x1 and non-square
+    included), per-axis stride 1..3, padding 0..2, dilation 1..2, output 1..4 per axis; mask and
+    bias present or not. Offsets send samples inside, across the border and far outside the
+    image. ``with_grad`` adds ``grad_output`` and keeps every sample position an integer plus a
+    fraction in [0.05, 0.95], away from the kinks of bilinear sampling.
+    """
+    n = draw(st.integers(0, max_batch))
+    groups = draw(st.integers(1, 3))
+    offset_groups = draw(st.integers(1, 3))
+    channels = math.lcm(groups, offset_groups) * draw(st.integers(1, 2))
+    out_channels = groups * draw(st.integers(1, 2))
+    axes = list(zip(_axis(draw), _axis(draw)))  # (size, kernel, stride, padding, dilation) pairs
+    return build_case(
+        np.random.default_rng(draw(st.integers(0, 2**32 - 1))),
+        n=n, channels=channels, out_channels=out_channels, groups=groups, offset_groups=offset_groups,
+        size=axes[0], kernel=axes[1], stride=_option(draw, axes[2]), padding=_option(draw, axes[3]),
+        dilation=_option(draw, axes[4]), with_mask=draw(st.booleans()), with_bias=draw(st.booleans()),
+        dtype=dtype, with_grad=with_grad,
+    )
 
 
 def assert_close(name: str, got, expected, dtype) -> None:

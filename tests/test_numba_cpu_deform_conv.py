@@ -21,6 +21,7 @@ from tests.strategies import (
     DeformConvCase,
     assert_close,
     assert_grads_close,
+    build_case,
     deform_conv_cases,
 )
 
@@ -46,25 +47,11 @@ def run_backward(case: DeformConvCase, **kwargs):
 
 
 def fixed_case(rng, dtype=np.float64, n=2, with_mask=True) -> DeformConvCase:
-    """A deterministic case with every dimension > 1: C=4, G=2, Goff=2, 3x2 kernel, 7x7 image,
-    per-axis stride / padding / dilation, offsets an integer plus a fraction in [0.05, 0.95]."""
-    offset_shape = (n, 2 * 2 * 6, 4, 3)
-
-    def cast(a):
-        return a.astype(dtype)
-
-    return DeformConvCase(
-        input=cast(rng.standard_normal((n, 4, 7, 7))),
-        offset=cast(rng.integers(-3, 3, offset_shape) + rng.uniform(0.05, 0.95, offset_shape)),
-        weight=cast(rng.standard_normal((6, 2, 3, 2))),
-        bias=cast(rng.standard_normal(6)),
-        mask=cast(rng.uniform(-0.5, 1.5, (n, 2 * 6, 4, 3))) if with_mask else None,
-        grad_output=cast(rng.standard_normal((n, 6, 4, 3))),
-        stride=(2, 2),
-        padding=(1, 0),
-        dilation=(1, 2),
-        groups=2,
-        offset_groups=2,
+    """A gradient case with every dimension > 1: C=4, G=2, Goff=2, a 3x2 kernel on a 7x7 image,
+    per-axis padding and dilation, stride 2 -> a 4x3 output."""
+    return build_case(
+        rng, n=n, channels=4, out_channels=6, size=(7, 7), kernel=(3, 2), groups=2, offset_groups=2,
+        stride=2, padding=(1, 0), dilation=(1, 2), with_mask=with_mask, dtype=dtype,
     )
 
 
