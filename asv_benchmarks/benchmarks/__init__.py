@@ -1,0 +1,1 @@
+"""asv benchmark suite of pydeform (configuration: ``asv_benchmarks/asv.conf.json``)."""
