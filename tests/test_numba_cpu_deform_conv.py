@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
-import reference
 from pydeform import deform_conv as deform_conv_module
 from pydeform import deform_conv2d, deform_conv2d_backward
 from pydeform.backends.numba_kernels.deform_conv import NumbaCpuDeformConv2dKernels
+from tests.kernel_set_checks import CASE_ARRAYS, assert_unchanged, check_kernels_write_every_element
 from tests.strategies import (
     ARRAY_NAMES,
     DeformConvCase,
@@ -30,12 +30,6 @@ DTYPES = [np.float64, np.float32]
 
 def copies(case: DeformConvCase) -> DeformConvCase:
     return case.map_arrays(np.copy)
-
-
-def assert_unchanged(case: DeformConvCase, before: DeformConvCase) -> None:
-    for name in ARRAY_NAMES + ("grad_output",):
-        if getattr(case, name) is not None:
-            np.testing.assert_array_equal(getattr(case, name), getattr(before, name), err_msg=f"{name} was modified")
 
 
 def run_forward(case: DeformConvCase, **kwargs):
@@ -80,51 +74,13 @@ def test_backward_matches_reference(dtype, data):
     assert_unchanged(case, before)
 
 
-def identity_weight(case: DeformConvCase) -> np.ndarray:
-    """weight [C*K, C, kh, kw] whose output channel c*K + ij is input channel c sampled at kernel
-    point ij: the reference's output with it is the column matrix of im2col."""
-    channels = case.input.shape[1]
-    kernel_h, kernel_w = case.weight.shape[2:]
-    rows = channels * kernel_h * kernel_w
-    return np.eye(rows).reshape(rows, channels, kernel_h, kernel_w)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @given(data=st.data(), seed=st.integers(0, 2**32 - 1))
 def test_kernels_write_every_element(dtype, data, seed):
     """Each kernel, called directly with NaN-poisoned outputs, writes every element of them,
     with the reference's values, and leaves its inputs alone."""
     case = data.draw(deform_conv_cases(dtype=dtype, with_grad=True))
-    kernels, arrays, geometry = deform_conv_module._prepare(
-        case.input, case.offset, case.weight, case.bias, case.stride, case.padding, case.dilation, case.mask, None
-    )
-    assert isinstance(kernels, NumbaCpuDeformConv2dKernels)
-    input, offset, mask = arrays["input"], arrays["offset"], arrays["mask"]
-    before = copies(case)
-    acc = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-    n, rows, pixels = input.shape[0], identity_weight(case).shape[0], geometry.out_h * geometry.out_w
-    selector = dict(weight=identity_weight(case), mask=case.mask, **case.options())
-    grad_columns = np.random.default_rng(seed).standard_normal((n, rows, pixels)).astype(acc)
-    expected = reference.deform_conv2d_backward(
-        grad_columns.reshape(n, rows, geometry.out_h, geometry.out_w), case.input, case.offset, **selector
-    )
-
-    columns = np.full((n, rows, pixels), np.nan, dtype=acc)
-    kernels.im2col(input, offset, mask, columns, geometry)
-    expected_columns = reference.deform_conv2d(case.input, case.offset, **selector).reshape(n, rows, pixels)
-    assert_close("columns", columns, expected_columns, dtype)
-
-    grad_offset = np.full(offset.shape, np.nan, dtype=dtype)
-    grad_mask = None if mask is None else np.full(mask.shape, np.nan, dtype=dtype)
-    kernels.col2im_coord(input, offset, mask, grad_columns, grad_offset, grad_mask, geometry)
-    assert_close("grad offset", grad_offset, expected["offset"], dtype)
-    if mask is not None:
-        assert_close("grad mask", grad_mask, expected["mask"], dtype)
-
-    grad_input = np.zeros(input.shape, dtype=acc)
-    kernels.col2im(offset, mask, grad_columns, grad_input, geometry)
-    assert_close("grad input", grad_input, expected["input"], dtype)
-    assert_unchanged(case, before)
+    check_kernels_write_every_element(NumbaCpuDeformConv2dKernels(), case, seed)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -198,7 +154,7 @@ def reversed_axes(a):
 def test_non_contiguous_inputs(view):
     case = fixed_case(np.random.default_rng(2))
     views = case.map_arrays(view)
-    for name in ARRAY_NAMES + ("grad_output",):
+    for name in CASE_ARRAYS:
         assert not getattr(views, name).flags.c_contiguous, name
     before = copies(views)
     np.testing.assert_array_equal(run_forward(views), run_forward(case))

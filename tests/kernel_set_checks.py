@@ -1,0 +1,77 @@
+"""Checks of a deform_conv2d *kernel set* (im2col, col2im_coord, col2im), called directly,
+against the float64 reference; shared by the tests of every backend (NumPy or CuPy arrays,
+through ``kernels.xp``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import reference
+from pydeform.deform_conv import _prepare
+from tests.strategies import ARRAY_NAMES, DeformConvCase, assert_close
+
+CASE_ARRAYS = ARRAY_NAMES + ("grad_output",)
+
+
+def to_numpy(array) -> np.ndarray:
+    """A host copy of a NumPy or CuPy array."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+def assert_unchanged(case: DeformConvCase, before: DeformConvCase) -> None:
+    """Every array of ``case`` (NumPy or CuPy) still equals its copy in ``before`` (NumPy)."""
+    for name in CASE_ARRAYS:
+        if getattr(case, name) is not None:
+            np.testing.assert_array_equal(
+                to_numpy(getattr(case, name)), to_numpy(getattr(before, name)), err_msg=f"{name} was modified"
+            )
+
+
+def identity_weight(case: DeformConvCase) -> np.ndarray:
+    """weight [C*K, C, kh, kw] whose output channel c*K + ij is input channel c sampled at kernel
+    point ij: the reference's output with it is im2col's column matrix, and its backward with a
+    gradient g of that output is what col2im / col2im_coord make of grad_columns = g."""
+    channels = case.input.shape[1]
+    kernel_h, kernel_w = case.weight.shape[2:]
+    rows = channels * kernel_h * kernel_w
+    return np.eye(rows).reshape(rows, channels, kernel_h, kernel_w)
+
+
+def check_kernels_write_every_element(kernels, case: DeformConvCase, seed: int) -> None:
+    """Run each kernel of ``kernels`` once on ``case`` (moved to ``kernels.xp``) with
+    NaN-poisoned outputs (the input gradient, which col2im accumulates into, starts at zero);
+    check every element was written with the reference's value and the inputs are unchanged."""
+    xp = kernels.xp
+    device_case = case.map_arrays(xp.array)  # copies, compared with ``case`` at the end
+    _, arrays, geometry = _prepare(
+        device_case.input, device_case.offset, device_case.weight, device_case.bias, case.stride,
+        case.padding, case.dilation, device_case.mask, None,
+    )
+    input, offset, mask = arrays["input"], arrays["offset"], arrays["mask"]
+    dtype = case.input.dtype
+    acc = np.float64 if dtype == np.float64 else np.float32
+    n, rows, pixels = case.input.shape[0], identity_weight(case).shape[0], geometry.out_h * geometry.out_w
+    selector = dict(weight=identity_weight(case), mask=case.mask, **case.options())
+    grad_columns = np.random.default_rng(seed).standard_normal((n, rows, pixels)).astype(acc)
+    expected = reference.deform_conv2d_backward(
+        grad_columns.reshape(n, rows, geometry.out_h, geometry.out_w), case.input, case.offset, **selector
+    )
+
+    columns = xp.full((n, rows, pixels), np.nan, dtype=acc)
+    kernels.im2col(input, offset, mask, columns, geometry)
+    expected_columns = reference.deform_conv2d(case.input, case.offset, **selector).reshape(n, rows, pixels)
+    assert_close("columns", to_numpy(columns), expected_columns, dtype)
+
+    device_grad_columns = xp.asarray(grad_columns)
+    grad_offset = xp.full(case.offset.shape, np.nan, dtype=dtype)
+    grad_mask = None if mask is None else xp.full(case.mask.shape, np.nan, dtype=dtype)
+    kernels.col2im_coord(input, offset, mask, device_grad_columns, grad_offset, grad_mask, geometry)
+    assert_close("grad offset", to_numpy(grad_offset), expected["offset"], dtype)
+    if mask is not None:
+        assert_close("grad mask", to_numpy(grad_mask), expected["mask"], dtype)
+
+    grad_input = xp.zeros(case.input.shape, dtype=acc)
+    kernels.col2im(offset, mask, device_grad_columns, grad_input, geometry)
+    assert_close("grad input", to_numpy(grad_input), expected["input"], dtype)
+    np.testing.assert_array_equal(to_numpy(device_grad_columns), grad_columns, err_msg="grad_columns was modified")
+    assert_unchanged(device_case, case)

@@ -1,0 +1,44 @@
+"""The Numba CUDA kernels under Numba's CUDA simulator, in a process of their own.
+
+``NUMBA_ENABLE_CUDASIM`` must be set before Numba is first imported, and it changes what
+``numba.cuda`` is for the whole process, so ``tests/numba_cuda_simulator_checks.py`` runs in a
+child pytest; its output is printed here (pytest shows it when the test fails).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKS = "tests/numba_cuda_simulator_checks.py"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "pydeform bugs (reported to the lead): (1) the CUDA kernels and the atomic-add device function "
+        "bind `cuda` as a closure variable (imported inside _cuda_kernels() / cuda_target()), which the "
+        "simulator cannot swap for its fake module: AttributeError: module 'numba.cuda' has no attribute "
+        "'grid'; (2) without a mask, NumbaCudaDeformConv2dKernels.col2im_coord passes grad_offset again as "
+        "the grad_mask stand-in, and with host (NumPy) arrays each argument is copied back after the "
+        "launch, so the untouched second copy overwrites the offset gradient"
+    ),
+)
+def test_numba_cuda_kernels_under_the_simulator():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", CHECKS, "-q", "-p", "no:cacheprovider", "--no-header"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    print(result.stdout)
+    print(result.stderr, file=sys.stderr)
+    assert result.returncode == 0, f"the simulator checks failed (exit status {result.returncode}), output above"
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in .*", summary), f"not every check ran and passed: {summary}"
