@@ -1,0 +1,143 @@
+"""Type-check and compile the Numba CUDA kernels of deform_conv2d to PTX, without a GPU.
+
+The argument types are not written by hand: the kernel set ``NumbaCudaDeformConv2dKernels``
+is driven on small NumPy arrays of every GPU dtype with its launcher replaced by a recorder,
+and ``numba.typeof`` of the recorded arguments is the signature given to
+``numba.cuda.compile_ptx`` (libNVVM from the nvidia-cuda-nvcc wheel), for sm_70, sm_80, sm_90.
+
+numba-cuda compiles a kernel's *device* functions for the current device's compute
+capability (``CUDADispatcher.compile_device`` asks ``get_current_device()``), which needs a
+driver. So each compute capability is compiled in a child process (this file run as a script)
+in which that lookup answers with the target compute capability; the child prints what it
+compiled as JSON and the tests here judge it. Nothing of this touches the test process's Numba.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPUTE_CAPABILITIES = [(7, 0), (8, 0), (9, 0)]
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+KERNELS = ("im2col", "col2im_coord", "col2im")
+# Kernel arithmetic dtype by storage dtype: half types are converted to float32 before a launch.
+ARITHMETIC = {"float32": "float32", "float64": "float64", "float16": "float32", "bfloat16": "float32"}
+
+
+def record_launches(dtype_name: str) -> list:
+    """(kernel name, kernel, arguments) of every launch the kernel set makes for one forward
+    and one backward step (with and without mask) on arrays of ``dtype_name``."""
+    import ml_dtypes
+    import numpy as np
+
+    from pydeform.backends.numba_kernels import deform_conv as kernels_module
+    from pydeform.deform_conv import _prepare
+    from tests.strategies import build_case
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    launches = []
+    names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(), KERNELS)}
+
+    def recorder(kernel, n_items, xp, *args):
+        launches.append((names[id(kernel)], kernel, args))
+
+    kernels_module.launch_cuda = recorder
+    kernels = kernels_module.NumbaCudaDeformConv2dKernels(xp=np)
+    for with_mask in (True, False):
+        case = build_case(
+            np.random.default_rng(0), n=1, channels=2, out_channels=2, size=(4, 4), kernel=(2, 2),
+            with_mask=with_mask, dtype=np.float32,
+        )
+        _, _, geometry = _prepare(
+            case.input, case.offset, case.weight, None, 1, 0, 1, case.mask, None
+        )
+        input, offset = case.input.astype(dtype), case.offset.astype(dtype)
+        mask = None if case.mask is None else case.mask.astype(dtype)
+        rows, pixels = 2 * 2 * 2, geometry.out_h * geometry.out_w  # C * kh * kw, Ho * Wo
+        columns = np.zeros((1, rows, pixels), acc)
+        kernels.im2col(input, offset, mask, columns, geometry)
+        grad_mask = None if mask is None else np.zeros_like(mask)
+        kernels.col2im_coord(input, offset, mask, columns, np.zeros_like(offset), grad_mask, geometry)
+        kernels.col2im(offset, mask, columns, np.zeros(input.shape, acc), geometry)
+    return launches
+
+
+def compile_all(cc: tuple) -> dict:
+    """Child process: compile every recorded launch for ``cc``; returns
+    ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
+    import types as pytypes
+
+    import numba
+    import numba.cuda.dispatcher
+
+    numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
+    from pydeform.backends.numba_cuda import cuda
+
+    def compile_kernel(kernel, signature):
+        try:
+            ptx, return_type = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
+        except Exception:
+            return {"signature": str(signature), "error": traceback.format_exc()}
+        return {
+            "signature": str(signature),
+            "return": str(return_type),
+            "target": re.findall(r"^\.target\s+(\S+)", ptx, re.M),
+            "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
+        }
+
+    results, compiled = {}, {}
+    for dtype_name in DTYPES:
+        per_kernel = results.setdefault(dtype_name, {})
+        for name, kernel, args in record_launches(dtype_name):
+            signature = tuple(numba.typeof(arg) for arg in args)
+            if (name, signature) not in compiled:
+                compiled[name, signature] = compile_kernel(kernel, signature)
+            entry = compiled[name, signature]
+            previous = per_kernel.setdefault(name, entry)
+            assert previous == entry, f"{dtype_name} {name}: two launches with different signatures"
+    return results
+
+
+@pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def compiled(request):
+    cc = request.param
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    result = subprocess.run(
+        [sys.executable, __file__, f"{cc[0]}.{cc[1]}"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"PTX child for sm_{cc[0]}{cc[1]} failed:\n{result.stdout}\n{result.stderr}"
+    return cc, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_compiles_to_ptx(compiled, dtype, kernel):
+    cc, results = compiled
+    entry = results[dtype][kernel]
+    assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
+    assert entry["return"] == "none"
+    assert entry["target"] == [f"sm_{cc[0]}{cc[1]}"]
+    arithmetic = ARITHMETIC[dtype]
+    # Every array argument has the arithmetic dtype and is 1-d C-contiguous (flat views).
+    arrays = re.findall(r"Array\((\w+), (\d+), '(\w)'", entry["signature"])
+    assert arrays and set(arrays) == {(arithmetic, "1", "C")}, entry["signature"]
+    assert "UniTuple(int64, 16)" in entry["signature"] and "bool" in entry["signature"], entry["signature"]
+    # The input gradient is scattered with native atomic adds of the arithmetic type.
+    expected_atomics = [f"atom.global.add.f{arithmetic[-2:]}"] if kernel == "col2im" else []
+    assert entry["atomics"] == expected_atomics
+
+
+if __name__ == "__main__":
+    major, minor = sys.argv[1].split(".")
+    print(json.dumps(compile_all((int(major), int(minor)))))
