@@ -1,5 +1,21 @@
 """Pure-NumPy float64 oracle for pydeform's kernels (SPEC.md); imports nothing from pydeform."""
 
 from .deform_conv import deform_conv2d, deform_conv2d_backward
+from .deform_psroi_pool import deform_psroi_pool, deform_psroi_pool_backward
+from .roi_align import (
+    deform_roi_pool,
+    deform_roi_pool_backward,
+    ps_roi_align,
+    ps_roi_align_backward,
+    roi_align,
+    roi_align_backward,
+)
+from .roi_pool import ps_roi_pool, ps_roi_pool_backward, roi_pool, roi_pool_backward
 
 __all__ = ["deform_conv2d", "deform_conv2d_backward"]
+__all__ += [
+    "roi_align", "roi_align_backward", "roi_pool", "roi_pool_backward",
+    "ps_roi_align", "ps_roi_align_backward", "ps_roi_pool", "ps_roi_pool_backward",
+    "deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool",
+    "deform_psroi_pool_backward",
+]
