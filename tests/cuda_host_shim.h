@@ -28,5 +28,10 @@ inline A atomicAdd(A* address, const A value) {
 
 #define __ldg(address) (*(address))
 
-// CUDA's device math overloads floor(float) etc. in the global namespace.
+// CUDA's device math overloads floor(float), max(long long, long long) etc. in the global
+// namespace; round is half away from zero in both.
+using std::ceil;
 using std::floor;
+using std::max;
+using std::min;
+using std::round;

@@ -20,6 +20,8 @@ import numpy as np
 from pydeform.backends.cupy_kernels._compile import kernel_source, template_argument
 from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KERNELS
 from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
+from pydeform.backends.cupy_kernels.roi import KERNELS as ROI_KERNELS
+from pydeform.backends.cupy_kernels.roi import CupyRoIKernels
 
 TESTS_DIR = Path(__file__).resolve().parent
 BUILD_DIR = TESTS_DIR / "_build"
@@ -88,12 +90,17 @@ def manifest_library(manifest):
     return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates)
 
 
+# Marshalled scalar type -> the C parameter type it stands for; anything else is a pointer.
+_SCALAR_CTYPES = {
+    np.int64: ctypes.c_longlong,
+    np.int32: ctypes.c_int,
+    np.float64: ctypes.c_double,
+    np.float32: ctypes.c_float,
+}
+
+
 def _ctype(arg):
-    if isinstance(arg, np.int64):
-        return ctypes.c_longlong
-    if isinstance(arg, np.int32):
-        return ctypes.c_int
-    return ctypes.c_void_p
+    return _SCALAR_CTYPES.get(type(arg), ctypes.c_void_p)
 
 
 def _cvalue(arg):
@@ -103,7 +110,7 @@ def _cvalue(arg):
         if not arg.flags.c_contiguous:
             raise ValueError(f"kernel arrays must be C-contiguous; received strides {arg.strides}")
         return arg.ctypes.data
-    return int(arg)
+    return arg.item()
 
 
 def run_kernel(library, template, storage_dtype, args):
@@ -114,11 +121,21 @@ def run_kernel(library, template, storage_dtype, args):
     function(*(_cvalue(a) for a in args))
 
 
-class HostShimDeformConv2dKernels(CupyDeformConv2dKernels):
-    """The deform_conv2d kernel set on NumPy float32 / float64 arrays, through the host shim."""
+class HostShimLaunch:
+    """Mixin for a CuPy kernel set: its launches run on the host shim, on NumPy float32 /
+    float64 arrays, from the ``.cu`` file of ``manifest``."""
 
     xp = np
+    manifest = None
 
     def _launch(self, storage_dtype, template, n_items, args):
         if n_items:
-            run_kernel(manifest_library(DEFORM_CONV_KERNELS), template, storage_dtype, args)
+            run_kernel(manifest_library(self.manifest), template, storage_dtype, args)
+
+
+class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
+    manifest = DEFORM_CONV_KERNELS
+
+
+class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
+    manifest = ROI_KERNELS

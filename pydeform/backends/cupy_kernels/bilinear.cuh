@@ -141,6 +141,14 @@ __device__ __forceinline__ A corner_dot(const A weights[4], const A values[4]) {
            weights[3] * values[3];
 }
 
+// The sampled value of one plane at a set-up position.
+template <typename A, typename T>
+__device__ __forceinline__ A sample_corners(const BilinearCorners<A>& corners, const T* plane) {
+    A values[4];
+    load_corners(corners, plane, values);
+    return corner_dot(corners.weight, values);
+}
+
 // Adds weight * gradient to each contributing corner of an accumulation-type plane.
 template <typename A>
 __device__ __forceinline__ void scatter_corners(const BilinearCorners<A>& corners, A* plane,
