@@ -53,3 +53,66 @@ def deform_conv_session(weight_shape, stride, padding, dilation, groups, offset_
         return session.run(None, feeds)[0]
 
     return run
+
+
+def _single_node_session(node, inputs, output, opset):
+    """An InferenceSession on ORT's CPU provider for a model of one node."""
+    graph = helper.make_graph([node], node.op_type, inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    onnx.checker.check_model(model)
+    return onnxruntime.InferenceSession(model.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+
+
+def roi_align_session(output_size, spatial_scale, sampling_ratio, aligned, mode, dtype):
+    """An ONNX ``RoiAlign`` (opset 16) on ORT's CPU provider.
+
+    output_size: int or (PH, PW); aligned: True is coordinate_transformation_mode
+    ``half_pixel``, False ``output_half_pixel``; mode: "avg" or "max"; sampling_ratio: 0 is
+    adaptive. Returns ``run(x, rois) -> ndarray [K, C, PH, PW]`` with x [N, C, H, W] and rois
+    [K, 5] rows (batch_index, x1, y1, x2, y2).
+    """
+    element_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    pooled_h, pooled_w = map(int, _pair(output_size))
+    node = helper.make_node(
+        "RoiAlign", ["X", "rois", "batch_indices"], ["Y"], mode=mode,
+        output_height=pooled_h, output_width=pooled_w, sampling_ratio=sampling_ratio,
+        spatial_scale=float(spatial_scale),
+        coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel")
+    inputs = [helper.make_tensor_value_info("X", element_type, ["N", "C", "H", "W"]),
+              helper.make_tensor_value_info("rois", element_type, ["K", 4]),
+              helper.make_tensor_value_info("batch_indices", onnx.TensorProto.INT64, ["K"])]
+    output = helper.make_tensor_value_info("Y", element_type, ["K", "C", pooled_h, pooled_w])
+    session = _single_node_session(node, inputs, output, 16)
+
+    def run(x, rois):
+        rois = np.asarray(rois)
+        return session.run(None, {"X": np.ascontiguousarray(x, dtype=dtype),
+                                  "rois": np.ascontiguousarray(rois[:, 1:], dtype=dtype),
+                                  "batch_indices": rois[:, 0].astype(np.int64)})[0]
+
+    return run
+
+
+def max_roi_pool_session(output_size, spatial_scale, dtype=np.float32):
+    """An ONNX ``MaxRoiPool`` (the opset 1 operator) on ORT's CPU provider, which runs it in
+    float32 only. The model is stamped opset 16: MaxRoiPool is unchanged from 1 to 21, and ORT
+    guarantees only models of opset 7 and later.
+
+    output_size: int or (PH, PW), the ``pooled_shape``. Returns ``run(x, rois) -> ndarray
+    [K, C, PH, PW]`` with x [N, C, H, W] and rois [K, 5] rows (batch_index, x1, y1, x2, y2).
+    """
+    element_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    pooled_h, pooled_w = map(int, _pair(output_size))
+    node = helper.make_node("MaxRoiPool", ["X", "rois"], ["Y"], pooled_shape=[pooled_h, pooled_w],
+                            spatial_scale=float(spatial_scale))
+    inputs = [helper.make_tensor_value_info("X", element_type, ["N", "C", "H", "W"]),
+              helper.make_tensor_value_info("rois", element_type, ["K", 5])]
+    output = helper.make_tensor_value_info("Y", element_type, ["K", "C", pooled_h, pooled_w])
+    session = _single_node_session(node, inputs, output, 16)
+
+    def run(x, rois):
+        return session.run(None, {"X": np.ascontiguousarray(x, dtype=dtype),
+                                  "rois": np.ascontiguousarray(rois, dtype=dtype)})[0]
+
+    return run
