@@ -11,7 +11,7 @@ each roi's samples, [PH, PW, gh, gw] of them, are handled at once.
 Choices where SPEC leaves something open:
 - Derivatives are those of the forward as implemented: rule B is constant along an axis where
   its clamp is active (position <= 0 or >= size - 1), so the position derivative is 0 there,
-  the one-sided value at the kink itself included; outside [-1, H] x [-1, W] everything is 0.
+  at the kink itself too; outside [-1, H] x [-1, W] everything is 0.
 - Adaptive sampling (``sampling_ratio <= 0``) of a roi whose size is 0 or negative (possible
   when aligned, in ps_roi_align and deform_roi_pool) draws no samples: the output is 0, never
   NaN (the divisor is max(gh*gw, 1)). A positive ``sampling_ratio`` samples such a roi at the
@@ -52,8 +52,8 @@ def _grid(box, spatial_scale, output_size, sampling_ratio, aligned, shift_y=0.0,
     """The sample grid of a roi.
 
     box: float64 [4] (x1, y1, x2, y2); aligned: shift by half a pixel and do not force the roi
-    to at least 1x1; shift_y, shift_x: scalar or [PH, PW] functions (fraction of the roi size,
-    so deform_roi_pool's ``gamma * offset``) moving each bin's start by ``shift * roi size``.
+    to at least 1x1; shift_y, shift_x: scalar or [PH, PW], each bin's start moves by
+    ``shift * roi size`` (deform_roi_pool's ``gamma * offset``).
     """
     pooled_h, pooled_w = output_size
     half = 0.5 if aligned else 0.0
@@ -69,6 +69,7 @@ def _grid(box, spatial_scale, output_size, sampling_ratio, aligned, shift_y=0.0,
     start_y = (y1 + roi_h * np.asarray(shift_y)) + np.arange(pooled_h)[:, None] * bin_h
     start_x = (x1 + roi_w * np.asarray(shift_x)) + np.arange(pooled_w)[None, :] * bin_w
     shape = (pooled_h, pooled_w, grid_h, grid_w)
+    # With grid_h or grid_w 0 the positions are empty; max(., 1) only avoids dividing by 0.
     y = start_y[:, :, None, None] + ((np.arange(grid_h) + 0.5) * bin_h / max(grid_h, 1))[:, None]
     x = start_x[:, :, None, None] + (np.arange(grid_w) + 0.5) * bin_w / max(grid_w, 1)
     return _Grid(np.broadcast_to(y, shape), np.broadcast_to(x, shape),
