@@ -171,17 +171,17 @@ def _option(draw, values: tuple):
 
 
 @st.composite
-def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
+def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3, min_batch=0):
     """A valid deform_conv2d problem of ``dtype`` (a NumPy or ml_dtypes dtype).
 
-    Batch 0..max_batch, weight groups G and offset groups Goff in 1..3 with the channel count a
+    Batch min_batch..max_batch, weight groups G and offset groups Goff in 1..3 with the channel count a
     multiple of both, C_out a multiple of G, kernels 1..3 per axis (1x1 and non-square
     included), per-axis stride 1..3, padding 0..2, dilation 1..2, output 1..4 per axis; mask and
     bias present or not. Offsets send samples inside, across the border and far outside the
     image. ``with_grad`` adds ``grad_output`` and keeps every sample position an integer plus a
     fraction in [0.05, 0.95], away from the kinks of bilinear sampling.
     """
-    n = draw(st.integers(0, max_batch))
+    n = draw(st.integers(min_batch, max_batch))
     groups = draw(st.integers(1, 3))
     offset_groups = draw(st.integers(1, 3))
     channels = math.lcm(groups, offset_groups) * draw(st.integers(1, 2))
@@ -196,10 +196,15 @@ def deform_conv_cases(draw, dtype=np.float64, with_grad=False, max_batch=3):
     )
 
 
+def to_numpy(array) -> np.ndarray:
+    """A host copy of a CuPy array; a NumPy array as it is."""
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
 def assert_close(name: str, got, expected, dtype) -> None:
-    """``got`` (any array convertible with ``np.asarray``, in ``dtype``) against the float64
-    ``expected``: same shape, all finite, max error <= tolerance * max(1, max |expected|)."""
-    got = np.asarray(got).astype(np.float64)
+    """``got`` (a NumPy or CuPy array of ``dtype``) against the float64 NumPy ``expected``:
+    same shape, all finite, max error <= tolerance * max(1, max |expected|)."""
+    got = to_numpy(got).astype(np.float64)
     assert got.shape == expected.shape, f"{name}: shape {got.shape}, expected {expected.shape}"
     assert np.all(np.isfinite(got)), f"{name}: {np.count_nonzero(~np.isfinite(got))} non-finite elements"
     if got.size == 0:
