@@ -97,13 +97,14 @@ def test_empty_batch(with_mask):
 
 
 def record_batch_sizes(monkeypatch) -> list:
-    """Wrap every kernel method of the CPU kernel set to log (kernel name, batch size)."""
+    """Wrap every kernel method of the CPU kernel set to log (kernel name, batch size); each
+    one's first argument (input or offset) is batch-major."""
     calls = []
-    for name, batch_argument in (("im2col", 0), ("col2im_coord", 0), ("col2im", 0)):
+    for name in ("im2col", "col2im_coord", "col2im"):
         original = getattr(NumbaCpuDeformConv2dKernels, name)
 
-        def spy(self, *args, _original=original, _name=name, _index=batch_argument):
-            calls.append((_name, args[_index].shape[0]))
+        def spy(self, *args, _original=original, _name=name):
+            calls.append((_name, args[0].shape[0]))
             return _original(self, *args)
 
         monkeypatch.setattr(NumbaCpuDeformConv2dKernels, name, spy)
