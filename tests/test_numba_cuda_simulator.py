@@ -20,17 +20,6 @@ CHECKS = "tests/numba_cuda_simulator_checks.py"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "pydeform bugs (reported to the lead): (1) the CUDA kernels and the atomic-add device function "
-        "bind `cuda` as a closure variable (imported inside _cuda_kernels() / cuda_target()), which the "
-        "simulator cannot swap for its fake module: AttributeError: module 'numba.cuda' has no attribute "
-        "'grid'; (2) without a mask, NumbaCudaDeformConv2dKernels.col2im_coord passes grad_offset again as "
-        "the grad_mask stand-in, and with host (NumPy) arrays each argument is copied back after the "
-        "launch, so the untouched second copy overwrites the offset gradient"
-    ),
-)
 def test_numba_cuda_kernels_under_the_simulator():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     result = subprocess.run(

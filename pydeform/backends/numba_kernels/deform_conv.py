@@ -24,7 +24,10 @@ import functools
 
 import numpy as np
 
-from .targets import cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+
+# numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
+cuda = None
 
 
 def _sample_functions(t):
@@ -204,7 +207,8 @@ def _cpu_kernels():
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernels():
-    from ..numba_cuda import cuda
+    global cuda
+    cuda = bind_cuda()
 
     _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target())
 
@@ -236,9 +240,13 @@ def _flat(array):
     return array.reshape(-1)
 
 
-def _flat_mask(mask, stand_in):
-    """Kernels always take a mask array: without one, a stand-in and has_mask=False."""
-    return (_flat(stand_in), False) if mask is None else (_flat(mask), True)
+def _flat_mask(mask, like, xp):
+    """Kernels always take a mask array: without one, a one-element stand-in of ``like``'s dtype
+    and has_mask=False. The stand-in is never an argument array: for host arrays the CUDA
+    simulator copies every argument back after a launch."""
+    if mask is None:
+        return xp.zeros(1, dtype=like.dtype), False
+    return _flat(mask), True
 
 
 class NumbaCpuDeformConv2dKernels:
@@ -251,7 +259,7 @@ class NumbaCpuDeformConv2dKernels:
         corner = np.empty(n, np.int64)
         inside = np.empty(n, np.uint8)
         weights = np.empty((4, n), dtype)
-        mask, has_mask = _flat_mask(mask, offset)
+        mask, has_mask = _flat_mask(mask, offset, np)
         _cpu_kernels()[0](_flat(offset), mask, has_mask, tuple(geometry), n, corner, inside, weights)
         return corner, inside, weights
 
@@ -266,8 +274,8 @@ class NumbaCpuDeformConv2dKernels:
         _cpu_kernels()[2](_flat(grad_columns), _flat(grad_input), tuple(geometry), tasks, *plans)
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
-        mask, has_mask = _flat_mask(mask, offset)
-        grad_mask = _flat(grad_offset if grad_mask is None else grad_mask)
+        mask, has_mask = _flat_mask(mask, offset, np)
+        grad_mask = _flat_mask(grad_mask, grad_offset, np)[0]
         _cpu_kernels()[3](
             _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_offset), grad_mask,
             tuple(geometry), sample_count(input.shape[0], geometry),
@@ -296,7 +304,7 @@ class NumbaCudaDeformConv2dKernels:
 
     def im2col(self, input, offset, mask, columns, geometry):
         input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
-        mask, has_mask = _flat_mask(mask, offset)
+        mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             0, sample_count(input.shape[0], geometry),
             _flat(input), _flat(offset), mask, has_mask, _flat(columns), tuple(geometry),
@@ -304,12 +312,12 @@ class NumbaCudaDeformConv2dKernels:
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
-        mask, has_mask = _flat_mask(mask, offset)
+        mask, has_mask = _flat_mask(mask, offset, self.xp)
         out_offset, out_mask = self._as_float(grad_offset), self._as_float(grad_mask)
         self._launch(
             1, sample_count(input.shape[0], geometry),
             _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(out_offset),
-            _flat(out_offset if out_mask is None else out_mask), tuple(geometry),
+            _flat_mask(out_mask, out_offset, self.xp)[0], tuple(geometry),
         )
         # Half-type outputs were computed into float32 copies: write them back.
         if out_offset is not grad_offset:
@@ -319,7 +327,7 @@ class NumbaCudaDeformConv2dKernels:
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = self._as_float(offset), self._as_float(mask)
-        mask, has_mask = _flat_mask(mask, offset)
+        mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             2, sample_count(offset.shape[0], geometry),
             _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_input), tuple(geometry),
