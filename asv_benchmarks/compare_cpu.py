@@ -36,6 +36,8 @@ def main():
     args = parser.parse_args()
     print(f"date: {datetime.date.today()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}")
+    # Other work on the machine slows both sides; the load says how busy it was.
+    print("load average (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
     versions = [f"{name} {metadata.version(name)}" for name in ("numpy", "numba", "onnxruntime")]
     print(f"versions: pydeform {pydeform.__version__}, {', '.join(versions)}, Python {platform.python_version()}")
     n, channels, height, width = CPU_SHAPE
