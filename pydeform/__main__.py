@@ -19,8 +19,8 @@ def _cuda_lines() -> list[str]:
     """CUDA driver and runtime versions and the GPUs, as CuPy sees them."""
     try:
         import cupy
-    except ImportError:
-        return ["CUDA: not queried (CuPy not installed)", "GPUs: no GPU"]
+    except Exception as error:  # not installed, or built for another CUDA version
+        return [f"CUDA: not queried (CuPy not importable: {error})", "GPUs: no GPU"]
 
     def version(query) -> str:
         try:

@@ -66,8 +66,10 @@ def _gpu_problem() -> Optional[str]:
     """Why CuPy cannot run kernels here, or None when it can."""
     try:
         import cupy
-    except ImportError:
+    except ModuleNotFoundError:
         return 'CuPy not installed (pip install "pydeform[cuda12]" or "pydeform[cuda13]")'
+    except Exception as error:  # e.g. a CuPy wheel for another CUDA major version
+        return f"CuPy fails to import ({error})"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except cupy.cuda.runtime.CUDARuntimeError as error:
