@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import deform_conv
+from pydeform.backends.cupy_kernels import deform_conv, roi
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
@@ -22,6 +22,7 @@ from pydeform.backends.cupy_kernels._compile import (
     name_expression,
 )
 from pydeform.deform_conv import DeformConv2dGeometry
+from pydeform.roi import DeformPSRoIPoolParams, DeformRoIPoolParams, RoIAlignParams, RoIPoolParams
 from tests import nvrtc
 
 pytestmark = pytest.mark.skipif(
@@ -72,8 +73,9 @@ def test_kernels_compile(manifest, type_name, arch):
 
 
 def argument_sizes(args):
-    """Bytes each marshalled argument occupies in the kernel's parameter buffer."""
-    return [4 if isinstance(a, np.int32) else 8 for a in args]
+    """Bytes each marshalled argument occupies in the kernel's parameter buffer: a NumPy scalar
+    its own size, an array or None (a null pointer) a pointer's."""
+    return [a.itemsize if isinstance(a, np.generic) else 8 for a in args]
 
 
 def deform_conv2d_launches(with_mask):
@@ -96,6 +98,42 @@ def test_deform_conv2d_arguments_match_kernel_parameters(with_mask, type_name):
     entries = nvrtc.entry_parameter_sizes(result.ptx)
     launches = deform_conv2d_launches(with_mask)
     assert sorted(template for template, _, _ in launches) == sorted(deform_conv.KERNELS.templates)
+    for template, n_items, args in launches:
+        lowered = result.lowered_names[name_expression(template, type_name)]
+        assert argument_sizes(args) == entries[lowered], template
+        assert args[0] == n_items
+
+
+def roi_launches(dtype, optional_present):
+    """Every RoI kernel's marshalled arguments, the optional offset / mask / trans present or not."""
+    a = np.empty((2, 4, 5, 6), dtype=dtype)
+    opt = a if optional_present else None
+    align = RoIAlignParams(4, 5, 6, 2, 2, 1, 0.5, 2, True, False, True)
+    pool = RoIPoolParams(4, 5, 6, 2, 3, 4, 0.25, False)
+    deform = DeformRoIPoolParams(4, 5, 6, 2, 3, 0.5, 0, 0.1, optional_present, optional_present)
+    psroi = DeformPSRoIPoolParams(4, 5, 6, 1, 2, 3, 2, 2, 0.1, 0.5, 1, optional_present)
+    return [
+        roi.roi_align_forward_launch(a, a, a, align),
+        roi.roi_align_backward_launch(a, a, a, a, align),
+        roi.roi_pool_forward_launch(a, a, a, pool),
+        roi.roi_pool_backward_launch(a, a, a, a, pool),
+        roi.deform_roi_pool_forward_launch(a, a, opt, opt, a, deform),
+        roi.deform_roi_pool_backward_launch(a, a, a, opt, opt, a, opt, opt, deform),
+        roi.deform_psroi_pool_forward_launch(a, a, opt, a, psroi),
+        roi.deform_psroi_pool_backward_launch(a, a, a, opt, a, opt, psroi),
+    ]
+
+
+@pytest.mark.parametrize("optional_present", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_roi_arguments_match_kernel_parameters(dtype, optional_present):
+    """As above for roi.cu, whose float parameters are in the accumulation type: 4 bytes for
+    float and __half storage, 8 for double."""
+    type_name = {np.float32: "float", np.float64: "double", np.float16: "__half"}[dtype]
+    _, result = compile_manifest(roi.KERNELS, type_name, 80)
+    entries = nvrtc.entry_parameter_sizes(result.ptx)
+    launches = roi_launches(dtype, optional_present)
+    assert sorted(template for template, _, _ in launches) == sorted(roi.KERNELS.templates)
     for template, n_items, args in launches:
         lowered = result.lowered_names[name_expression(template, type_name)]
         assert argument_sizes(args) == entries[lowered], template
