@@ -332,7 +332,7 @@ def run_both(op, dtype, input, rois, grad_output, **options):
         grads = case.backward(pydeform)
     assert_close("output", output, case.forward(reference), dtype)
     assert_grads_match(grads, case.backward(reference), dtype)
-    return output
+    return output, grads
 
 
 def centred_boxes(points, half_size=0.5):
@@ -350,8 +350,8 @@ def test_roi_align_sampling_edges(mode, dtype):
     inside = [(-1.0, -1.0), (4.0, 3.0), (-1.0, 1.25), (2.5, 3.0)]
     beyond = [(-1.0625, 1.0), (4.0625, 1.0), (1.0, -1.0625), (1.0, 3.0625)]
     rois = centred_boxes(inside + beyond)
-    output = run_both("roi_align", dtype, input, rois, rng.standard_normal((8, 2, 1, 1)), output_size=1,
-                      sampling_ratio=1, mode=mode)
+    output, _ = run_both("roi_align", dtype, input, rois, rng.standard_normal((8, 2, 1, 1)), output_size=1,
+                         sampling_ratio=1, mode=mode)
     np.testing.assert_array_equal(output[:2, :, 0, 0], input[0][:, [0, 3], [0, 2]].T.astype(dtype))
     assert (output[:4] != 0).all() and not output[4:].any()
 
@@ -365,8 +365,8 @@ def test_deform_psroi_pool_skip_edges(dtype):
     # round(x1) = 0 and 3 put x on the edges -0.5 and W - 0.5; -1 and 4 just beyond them.
     corners = [(0.0, 0.0), (4.0, 3.0), (0.4, 2.6), (-1.0, 1.0), (5.0, 1.0), (1.0, -1.0), (1.0, 4.0)]
     rois = np.array([[0, x, y, x + 2, y + 2] for y, x in corners])
-    output = run_both("deform_psroi_pool", dtype, input, rois, rng.standard_normal((7, 2, 1, 1)), pooled_size=1,
-                      sample_per_part=1, spatial_scale=1.0)
+    output, _ = run_both("deform_psroi_pool", dtype, input, rois, rng.standard_normal((7, 2, 1, 1)),
+                         pooled_size=1, sample_per_part=1, spatial_scale=1.0)
     np.testing.assert_array_equal(output[:3, :, 0, 0], input[0][:, [0, 3, 0], [0, 2, 2]].T.astype(dtype))
     assert not output[3:].any()
 
@@ -383,3 +383,37 @@ def test_adaptive_sampling_of_a_large_roi(op, options, dtype):
     rois = np.array([[1, -100.2, -60.3, 149.6, 119.9], [0, -100.2, -60.3, 149.6, 119.9]])
     run_both(op, dtype, input, rois, rng.standard_normal((2, 3, 1, 2)), output_size=(1, 2), sampling_ratio=0,
              **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_ties_go_to_the_first(dtype):
+    """Equal maxima: roi_align's max mode routes the gradient to the first sample in (iy, ix)
+    order, roi_pool to the first pixel in row-major order."""
+    rng = np.random.default_rng(7)
+    input = rng.uniform(0, 1, (1, 1, 4, 4))
+    input[0, 0, [1, 1, 3, 3], [1, 3, 1, 3]] = 2.0  # the 2 x 2 samples of the box below, on pixels
+    box = np.array([[0, 0.0, 0.0, 4.0, 4.0]])
+    grad = np.ones((1, 1, 1, 1))
+    _, align = run_both("roi_align", dtype, input, box, grad, output_size=1, sampling_ratio=2, mode="max")
+    _, pool = run_both("roi_pool", dtype, input, box, grad, output_size=1)
+    assert np.argwhere(align.input[0, 0]).tolist() == [[1, 1]]
+    assert np.argwhere(pool.input[0, 0]).tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op, box, options", [
+    ("roi_align", [1.3, 1.7, 1.3, 1.7], {"aligned": True, "mode": "max"}),
+    ("roi_align", [1.3, 1.7, 0.2, 0.9], {"aligned": True, "mode": "avg"}),
+    ("ps_roi_align", [1.3, 1.7, 1.3, 1.7], {}),
+    ("deform_roi_pool", [2.9, 1.1, 1.0, 0.5], {}),
+    ("roi_pool", [10.0, 1.0, 12.0, 2.0], {}),
+    ("ps_roi_pool", [1.0, -9.0, 3.0, -5.0], {}),
+])
+def test_empty_bins_give_zero_and_no_gradient(op, box, options, dtype):
+    """Bins without samples (adaptive sampling of a box of size <= 0) or pixels (a box off the
+    image): output 0, no gradient."""
+    input = np.random.default_rng(8).standard_normal((1, 4, 4, 4))
+    channels_out = 1 if op.startswith("ps_") else 4
+    output, grads = run_both(op, dtype, input, np.array([[0, *box]]), np.ones((1, channels_out, 2, 2)),
+                             output_size=(2, 2), **options)
+    assert not output.any() and not grads.input.any()
