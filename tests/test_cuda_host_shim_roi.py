@@ -10,7 +10,6 @@ must be fully written, gradients must arrive zero-filled and leave finite, no in
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Optional
 from unittest import mock
 
 import numpy as np
@@ -90,7 +89,7 @@ class RoICase:
     op: str
     input: np.ndarray
     rois: object  # [K, 5] array or a list of per-image [L, 4] arrays
-    arrays: dict  # offset / mask / trans, None when absent
+    arrays: dict  # the offset / mask / trans given (absent ones are left out)
     options: dict
     grad_output: np.ndarray
 
@@ -111,8 +110,8 @@ def feature_box(rng, kind, height, width):
     kinks and edges of bilinear sampling) except where the kind makes them equal."""
     def axis(size):
         if kind == "inside":
-            start = rng.uniform(0, size - 1 + 0.5)
-            return start, rng.uniform(start + 0.1, size - 0.5 + 0.5)
+            start = rng.uniform(0, size - 0.5)
+            return start, rng.uniform(start + 0.1, size)
         if kind == "straddling":
             start = rng.uniform(-3, size)
             return start, start + rng.uniform(0.5, size + 3)
@@ -335,9 +334,9 @@ def run_both(op, dtype, input, rois, grad_output, **options):
     return output, grads
 
 
-def centred_boxes(points, half_size=0.5):
-    """rois [K, 5] on image 0 whose box centres are the (y, x) points."""
-    return np.array([[0, x - half_size, y - half_size, x + half_size, y + half_size] for y, x in points])
+def centred_boxes(points):
+    """rois [K, 5] on image 0: 1 x 1 boxes centred on the (y, x) points."""
+    return np.array([[0, x - 0.5, y - 0.5, x + 0.5, y + 0.5] for y, x in points])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
