@@ -7,11 +7,12 @@ corners inside the image and the four bilinear weights with the mask folded in.
 
 - CUDA: one thread per sample keeps the plan in registers and loops over the group's channels
   (gather for im2col, atomic scatter for the input gradient).
-- CPU: the plans of a chunk are computed in parallel into arrays, then each (image, channel)
-  task walks every sample of its group. Its reads stay in one image plane and its writes in
-  one contiguous block of the column buffer (channel rows are multiples of 4 KiB apart, so
+- CPU: the plans of a chunk are computed in parallel into arrays, then each task, owning a
+  few channels of one (image, offset group), walks every sample of the group, loading each
+  plan once for its channels. Its reads stay in a few image planes and its writes in a few
+  contiguous blocks of the column buffer (channel rows are multiples of 4 KiB apart, so
   touching many channels per sample would thrash the cache sets), and since a task owns its
-  channel the input-gradient scatter needs no atomics.
+  channels the input-gradient scatter needs no atomics.
 
 Kernels take flat (1-d) views of C-contiguous arrays with the layouts of the kernel-set
 interface in :mod:`pydeform.deform_conv`; ``geometry`` is a plain tuple of ints in the field
@@ -24,7 +25,12 @@ import functools
 
 import numpy as np
 
+from .bilinear import ALL_CORNERS
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+
+# Channels per CPU task: the task loads a sample's plan once for all of them. Four measured best
+# on the CPU shape of PERF.md (2, 8 and 16 were slower: more planes in flight per sample).
+CPU_TASK_CHANNELS = 4
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
 cuda = None
@@ -156,25 +162,41 @@ def _cpu_kernels():
 
     @cpu_target().device
     def task_span(task, geometry):
-        """(image*C + channel, first sample of its group): one task per (image, channel)."""
-        channels = geometry[0]
+        """(plane b*C + c0 of the task's first channel, its channel count, first sample of
+        its group): a task owns up to CPU_TASK_CHANNELS channels of one (image, offset group)."""
+        channels, offset_groups = geometry[0], geometry[13]
+        per_group = channels // offset_groups
+        blocks = (per_group + CPU_TASK_CHANNELS - 1) // CPU_TASK_CHANNELS
+        group_row = task // blocks  # b*Goff + g
+        g = group_row % offset_groups
+        c0 = g * per_group + (task % blocks) * CPU_TASK_CHANNELS
+        count = min(CPU_TASK_CHANNELS, (g + 1) * per_group - c0)
         block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
-        group_row = (task // channels) * geometry[13] + (task % channels) // (channels // geometry[13])
-        return task, group_row * block
+        return (group_row // offset_groups) * channels + c0, count, group_row * block
 
     @cpu_kernel
     def apply_im2col(input, columns, geometry, n_tasks, corner, inside, weights):
         block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
         plane_size = geometry[1] * geometry[2]
         for task in prange(n_tasks):
-            bc, first = task_span(task, geometry)
+            first_plane, count, first = task_span(task, geometry)
             for k in range(block):
                 s = first + k
-                value = 0.0
-                if inside[s]:
-                    v00, v01, v10, v11 = corners(input, bc * plane_size, corner[s], inside[s], geometry[2])
-                    value = combine(v00, v01, v10, v11, weights[0, s], weights[1, s], weights[2, s], weights[3, s])
-                columns[bc * block + k] = value
+                w00, w01, w10, w11 = weights[0, s], weights[1, s], weights[2, s], weights[3, s]
+                at, sample_inside = corner[s], inside[s]
+                # The test is hoisted out of the channel loop; with the constant ALL_CORNERS the
+                # inlined corner load needs no per-corner branches for interior samples.
+                if sample_inside == ALL_CORNERS:
+                    for bc in range(first_plane, first_plane + count):
+                        v00, v01, v10, v11 = corners(input, bc * plane_size, at, ALL_CORNERS, geometry[2])
+                        columns[bc * block + k] = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+                elif sample_inside:
+                    for bc in range(first_plane, first_plane + count):
+                        v00, v01, v10, v11 = corners(input, bc * plane_size, at, sample_inside, geometry[2])
+                        columns[bc * block + k] = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+                else:
+                    for bc in range(first_plane, first_plane + count):
+                        columns[bc * block + k] = 0.0
 
     @cpu_kernel
     def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
@@ -182,20 +204,21 @@ def _cpu_kernels():
         plane_size = geometry[1] * geometry[2]
         width = geometry[2]
         for task in prange(n_tasks):
-            bc, first = task_span(task, geometry)
+            first_plane, count, first = task_span(task, geometry)
             for k in range(block):
                 s = first + k
                 if inside[s]:
-                    grad = grad_columns[bc * block + k]
-                    at = bc * plane_size + corner[s]
-                    if inside[s] & 1:
-                        atomic_add(grad_input, at, weights[0, s] * grad)
-                    if inside[s] & 2:
-                        atomic_add(grad_input, at + 1, weights[1, s] * grad)
-                    if inside[s] & 4:
-                        atomic_add(grad_input, at + width, weights[2, s] * grad)
-                    if inside[s] & 8:
-                        atomic_add(grad_input, at + width + 1, weights[3, s] * grad)
+                    for bc in range(first_plane, first_plane + count):
+                        grad = grad_columns[bc * block + k]
+                        at = bc * plane_size + corner[s]
+                        if inside[s] & 1:
+                            atomic_add(grad_input, at, weights[0, s] * grad)
+                        if inside[s] & 2:
+                            atomic_add(grad_input, at + 1, weights[1, s] * grad)
+                        if inside[s] & 4:
+                            atomic_add(grad_input, at + width, weights[2, s] * grad)
+                        if inside[s] & 8:
+                            atomic_add(grad_input, at + width + 1, weights[3, s] * grad)
 
     @cpu_kernel
     def col2im_coord(input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry, n_items):
@@ -236,6 +259,11 @@ def sample_count(batch: int, geometry) -> int:
     return batch * g.offset_groups * g.kernel_h * g.kernel_w * g.out_h * g.out_w
 
 
+def _cpu_task_count(batch: int, geometry) -> int:
+    per_group = geometry.in_channels // geometry.offset_groups
+    return batch * geometry.offset_groups * -(-per_group // CPU_TASK_CHANNELS)
+
+
 def _flat(array):
     return array.reshape(-1)
 
@@ -265,12 +293,12 @@ class NumbaCpuDeformConv2dKernels:
 
     def im2col(self, input, offset, mask, columns, geometry):
         plans = self._plans(offset, mask, geometry, columns.dtype)
-        tasks = input.shape[0] * geometry.in_channels
+        tasks = _cpu_task_count(input.shape[0], geometry)
         _cpu_kernels()[1](_flat(input), _flat(columns), tuple(geometry), tasks, *plans)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         plans = self._plans(offset, mask, geometry, grad_columns.dtype)
-        tasks = offset.shape[0] * geometry.in_channels
+        tasks = _cpu_task_count(offset.shape[0], geometry)
         _cpu_kernels()[2](_flat(grad_columns), _flat(grad_input), tuple(geometry), tasks, *plans)
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
