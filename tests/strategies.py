@@ -224,3 +224,200 @@ def assert_grads_close(grads, expected: dict, dtype) -> None:
             assert got is None, f"{name}: expected None (argument absent), got an array"
         else:
             assert_close(f"grad {name}", got, expected[name], dtype)
+
+
+# RoI ops (SPEC section 3). ``pydeform`` and ``reference`` name their RoI functions alike and
+# take the same arguments (``backend`` aside), so a case runs on either module.
+
+ROI_OPS = ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")
+
+#: Where a box lies, in feature-map pixels (see :func:`_roi_box`).
+ROI_KINDS = ("inside", "straddling", "outside", "zero-size", "tiny", "inverted", "huge")
+
+
+@dataclass(frozen=True)
+class RoICase:
+    """One RoI problem: the op, its arguments as a caller passes them and, for gradient cases,
+    ``grad_output``.
+
+    ``rois`` is a ``[K, 5]`` array or a list of per-image ``[L, 4]`` arrays; ``options`` holds
+    every other keyword argument of the op, offset / mask / trans arrays (or None) included.
+    """
+
+    op: str
+    input: np.ndarray
+    rois: object
+    options: dict
+    grad_output: Optional[np.ndarray]
+
+    @property
+    def rois_as_rows(self) -> np.ndarray:
+        """The boxes as ``[K, 5]`` rows whatever form ``rois`` has."""
+        if not isinstance(self.rois, list):
+            return self.rois
+        rows = [np.column_stack([np.full(len(boxes), i, boxes.dtype), boxes]) for i, boxes in enumerate(self.rois)]
+        return np.concatenate(rows) if rows else np.zeros((0, 5), self.input.dtype)
+
+    def arrays(self) -> dict:
+        """Every array argument by name (``rois[i]`` for the parts of a list), ``grad_output``
+        included when present."""
+        found = {"input": self.input, "grad_output": self.grad_output}
+        found.update((k, v) for k, v in self.options.items() if isinstance(v, np.ndarray) or hasattr(v, "get"))
+        if isinstance(self.rois, list):
+            found.update((f"rois[{i}]", boxes) for i, boxes in enumerate(self.rois))
+        else:
+            found["rois"] = self.rois
+        return {k: v for k, v in found.items() if v is not None}
+
+    def arguments(self) -> dict:
+        return {"input": self.input, "rois": self.rois, **self.options}
+
+    def forward(self, module, **kwargs):
+        """``module.<op>(...)``: ``module`` is ``pydeform`` or ``reference``."""
+        return getattr(module, self.op)(**self.arguments(), **kwargs)
+
+    def backward(self, module, **kwargs) -> dict:
+        """``module.<op>_backward(grad_output, ...)`` as a dict of gradients by argument name."""
+        grads = getattr(module, self.op + "_backward")(self.grad_output, **self.arguments(), **kwargs)
+        return grads if isinstance(grads, dict) else grads._asdict()
+
+    def map_arrays(self, convert: Callable) -> "RoICase":
+        """The same case with every array replaced by ``convert(array)``."""
+
+        def apply(value):
+            return convert(value) if isinstance(value, np.ndarray) else value
+
+        rois = [convert(b) for b in self.rois] if isinstance(self.rois, list) else convert(self.rois)
+        return dataclasses.replace(
+            self, input=convert(self.input), rois=rois, options={k: apply(v) for k, v in self.options.items()},
+            grad_output=apply(self.grad_output),
+        )
+
+
+def _roi_box(rng, kind: str, height: int, width: int) -> np.ndarray:
+    """``(x1, y1, x2, y2)`` in feature-map pixels of a box of ``kind`` (one of ROI_KINDS):
+    inside the image, straddling its border, wholly outside it on one side, of zero width
+    and / or height, smaller than 0.2 pixel, with x2 < x1 or y2 < y1, or several times the
+    image."""
+    size = np.array([width, height], dtype=np.float64)
+    if kind == "inside":
+        start = rng.uniform(0, size - 1)
+        end = start + rng.uniform(0.3, size - start)
+    elif kind == "straddling":
+        start = rng.uniform(-3.0, size / 2)
+        end = rng.uniform(size / 2, size + 3.0)
+    elif kind == "outside":
+        start = rng.uniform(size + 1.0, size + 5.0)
+        end = start + rng.uniform(0.0, 3.0, 2)
+        if rng.random() < 0.5:  # the other side: mirrored to the left / top
+            start, end = -end, -start
+    elif kind == "zero-size":
+        start = rng.uniform(-1.5, size + 0.5)
+        extent = rng.uniform(0.0, 2.0, 2) * rng.integers(0, 2, 2)
+        extent[rng.integers(0, 2)] = 0.0
+        end = start + extent
+    elif kind == "tiny":
+        start = rng.uniform(-1.5, size + 0.5)
+        end = start + rng.uniform(0.0, 0.2, 2)
+    elif kind == "inverted":
+        end = rng.uniform(-1.0, size)
+        start = end + rng.uniform(0.1, 3.0, 2)
+    else:  # huge
+        start = rng.uniform(-4.0, -1.0, 2) * size
+        end = rng.uniform(2.0, 4.0, 2) * size
+    return np.concatenate([start, end])
+
+
+def roi_boxes_for(rng, n: int, kinds: list, height: int, width: int, spatial_scale: float, snap: bool):
+    """``[K, 5]`` float64 rows, one box per entry of ``kinds``, batch indices in [0, n), in
+    input-image coordinates (feature pixels / spatial_scale); ``snap`` rounds the coordinates
+    to multiples of 0.5, which puts roi_pool's roundings on ties and samples on pixel edges."""
+    boxes = np.array([_roi_box(rng, kind, height, width) for kind in kinds]).reshape(-1, 4) / spatial_scale
+    if snap:
+        boxes = np.round(boxes * 2.0) / 2.0
+    return np.column_stack([rng.integers(0, n, len(kinds)), boxes]).astype(np.float64)
+
+
+def _options(draw, op: str, num_rois: int, pooled: tuple, rng, dtype):
+    """The op's keyword arguments besides input and rois, and its input channel count."""
+    pooled_h, pooled_w = pooled
+    output_size = pooled_h if pooled_h == pooled_w and draw(st.booleans()) else (pooled_h, pooled_w)
+    scale = draw(st.sampled_from([1.0, 0.5, 0.25, 2.0, 0.3]))
+    sampling_ratio = draw(st.sampled_from([-1, 0, 1, 2, 3]))
+    if op == "roi_align":
+        options = dict(output_size=output_size, spatial_scale=scale, sampling_ratio=sampling_ratio,
+                       aligned=draw(st.booleans()), mode=draw(st.sampled_from(["avg", "max"])))
+        return options, draw(st.integers(1, 3))
+    if op in ("roi_pool", "ps_roi_pool"):
+        channels = draw(st.integers(1, 2)) * (pooled_h * pooled_w if op == "ps_roi_pool" else 1)
+        return dict(output_size=output_size, spatial_scale=scale), channels
+    if op == "ps_roi_align":
+        options = dict(output_size=output_size, spatial_scale=scale, sampling_ratio=sampling_ratio)
+        return options, draw(st.integers(1, 2)) * pooled_h * pooled_w
+    if op == "deform_roi_pool":
+        offset = rng.standard_normal((num_rois, 2, pooled_h, pooled_w)) if draw(st.booleans()) else None
+        mask = rng.uniform(-0.5, 1.5, (num_rois, 1, pooled_h, pooled_w)) if draw(st.booleans()) else None
+        options = dict(offset=offset, output_size=output_size, spatial_scale=scale,
+                       sampling_ratio=sampling_ratio, gamma=draw(st.sampled_from([0.1, 0.4, 1.0])), mask=mask)
+        return {k: (v.astype(dtype) if isinstance(v, np.ndarray) else v) for k, v in options.items()}, draw(
+            st.integers(1, 3))
+    # deform_psroi_pool: output [K, output_dim, P, P], P = pooled_h
+    group_size = draw(st.integers(1, 3))
+    output_dim = draw(st.integers(1, 2))
+    part_size = draw(st.sampled_from([None, 0, 1, 2, 3]))
+    parts = part_size or pooled_h
+    classes = draw(st.sampled_from([1, output_dim]))
+    trans = rng.standard_normal((num_rois, 2 * classes, parts, parts)).astype(dtype) if draw(st.booleans()) else None
+    options = dict(trans=trans, output_dim=output_dim, group_size=group_size, pooled_size=pooled_h,
+                   part_size=part_size, sample_per_part=draw(st.integers(1, 3)),
+                   trans_std=draw(st.sampled_from([0.0, 0.1, 0.5])), spatial_scale=scale)
+    return options, output_dim * group_size * group_size
+
+
+@st.composite
+def roi_cases(draw, op=None, dtype=np.float64, with_grad=False, min_rois=0, max_rois=6, kinds=ROI_KINDS,
+              as_list=None):
+    """A valid problem of one RoI op (drawn from ROI_OPS unless ``op`` is given) in ``dtype``.
+
+    N 1..3, H, W 1..7, output 1..3 per axis (square for deform_psroi_pool), min..max_rois boxes of
+    the given ``kinds`` (see :func:`_roi_box`), sometimes on half-pixel multiples; spatial_scale
+    in {1, 0.5, 0.25, 2, 0.3}; explicit and adaptive sampling; every option of the op drawn;
+    offset / mask / trans present or absent. ``rois`` is a ``[K, 5]`` array or (``as_list``, or
+    drawn when None) a list of per-image ``[L, 4]`` arrays, in the accumulation dtype (float32
+    for float16 / bfloat16 inputs). The reference's backward is the oracle for gradients: its
+    kink conventions are the kernels', so positions need not avoid integers.
+    """
+    dtype = np.dtype(dtype)
+    box_dtype = np.float64 if dtype == np.float64 else np.float32
+    op = draw(st.sampled_from(ROI_OPS)) if op is None else op
+    n = draw(st.integers(1, 3))
+    height, width = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    pooled_h = draw(st.integers(1, 3))
+    pooled = (pooled_h, pooled_h if op == "deform_psroi_pool" else draw(st.integers(1, 3)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    roi_kinds = draw(st.lists(st.sampled_from(kinds), min_size=min_rois, max_size=max_rois))
+    options, channels = _options(draw, op, len(roi_kinds), pooled, rng, dtype)
+    rows = roi_boxes_for(rng, n, roi_kinds, height, width, options["spatial_scale"], draw(st.booleans()))
+    # A list holds the boxes by image: sort the rows so the arrays' K order matches.
+    as_list = draw(st.booleans()) if as_list is None else as_list
+    if as_list:
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+    rows = rows.astype(box_dtype)
+    rois = [rows[rows[:, 0] == i, 1:] for i in range(n)] if as_list else rows
+    input = rng.standard_normal((n, channels, height, width)).astype(dtype)
+    case = RoICase(op, input, rois, options, None)
+    if with_grad:
+        expected = case.forward(reference)
+        case = dataclasses.replace(case, grad_output=rng.standard_normal(expected.shape).astype(dtype))
+    return case
+
+
+def assert_roi_grads_close(grads: dict, expected: dict, dtype) -> None:
+    """Gradients (a dict by argument name, NumPy or CuPy arrays) against the reference's; an
+    argument the reference gives None must be None here too."""
+    assert set(grads) == set(expected), f"gradients {sorted(grads)}, expected {sorted(expected)}"
+    for name, value in expected.items():
+        if value is None:
+            assert grads[name] is None, f"{name}: expected None (argument absent), got an array"
+        else:
+            assert_close(f"grad {name}", grads[name], value, dtype)

@@ -1,0 +1,724 @@
+"""RoI kernels for Numba (roi_align, ps_roi_align, roi_pool, ps_roi_pool, deform_roi_pool,
+deform_psroi_pool): the arithmetic of one output element written once, compiled for the CPU
+and for CUDA. Semantics are SPEC section 3, rule-B bilinear sampling SPEC section 1.
+
+A work item is one output element ``item = ((k*C_out + c)*PH + ph)*PW + pw`` (roi k, output
+channel c, bin (ph, pw)). Each op family has three element functions: ``forward(k, c, ph, pw,
+...)`` returns the element's value, ``input_grad(k, c, ph, pw, grad, ...)`` adds the element's
+share of the input gradient and ``params_grad`` its share of the offset / mask / trans
+gradients, both with ``t.atomic_add``. Max modes find the arg-max with the forward's code and
+route the gradient through it. The sampling loops of a bin are generated from one template per
+sampling scheme (roi_align's regular grid, deform_psroi_pool's skipping and clamping grid).
+
+- CUDA: one thread per output element in the forward and in the backward (``input_grad`` then
+  ``params_grad``, atomic adds into the accumulation-dtype gradients).
+- CPU: the forward likewise, one ``prange`` iteration per element. In the backward, elements of
+  overlapping bins (neighbouring bins, rois that overlap) scatter into the same input pixels, so
+  running elements in parallel would race without atomics. The backward therefore runs in two
+  passes whose tasks own everything they write, and ``t.atomic_add`` is a plain add: pass 1
+  (``input_grad``) has one task per input plane (image n, input channel c_in), which walks the
+  rois of image n and the output elements that read channel c_in (all bins of channel c_in for
+  the plain ops, the one bin of each roi that reads it for the position-sensitive ones); pass 2
+  (``params_grad``, deform ops only) has one task per roi, the only owner of that roi's offset /
+  mask / trans gradients. (Two functions rather than one with flags: each CPU pass then inlines
+  only its half, which keeps Numba's compile time down.)
+
+Kernels take flat views of the C-contiguous arrays of the kernel-set interface
+(:mod:`pydeform.roi`): ``rois`` is ``[K, 5]`` in the accumulation dtype; ``first`` / ``second``
+are offset / mask (deform_roi_pool), trans (deform_psroi_pool) or stand-ins that are never read
+(likewise their gradients); ``shape = (N, C, H, W, C_out, PH, PW)``; ``params`` is the op's
+param record as a plain tuple, in its field order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+
+# numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
+cuda = None
+
+# Rounded roi_pool coordinates are clamped to +-2**40 before the integer conversion, so that an
+# absurd (finite) box cannot overflow int64; any box of that size covers every feature map.
+_COORDINATE_LIMIT = float(2**40)
+# From 2**52 on every float64 is an integer: rounding leaves it alone (and math.floor, which
+# returns an int64 in Numba, never sees it).
+_INTEGRAL_FROM = float(2**52)
+
+
+# Indices into the kernels' ``shape`` tuple.
+_N, _C, _H, _W, _C_OUT, _PH, _PW = range(7)
+
+
+def _sample_functions(t):
+    """Rule-B sampling at one position: value, position derivatives, scatter of a gradient."""
+    setup, corners, weights_of = t.border_clamped_setup, t.border_clamped_corners, t.bilinear_weights
+    combine, gradient_of, atomic_add = t.bilinear_combine, t.bilinear_gradient, t.atomic_add
+
+    @t.device
+    def sample(input, plane, y, x, height, width, with_slopes):
+        """(value, d/dy, d/dx) of rule B at (y, x) of the image whose element (0, 0) is
+        ``input[plane]``; the derivatives are 0 along an axis whose clamp holds, outside, and
+        unless ``with_slopes``."""
+        inside, corner, row_step, col_step, ly, lx, slope_y, slope_x = setup(y, x, height, width)
+        if not inside:
+            return 0.0, 0.0, 0.0
+        v00, v01, v10, v11 = corners(input, plane, corner, row_step, col_step)
+        w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
+        value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+        if not with_slopes:
+            return value, 0.0, 0.0
+        d_dy, d_dx = gradient_of(v00, v01, v10, v11, ly, lx)
+        return value, slope_y * d_dy, slope_x * d_dx
+
+    @t.device
+    def scatter_sample(grad_input, plane, y, x, height, width, grad):
+        """Add the gradient ``grad`` of the sample at (y, x) to its corners (the adjoint of
+        :func:`sample`; coinciding clamped corners each get their weight)."""
+        inside, corner, row_step, col_step, ly, lx, _, _ = setup(y, x, height, width)
+        if inside:
+            w00, w01, w10, w11 = weights_of(ly, lx, grad)
+            at = plane + corner
+            atomic_add(grad_input, at, w00)
+            atomic_add(grad_input, at + col_step, w01)
+            atomic_add(grad_input, at + row_step, w10)
+            atomic_add(grad_input, at + row_step + col_step, w11)
+
+    return sample, scatter_sample
+
+
+def _grid_loops(t, samplers, position):
+    """The loops over one bin's samples for a sampling scheme.
+
+    A bin is ``grid = (top, left, step_h, step_w, grid_h, grid_w)``; ``position(grid, iy, ix,
+    height, width)`` gives ``(counted, y, x)`` of sample (iy, ix): whether it takes part, and
+    where it is read.
+    """
+    sample, scatter_sample = samplers
+
+    @t.device
+    def sums(input, plane, grid, height, width, with_slopes):
+        """(sum of the counted samples, their number, sums of their d/dy and d/dx); the
+        derivative sums are 0 unless ``with_slopes``."""
+        value = 0.0
+        count = 0
+        sum_dy = 0.0
+        sum_dx = 0.0
+        for iy in range(grid[4]):
+            for ix in range(grid[5]):
+                counted, y, x = position(grid, iy, ix, height, width)
+                if counted:
+                    v, d_dy, d_dx = sample(input, plane, y, x, height, width, with_slopes)
+                    value += v
+                    count += 1
+                    sum_dy += d_dy
+                    sum_dx += d_dx
+        return value, count, sum_dy, sum_dx
+
+    @t.device
+    def count_of(grid, height, width):
+        """The number of counted samples (positions only; no read)."""
+        count = 0
+        for iy in range(grid[4]):
+            for ix in range(grid[5]):
+                counted, _, _ = position(grid, iy, ix, height, width)
+                if counted:
+                    count += 1
+        return count
+
+    @t.device
+    def argmax(input, plane, grid, height, width):
+        """(found, largest sample, its y, its x); the first one wins ties, (False, 0, 0, 0)
+        without samples."""
+        found = False
+        best = 0.0
+        best_y = 0.0
+        best_x = 0.0
+        for iy in range(grid[4]):
+            for ix in range(grid[5]):
+                counted, y, x = position(grid, iy, ix, height, width)
+                if counted:
+                    value, _, _ = sample(input, plane, y, x, height, width, False)
+                    if not found or value > best:
+                        found = True
+                        best = value
+                        best_y = y
+                        best_x = x
+        return found, best, best_y, best_x
+
+    @t.device
+    def scatter(grad_input, plane, grid, height, width, grad):
+        """Add ``grad`` per counted sample to that sample's corners."""
+        for iy in range(grid[4]):
+            for ix in range(grid[5]):
+                counted, y, x = position(grid, iy, ix, height, width)
+                if counted:
+                    scatter_sample(grad_input, plane, y, x, height, width, grad)
+
+    return sums, count_of, argmax, scatter
+
+
+def _element_functions(t):
+    """Compile every family's element functions for ``t``; returns a dict keyed by family name
+    of ``(forward, input_grad, params_grad, source_channel)``."""
+    atomic_add = t.atomic_add
+    samplers = _sample_functions(t)
+    scatter_sample = samplers[1]
+
+    @t.device
+    def regular_position(grid, iy, ix, height, width):
+        """roi_align's sample (iy, ix) of a bin: y = top + (iy + 0.5) * bin_h / gh (SPEC's
+        order of operations), always counted."""
+        return True, grid[0] + (iy + 0.5) * grid[2] / grid[4], grid[1] + (ix + 0.5) * grid[3] / grid[5]
+
+    @t.device
+    def skip_clamp_position(grid, iy, ix, height, width):
+        """deform_psroi_pool's sample: y = top + iy * sub_h, skipped outside [-0.5, H - 0.5]
+        (a NaN too) and clamped into [0, H - 1]; same for x."""
+        y = grid[0] + iy * grid[2]
+        x = grid[1] + ix * grid[3]
+        if not (y >= -0.5 and y <= height - 0.5 and x >= -0.5 and x <= width - 0.5):
+            return False, 0.0, 0.0
+        return True, min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
+
+    aligned_sums, aligned_count, aligned_argmax, aligned_scatter = _grid_loops(t, samplers, regular_position)
+    ps_sums, ps_count, _, ps_scatter = _grid_loops(t, samplers, skip_clamp_position)
+
+    @t.device
+    def plane_of(k, channel, rois, shape):
+        """Flat index of element (0, 0) of the input plane (batch index of roi k, channel);
+        -1 for a batch index outside [0, N) (rois are validated; this keeps a bad one unread)."""
+        b = rois[5 * k]
+        if not (b >= 0 and b < shape[_N]):
+            return -1
+        return (int(b) * shape[_C] + channel) * shape[_H] * shape[_W]
+
+    @t.device
+    def cell_channel(c, ph, pw, pooled_h, pooled_w, position_sensitive):
+        """Input channel of output channel c in bin (ph, pw): R-FCN's (c*PH + ph)*PW + pw."""
+        if position_sensitive:
+            return (c * pooled_h + ph) * pooled_w + pw
+        return c
+
+    @t.device
+    def regular_grid(y1, x1, roi_h, roi_w, ph, pw, pooled_h, pooled_w, sampling_ratio):
+        """Bin (ph, pw) of a roi with top-left (y1, x1): (top, left, bin_h, bin_w, gh, gw),
+        adaptive gh = ceil(bin_h), 0 for an empty or negative roi."""
+        bin_h = roi_h / pooled_h
+        bin_w = roi_w / pooled_w
+        if sampling_ratio > 0:
+            grid_h = sampling_ratio
+            grid_w = sampling_ratio
+        else:
+            grid_h = max(math.ceil(bin_h), 0)
+            grid_w = max(math.ceil(bin_w), 0)
+        return y1 + ph * bin_h, x1 + pw * bin_w, bin_h, bin_w, grid_h, grid_w
+
+    @t.device
+    def no_params_grad(k, c, ph, pw, grad, input, rois, first, second, grad_first, grad_second, shape, params):
+        """The ops without offset / mask / trans have no other gradient than the input's."""
+
+    # roi_align / ps_roi_align. params: RoIAlignParams.
+
+    @t.device
+    def align_channel(c, ph, pw, params):
+        return cell_channel(c, ph, pw, params[3], params[4], params[10])
+
+    @t.device
+    def align_grid(k, ph, pw, rois, params):
+        _, _, _, pooled_h, pooled_w, _, scale, sampling_ratio, aligned, _, _ = params
+        shift = 0.5 if aligned else 0.0
+        x1 = rois[5 * k + 1] * scale - shift
+        y1 = rois[5 * k + 2] * scale - shift
+        roi_w = rois[5 * k + 3] * scale - shift - x1
+        roi_h = rois[5 * k + 4] * scale - shift - y1
+        if not aligned:
+            roi_w = max(roi_w, 1.0)
+            roi_h = max(roi_h, 1.0)
+        return regular_grid(y1, x1, roi_h, roi_w, ph, pw, pooled_h, pooled_w, sampling_ratio)
+
+    @t.device
+    def roi_align_forward(k, c, ph, pw, input, rois, first, second, shape, params):
+        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return 0.0
+        height, width = shape[_H], shape[_W]
+        grid = align_grid(k, ph, pw, rois, params)
+        if params[9]:
+            _, best, _, _ = aligned_argmax(input, plane, grid, height, width)
+            return best
+        value, count, _, _ = aligned_sums(input, plane, grid, height, width, False)
+        return value / max(count, 1)
+
+    @t.device
+    def roi_align_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
+        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return
+        height, width = shape[_H], shape[_W]
+        grid = align_grid(k, ph, pw, rois, params)
+        if params[9]:
+            found, _, y, x = aligned_argmax(input, plane, grid, height, width)
+            if found:
+                scatter_sample(grad_input, plane, y, x, height, width, grad)
+        else:
+            aligned_scatter(grad_input, plane, grid, height, width,
+                            grad / max(aligned_count(grid, height, width), 1))
+
+    # roi_pool / ps_roi_pool. params: RoIPoolParams.
+
+    @t.device
+    def rounded_index(v):
+        """round-half-away-from-zero(v) as an int, clamped to +-_COORDINATE_LIMIT."""
+        v = min(max(v, -_COORDINATE_LIMIT), _COORDINATE_LIMIT)
+        return math.floor(v + 0.5) if v >= 0 else -math.floor(0.5 - v)
+
+    @t.device
+    def pool_channel(c, ph, pw, params):
+        return cell_channel(c, ph, pw, params[3], params[4], params[7])
+
+    @t.device
+    def pool_window(k, ph, pw, rois, params):
+        """(h0, h1, w0, w1): bin (ph, pw) is rows [h0, h1) x columns [w0, w1), clipped to the
+        image. Bin edges floor(ph*rh/PH) and ceil((ph+1)*rh/PH) in exact integer arithmetic."""
+        _, height, width, pooled_h, pooled_w, _, scale, position_sensitive = params
+        # roi_pool's rounded box spans x2 - x1 + 1 pixels, ps_roi_pool's x2 - x1 (torchvision).
+        extent = 0 if position_sensitive else 1
+        x_start = rounded_index(rois[5 * k + 1] * scale)
+        y_start = rounded_index(rois[5 * k + 2] * scale)
+        roi_w = max(rounded_index(rois[5 * k + 3] * scale) - x_start + extent, 1)
+        roi_h = max(rounded_index(rois[5 * k + 4] * scale) - y_start + extent, 1)
+        h0 = min(max(ph * roi_h // pooled_h + y_start, 0), height)
+        h1 = min(max(((ph + 1) * roi_h + pooled_h - 1) // pooled_h + y_start, 0), height)
+        w0 = min(max(pw * roi_w // pooled_w + x_start, 0), width)
+        w1 = min(max(((pw + 1) * roi_w + pooled_w - 1) // pooled_w + x_start, 0), width)
+        return h0, h1, w0, w1
+
+    @t.device
+    def window_argmax(input, plane, h0, h1, w0, w1, width):
+        """(largest element, its flat index) of the window, the first in row-major order on
+        ties; (0, -1) for an empty window."""
+        best = 0.0
+        arg = -1
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                at = plane + h * width + w
+                if arg < 0 or input[at] > best:
+                    best = input[at]
+                    arg = at
+        return best, arg
+
+    @t.device
+    def roi_pool_forward(k, c, ph, pw, input, rois, first, second, shape, params):
+        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return 0.0
+        width = shape[_W]
+        h0, h1, w0, w1 = pool_window(k, ph, pw, rois, params)
+        if not params[7]:
+            best, _ = window_argmax(input, plane, h0, h1, w0, w1, width)
+            return best
+        if h1 <= h0 or w1 <= w0:
+            return 0.0
+        value = 0.0
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                value += input[plane + h * width + w]
+        return value / ((h1 - h0) * (w1 - w0))
+
+    @t.device
+    def roi_pool_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
+        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return
+        width = shape[_W]
+        h0, h1, w0, w1 = pool_window(k, ph, pw, rois, params)
+        if not params[7]:
+            _, arg = window_argmax(input, plane, h0, h1, w0, w1, width)
+            if arg >= 0:
+                atomic_add(grad_input, arg, grad)
+        elif h1 > h0 and w1 > w0:
+            share = grad / ((h1 - h0) * (w1 - w0))
+            for h in range(h0, h1):
+                for w in range(w0, w1):
+                    atomic_add(grad_input, plane + h * width + w, share)
+
+    # deform_roi_pool. params: DeformRoIPoolParams; first = offset, second = mask.
+
+    @t.device
+    def deform_channel(c, ph, pw, params):
+        return c
+
+    @t.device
+    def deform_roi(k, ph, pw, rois, offset, params):
+        """(y1, x1, roi_h, roi_w) of bin (ph, pw): the roi's start moved by
+        roi size * gamma * offset[k, :, ph, pw] (x first)."""
+        _, _, _, pooled_h, pooled_w, scale, _, gamma, has_offset, _ = params
+        x1 = rois[5 * k + 1] * scale - 0.5
+        y1 = rois[5 * k + 2] * scale - 0.5
+        roi_w = rois[5 * k + 3] * scale - 0.5 - x1
+        roi_h = rois[5 * k + 4] * scale - 0.5 - y1
+        if has_offset:
+            at = (2 * k * pooled_h + ph) * pooled_w + pw
+            x1 += roi_w * (gamma * offset[at])
+            y1 += roi_h * (gamma * offset[at + pooled_h * pooled_w])
+        return y1, x1, roi_h, roi_w
+
+    @t.device
+    def deform_grid(k, ph, pw, rois, offset, params):
+        y1, x1, roi_h, roi_w = deform_roi(k, ph, pw, rois, offset, params)
+        return regular_grid(y1, x1, roi_h, roi_w, ph, pw, params[3], params[4], params[6])
+
+    @t.device
+    def deform_sample_grad(k, ph, pw, grad, mask, count, params):
+        """The gradient of each of the ``count`` samples of bin (ph, pw): the output is
+        mask * (sum of samples) / count."""
+        value = grad / max(count, 1)
+        if params[9]:
+            value *= mask[(k * params[3] + ph) * params[4] + pw]
+        return value
+
+    @t.device
+    def deform_roi_pool_forward(k, c, ph, pw, input, rois, offset, mask, shape, params):
+        plane = plane_of(k, c, rois, shape)
+        if plane < 0:
+            return 0.0
+        grid = deform_grid(k, ph, pw, rois, offset, params)
+        value, count, _, _ = aligned_sums(input, plane, grid, shape[_H], shape[_W], False)
+        value /= max(count, 1)
+        if params[9]:
+            value *= mask[(k * params[3] + ph) * params[4] + pw]
+        return value
+
+    @t.device
+    def deform_roi_pool_input_grad(k, c, ph, pw, grad, input, rois, offset, mask, grad_input, shape, params):
+        plane = plane_of(k, c, rois, shape)
+        if plane < 0:
+            return
+        height, width = shape[_H], shape[_W]
+        grid = deform_grid(k, ph, pw, rois, offset, params)
+        count = aligned_count(grid, height, width)
+        aligned_scatter(grad_input, plane, grid, height, width, deform_sample_grad(k, ph, pw, grad, mask, count, params))
+
+    @t.device
+    def deform_roi_pool_params_grad(k, c, ph, pw, grad, input, rois, offset, mask, grad_offset, grad_mask, shape,
+                                    params):
+        plane = plane_of(k, c, rois, shape)
+        if plane < 0:
+            return
+        height, width = shape[_H], shape[_W]
+        pooled_h, pooled_w, gamma, has_offset, has_mask = params[3], params[4], params[7], params[8], params[9]
+        grid = deform_grid(k, ph, pw, rois, offset, params)
+        value, count, sum_dy, sum_dx = aligned_sums(input, plane, grid, height, width, has_offset)
+        if has_offset:
+            _, _, roi_h, roi_w = deform_roi(k, ph, pw, rois, offset, params)
+            grad_sample = deform_sample_grad(k, ph, pw, grad, mask, count, params)
+            at = (2 * k * pooled_h + ph) * pooled_w + pw
+            atomic_add(grad_offset, at, gamma * roi_w * grad_sample * sum_dx)
+            atomic_add(grad_offset, at + pooled_h * pooled_w, gamma * roi_h * grad_sample * sum_dy)
+        if has_mask:
+            atomic_add(grad_mask, (k * pooled_h + ph) * pooled_w + pw, grad * value / max(count, 1))
+
+    # deform_psroi_pool. params: DeformPSRoIPoolParams; first = trans.
+
+    @t.device
+    def half_away(v):
+        """round-half-away-from-zero(v) as a float."""
+        if not (abs(v) < _INTEGRAL_FROM):
+            return v
+        rounded = float(math.floor(abs(v) + 0.5))
+        return rounded if v >= 0 else -rounded
+
+    @t.device
+    def psroi_channel(c, ph, pw, params):
+        """Input channel (c*gs + gh)*gs + gw, group cell gh = floor(ph*gs/P) (at most gs-1)."""
+        group_size, pooled = params[4], params[5]
+        group_h = min(ph * group_size // pooled, group_size - 1)
+        group_w = min(pw * group_size // pooled, group_size - 1)
+        return (c * group_size + group_h) * group_size + group_w
+
+    @t.device
+    def psroi_bin(k, c, ph, pw, rois, trans, params):
+        """(top, left, sub_h, sub_w, roi_h, roi_w, flat index of the x trans or -1 without trans)
+        of bin (ph, pw) of output channel c; part cell floor(ph*part_size/P) in integer
+        arithmetic. (Flat: Numba's parfor analysis trips over nested tuples.)"""
+        _, _, _, output_dim, _, pooled, part_size, samples, trans_std, scale, classes, has_trans = params
+        x1 = half_away(rois[5 * k + 1]) * scale - 0.5
+        y1 = half_away(rois[5 * k + 2]) * scale - 0.5
+        roi_w = max((half_away(rois[5 * k + 3]) + 1.0) * scale - 0.5 - x1, 0.1)
+        roi_h = max((half_away(rois[5 * k + 4]) + 1.0) * scale - 0.5 - y1, 0.1)
+        bin_w = roi_w / pooled
+        bin_h = roi_h / pooled
+        left = pw * bin_w + x1
+        top = ph * bin_h + y1
+        at = -1
+        if has_trans:
+            class_id = c // (output_dim // classes)
+            at = ((k * classes + class_id) * 2 * part_size + ph * part_size // pooled) * part_size
+            at += pw * part_size // pooled
+            left += trans[at] * trans_std * roi_w
+            top += trans[at + part_size * part_size] * trans_std * roi_h
+        return top, left, bin_h / samples, bin_w / samples, roi_h, roi_w, at
+
+    @t.device
+    def psroi_grid(k, c, ph, pw, rois, trans, params):
+        top, left, sub_h, sub_w, _, _, _ = psroi_bin(k, c, ph, pw, rois, trans, params)
+        return top, left, sub_h, sub_w, params[7], params[7]
+
+    @t.device
+    def deform_psroi_pool_forward(k, c, ph, pw, input, rois, trans, second, shape, params):
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return 0.0
+        grid = psroi_grid(k, c, ph, pw, rois, trans, params)
+        value, count, _, _ = ps_sums(input, plane, grid, shape[_H], shape[_W], False)
+        return value / max(count, 1)
+
+    @t.device
+    def deform_psroi_pool_input_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_input, shape, params):
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        if plane < 0:
+            return
+        height, width = shape[_H], shape[_W]
+        grid = psroi_grid(k, c, ph, pw, rois, trans, params)
+        ps_scatter(grad_input, plane, grid, height, width, grad / max(ps_count(grid, height, width), 1))
+
+    @t.device
+    def deform_psroi_pool_params_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_trans, grad_second, shape,
+                                      params):
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        if plane < 0 or not params[11]:
+            return
+        height, width = shape[_H], shape[_W]
+        top, left, sub_h, sub_w, roi_h, roi_w, at = psroi_bin(k, c, ph, pw, rois, trans, params)
+        grid = (top, left, sub_h, sub_w, params[7], params[7])
+        _, count, sum_dy, sum_dx = ps_sums(input, plane, grid, height, width, True)
+        grad_sample = grad / max(count, 1)
+        trans_std, part_size = params[8], params[6]
+        atomic_add(grad_trans, at, trans_std * roi_w * grad_sample * sum_dx)
+        atomic_add(grad_trans, at + part_size * part_size, trans_std * roi_h * grad_sample * sum_dy)
+
+    return {
+        "roi_align": (roi_align_forward, roi_align_input_grad, no_params_grad, align_channel),
+        "roi_pool": (roi_pool_forward, roi_pool_input_grad, no_params_grad, pool_channel),
+        "deform_roi_pool": (deform_roi_pool_forward, deform_roi_pool_input_grad, deform_roi_pool_params_grad,
+                            deform_channel),
+        "deform_psroi_pool": (deform_psroi_pool_forward, deform_psroi_pool_input_grad,
+                              deform_psroi_pool_params_grad, psroi_channel),
+    }
+
+
+def _split_function(t):
+    @t.device
+    def split(item, shape):
+        """Output element ``item`` -> (k, c, ph, pw)."""
+        pw = item % shape[_PW]
+        rest = item // shape[_PW]
+        ph = rest % shape[_PH]
+        rest //= shape[_PH]
+        return rest // shape[_C_OUT], rest % shape[_C_OUT], ph, pw
+
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_functions():
+    t = cpu_target()
+    return _element_functions(t), _split_function(t)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_functions():
+    t = cuda_target()
+    return _element_functions(t), _split_function(t)
+
+
+class CpuKernels:
+    """A family's CPU kernels: ``forward``, and the two backward passes ``input_pass`` (tasks
+    own an input plane) and ``params_pass`` (tasks own a roi)."""
+
+    def __init__(self, family: str):
+        from numba import prange
+
+        elements, split = _cpu_functions()
+        forward, input_grad, params_grad, source_channel = elements[family]
+
+        @cpu_kernel
+        def forward_kernel(input, rois, first, second, output, shape, params, n_items):
+            for item in prange(n_items):
+                k, c, ph, pw = split(item, shape)
+                output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
+
+        @cpu_kernel
+        def input_pass(grad_output, input, rois, first, second, grad_input, shape, params, n_rois):
+            channels, channels_out = shape[_C], shape[_C_OUT]
+            pooled_h, pooled_w = shape[_PH], shape[_PW]
+            readers = channels // channels_out  # input channels per output channel
+            for task in prange(shape[_N] * channels):
+                b = task // channels
+                c_in = task - b * channels
+                c = c_in // readers
+                for k in range(n_rois):
+                    if rois[5 * k] != b:
+                        continue
+                    for ph in range(pooled_h):
+                        for pw in range(pooled_w):
+                            if source_channel(c, ph, pw, params) == c_in:
+                                item = ((k * channels_out + c) * pooled_h + ph) * pooled_w + pw
+                                input_grad(k, c, ph, pw, grad_output[item], input, rois, first, second, grad_input,
+                                           shape, params)
+
+        @cpu_kernel
+        def params_pass(grad_output, input, rois, first, second, grad_first, grad_second, shape, params, n_rois):
+            per_roi = shape[_C_OUT] * shape[_PH] * shape[_PW]
+            for k in prange(n_rois):
+                for item in range(k * per_roi, (k + 1) * per_roi):
+                    _, c, ph, pw = split(item, shape)
+                    params_grad(k, c, ph, pw, grad_output[item], input, rois, first, second, grad_first, grad_second,
+                                shape, params)
+
+        self.forward, self.input_pass, self.params_pass = forward_kernel, input_pass, params_pass
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernels(family: str) -> CpuKernels:
+    return CpuKernels(family)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels(family: str):
+    """A family's CUDA kernels ``(forward, backward)``, one thread per output element."""
+    global cuda
+    cuda = bind_cuda()
+
+    elements, split = _cuda_functions()
+    forward, input_grad, params_grad, _ = elements[family]
+
+    @cuda_kernel
+    def forward_kernel(input, rois, first, second, output, shape, params, n_items):
+        for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            k, c, ph, pw = split(item, shape)
+            output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
+
+    @cuda_kernel
+    def backward_kernel(grad_output, input, rois, first, second, grad_input, grad_first, grad_second, shape, params,
+                        n_items):
+        for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            k, c, ph, pw = split(item, shape)
+            grad = grad_output[item]
+            input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params)
+            params_grad(k, c, ph, pw, grad, input, rois, first, second, grad_first, grad_second, shape, params)
+
+    return forward_kernel, backward_kernel
+
+
+def _flat(array):
+    return array.reshape(-1)
+
+
+def _shape(input, output) -> tuple:
+    """``shape`` of the kernels: (N, C, H, W) of the input, (C_out, PH, PW) of the output."""
+    return tuple(int(s) for s in input.shape) + tuple(int(s) for s in output.shape[1:])
+
+
+class _RoIKernelSet:
+    """The kernel-set interface of :mod:`pydeform.roi`, mapped onto one forward and one backward
+    entry point per family; absent optional arrays become stand-ins that are never read."""
+
+    def roi_align_forward(self, input, rois, output, params):
+        self._forward("roi_align", input, rois, None, None, output, params)
+
+    def roi_align_backward(self, grad_output, input, rois, grad_input, params):
+        self._backward("roi_align", grad_output, input, rois, None, None, grad_input, None, None, params)
+
+    def roi_pool_forward(self, input, rois, output, params):
+        self._forward("roi_pool", input, rois, None, None, output, params)
+
+    def roi_pool_backward(self, grad_output, input, rois, grad_input, params):
+        self._backward("roi_pool", grad_output, input, rois, None, None, grad_input, None, None, params)
+
+    def deform_roi_pool_forward(self, input, rois, offset, mask, output, params):
+        self._forward("deform_roi_pool", input, rois, offset, mask, output, params)
+
+    def deform_roi_pool_backward(self, grad_output, input, rois, offset, mask, grad_input, grad_offset, grad_mask,
+                                 params):
+        self._backward("deform_roi_pool", grad_output, input, rois, offset, mask, grad_input, grad_offset, grad_mask,
+                       params)
+
+    def deform_psroi_pool_forward(self, input, rois, trans, output, params):
+        self._forward("deform_psroi_pool", input, rois, trans, None, output, params)
+
+    def deform_psroi_pool_backward(self, grad_output, input, rois, trans, grad_input, grad_trans, params):
+        self._backward("deform_psroi_pool", grad_output, input, rois, trans, None, grad_input, grad_trans, None,
+                       params)
+
+    def _stand_ins(self, arrays, like):
+        """Flat views of ``arrays``, a one-element array of ``like``'s dtype for each None. Not
+        a view of another argument: a host array passed to a CUDA kernel (the simulator) is
+        copied back after the launch, and an untouched alias would overwrite the real result."""
+        return tuple(_flat(self.xp.zeros(1, like.dtype) if a is None else a) for a in arrays)
+
+
+class NumbaCpuRoIKernels(_RoIKernelSet):
+    """RoI kernels for NumPy arrays, parallel with ``numba.prange``."""
+
+    xp = np
+
+    def _forward(self, family, input, rois, first, second, output, params):
+        first, second = self._stand_ins((first, second), input)
+        cpu_kernels(family).forward(
+            _flat(input), _flat(rois), first, second, _flat(output), _shape(input, output), tuple(params), output.size
+        )
+
+    def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
+        reads = (_flat(grad_output), _flat(input), _flat(rois), *self._stand_ins((first, second), input))
+        shape, params, n_rois = _shape(input, grad_output), tuple(params), rois.shape[0]
+        kernels = cpu_kernels(family)
+        kernels.input_pass(*reads, _flat(grad_input), shape, params, n_rois)
+        if grad_first is not None or grad_second is not None:
+            kernels.params_pass(*reads, *self._stand_ins((grad_first, grad_second), grad_input), shape, params,
+                                n_rois)
+
+
+def _as_float(array):
+    """float16 / bfloat16 arrays as float32 copies (the CUDA arithmetic is float32 at least)."""
+    return array if array is None or array.dtype.itemsize >= 4 else array.astype(np.float32)
+
+
+class NumbaCudaRoIKernels(_RoIKernelSet):
+    """RoI kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
+
+    float16 / bfloat16 arrays are converted to float32 on the device before a launch and a
+    float16 / bfloat16 output is written back from float32. With ``xp=numpy`` the kernels run on
+    host arrays under the CUDA simulator.
+    """
+
+    def __init__(self, xp=None):
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
+
+    def _forward(self, family, input, rois, first, second, output, params):
+        input, first, second = (_as_float(a) for a in (input, first, second))
+        computed = _as_float(output)
+        first, second = self._stand_ins((first, second), input)
+        launch_cuda(
+            cuda_kernels(family)[0], output.size, self.xp,
+            _flat(input), _flat(rois), first, second, _flat(computed), _shape(input, output), tuple(params),
+            output.size,
+        )
+        if computed is not output:
+            output[...] = computed
+
+    def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
+        grad_output, input, first, second = (_as_float(a) for a in (grad_output, input, first, second))
+        launch_cuda(
+            cuda_kernels(family)[1], grad_output.size, self.xp,
+            _flat(grad_output), _flat(input), _flat(rois), *self._stand_ins((first, second), input),
+            _flat(grad_input), *self._stand_ins((grad_first, grad_second), grad_input),
+            _shape(input, grad_output), tuple(params), grad_output.size,
+        )
