@@ -1,10 +1,12 @@
-"""CPU forward of pydeform (Numba CPU) against ONNX Runtime's DeformConv, side by side.
+"""CPU forward of pydeform (Numba CPU) against ONNX Runtime, side by side.
 
-Times both, alternately in one process, on the CPU standard shape of PERF.md (N=2, C=64 -> 64,
-64x64, 3x3, pad 1, float32, with mask) and prints their medians and the ratio that
-``docs/benchmarks.md`` records. Run from the repository root:
+Times both, alternately in one process, on the CPU standard shapes of PERF.md and prints their
+medians and the ratios that ``docs/benchmarks.md`` records. ``--op`` picks the op:
+deform_conv2d (N=2, C=64 -> 64, 64x64, 3x3, pad 1, with mask; ORT DeformConv), roi_align
+(256 rois on a C=64, 100x152 map, 7x7, aligned, sampling_ratio 2 and adaptive; ORT RoiAlign)
+or roi_pool (same rois; ORT MaxRoiPool). Run from the repository root:
 
-    python asv_benchmarks/compare_cpu.py
+    python asv_benchmarks/compare_cpu.py --op roi_align
 """
 
 import argparse
@@ -14,8 +16,15 @@ import platform
 from importlib import metadata
 
 import pydeform
-from benchmarks.deform_conv import CPU_SHAPE, cpu_forward_medians
+from benchmarks import deform_conv, roi
 from benchmarks.timing import BLOCK
+
+# op -> (benchmark module, its comparisons)
+OPS = {
+    "deform_conv2d": (deform_conv, deform_conv.cpu_comparisons),
+    "roi_align": (roi, roi.roi_align_comparisons),
+    "roi_pool": (roi, roi.roi_pool_comparisons),
+}
 
 
 def cpu_model() -> str:
@@ -31,21 +40,26 @@ def cpu_model() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=list(OPS), default="deform_conv2d", help="the op to compare (default deform_conv2d)")
     parser.add_argument("--rounds", type=int, default=5,
                         help=f"alternating rounds of {BLOCK} timed calls of each (default 5)")
     args = parser.parse_args()
+    module, comparisons = OPS[args.op]
     print(f"date: {datetime.date.today()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}")
     # Other work on the machine slows both sides; the load says how busy it was.
     print("load average (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
     versions = [f"{name} {metadata.version(name)}" for name in ("numpy", "numba", "onnxruntime")]
     print(f"versions: pydeform {pydeform.__version__}, {', '.join(versions)}, Python {platform.python_version()}")
-    n, channels, height, width = CPU_SHAPE
-    print(f"shape: N={n}, C={channels} -> {channels}, {height}x{width}, 3x3, pad 1, float32, with mask")
-    pydeform_seconds, onnxruntime_seconds = cpu_forward_medians(args.rounds)
-    print(f"pydeform (numba-cpu) forward:   {pydeform_seconds * 1e3:8.2f} ms  (median of {BLOCK * args.rounds})")
-    print(f"onnxruntime DeformConv forward: {onnxruntime_seconds * 1e3:8.2f} ms  (median of {BLOCK * args.rounds})")
-    print(f"ratio onnxruntime / pydeform:   {onnxruntime_seconds / pydeform_seconds:8.2f}  (>= 1: pydeform is faster)")
+    print(f"shape: {module.CPU_WORKLOAD}")
+    calls = BLOCK * args.rounds
+    for comparison in comparisons():
+        pydeform_seconds, peer_seconds = comparison.medians(args.rounds)
+        print(f"{comparison.label}:")
+        print(f"  pydeform (numba-cpu): {pydeform_seconds * 1e3:9.2f} ms  (median of {calls})")
+        print(f"  {comparison.peer_name + ':':<21} {peer_seconds * 1e3:9.2f} ms  (median of {calls})")
+        print(f"  ratio peer / pydeform: {peer_seconds / pydeform_seconds:8.2f}  (>= 1: pydeform is faster)")
+    print("load average at the end (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -5,21 +5,17 @@ GPU: the DCNv2 layers N=16, C=256 -> 256, 64x64 and N=8, C=64 -> 64, 128x128 (3x
 float32 and bfloat16, pydeform's two CUDA backends against torchvision; skipped without a GPU.
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-from .timing import cuda_median_ms, alternating_medians, require_cupy_gpu, require_torchvision
-
-ROOT = Path(__file__).resolve().parents[2]
+from .timing import (
+    INPUT_SETS, CpuComparison, cuda_median_ms, require_cupy_gpu, require_onnx_models, require_torchvision,
+)
 
 CPU_SHAPE = (2, 64, 64, 64)  # N, C (in = out), H, W
+CPU_WORKLOAD = "N=2, C=64 -> 64, 64x64, 3x3, pad 1, float32, with mask"
 DCN_SHAPES = {"N16-C256-64x64": (16, 256, 64, 64), "N8-C64-128x128": (8, 64, 128, 128)}
 KERNEL = 3
 PADDING = 1
-# Distinct input sets cycled through on the GPU, so repeated calls do not find their inputs in L2.
-INPUT_SETS = 3
 
 
 def layer_arguments(shape, seed=0):
@@ -43,16 +39,8 @@ def output_gradient(shape, seed=0):
 
 
 def onnxruntime_forward(arrays):
-    """A call running ORT's CPU ``DeformConv`` on ``arrays``; the model comes from the tests'
-    ONNX builder (loaded by path: ``tests`` is not a package that is installed)."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise NotImplementedError("onnxruntime not installed") from None
-    spec = importlib.util.spec_from_file_location("onnx_models", ROOT / "tests" / "onnx_models.py")
-    onnx_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(onnx_models)
-    run = onnx_models.deform_conv_session(
+    """A call running ORT's CPU ``DeformConv`` on ``arrays`` (the model of the tests' builder)."""
+    run = require_onnx_models().deform_conv_session(
         arrays["weight"].shape, 1, PADDING, 1, 1, 1, has_bias=True, has_mask=True, dtype=np.float32
     )
     return lambda: run(arrays["input"], arrays["weight"], arrays["offset"], arrays["bias"], arrays["mask"])
@@ -74,11 +62,11 @@ def pydeform_forward_backward(arrays, grad_output, backend=None):
     return run
 
 
-def cpu_forward_medians(rounds=5):
-    """(pydeform, onnxruntime) median CPU forward seconds on the CPU shape, timed in
-    alternating blocks."""
+def cpu_comparisons():
+    """The CPU forward on the CPU shape, pydeform (Numba CPU) against ORT's DeformConv."""
     arrays = layer_arguments(CPU_SHAPE)
-    return alternating_medians([pydeform_forward(arrays), onnxruntime_forward(arrays)], rounds)
+    return [CpuComparison("deform_conv2d forward", pydeform_forward(arrays), onnxruntime_forward(arrays),
+                          "onnxruntime DeformConv")]
 
 
 class DeformConv2dCpu:
@@ -112,8 +100,7 @@ class OnnxRuntimeDeformConvCpu:
 
     def track_pydeform_forward_speedup(self):
         """ORT time / pydeform time, both measured in this process (>= 1: pydeform is faster)."""
-        pydeform_seconds, onnxruntime_seconds = cpu_forward_medians(rounds=3)
-        return onnxruntime_seconds / pydeform_seconds
+        return cpu_comparisons()[0].speedup()
 
     track_pydeform_forward_speedup.unit = "ratio"
 

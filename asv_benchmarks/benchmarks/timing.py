@@ -1,15 +1,21 @@
-"""Timing and memory helpers shared by the benchmark modules and ``compare_cpu.py``.
+"""Timing helpers and peers shared by the benchmark modules and ``compare_cpu.py``.
 
 asv times ``time_*`` methods itself; these helpers serve the ``track_*`` methods, which report a
 number measured inside one process: a speed ratio against a peer timed in the same run, a GPU
 time taken with CUDA events, or a peak memory delta.
 """
 
+import importlib.util
 import statistics
 import time
+from pathlib import Path
+from typing import Callable, NamedTuple
 
+ROOT = Path(__file__).resolve().parents[2]
 
 BLOCK = 6  # timed calls of each function per round
+# Distinct input sets cycled through on the GPU, so repeated calls do not find their inputs in L2.
+INPUT_SETS = 3
 
 
 def alternating_medians(functions, rounds=5, block=BLOCK):
@@ -29,6 +35,37 @@ def alternating_medians(functions, rounds=5, block=BLOCK):
                 function()
                 times.append(time.perf_counter() - start)
     return [statistics.median(times) for times in samples]
+
+
+class CpuComparison(NamedTuple):
+    """pydeform and its CPU peer, each a call computing the same thing on the same data."""
+
+    label: str  # what is computed, e.g. "roi_align forward, sampling_ratio 2"
+    pydeform: Callable[[], object]
+    peer: Callable[[], object]
+    peer_name: str
+
+    def medians(self, rounds=5):
+        """(pydeform, peer) median seconds, timed in alternating blocks."""
+        return alternating_medians([self.pydeform, self.peer], rounds)
+
+    def speedup(self, rounds=3):
+        """Peer time / pydeform time (>= 1: pydeform is faster)."""
+        pydeform_seconds, peer_seconds = self.medians(rounds)
+        return peer_seconds / pydeform_seconds
+
+
+def require_onnx_models():
+    """The tests' ONNX Runtime model builders (``tests/onnx_models.py``, loaded by path: ``tests``
+    is not an installed package), or NotImplementedError (asv's way to skip) without ORT."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise NotImplementedError("onnxruntime not installed") from None
+    spec = importlib.util.spec_from_file_location("onnx_models", ROOT / "tests" / "onnx_models.py")
+    onnx_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onnx_models)
+    return onnx_models
 
 
 def require_cupy_gpu():
