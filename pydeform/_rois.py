@@ -27,7 +27,9 @@ def output_size_pair(name: str, value) -> tuple[int, int]:
 
 
 def check_positive_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite positive number, got {value!r}")
     return float(value)
 

@@ -28,6 +28,7 @@ written by the forward kernel.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional
 
@@ -141,6 +142,8 @@ def _int(name, value, minimum=None):
 def _float(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
 
 
@@ -156,8 +159,14 @@ class _Call(NamedTuple):
 
 
 def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
-    """Shared checks: one library / device / dtype for the arrays, the boxes normalised."""
+    """Shared checks: one library / device / dtype for the arrays, a non-empty image, the boxes
+    normalised."""
+    if arrays["input"] is None:
+        raise TypeError("input: expected an array, got None")
     library, _ = check_arrays(arrays, ranks=ranks)
+    if min(_shape(arrays["input"])[2:]) < 1:
+        # Bilinear sampling has no pixel to clamp to in an empty image.
+        raise ValueError(f"input: expected an image of at least 1x1 pixels, got shape {_shape(arrays['input'])}")
     kind = check_backend(backend, library)
     kernels = roi_kernels(library, kind)
     xp = kernels.xp
@@ -174,6 +183,12 @@ def _check_shape(name, value, expected):
 def _check_grad_output(grad_output, expected):
     if grad_output is not None:
         _check_shape("grad_output", grad_output, expected)
+
+
+def _require_grad_output(grad_output):
+    """The backward functions' grad_output is not optional (the forward helpers share its slot)."""
+    if grad_output is None:
+        raise TypeError("grad_output: expected an array, got None")
 
 
 def _position_sensitive_channels(channels, pooled_h, pooled_w):
@@ -274,6 +289,7 @@ def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0,
     Average mode spreads each bin's gradient over its samples' bilinear corners; max mode routes
     it through the sample that held the maximum (first one on ties).
     """
+    _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend,
                               grad_output)
     return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
@@ -293,6 +309,7 @@ def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
 def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *,
                           backend=None) -> RoIGrads:
     """Gradient of :func:`ps_roi_align` with respect to ``input``; ``grad_output [K, C_out, PH, PW]``."""
+    _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend,
                               grad_output)
     return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
@@ -311,6 +328,7 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
 
 def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`roi_pool`: each bin's gradient goes to its arg-max element."""
+    _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend, grad_output)
     return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
 
@@ -327,6 +345,7 @@ def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
 
 def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`ps_roi_pool` with respect to ``input``."""
+    _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend, grad_output)
     return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
 
@@ -382,6 +401,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     ``grad_output`` is ``[K, C, PH, PW]``; the offset and mask gradients are None when the
     forward had none.
     """
+    _require_grad_output(grad_output)
     call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
                                     backend, grad_output)
     xp, a = call.xp, call.arrays
@@ -474,6 +494,7 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=
     ``grad_output`` is ``[K, output_dim, pooled_size, pooled_size]``; the trans gradient is None
     when ``trans`` is None.
     """
+    _require_grad_output(grad_output)
     call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
                                       sample_per_part, trans_std, spatial_scale, backend, grad_output)
     xp, a = call.xp, call.arrays
