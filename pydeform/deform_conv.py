@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair
+from ._workspace import scratch
 from .backends import deform_conv2d_kernels
 
 __all__ = [
@@ -172,16 +173,21 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     weight_g = _grouped_weight(xp, weight, g, acc)
     bias_acc = None if bias is None else bias.astype(acc).reshape(1, -1, 1, 1)
     chunk = _chunk_size(n, g, acc.itemsize, buffers=1)
-    columns = xp.empty((chunk, weight_g.shape[2] * g.groups, g.out_h * g.out_w), dtype=acc)
+    columns = scratch(xp, "columns", (chunk, weight_g.shape[2] * g.groups, g.out_h * g.out_w), acc)
+    # The GEMM writes straight into the output unless a cast to a half type is needed.
+    direct = out.dtype == acc
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        cols = columns[: stop - start]
+        b = stop - start
+        cols = columns[:b]
         kernels.im2col(input[start:stop], offset[start:stop], _batch(mask, start, stop), cols, g)
-        grouped_cols = cols.reshape(stop - start, g.groups, weight_g.shape[2], -1)
-        result = xp.matmul(weight_g, grouped_cols).reshape(stop - start, g.out_channels, g.out_h, g.out_w)
+        grouped_cols = cols.reshape(b, g.groups, weight_g.shape[2], -1)
+        result = out[start:stop] if direct else scratch(xp, "result", (b,) + out.shape[1:], acc)
+        xp.matmul(weight_g, grouped_cols, out=result.reshape(b, g.groups, -1, g.out_h * g.out_w))
         if bias_acc is not None:
             result += bias_acc
-        out[start:stop] = result
+        if not direct:
+            out[start:stop] = result
     return out
 
 
@@ -205,8 +211,9 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
     grad_mask = None if mask is None else xp.empty(mask.shape, dtype=dtype)
     grad_weight = xp.zeros(weight_g.shape, dtype=acc)
     chunk = _chunk_size(max(n, 1), g, acc.itemsize, buffers=2)
-    grad_columns = xp.empty((chunk, group_rows * g.groups, g.out_h * g.out_w), dtype=acc)
-    columns = xp.empty_like(grad_columns)
+    buffer_shape = (chunk, group_rows * g.groups, g.out_h * g.out_w)
+    grad_columns = scratch(xp, "grad_columns", buffer_shape, acc)
+    columns = scratch(xp, "columns", buffer_shape, acc)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         b = stop - start
