@@ -1,4 +1,5 @@
-"""The Numba CUDA kernels of deform_conv2d run by Numba's CUDA simulator on host arrays.
+"""The Numba CUDA kernels of deform_conv2d and of the RoI ops run by Numba's CUDA simulator on
+host arrays.
 
 Not collected by a plain pytest run: ``tests/test_numba_cuda_simulator.py`` runs this module in
 a process of its own with ``NUMBA_ENABLE_CUDASIM=1`` (the variable must be set before Numba is
@@ -7,14 +8,29 @@ imported). The simulator runs every CUDA thread as a Python thread, so the shape
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
+import pydeform
+import reference
 from pydeform import deform_conv as deform_conv_module
+from pydeform import roi as roi_module
 from pydeform.backends.numba_cuda import simulator_enabled
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
+from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
+from tests import roi_kernel_set_checks
 from tests.kernel_set_checks import assert_unchanged, check_kernels_write_every_element
-from tests.strategies import assert_close, assert_grads_close, build_case
+from tests.strategies import (
+    ROI_KINDS,
+    RoICase,
+    assert_close,
+    assert_grads_close,
+    assert_roi_grads_close,
+    build_case,
+    build_roi_case,
+)
 
 if not simulator_enabled():
     raise RuntimeError("run this module with NUMBA_ENABLE_CUDASIM=1 (see tests/test_numba_cuda_simulator.py)")
@@ -58,3 +74,60 @@ def test_simulated_numba_cuda_kernels_match_reference(geometry, dtype):
     assert_grads_close(grads, case.reference_backward(), dtype)
     assert_unchanged(case, before)
     check_kernels_write_every_element(kernels, case, seed=8)
+
+
+# The RoI kernels (pydeform.backends.numba_kernels.roi), run through the public ops (their kernel
+# set patched to the simulated one) and called directly with poisoned outputs.
+
+SMALL_KINDS = tuple(kind for kind in ROI_KINDS if kind != "huge")  # huge + adaptive: many samples
+
+
+def roi_problem(name, dtype) -> RoICase:
+    """Six boxes (every kind but huge, unless named) on two 4x5 images."""
+    rng = np.random.default_rng(11)
+    k = len(SMALL_KINDS)
+
+    def array(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    op, channels, kinds, options = {
+        "roi_align-avg-adaptive": ("roi_align", 2, SMALL_KINDS,
+                                   dict(output_size=(2, 1), sampling_ratio=0, aligned=False, mode="avg")),
+        "roi_align-max-aligned-huge": ("roi_align", 2, SMALL_KINDS[:-1] + ("huge",),
+                                       dict(output_size=2, sampling_ratio=2, aligned=True, mode="max")),
+        "ps_roi_align": ("ps_roi_align", 4, SMALL_KINDS, dict(output_size=2, sampling_ratio=-1)),
+        "roi_pool": ("roi_pool", 2, SMALL_KINDS, dict(output_size=(2, 2))),
+        "ps_roi_pool": ("ps_roi_pool", 4, SMALL_KINDS, dict(output_size=(1, 2))),
+        "deform_roi_pool-offset-mask": ("deform_roi_pool", 2, SMALL_KINDS,
+                                        dict(output_size=2, sampling_ratio=2, gamma=0.3, offset=array(k, 2, 2, 2),
+                                             mask=array(k, 1, 2, 2))),
+        "deform_roi_pool-plain": ("deform_roi_pool", 2, SMALL_KINDS, dict(output_size=(1, 2), sampling_ratio=0)),
+        "deform_psroi_pool-trans": ("deform_psroi_pool", 8, SMALL_KINDS,
+                                    dict(trans=array(k, 4, 2, 2), output_dim=2, group_size=2, pooled_size=2,
+                                         sample_per_part=2, trans_std=0.2)),
+        "deform_psroi_pool-no-trans": ("deform_psroi_pool", 4, SMALL_KINDS,
+                                       dict(output_dim=1, group_size=2, pooled_size=3, sample_per_part=1)),
+    }[name]
+    return build_roi_case(op, rng, dtype, n=2, channels=channels, size=(4, 5), kinds=kinds, **options)
+
+
+ROI_PROBLEMS = ("roi_align-avg-adaptive", "roi_align-max-aligned-huge", "ps_roi_align", "roi_pool", "ps_roi_pool",
+                "deform_roi_pool-offset-mask", "deform_roi_pool-plain", "deform_psroi_pool-trans",
+                "deform_psroi_pool-no-trans")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", ROI_PROBLEMS)
+def test_simulated_numba_cuda_roi_kernels_match_reference(name, dtype):
+    case = roi_problem(name, dtype)
+    kernels = NumbaCudaRoIKernels(xp=np)
+    before = case.map_arrays(np.copy)
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: kernels):
+        out = case.forward(pydeform)
+        grads = case.backward(pydeform)
+    assert out.dtype == np.dtype(dtype)
+    assert_close("output", out, case.forward(reference), dtype)
+    assert_roi_grads_close(grads, case.backward(reference), dtype)
+    for array_name, array in case.arrays().items():
+        np.testing.assert_array_equal(array, before.arrays()[array_name], err_msg=f"{array_name} was modified")
+    roi_kernel_set_checks.check_kernels_write_every_element(kernels, case)

@@ -338,6 +338,19 @@ def roi_boxes_for(rng, n: int, kinds: list, height: int, width: int, spatial_sca
     return np.column_stack([rng.integers(0, n, len(kinds)), boxes]).astype(np.float64)
 
 
+def build_roi_case(op, rng, dtype=np.float64, n=2, channels=3, size=(5, 6), kinds=ROI_KINDS * 2, scale=0.5,
+                   **options) -> RoICase:
+    """A gradient case of ``op`` with boxes of the given ``kinds`` (two of every kind by default)
+    on ``n`` images of ``size`` with ``channels`` channels, the given options; standard normal
+    input and grad_output, rows in the accumulation dtype."""
+    box_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    rows = roi_boxes_for(rng, n, list(kinds), *size, scale, snap=False).astype(box_dtype)
+    case = RoICase(op, rng.standard_normal((n, channels) + tuple(size)).astype(dtype), rows,
+                   dict(spatial_scale=scale, **options), None)
+    grad_output = rng.standard_normal(case.forward(reference).shape).astype(dtype)
+    return dataclasses.replace(case, grad_output=grad_output)
+
+
 def _options(draw, op: str, num_rois: int, pooled: tuple, rng, dtype):
     """The op's keyword arguments besides input and rois, and its input channel count."""
     pooled_h, pooled_w = pooled

@@ -10,8 +10,6 @@ overlapping rois (the race-free CPU backward); identities between the ops.
 from __future__ import annotations
 
 import dataclasses
-from unittest import mock
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,14 +17,15 @@ from hypothesis import strategies as st
 
 import pydeform
 import reference
-from pydeform import roi as roi_module
 from pydeform.backends.numba_kernels.roi import NumbaCpuRoIKernels
+from tests.roi_kernel_set_checks import check_kernel_call, check_kernels_write_every_element, recorded_call
 from tests.strategies import (
     ROI_KINDS,
     ROI_OPS,
     RoICase,
     assert_close,
     assert_roi_grads_close,
+    build_roi_case,
     roi_boxes_for,
     roi_cases,
 )
@@ -89,22 +88,12 @@ def test_every_box_kind(op, kind, data):
     check_backward(case, np.float64)
 
 
-def fixed_case(op, rng, dtype=np.float64, n=2, channels=3, size=(5, 6), kinds=ROI_KINDS * 2, scale=0.5,
-               **options) -> RoICase:
-    """A gradient case of ``op`` with two boxes of every kind (unless ``kinds`` is given) and
-    the given options; standard normal input and grad_output."""
-    rows = roi_boxes_for(rng, n, list(kinds), *size, scale, snap=False).astype(dtype)
-    case = RoICase(op, rng.standard_normal((n, channels) + size).astype(dtype), rows,
-                   dict(spatial_scale=scale, **options), None)
-    return dataclasses.replace(case, grad_output=rng.standard_normal(case.forward(reference).shape).astype(dtype))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("aligned", [False, True])
 def test_roi_align_options(aligned, mode, sampling_ratio, dtype):
-    case = fixed_case("roi_align", np.random.default_rng(1), dtype, output_size=(3, 2), aligned=aligned, mode=mode,
+    case = build_roi_case("roi_align", np.random.default_rng(1), dtype, output_size=(3, 2), aligned=aligned, mode=mode,
                       sampling_ratio=sampling_ratio)
     check_forward(case, dtype)
     check_backward(case, dtype)
@@ -116,7 +105,7 @@ def test_roi_align_options(aligned, mode, sampling_ratio, dtype):
 def test_deform_roi_pool_options(with_offset, with_mask, dtype):
     rng = np.random.default_rng(2)
     k = 2 * len(ROI_KINDS)
-    case = fixed_case(
+    case = build_roi_case(
         "deform_roi_pool", rng, dtype, output_size=(2, 3), sampling_ratio=0, gamma=0.3,
         offset=rng.standard_normal((k, 2, 2, 3)).astype(dtype) if with_offset else None,
         mask=rng.uniform(-0.5, 1.5, (k, 1, 2, 3)).astype(dtype) if with_mask else None,
@@ -150,71 +139,11 @@ def test_deform_psroi_pool_shared_cells(dtype):
     channel) and a part cell (trans element); two classes."""
     rng = np.random.default_rng(4)
     k = 2 * len(ROI_KINDS)
-    case = fixed_case("deform_psroi_pool", rng, dtype, channels=8, scale=1.0, trans=rng.standard_normal(
+    case = build_roi_case("deform_psroi_pool", rng, dtype, channels=8, scale=1.0, trans=rng.standard_normal(
         (k, 4, 2, 2)).astype(dtype), output_dim=2, group_size=2, pooled_size=3, part_size=2, sample_per_part=3,
         trans_std=0.2)
     check_forward(case, dtype)
     check_backward(case, dtype)
-
-
-class Recorder:
-    """A kernel set that records its method calls instead of running them."""
-
-    xp = np
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, method):
-        return lambda *args: self.calls.append((method, args))
-
-
-def recorded_call(run):
-    """The (method, arguments) the op makes of its kernel set when ``run()`` runs it."""
-    recorder = Recorder()
-    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: recorder):
-        run()
-    (call,) = recorder.calls
-    return call
-
-
-#: The gradients a backward kernel-set method accumulates into: its arguments before ``params``.
-GRADIENTS = {
-    "roi_align_backward": ("input",),
-    "roi_pool_backward": ("input",),
-    "deform_roi_pool_backward": ("input", "offset", "mask"),
-    "deform_psroi_pool_backward": ("input", "trans"),
-}
-
-
-def gradient_arguments(method, args) -> dict:
-    """The gradient arrays (or None) among a backward call's arguments, by argument name."""
-    names = GRADIENTS[method]
-    return dict(zip(names, args[-1 - len(names):-1]))
-
-
-def check_kernel_call(kernels, method, args, expected) -> None:
-    """Run a recorded call on ``kernels``: a forward's output is poisoned with NaN first and
-    must end equal to ``expected`` (an array); a backward's gradients must arrive zero-filled
-    and end equal to ``expected`` (the reference's dict). No other array may change."""
-    forward = method.endswith("_forward")
-    written = [args[-2]] if forward else [g for g in gradient_arguments(method, args).values() if g is not None]
-    if forward:
-        args[-2][...] = np.nan
-    else:
-        assert all(not g.any() for g in written), f"{method}: gradients must arrive zero-filled"
-    read = [a for a in args if isinstance(a, np.ndarray) and not any(a is w for w in written)]
-    before = [a.copy() for a in read]
-    getattr(kernels, method)(*args)
-    if forward:
-        assert_close("output", args[-2], expected, args[0].dtype)
-    else:
-        for name, grad in gradient_arguments(method, args).items():
-            assert (grad is None) == (expected[name] is None), name
-            if grad is not None:
-                assert_close(f"grad {name}", grad, expected[name], args[1].dtype)
-    for got, previous in zip(read, before):
-        np.testing.assert_array_equal(got, previous, err_msg=f"{method} wrote an input")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -222,12 +151,8 @@ def check_kernel_call(kernels, method, args, expected) -> None:
 @given(data=st.data())
 def test_kernels_write_every_element(op, dtype, data):
     """The kernel-set methods, called directly with the arguments the op prepares."""
-    case = data.draw(roi_cases(op=op, dtype=dtype, with_grad=True, min_rois=1))
-    kernels = NumbaCpuRoIKernels()
-    method, args = recorded_call(lambda: case.forward(pydeform))
-    check_kernel_call(kernels, method, args, case.forward(reference))
-    method, args = recorded_call(lambda: case.backward(pydeform))
-    check_kernel_call(kernels, method, args, case.backward(reference))
+    check_kernels_write_every_element(NumbaCpuRoIKernels(), data.draw(roi_cases(op=op, dtype=dtype, with_grad=True,
+                                                                               min_rois=1)))
 
 
 @pytest.mark.parametrize("op", ROI_OPS)
@@ -274,7 +199,7 @@ def test_batch_index_outside_the_batch_reads_nothing(op):
 @pytest.mark.parametrize("op", ROI_OPS)
 @pytest.mark.parametrize("form", ["rows", "list"])
 def test_no_rois(op, form):
-    case = fixed_case(op, np.random.default_rng(6), kinds=(), channels=4, **{
+    case = build_roi_case(op, np.random.default_rng(6), kinds=(), channels=4, **{
         "roi_align": dict(output_size=2), "ps_roi_align": dict(output_size=(2, 1)), "roi_pool": dict(output_size=2),
         "ps_roi_pool": dict(output_size=(1, 2)),
         "deform_roi_pool": dict(output_size=2, offset=np.zeros((0, 2, 2, 2)), mask=np.zeros((0, 1, 2, 2))),
@@ -294,7 +219,7 @@ def test_no_rois(op, form):
 def test_rois_as_a_list_with_an_empty_image(op):
     """Per-image [L, 4] boxes (image 1 has none) give what the equivalent [K, 5] rows give."""
     rng = np.random.default_rng(7)
-    case = fixed_case(op, rng, n=3, channels=4, kinds=("inside", "straddling", "huge", "tiny"), **{
+    case = build_roi_case(op, rng, n=3, channels=4, kinds=("inside", "straddling", "huge", "tiny"), **{
         "roi_align": dict(output_size=2, mode="max"), "ps_roi_align": dict(output_size=(2, 1)),
         "roi_pool": dict(output_size=2), "ps_roi_pool": dict(output_size=(1, 2)),
         "deform_roi_pool": dict(output_size=2, offset=rng.standard_normal((4, 2, 2, 2))),
@@ -369,6 +294,6 @@ def test_deform_psroi_pool_without_trans_is_zero_trans(case):
 
 
 def test_backend_numba_is_the_cpu_backend_for_numpy_arrays():
-    case = fixed_case("roi_align", np.random.default_rng(10), output_size=2, mode="max")
+    case = build_roi_case("roi_align", np.random.default_rng(10), output_size=2, mode="max")
     np.testing.assert_array_equal(case.forward(pydeform, backend="numba"), case.forward(pydeform))
     np.testing.assert_array_equal(case.backward(pydeform, backend="numba")["input"], case.backward(pydeform)["input"])

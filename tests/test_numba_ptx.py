@@ -1,7 +1,9 @@
-"""Type-check and compile the Numba CUDA kernels of deform_conv2d to PTX, without a GPU.
+"""Type-check and compile the Numba CUDA kernels of deform_conv2d and of the RoI ops to PTX,
+without a GPU.
 
-The argument types are not written by hand: the kernel set ``NumbaCudaDeformConv2dKernels``
-is driven on small NumPy arrays of every GPU dtype with its launcher replaced by a recorder,
+The argument types are not written by hand: the kernel sets ``NumbaCudaDeformConv2dKernels``
+and ``NumbaCudaRoIKernels`` are driven on small NumPy arrays of every GPU dtype (every RoI op,
+with and without its optional arrays) with their launcher replaced by a recorder,
 and ``numba.typeof`` of the recorded arguments is the signature given to
 ``numba.cuda.compile_ptx`` (libNVVM from the nvidia-cuda-nvcc wheel), for sm_70, sm_80, sm_90.
 
@@ -28,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPUTE_CAPABILITIES = [(7, 0), (8, 0), (9, 0)]
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 KERNELS = ("im2col", "col2im_coord", "col2im")
+ROI_FAMILIES = ("roi_align", "roi_pool", "deform_roi_pool", "deform_psroi_pool")
+ROI_KERNELS = tuple(f"{family}_{step}" for family in ROI_FAMILIES for step in ("forward", "backward"))
 # Kernel arithmetic dtype by storage dtype: half types are converted to float32 before a launch.
 ARITHMETIC = {"float32": "float32", "float64": "float64", "float16": "float32", "bfloat16": "float32"}
 
@@ -71,6 +75,60 @@ def record_launches(dtype_name: str) -> list:
     return launches
 
 
+def record_roi_launches(dtype_name: str) -> list:
+    """(kernel name, kernel, arguments) of every launch of the RoI kernel set for the forward and
+    backward of every op, with and without its optional arrays, on arrays of ``dtype_name``.
+
+    The ops take float16 / bfloat16 arrays only on the GPU, so the kernel-set calls are recorded
+    from the ops on float32 (float64) arrays and replayed with the storage-dtype arrays converted:
+    all but rois and the gradients, which are in the accumulation dtype."""
+    import ml_dtypes
+    import numpy as np
+
+    import pydeform
+    from pydeform.backends.numba_kernels import roi as kernels_module
+    from tests.roi_kernel_set_checks import gradient_arguments, recorded_call
+    from tests.strategies import build_roi_case
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    names = {}
+    for family in ROI_FAMILIES:
+        forward, backward = kernels_module.cuda_kernels(family)
+        names[id(forward)], names[id(backward)] = f"{family}_forward", f"{family}_backward"
+    launches = []
+
+    def recorder(kernel, n_items, xp, *args):
+        launches.append((names[id(kernel)], kernel, args))
+
+    kernels_module.launch_cuda = recorder
+    kernels = kernels_module.NumbaCudaRoIKernels(xp=np)
+    rng = np.random.default_rng(0)
+
+    def array(*shape):  # for two rois
+        return rng.standard_normal((2,) + shape).astype(acc)
+
+    optional = {
+        "roi_align": [dict(output_size=2, mode="max")], "ps_roi_align": [dict(output_size=2)],
+        "roi_pool": [dict(output_size=2)], "ps_roi_pool": [dict(output_size=2)],
+        "deform_roi_pool": [dict(output_size=2), dict(output_size=2, offset=array(2, 2, 2), mask=array(1, 2, 2))],
+        "deform_psroi_pool": [dict(group_size=2, pooled_size=2),
+                              dict(group_size=2, pooled_size=2, trans=array(2, 2, 2))],
+    }
+    for op, variants in optional.items():
+        for options in variants:
+            case = build_roi_case(op, rng, acc, channels=4, size=(4, 4), kinds=("inside", "huge"), **options)
+            for run in (case.forward, case.backward):
+                method, args = recorded_call(lambda: run(pydeform))
+                rois = args[1] if method.endswith("_forward") else args[2]
+                keep = [rois, *(gradient_arguments(method, args).values() if method.endswith("_backward") else [])]
+                getattr(kernels, method)(*(
+                    a.astype(dtype) if isinstance(a, np.ndarray) and not any(a is b for b in keep) else a
+                    for a in args
+                ))
+    return launches
+
+
 def compile_all(cc: tuple) -> dict:
     """Child process: compile every recorded launch for ``cc``; returns
     ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
@@ -97,7 +155,7 @@ def compile_all(cc: tuple) -> dict:
     results, compiled = {}, {}
     for dtype_name in DTYPES:
         per_kernel = results.setdefault(dtype_name, {})
-        for name, kernel, args in record_launches(dtype_name):
+        for name, kernel, args in record_launches(dtype_name) + record_roi_launches(dtype_name):
             signature = tuple(numba.typeof(arg) for arg in args)
             if (name, signature) not in compiled:
                 compiled[name, signature] = compile_kernel(kernel, signature)
@@ -120,22 +178,35 @@ def compiled(request):
     return cc, json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_compiles_to_ptx(compiled, dtype, kernel):
+def check_compiled(compiled, dtype, kernel, tuples, scatters):
+    """The kernel compiled for the child's compute capability, returns nothing, takes 1-d
+    C-contiguous arrays of the arithmetic dtype only (flat views), has the tuple arguments
+    ``tuples`` in its signature, and uses native atomic adds of the arithmetic type exactly
+    when it ``scatters``."""
     cc, results = compiled
     entry = results[dtype][kernel]
     assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
     assert entry["return"] == "none"
     assert entry["target"] == [f"sm_{cc[0]}{cc[1]}"]
     arithmetic = ARITHMETIC[dtype]
-    # Every array argument has the arithmetic dtype and is 1-d C-contiguous (flat views).
     arrays = re.findall(r"Array\((\w+), (\d+), '(\w)'", entry["signature"])
     assert arrays and set(arrays) == {(arithmetic, "1", "C")}, entry["signature"]
-    assert "UniTuple(int64, 16)" in entry["signature"] and "bool" in entry["signature"], entry["signature"]
-    # The input gradient is scattered with native atomic adds of the arithmetic type.
-    expected_atomics = [f"atom.global.add.f{arithmetic[-2:]}"] if kernel == "col2im" else []
-    assert entry["atomics"] == expected_atomics
+    assert all(t in entry["signature"] for t in tuples), entry["signature"]
+    assert entry["atomics"] == ([f"atom.global.add.f{arithmetic[-2:]}"] if scatters else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_compiles_to_ptx(compiled, dtype, kernel):
+    # geometry and has_mask; only col2im scatters (the input gradient).
+    check_compiled(compiled, dtype, kernel, ["UniTuple(int64, 16)", "bool"], kernel == "col2im")
+
+
+@pytest.mark.parametrize("kernel", ROI_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_kernel_compiles_to_ptx(compiled, dtype, kernel):
+    # shape = (N, C, H, W, C_out, PH, PW) and the op's param record; backward kernels scatter.
+    check_compiled(compiled, dtype, kernel, ["UniTuple(int64, 7)", "Tuple(int64"], kernel.endswith("_backward"))
 
 
 if __name__ == "__main__":

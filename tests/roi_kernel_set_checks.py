@@ -1,0 +1,90 @@
+"""Checks of a RoI *kernel set* called directly with the arguments the public op prepares,
+against the float64 reference; shared by the tests of every backend (NumPy or CuPy arrays).
+
+The op runs once with a :class:`Recorder` as its kernel set, which keeps the (method,
+arguments) it is given; the real kernel set then runs that call with its output poisoned.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+
+import pydeform
+import reference
+from pydeform import roi as roi_module
+from tests.strategies import RoICase, assert_close, to_numpy
+
+#: The gradients a backward kernel-set method accumulates into: its arguments before ``params``.
+GRADIENTS = {
+    "roi_align_backward": ("input",),
+    "roi_pool_backward": ("input",),
+    "deform_roi_pool_backward": ("input", "offset", "mask"),
+    "deform_psroi_pool_backward": ("input", "trans"),
+}
+
+
+class Recorder:
+    """A kernel set for arrays of ``xp`` that records its method calls instead of running them."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.calls = []
+
+    def __getattr__(self, method):
+        return lambda *args: self.calls.append((method, args))
+
+
+def recorded_call(run, xp=np):
+    """The (method, arguments) the op makes of its kernel set when ``run()`` runs it."""
+    recorder = Recorder(xp)
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: recorder):
+        run()
+    (call,) = recorder.calls
+    return call
+
+
+def gradient_arguments(method, args) -> dict:
+    """The gradient arrays (or None) among a backward call's arguments, by argument name."""
+    names = GRADIENTS[method]
+    return dict(zip(names, args[-1 - len(names):-1]))
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def check_kernel_call(kernels, method, args, expected) -> None:
+    """Run a recorded call on ``kernels``: a forward's output is poisoned with NaN first and
+    must end equal to ``expected`` (an array); a backward's gradients must arrive zero-filled
+    and end equal to ``expected`` (the reference's dict). No other array may change."""
+    forward = method.endswith("_forward")
+    written = [args[-2]] if forward else [g for g in gradient_arguments(method, args).values() if g is not None]
+    if forward:
+        args[-2][...] = np.nan
+    else:
+        assert all(not g.any() for g in written), f"{method}: gradients must arrive zero-filled"
+    read = [a for a in args if _is_array(a) and not any(a is w for w in written)]
+    before = [to_numpy(a).copy() for a in read]
+    getattr(kernels, method)(*args)
+    if forward:
+        assert_close("output", args[-2], expected, args[0].dtype)
+    else:
+        for name, grad in gradient_arguments(method, args).items():
+            assert (grad is None) == (expected[name] is None), name
+            if grad is not None:
+                assert_close(f"grad {name}", grad, expected[name], args[1].dtype)
+    for got, previous in zip(read, before):
+        np.testing.assert_array_equal(to_numpy(got), previous, err_msg=f"{method} wrote an input")
+
+
+def check_kernels_write_every_element(kernels, case: RoICase) -> None:
+    """The forward and the backward method of ``case.op`` on ``kernels`` (arrays moved to
+    ``kernels.xp``), each called directly with the arguments the op prepares."""
+    xp = kernels.xp
+    device_case = case.map_arrays(xp.asarray)
+    method, args = recorded_call(lambda: device_case.forward(pydeform), xp)
+    check_kernel_call(kernels, method, args, case.forward(reference))
+    method, args = recorded_call(lambda: device_case.backward(pydeform), xp)
+    check_kernel_call(kernels, method, args, case.backward(reference))
