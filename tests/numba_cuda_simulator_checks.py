@@ -131,3 +131,11 @@ def test_simulated_numba_cuda_roi_kernels_match_reference(name, dtype):
     for array_name, array in case.arrays().items():
         np.testing.assert_array_equal(array, before.arrays()[array_name], err_msg=f"{array_name} was modified")
     roi_kernel_set_checks.check_kernels_write_every_element(kernels, case)
+
+
+@pytest.mark.parametrize("name", ROI_PROBLEMS)
+def test_simulated_numba_cuda_roi_kernels_in_float16(name):
+    """float16 arrays (converted to float32 around the launch, the output written back), the
+    kernel-set methods called directly: the ops take float16 on the GPU only. (The simulator has
+    no bfloat16.)"""
+    roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, np.float16))

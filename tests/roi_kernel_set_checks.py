@@ -79,12 +79,27 @@ def check_kernel_call(kernels, method, args, expected) -> None:
         np.testing.assert_array_equal(to_numpy(got), previous, err_msg=f"{method} wrote an input")
 
 
+def in_storage_dtype(method, args, dtype) -> tuple:
+    """A recorded call's arguments with the arrays of the storage dtype (all but rois and the
+    gradients, which are in the accumulation dtype) converted to ``dtype``."""
+    forward = method.endswith("_forward")
+    if forward:
+        args[-2][...] = 0  # the op's uninitialised output: check_kernel_call poisons it anyway
+    keep = [args[1]] if forward else [args[2], *gradient_arguments(method, args).values()]
+    return tuple(
+        a.astype(dtype, copy=False) if _is_array(a) and not any(a is k for k in keep) else a for a in args
+    )
+
+
 def check_kernels_write_every_element(kernels, case: RoICase) -> None:
     """The forward and the backward method of ``case.op`` on ``kernels`` (arrays moved to
-    ``kernels.xp``), each called directly with the arguments the op prepares."""
+    ``kernels.xp``), each called directly with the arguments the op prepares. The calls are
+    recorded from the op on arrays of the accumulation dtype (the ops take float16 / bfloat16
+    on the GPU only) and replayed with the storage-dtype arrays in ``case``'s dtype."""
     xp = kernels.xp
-    device_case = case.map_arrays(xp.asarray)
-    method, args = recorded_call(lambda: device_case.forward(pydeform), xp)
-    check_kernel_call(kernels, method, args, case.forward(reference))
-    method, args = recorded_call(lambda: device_case.backward(pydeform), xp)
-    check_kernel_call(kernels, method, args, case.backward(reference))
+    dtype = case.input.dtype
+    acc = np.float64 if dtype == np.float64 else np.float32
+    device_case = case.map_arrays(lambda a: xp.asarray(a.astype(acc) if a.dtype.itemsize < 4 else a))
+    for run, expected in ((RoICase.forward, case.forward(reference)), (RoICase.backward, case.backward(reference))):
+        method, args = recorded_call(lambda: run(device_case, pydeform), xp)
+        check_kernel_call(kernels, method, in_storage_dtype(method, args, dtype), expected)

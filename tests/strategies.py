@@ -351,11 +351,14 @@ def build_roi_case(op, rng, dtype=np.float64, n=2, channels=3, size=(5, 6), kind
     return dataclasses.replace(case, grad_output=grad_output)
 
 
-def _options(draw, op: str, num_rois: int, pooled: tuple, rng, dtype):
+ROI_SCALES = (1.0, 0.5, 0.25, 2.0, 0.3)
+
+
+def _options(draw, op: str, num_rois: int, pooled: tuple, rng, dtype, scales):
     """The op's keyword arguments besides input and rois, and its input channel count."""
     pooled_h, pooled_w = pooled
     output_size = pooled_h if pooled_h == pooled_w and draw(st.booleans()) else (pooled_h, pooled_w)
-    scale = draw(st.sampled_from([1.0, 0.5, 0.25, 2.0, 0.3]))
+    scale = draw(st.sampled_from(scales))
     sampling_ratio = draw(st.sampled_from([-1, 0, 1, 2, 3]))
     if op == "roi_align":
         options = dict(output_size=output_size, spatial_scale=scale, sampling_ratio=sampling_ratio,
@@ -389,13 +392,13 @@ def _options(draw, op: str, num_rois: int, pooled: tuple, rng, dtype):
 
 @st.composite
 def roi_cases(draw, op=None, dtype=np.float64, with_grad=False, min_rois=0, max_rois=6, kinds=ROI_KINDS,
-              as_list=None):
+              as_list=None, scales=ROI_SCALES, pooled_sizes=(1, 2, 3)):
     """A valid problem of one RoI op (drawn from ROI_OPS unless ``op`` is given) in ``dtype``.
 
-    N 1..3, H, W 1..7, output 1..3 per axis (square for deform_psroi_pool), min..max_rois boxes of
-    the given ``kinds`` (see :func:`_roi_box`), sometimes on half-pixel multiples; spatial_scale
-    in {1, 0.5, 0.25, 2, 0.3}; explicit and adaptive sampling; every option of the op drawn;
-    offset / mask / trans present or absent. ``rois`` is a ``[K, 5]`` array or (``as_list``, or
+    N 1..3, H, W 1..7, output sizes from ``pooled_sizes`` per axis (square for
+    deform_psroi_pool), min..max_rois boxes of the given ``kinds`` (see :func:`_roi_box`),
+    sometimes on half-pixel multiples; spatial_scale from ``scales``; explicit and adaptive
+    sampling; every option of the op drawn; offset / mask / trans present or absent. ``rois`` is a ``[K, 5]`` array or (``as_list``, or
     drawn when None) a list of per-image ``[L, 4]`` arrays, in the accumulation dtype (float32
     for float16 / bfloat16 inputs). The reference's backward is the oracle for gradients: its
     kink conventions are the kernels', so positions need not avoid integers.
@@ -405,11 +408,11 @@ def roi_cases(draw, op=None, dtype=np.float64, with_grad=False, min_rois=0, max_
     op = draw(st.sampled_from(ROI_OPS)) if op is None else op
     n = draw(st.integers(1, 3))
     height, width = draw(st.integers(1, 7)), draw(st.integers(1, 7))
-    pooled_h = draw(st.integers(1, 3))
-    pooled = (pooled_h, pooled_h if op == "deform_psroi_pool" else draw(st.integers(1, 3)))
+    pooled_h = draw(st.sampled_from(pooled_sizes))
+    pooled = (pooled_h, pooled_h if op == "deform_psroi_pool" else draw(st.sampled_from(pooled_sizes)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     roi_kinds = draw(st.lists(st.sampled_from(kinds), min_size=min_rois, max_size=max_rois))
-    options, channels = _options(draw, op, len(roi_kinds), pooled, rng, dtype)
+    options, channels = _options(draw, op, len(roi_kinds), pooled, rng, dtype, scales)
     rows = roi_boxes_for(rng, n, roi_kinds, height, width, options["spatial_scale"], draw(st.booleans()))
     # A list holds the boxes by image: sort the rows so the arrays' K order matches.
     as_list = draw(st.booleans()) if as_list is None else as_list

@@ -87,7 +87,7 @@ def record_roi_launches(dtype_name: str) -> list:
 
     import pydeform
     from pydeform.backends.numba_kernels import roi as kernels_module
-    from tests.roi_kernel_set_checks import gradient_arguments, recorded_call
+    from tests.roi_kernel_set_checks import in_storage_dtype, recorded_call
     from tests.strategies import build_roi_case
 
     dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
@@ -120,12 +120,7 @@ def record_roi_launches(dtype_name: str) -> list:
             case = build_roi_case(op, rng, acc, channels=4, size=(4, 4), kinds=("inside", "huge"), **options)
             for run in (case.forward, case.backward):
                 method, args = recorded_call(lambda: run(pydeform))
-                rois = args[1] if method.endswith("_forward") else args[2]
-                keep = [rois, *(gradient_arguments(method, args).values() if method.endswith("_backward") else [])]
-                getattr(kernels, method)(*(
-                    a.astype(dtype) if isinstance(a, np.ndarray) and not any(a is b for b in keep) else a
-                    for a in args
-                ))
+                getattr(kernels, method)(*in_storage_dtype(method, args, dtype))
     return launches
 
 
