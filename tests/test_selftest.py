@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import pydeform
+import reference
 from pydeform import selftest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +26,18 @@ def test_quick_selftest_passes_on_numba_cpu():
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["op", "backend", "dtype", "check", "max", "error", "tolerance", "time", "result"]
-    rows = [line.split() for line in lines if line.startswith("deform_conv2d")]
-    cpu_checks = [entry for entry in selftest.CHECKS
+    ops = {entry.op for entry in selftest.CHECKS}
+    assert ops == {"deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
+                   "deform_psroi_pool"}
+    rows = [line.split() for line in lines if line.split()[0] in ops]
+    cpu_checks = [(entry.op, dtype) for entry in selftest.CHECKS
                   for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
-    assert len(rows) == len(cpu_checks)
-    assert all(row[1] == "numba-cpu" and row[2] in ("float32", "float64") and row[-1] == "PASS" for row in rows)
-    for name in ("forward vs float64", "zero offsets = convolution", "grad offset vs finite difference"):
+    assert sorted((row[0], row[2]) for row in rows) == sorted(cpu_checks)
+    assert all(row[1] == "numba-cpu" and row[-1] == "PASS" for row in rows)
+    for name in ("forward vs float64", "zero offsets = convolution", "grad offset vs finite difference",
+                 "affine image = affine at bin centres", "ramp image = last pixel of each bin",
+                 "channel-constant input = its channels", "zero offsets = roi_align aligned",
+                 "mask = unmasked * mask", "grad trans vs finite difference"):
         assert name in result.stdout
     assert "FAIL" not in result.stdout
     assert f"{len(rows)} checks passed, 0 failed" in result.stdout
@@ -97,3 +105,47 @@ def test_numpy_helpers_agree():
     gathered = selftest.whole_pixel_deform_conv2d(**arrays, **case.options())
     convolved = selftest.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
     np.testing.assert_allclose(gathered, convolved, rtol=1e-12, atol=1e-12)
+
+
+ROI_OPS = ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")
+
+
+def test_roi_checks_hold_for_the_reference(monkeypatch):
+    """The RoI checks' own NumPy answers (affine, ramp and channel-constant images, the deform
+    identities) and their finite-difference set-up (samples placed off the kinks) are right
+    independently of pydeform: run on the test suite's float64 reference instead of an op, every
+    check passes."""
+
+    def reference_forward(calls, backend, dtype, case, arrays):
+        return getattr(reference, calls.op)(**arrays, **case.options())
+
+    def reference_backward(calls, backend, dtype, case, arrays, grad_output):
+        grads = getattr(reference, f"{calls.op}_backward")(grad_output, **arrays, **case.options())
+        return {name: g for name, g in grads.items() if g is not None}
+
+    monkeypatch.setattr(selftest, "run_forward", reference_forward)
+    monkeypatch.setattr(selftest, "run_backward", reference_backward)
+    checks = [entry for entry in selftest.CHECKS
+              if entry.op in ROI_OPS and entry.applies(selftest.NUMBA_CPU, "float64")]
+    assert {entry.op for entry in checks} == set(ROI_OPS)
+    for entry in checks:
+        assert entry.run(selftest.NUMBA_CPU, "float64", False) <= entry.tolerance["float64"], (entry.op, entry.name)
+
+
+@pytest.mark.parametrize("op", ROI_OPS)
+def test_roi_identity_checks_notice_a_wrong_answer(monkeypatch, op):
+    """Each RoI identity check with a NumPy answer fails when the op's output is off (here:
+    scaled by 1.01); "mask = unmasked * mask" compares two runs of the op, which the same scaling
+    leaves equal."""
+    original = selftest.run_forward
+
+    def off_forward(calls, backend, dtype, case, arrays):
+        output = original(calls, backend, dtype, case, arrays)
+        return output * 1.01 if calls.op == op else output
+
+    monkeypatch.setattr(selftest, "run_forward", off_forward)
+    identities = [entry for entry in selftest.CHECKS
+                  if entry.op == op and " = " in entry.name and entry.name != "mask = unmasked * mask"]
+    assert identities
+    for entry in identities:
+        assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"], entry.name
