@@ -297,3 +297,30 @@ def test_backend_numba_is_the_cpu_backend_for_numpy_arrays():
     case = build_roi_case("roi_align", np.random.default_rng(10), output_size=2, mode="max")
     np.testing.assert_array_equal(case.forward(pydeform, backend="numba"), case.forward(pydeform))
     np.testing.assert_array_equal(case.backward(pydeform, backend="numba")["input"], case.backward(pydeform)["input"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("op", ["deform_roi_pool", "deform_psroi_pool"])
+def test_non_finite_offsets_count_as_outside(op, bad):
+    """A NaN / inf offset or trans moves a bin's samples nowhere: the result is that of a bin
+    moved far outside the image (0, no gradient), everything finite."""
+    rng = np.random.default_rng(12)
+    k = 2 * len(ROI_KINDS)
+    name, options = {
+        "deform_roi_pool": ("offset", dict(output_size=(2, 3), sampling_ratio=2, gamma=0.5,
+                                           offset=rng.standard_normal((k, 2, 2, 3)))),
+        "deform_psroi_pool": ("trans", dict(trans=rng.standard_normal((k, 2, 2, 2)), group_size=2,
+                                            pooled_size=2, trans_std=0.5)),
+    }[op]
+    case = build_roi_case(op, rng, channels=4, **options)
+    poisoned = (np.array([0, 3, 5]), np.array([0, 1, 0]), np.array([1, 0, 1]), np.array([1, 1, 0]))
+    values, far = case.options[name].copy(), case.options[name].copy()
+    values[poisoned] = bad
+    far[poisoned] = 1e6
+    bad_case = dataclasses.replace(case, options=dict(case.options, **{name: values}))
+    far_case = dataclasses.replace(case, options=dict(case.options, **{name: far}))
+    assert_close("output", bad_case.forward(pydeform), far_case.forward(reference), np.float64)
+    grads = bad_case.backward(pydeform)
+    expected = far_case.backward(reference)
+    assert_roi_grads_close(grads, expected, np.float64)
+    assert np.all(grads[name][poisoned] == 0)
