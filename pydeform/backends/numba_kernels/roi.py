@@ -94,9 +94,10 @@ def _sample_functions(t):
 def _grid_loops(t, samplers, position):
     """The loops over one bin's samples for a sampling scheme.
 
-    A bin is ``grid = (top, left, step_h, step_w, grid_h, grid_w)``; ``position(grid, iy, ix,
-    height, width)`` gives ``(counted, y, x)`` of sample (iy, ix): whether it takes part, and
-    where it is read.
+    A bin is ``grid = (top, left, size_h, size_w, grid_h, grid_w)``: ``grid_h x grid_w``
+    samples, spread over the bin's size (roi_align) or spaced by it (deform_psroi_pool);
+    ``position(grid, iy, ix, height, width)`` gives ``(counted, y, x)`` of sample (iy, ix):
+    whether it takes part, and where it is read.
     """
     sample, scatter_sample = samplers
 
