@@ -84,8 +84,10 @@ def main(argv=None) -> int:
             "Run every op on every backend usable on this machine (numba-cpu always; cupy and "
             "numba-cuda with a GPU) in each dtype the backend supports, and check it without the "
             "test suite: against a float64 run, between backends, gradients against finite "
-            "differences, zero offsets with a unit mask against an ordinary convolution, no mask "
-            "against a mask of ones. Exit status 1 if any check fails."
+            "differences, and identities with answers computed directly in NumPy (deform_conv2d: "
+            "zero offsets with a unit mask against an ordinary convolution, no mask against a mask "
+            "of ones; RoI ops: affine, ramp and channel-constant images, deform_roi_pool's "
+            "zero-offset and mask identities). Exit status 1 if any check fails."
         ),
     )
     selftest.add_argument("--quick", action="store_true", help="run one small case per check instead of all")
