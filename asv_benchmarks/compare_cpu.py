@@ -15,16 +15,8 @@ import os
 import platform
 from importlib import metadata
 
-import pydeform
-from benchmarks import deform_conv, roi
-from benchmarks.timing import BLOCK
-
-# op -> (benchmark module, its comparisons)
-OPS = {
-    "deform_conv2d": (deform_conv, deform_conv.cpu_comparisons),
-    "roi_align": (roi, roi.roi_align_comparisons),
-    "roi_pool": (roi, roi.roi_pool_comparisons),
-}
+OPS = ("deform_conv2d", "roi_align", "roi_pool")
+ROUNDS = 5
 
 
 def cpu_model() -> str:
@@ -40,11 +32,29 @@ def cpu_model() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=list(OPS), default="deform_conv2d", help="the op to compare (default deform_conv2d)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help=f"alternating rounds of {BLOCK} timed calls of each (default 5)")
+    parser.add_argument("--op", choices=OPS, default="deform_conv2d", help="the op to compare (default deform_conv2d)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"alternating rounds of timed calls of each (default {ROUNDS})")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for both sides: Numba, OpenBLAS and ORT's intra-op pool (default: "
+                        "each library's own default, one per core)")
     args = parser.parse_args()
-    module, comparisons = OPS[args.op]
+    if args.threads:
+        # Read by Numba and OpenBLAS when they load, so set before the imports below.
+        for variable in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[variable] = str(args.threads)
+
+    import pydeform
+    from benchmarks import deform_conv, roi
+    from benchmarks.timing import BLOCK, require_onnx_models
+
+    require_onnx_models().SESSION_THREADS = args.threads
+    module, comparisons = {
+        "deform_conv2d": (deform_conv, deform_conv.cpu_comparisons),
+        "roi_align": (roi, roi.roi_align_comparisons),
+        "roi_pool": (roi, roi.roi_pool_comparisons),
+    }[args.op]
+    print(f"threads: {args.threads or 'library defaults'}")
     print(f"date: {datetime.date.today()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}")
     # Other work on the machine slows both sides; the load says how busy it was.

@@ -5,6 +5,7 @@ number measured inside one process: a speed ratio against a peer timed in the sa
 time taken with CUDA events, or a peak memory delta.
 """
 
+import functools
 import importlib.util
 import statistics
 import time
@@ -55,9 +56,11 @@ class CpuComparison(NamedTuple):
         return peer_seconds / pydeform_seconds
 
 
+@functools.lru_cache(maxsize=None)
 def require_onnx_models():
     """The tests' ONNX Runtime model builders (``tests/onnx_models.py``, loaded by path: ``tests``
-    is not an installed package), or NotImplementedError (asv's way to skip) without ORT."""
+    is not an installed package; one module per process), or NotImplementedError (asv's way to
+    skip) without ORT."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
