@@ -12,7 +12,9 @@ sampling scheme (roi_align's regular grid, deform_psroi_pool's skipping and clam
 
 - CUDA: one thread per output element in the forward and in the backward (``input_grad`` then
   ``params_grad``, atomic adds into the accumulation-dtype gradients).
-- CPU: the forward likewise, one ``prange`` iteration per element. In the backward, elements of
+- CPU: the forward likewise, one ``prange`` iteration per element, except plain roi_align's:
+  its tasks are rows of bins of a roi, and each sample's set-up (position, clamps, corners,
+  weights) is computed once for all channels, which share it. In the backward, elements of
   overlapping bins (neighbouring bins, rois that overlap) scatter into the same input pixels, so
   running elements in parallel would race without atomics. The backward therefore runs in two
   passes whose tasks own everything they write, and ``t.atomic_add`` is a plain add: pass 1
@@ -48,6 +50,9 @@ _COORDINATE_LIMIT = float(2**40)
 # From 2**52 on every float64 is an integer: rounding leaves it alone (and math.floor, which
 # returns an int64 in Numba, never sees it).
 _INTEGRAL_FROM = float(2**52)
+# Samples whose set-ups roi_align's CPU forward holds at once (adaptive sampling can give a bin
+# any number of samples; the scratch stays small).
+SAMPLE_CHUNK = 64
 
 
 # Indices into the kernels' ``shape`` tuple.
@@ -165,8 +170,11 @@ def _grid_loops(t, samplers, position):
 
 def _element_functions(t):
     """Compile every family's element functions for ``t``; returns a dict keyed by family name
-    of ``(forward, input_grad, params_grad, source_channel)``."""
+    of ``(forward, input_grad, params_grad, source_channel)``, and under "roi_align_bin" the CPU
+    forward of one roi_align bin for all channels."""
     atomic_add = t.atomic_add
+    setup, corners, weights_of = t.border_clamped_setup, t.border_clamped_corners, t.bilinear_weights
+    combine = t.bilinear_combine
     samplers = _sample_functions(t)
     scatter_sample = samplers[1]
 
@@ -254,6 +262,63 @@ def _element_functions(t):
             return best
         value, count, _, _ = aligned_sums(input, plane, grid, height, width, False)
         return value / max(count, 1)
+
+    @t.device
+    def roi_align_bin_forward(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at, sample_weights):
+        """Bin (ph, pw) of roi k for every channel of plain roi_align (not position-sensitive).
+
+        The bin's samples are the same in every channel, so their set-ups are computed once, a
+        chunk of samples at a time (``sample_at`` rows (corner or -1 outside, row_step,
+        col_step) and ``sample_weights`` rows, both of SAMPLE_CHUNK rows), and then applied to
+        one channel plane after the other. ``per_channel`` (C_out floats) carries each channel's
+        sum or maximum across chunks; every channel sees the same samples in the same order as
+        :func:`roi_align_forward`, so the results are identical."""
+        channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
+        first_item = (k * channels * pooled_h + ph) * pooled_w + pw
+        channel_stride = pooled_h * pooled_w
+        base = plane_of(k, 0, rois, shape)
+        if base < 0:
+            for c in range(channels):
+                output[first_item + c * channel_stride] = 0.0
+            return
+        height, width = shape[_H], shape[_W]
+        plane_size = height * width
+        max_mode = params[9]
+        grid = align_grid(k, ph, pw, rois, params)
+        grid_w = grid[5]
+        count = grid[4] * grid_w
+        per_channel[:] = 0.0
+        for start in range(0, count, SAMPLE_CHUNK):
+            chunk = min(SAMPLE_CHUNK, count - start)
+            for j in range(chunk):
+                iy = (start + j) // grid_w
+                _, y, x = regular_position(grid, iy, start + j - iy * grid_w, height, width)
+                inside, corner, row_step, col_step, ly, lx, _, _ = setup(y, x, height, width)
+                sample_at[j, 0] = corner if inside else -1
+                sample_at[j, 1] = row_step
+                sample_at[j, 2] = col_step
+                w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
+                sample_weights[j, 0] = w00
+                sample_weights[j, 1] = w01
+                sample_weights[j, 2] = w10
+                sample_weights[j, 3] = w11
+            for c in range(channels):
+                plane = base + c * plane_size
+                result = per_channel[c]
+                for j in range(chunk):
+                    # An outside sample reads 0.0: it adds nothing, but takes part in the max.
+                    value = 0.0
+                    if sample_at[j, 0] >= 0:
+                        v00, v01, v10, v11 = corners(input, plane, sample_at[j, 0], sample_at[j, 1], sample_at[j, 2])
+                        value = combine(v00, v01, v10, v11, sample_weights[j, 0], sample_weights[j, 1],
+                                        sample_weights[j, 2], sample_weights[j, 3])
+                    if not max_mode:
+                        result += value
+                    elif start + j == 0 or value > result:
+                        result = value
+                per_channel[c] = result
+        for c in range(channels):
+            output[first_item + c * channel_stride] = per_channel[c] if max_mode else per_channel[c] / max(count, 1)
 
     @t.device
     def roi_align_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
@@ -504,6 +569,7 @@ def _element_functions(t):
         atomic_add(grad_trans, at + part_size * part_size, trans_std * roi_h * grad_sample * sum_dy)
 
     return {
+        "roi_align_bin": roi_align_bin_forward,
         "roi_align": (roi_align_forward, roi_align_input_grad, no_params_grad, align_channel),
         "roi_pool": (roi_pool_forward, roi_pool_input_grad, no_params_grad, pool_channel),
         "deform_roi_pool": (deform_roi_pool_forward, deform_roi_pool_input_grad, deform_roi_pool_params_grad,
@@ -547,12 +613,29 @@ class CpuKernels:
 
         elements, split = _cpu_functions()
         forward, input_grad, params_grad, source_channel = elements[family]
+        align_bin = elements["roi_align_bin"]
+        shares_samples = family == "roi_align"
 
         @cpu_kernel
         def forward_kernel(input, rois, first, second, output, shape, params, n_items):
-            for item in prange(n_items):
-                k, c, ph, pw = split(item, shape)
-                output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
+            if shares_samples and not params[10]:
+                # One task per row of bins of a roi, each bin's sample set-ups shared by all
+                # channels (position-sensitive bins read one channel each: nothing to share).
+                pooled_h, pooled_w = shape[_PH], shape[_PW]
+                per_row = shape[_C_OUT] * pooled_w
+                for task in prange(n_items // per_row if per_row > 0 else 0):
+                    k = task // pooled_h
+                    ph = task - k * pooled_h
+                    per_channel = np.empty(shape[_C_OUT])
+                    sample_at = np.empty((SAMPLE_CHUNK, 3), np.int64)
+                    sample_weights = np.empty((SAMPLE_CHUNK, 4))
+                    for pw in range(pooled_w):
+                        align_bin(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at,
+                                  sample_weights)
+            else:
+                for item in prange(n_items):
+                    k, c, ph, pw = split(item, shape)
+                    output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
 
         @cpu_kernel
         def input_pass(grad_output, input, rois, first, second, grad_input, shape, params, n_rois):
