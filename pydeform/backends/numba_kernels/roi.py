@@ -614,28 +614,25 @@ class CpuKernels:
         elements, split = _cpu_functions()
         forward, input_grad, params_grad, source_channel = elements[family]
         align_bin = elements["roi_align_bin"]
-        shares_samples = family == "roi_align"
 
         @cpu_kernel
         def forward_kernel(input, rois, first, second, output, shape, params, n_items):
-            if shares_samples and not params[10]:
-                # One task per row of bins of a roi, each bin's sample set-ups shared by all
-                # channels (position-sensitive bins read one channel each: nothing to share).
-                pooled_h, pooled_w = shape[_PH], shape[_PW]
-                per_row = shape[_C_OUT] * pooled_w
-                for task in prange(n_items // per_row if per_row > 0 else 0):
-                    k = task // pooled_h
-                    ph = task - k * pooled_h
-                    per_channel = np.empty(shape[_C_OUT])
-                    sample_at = np.empty((SAMPLE_CHUNK, 3), np.int64)
-                    sample_weights = np.empty((SAMPLE_CHUNK, 4))
-                    for pw in range(pooled_w):
-                        align_bin(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at,
-                                  sample_weights)
-            else:
-                for item in prange(n_items):
-                    k, c, ph, pw = split(item, shape)
-                    output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
+            for item in prange(n_items):
+                k, c, ph, pw = split(item, shape)
+                output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
+
+        @cpu_kernel
+        def shared_sample_forward(input, rois, output, shape, params, n_rows):
+            # One task per row of bins of a roi, each bin's sample set-ups shared by all channels.
+            pooled_h, pooled_w = shape[_PH], shape[_PW]
+            for task in prange(n_rows):
+                k = task // pooled_h
+                ph = task - k * pooled_h
+                per_channel = np.empty(shape[_C_OUT])
+                sample_at = np.empty((SAMPLE_CHUNK, 3), np.int64)
+                sample_weights = np.empty((SAMPLE_CHUNK, 4))
+                for pw in range(pooled_w):
+                    align_bin(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at, sample_weights)
 
         @cpu_kernel
         def input_pass(grad_output, input, rois, first, second, grad_input, shape, params, n_rois):
@@ -666,6 +663,9 @@ class CpuKernels:
                                 shape, params)
 
         self.forward, self.input_pass, self.params_pass = forward_kernel, input_pass, params_pass
+        # Plain roi_align (not position-sensitive: those bins read one channel each, nothing to
+        # share) runs the forward that shares each bin's sample set-ups across channels.
+        self.shared_sample_forward = shared_sample_forward if family == "roi_align" else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -753,10 +753,13 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
     xp = np
 
     def _forward(self, family, input, rois, first, second, output, params):
+        kernels, shape = cpu_kernels(family), _shape(input, output)
+        if kernels.shared_sample_forward is not None and not params.position_sensitive:
+            rows = rois.shape[0] * params.pooled_h
+            kernels.shared_sample_forward(_flat(input), _flat(rois), _flat(output), shape, tuple(params), rows)
+            return
         first, second = self._stand_ins((first, second), input)
-        cpu_kernels(family).forward(
-            _flat(input), _flat(rois), first, second, _flat(output), _shape(input, output), tuple(params), output.size
-        )
+        kernels.forward(_flat(input), _flat(rois), first, second, _flat(output), shape, tuple(params), output.size)
 
     def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
         reads = (_flat(grad_output), _flat(input), _flat(rois), *self._stand_ins((first, second), input))
