@@ -16,6 +16,7 @@ __all__ = [
     "check_arrays",
     "check_backend",
     "int_pair",
+    "shape_of",
 ]
 
 BACKENDS = ("cupy", "numba")
@@ -96,6 +97,11 @@ def check_arrays(arrays: dict, *, ranks: dict) -> tuple[str, np.dtype]:
     return library, dtype
 
 
+def shape_of(array) -> tuple:
+    """An array's shape as a tuple of Python ints (CuPy and NumPy alike)."""
+    return tuple(int(s) for s in array.shape)
+
+
 def accumulation_dtype(dtype) -> np.dtype:
     """float64 accumulates in float64; float32, float16 and bfloat16 in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
@@ -113,5 +119,6 @@ def int_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
     ):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if min(items) < minimum:
-        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+        bound = f"positive values (>= {minimum})" if minimum == 1 else f"values >= {minimum}"
+        raise ValueError(f"{name}: expected {bound}, got {value!r}")
     return int(items[0]), int(items[1])

@@ -1,4 +1,4 @@
-"""Argument rules shared by the RoI ops: the boxes, the output size, scalar parameters."""
+"""Argument rules shared by the RoI ops: the boxes and scalar parameters."""
 
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ import numpy as np
 
 from ._arrays import accumulation_dtype, array_library
 
-__all__ = ["check_positive_float", "normalize_rois", "output_size_pair"]
-
-
-def output_size_pair(name: str, value) -> tuple[int, int]:
-    """An int or an (h, w) pair of positive ints."""
-    items = (value, value) if isinstance(value, numbers.Integral) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
-    if len(items) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    if min(items) < 1:
-        raise ValueError(f"{name}: expected positive sizes, got {value!r}")
-    return int(items[0]), int(items[1])
+__all__ = ["check_positive_float", "normalize_rois"]
 
 
 def check_positive_float(name: str, value) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair
+from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
 from ._workspace import scratch
 from .backends import deform_conv2d_kernels
 
@@ -61,9 +61,6 @@ class DeformConv2dGrads(NamedTuple):
     mask: Optional[object]
 
 
-def _shape(x) -> tuple:
-    return tuple(int(s) for s in x.shape)
-
 
 def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=None):
     """Check every argument once; return (kernel set, contiguous arrays, geometry)."""
@@ -82,16 +79,16 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
     pad_h, pad_w = int_pair("padding", padding, minimum=0)
     dil_h, dil_w = int_pair("dilation", dilation, minimum=1)
 
-    n, channels, height, width = _shape(input)
+    n, channels, height, width = shape_of(input)
     if channels == 0:
-        raise ValueError(f"input: expected at least one channel, got shape {_shape(input)}")
-    out_channels, channels_per_group, kernel_h, kernel_w = _shape(weight)
+        raise ValueError(f"input: expected at least one channel, got shape {shape_of(input)}")
+    out_channels, channels_per_group, kernel_h, kernel_w = shape_of(weight)
     if out_channels == 0 or channels_per_group == 0 or kernel_h == 0 or kernel_w == 0:
-        raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {_shape(weight)}")
+        raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {shape_of(weight)}")
     if channels % channels_per_group:
         raise ValueError(
             f"weight: shape[1] = {channels_per_group} must divide the input's {channels} channels "
-            f"(weight is [C_out, C/groups, kh, kw]), got weight shape {_shape(weight)}"
+            f"(weight is [C_out, C/groups, kh, kw]), got weight shape {shape_of(weight)}"
         )
     groups = channels // channels_per_group
     if out_channels % groups:
@@ -100,11 +97,11 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
             f"(inferred from input channels {channels} / weight.shape[1] {channels_per_group})"
         )
     kernel_points = kernel_h * kernel_w
-    offset_channels = _shape(offset)[1]
+    offset_channels = shape_of(offset)[1]
     if offset_channels == 0 or offset_channels % (2 * kernel_points):
         raise ValueError(
             f"offset: shape[1] must be a positive multiple of 2*kh*kw = {2 * kernel_points}, "
-            f"got offset shape {_shape(offset)}"
+            f"got offset shape {shape_of(offset)}"
         )
     offset_groups = offset_channels // (2 * kernel_points)
     if channels % offset_groups:
@@ -129,8 +126,8 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
     }
     for name, shape in expected.items():
         value = arrays.get(name)
-        if value is not None and _shape(value) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {_shape(value)}")
+        if value is not None and shape_of(value) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {shape_of(value)}")
 
     geometry = DeformConv2dGeometry(
         channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w,

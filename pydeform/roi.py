@@ -32,8 +32,8 @@ import math
 import numbers
 from typing import NamedTuple, Optional
 
-from ._arrays import accumulation_dtype, check_arrays, check_backend
-from ._rois import check_positive_float, normalize_rois, output_size_pair
+from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
+from ._rois import check_positive_float, normalize_rois
 from .backends import roi_kernels
 
 __all__ = [
@@ -147,9 +147,6 @@ def _float(name, value):
     return float(value)
 
 
-def _shape(x):
-    return tuple(int(s) for s in x.shape)
-
 
 class _Call(NamedTuple):
     kernels: object
@@ -164,9 +161,9 @@ def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
     if arrays["input"] is None:
         raise TypeError("input: expected an array, got None")
     library, _ = check_arrays(arrays, ranks=ranks)
-    if min(_shape(arrays["input"])[2:]) < 1:
+    if min(shape_of(arrays["input"])[2:]) < 1:
         # Bilinear sampling has no pixel to clamp to in an empty image.
-        raise ValueError(f"input: expected an image of at least 1x1 pixels, got shape {_shape(arrays['input'])}")
+        raise ValueError(f"input: expected an image of at least 1x1 pixels, got shape {shape_of(arrays['input'])}")
     kind = check_backend(backend, library)
     kernels = roi_kernels(library, kind)
     xp = kernels.xp
@@ -176,8 +173,8 @@ def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
 
 
 def _check_shape(name, value, expected):
-    if value is not None and _shape(value) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {_shape(value)}")
+    if value is not None and shape_of(value) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {shape_of(value)}")
 
 
 def _check_grad_output(grad_output, expected):
@@ -204,8 +201,8 @@ def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, ali
                     position_sensitive, backend, grad_output=None):
     arrays = {"input": input, "grad_output": grad_output}
     call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = _shape(call.arrays["input"])
-    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    n, channels, height, width = shape_of(call.arrays["input"])
+    pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
     if mode not in ("avg", "max"):
         raise ValueError(f"mode: expected 'avg' or 'max', got {mode!r}")
     if not isinstance(aligned, bool):
@@ -223,8 +220,8 @@ def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, ali
 def _roi_pool_call(input, rois, output_size, spatial_scale, position_sensitive, backend, grad_output=None):
     arrays = {"input": input, "grad_output": grad_output}
     call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = _shape(call.arrays["input"])
-    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    n, channels, height, width = shape_of(call.arrays["input"])
+    pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
     channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
     params = RoIPoolParams(
         channels, height, width, pooled_h, pooled_w, channels_out,
@@ -354,8 +351,8 @@ def _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampl
                           grad_output=None):
     arrays = {"input": input, "offset": offset, "mask": mask, "grad_output": grad_output}
     call = _prepare(arrays, {"input": 4, "offset": 4, "mask": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = _shape(call.arrays["input"])
-    pooled_h, pooled_w = output_size_pair("output_size", output_size)
+    n, channels, height, width = shape_of(call.arrays["input"])
+    pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
     k = call.rois.shape[0]
     _check_shape("offset", call.arrays["offset"], (k, 2, pooled_h, pooled_w))
     _check_shape("mask", call.arrays["mask"], (k, 1, pooled_h, pooled_w))
@@ -421,7 +418,7 @@ def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_s
                             trans_std, spatial_scale, backend, grad_output=None):
     arrays = {"input": input, "trans": trans, "grad_output": grad_output}
     call = _prepare(arrays, {"input": 4, "trans": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = _shape(call.arrays["input"])
+    n, channels, height, width = shape_of(call.arrays["input"])
     group_size = _int("group_size", group_size, 1)
     pooled_size = _int("pooled_size", pooled_size, 1)
     part_size = pooled_size if part_size is None or part_size == 0 else _int("part_size", part_size, 1)
@@ -445,7 +442,7 @@ def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_s
         if t.shape[1] == 0 or t.shape[1] % 2 or output_dim % (t.shape[1] // 2):
             raise ValueError(
                 f"trans: expected [K, 2*num_classes, part_size, part_size] with num_classes dividing "
-                f"output_dim = {output_dim}, got shape {_shape(t)}"
+                f"output_dim = {output_dim}, got shape {shape_of(t)}"
             )
         num_classes = t.shape[1] // 2
         _check_shape("trans", t, (k, 2 * num_classes, part_size, part_size))

@@ -26,7 +26,7 @@ import functools
 import numpy as np
 
 from .bilinear import ALL_CORNERS
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # Channels per CPU task: the task loads a sample's plan once for all of them. Four measured best
 # on the CPU shape of PERF.md (2, 8 and 16 were slower: more planes in flight per sample).
@@ -264,17 +264,13 @@ def _cpu_task_count(batch: int, geometry) -> int:
     return batch * geometry.offset_groups * -(-per_group // CPU_TASK_CHANNELS)
 
 
-def _flat(array):
-    return array.reshape(-1)
-
-
 def _flat_mask(mask, like, xp):
     """Kernels always take a mask array: without one, a one-element stand-in of ``like``'s dtype
     and has_mask=False. The stand-in is never an argument array: for host arrays the CUDA
     simulator copies every argument back after a launch."""
     if mask is None:
         return xp.zeros(1, dtype=like.dtype), False
-    return _flat(mask), True
+    return flat(mask), True
 
 
 class NumbaCpuDeformConv2dKernels:
@@ -288,24 +284,24 @@ class NumbaCpuDeformConv2dKernels:
         inside = np.empty(n, np.uint8)
         weights = np.empty((4, n), dtype)
         mask, has_mask = _flat_mask(mask, offset, np)
-        _cpu_kernels()[0](_flat(offset), mask, has_mask, tuple(geometry), n, corner, inside, weights)
+        _cpu_kernels()[0](flat(offset), mask, has_mask, tuple(geometry), n, corner, inside, weights)
         return corner, inside, weights
 
     def im2col(self, input, offset, mask, columns, geometry):
         plans = self._plans(offset, mask, geometry, columns.dtype)
         tasks = _cpu_task_count(input.shape[0], geometry)
-        _cpu_kernels()[1](_flat(input), _flat(columns), tuple(geometry), tasks, *plans)
+        _cpu_kernels()[1](flat(input), flat(columns), tuple(geometry), tasks, *plans)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         plans = self._plans(offset, mask, geometry, grad_columns.dtype)
         tasks = _cpu_task_count(offset.shape[0], geometry)
-        _cpu_kernels()[2](_flat(grad_columns), _flat(grad_input), tuple(geometry), tasks, *plans)
+        _cpu_kernels()[2](flat(grad_columns), flat(grad_input), tuple(geometry), tasks, *plans)
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         mask, has_mask = _flat_mask(mask, offset, np)
         grad_mask = _flat_mask(grad_mask, grad_offset, np)[0]
         _cpu_kernels()[3](
-            _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_offset), grad_mask,
+            flat(input), flat(offset), mask, has_mask, flat(grad_columns), flat(grad_offset), grad_mask,
             tuple(geometry), sample_count(input.shape[0], geometry),
         )
 
@@ -335,7 +331,7 @@ class NumbaCudaDeformConv2dKernels:
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             0, sample_count(input.shape[0], geometry),
-            _flat(input), _flat(offset), mask, has_mask, _flat(columns), tuple(geometry),
+            flat(input), flat(offset), mask, has_mask, flat(columns), tuple(geometry),
         )
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
@@ -344,7 +340,7 @@ class NumbaCudaDeformConv2dKernels:
         out_offset, out_mask = self._as_float(grad_offset), self._as_float(grad_mask)
         self._launch(
             1, sample_count(input.shape[0], geometry),
-            _flat(input), _flat(offset), mask, has_mask, _flat(grad_columns), _flat(out_offset),
+            flat(input), flat(offset), mask, has_mask, flat(grad_columns), flat(out_offset),
             _flat_mask(out_mask, out_offset, self.xp)[0], tuple(geometry),
         )
         # Half-type outputs were computed into float32 copies: write them back.
@@ -358,5 +354,5 @@ class NumbaCudaDeformConv2dKernels:
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             2, sample_count(offset.shape[0], geometry),
-            _flat(offset), mask, has_mask, _flat(grad_columns), _flat(grad_input), tuple(geometry),
+            flat(offset), mask, has_mask, flat(grad_columns), flat(grad_input), tuple(geometry),
         )

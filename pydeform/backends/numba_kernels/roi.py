@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, launch_cuda
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
 cuda = None
@@ -700,10 +700,6 @@ def cuda_kernels(family: str):
     return forward_kernel, backward_kernel
 
 
-def _flat(array):
-    return array.reshape(-1)
-
-
 def _shape(input, output) -> tuple:
     """``shape`` of the kernels: (N, C, H, W) of the input, (C_out, PH, PW) of the output."""
     return tuple(int(s) for s in input.shape) + tuple(int(s) for s in output.shape[1:])
@@ -744,7 +740,7 @@ class _RoIKernelSet:
         """Flat views of ``arrays``, a one-element array of ``like``'s dtype for each None. Not
         a view of another argument: a host array passed to a CUDA kernel (the simulator) is
         copied back after the launch, and an untouched alias would overwrite the real result."""
-        return tuple(_flat(self.xp.zeros(1, like.dtype) if a is None else a) for a in arrays)
+        return tuple(flat(self.xp.zeros(1, like.dtype) if a is None else a) for a in arrays)
 
 
 class NumbaCpuRoIKernels(_RoIKernelSet):
@@ -756,16 +752,16 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
         kernels, shape = cpu_kernels(family), _shape(input, output)
         if kernels.shared_sample_forward is not None and not params.position_sensitive:
             rows = rois.shape[0] * params.pooled_h
-            kernels.shared_sample_forward(_flat(input), _flat(rois), _flat(output), shape, tuple(params), rows)
+            kernels.shared_sample_forward(flat(input), flat(rois), flat(output), shape, tuple(params), rows)
             return
         first, second = self._stand_ins((first, second), input)
-        kernels.forward(_flat(input), _flat(rois), first, second, _flat(output), shape, tuple(params), output.size)
+        kernels.forward(flat(input), flat(rois), first, second, flat(output), shape, tuple(params), output.size)
 
     def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
-        reads = (_flat(grad_output), _flat(input), _flat(rois), *self._stand_ins((first, second), input))
+        reads = (flat(grad_output), flat(input), flat(rois), *self._stand_ins((first, second), input))
         shape, params, n_rois = _shape(input, grad_output), tuple(params), rois.shape[0]
         kernels = cpu_kernels(family)
-        kernels.input_pass(*reads, _flat(grad_input), shape, params, n_rois)
+        kernels.input_pass(*reads, flat(grad_input), shape, params, n_rois)
         if grad_first is not None or grad_second is not None:
             kernels.params_pass(*reads, *self._stand_ins((grad_first, grad_second), grad_input), shape, params,
                                 n_rois)
@@ -795,7 +791,7 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         first, second = self._stand_ins((first, second), input)
         launch_cuda(
             cuda_kernels(family)[0], output.size, self.xp,
-            _flat(input), _flat(rois), first, second, _flat(computed), _shape(input, output), tuple(params),
+            flat(input), flat(rois), first, second, flat(computed), _shape(input, output), tuple(params),
             output.size,
         )
         if computed is not output:
@@ -805,7 +801,7 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         grad_output, input, first, second = (_as_float(a) for a in (grad_output, input, first, second))
         launch_cuda(
             cuda_kernels(family)[1], grad_output.size, self.xp,
-            _flat(grad_output), _flat(input), _flat(rois), *self._stand_ins((first, second), input),
-            _flat(grad_input), *self._stand_ins((grad_first, grad_second), grad_input),
+            flat(grad_output), flat(input), flat(rois), *self._stand_ins((first, second), input),
+            flat(grad_input), *self._stand_ins((grad_first, grad_second), grad_input),
             _shape(input, grad_output), tuple(params), grad_output.size,
         )

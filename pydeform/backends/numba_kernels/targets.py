@@ -118,6 +118,11 @@ def cuda_kernel(fn):
     return bind_cuda().jit(fn)
 
 
+def flat(array):
+    """A 1-d view of a C-contiguous array: the kernels index flat."""
+    return array.reshape(-1)
+
+
 def launch_cuda(kernel, n_items: int, xp, *args) -> None:
     """Launch a grid-stride CUDA kernel over ``n_items`` on CuPy's current stream.
 
