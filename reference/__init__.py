@@ -19,3 +19,11 @@ __all__ += [
     "deform_roi_pool", "deform_roi_pool_backward", "deform_psroi_pool",
     "deform_psroi_pool_backward",
 ]
+from .centernet import (  # noqa: E402
+    centernet_decode,
+    centernet_focal_loss,
+    centernet_focal_loss_backward,
+    centernet_targets,
+)
+
+__all__ += ["centernet_decode", "centernet_focal_loss", "centernet_focal_loss_backward", "centernet_targets"]
