@@ -5,6 +5,13 @@ CUDA kernels) and on NumPy arrays (Numba CPU kernels), with an analytic backward
 Importing pydeform compiles nothing and needs neither CuPy nor a GPU.
 """
 
+from .centernet import (
+    CenterNetTargets,
+    centernet_decode,
+    centernet_focal_loss,
+    centernet_focal_loss_backward,
+    centernet_targets,
+)
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .roi import (
     DeformPSRoIPoolGrads,
@@ -27,6 +34,11 @@ from .roi import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CenterNetTargets",
+    "centernet_decode",
+    "centernet_focal_loss",
+    "centernet_focal_loss_backward",
+    "centernet_targets",
     "DeformConv2dGrads",
     "DeformPSRoIPoolGrads",
     "DeformRoIPoolGrads",

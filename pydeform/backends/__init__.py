@@ -14,6 +14,7 @@ import importlib
 _FAMILIES = {
     "deform_conv2d": ("deform_conv", "DeformConv2dKernels"),
     "roi": ("roi", "RoIKernels"),
+    "centernet": ("centernet", "CenterNetKernels"),
 }
 
 
@@ -38,3 +39,7 @@ def deform_conv2d_kernels(library: str, backend: str):
 
 def roi_kernels(library: str, backend: str):
     return kernel_set("roi", library, backend)
+
+
+def centernet_kernels(library: str, backend: str):
+    return kernel_set("centernet", library, backend)

@@ -1,0 +1,337 @@
+"""CenterNet ("Objects as Points"): fused heatmap decoding, training targets, focal loss.
+
+Semantics are SPEC sections 4 and 4b; docs/centernet.md explains them with an example. This
+module checks every argument once, allocates the outputs and calls the CenterNet kernel set of
+the backend (:func:`pydeform.backends.centernet_kernels`), whose methods are (all arrays
+C-contiguous, on the kernel set's device; T = the input dtype, A = its accumulation dtype):
+
+``decode(heat, wh, reg, detections, params)`` with :class:`CenterNetDecodeParams`: heat
+``[B, C, H, W]`` T, wh ``[B, 2, H, W]`` or ``[B, 2C, H, W]`` T, reg ``[B, 2, H, W]`` T or None,
+detections ``[B, K, 6]`` A, every element written; called only when B > 0 and K > 0.
+
+``targets(boxes, labels, heatmap, wh, reg, ind, reg_mask, params)`` with
+:class:`CenterNetTargetsParams`: boxes ``[B, M, 4]`` A (float32 or float64), labels ``[B, M]``
+int64 in [-1, num_classes); the outputs are zero-filled here: heatmap
+``[B, num_classes, out_h, out_w]`` A, wh / reg ``[B, max_objects, 2]`` A, ind
+``[B, max_objects]`` int64, reg_mask ``[B, max_objects]`` uint8.
+
+``focal_loss_sums(pred, target, sums, params)`` with :class:`FocalLossParams`: pred / target
+``[B, C, H, W]`` T, sums ``[3]`` A written with (sum of positive terms, sum of negative terms,
+number of positives), deterministically. ``focal_loss_grad(grad_output, pred, target, sums,
+grad_pred, params)``: grad_output 0-d T, sums from ``focal_loss_sums``, grad_pred
+``[B, C, H, W]`` T written entirely.
+
+Decisions SPEC leaves open:
+
+- detections have the accumulation dtype of heat (float64 for float64, float32 for float32,
+  float16 and bfloat16), so class ids and boxes stay exact; columns x1, y1, x2, y2, score, class.
+- K may exceed C*H*W: slots past C*H*W are (0, 0, 0, 0, 0, -1). K = 0 gives ``[B, 0, 6]``,
+  B = 0 gives ``[0, K, 6]``.
+- ``threshold``: detections whose score is below it get score 0 and class -1; the box is kept.
+- A NaN heat value is never a peak and never a neighbourhood maximum; its score is 0.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from ._arrays import accumulation_dtype, array_library, check_arrays, check_backend, int_pair, shape_of
+from ._rois import check_positive_float
+from .backends import centernet_kernels
+from .roi import _float, _int
+
+__all__ = [
+    "CenterNetDecodeParams",
+    "CenterNetTargets",
+    "CenterNetTargetsParams",
+    "FocalLossParams",
+    "centernet_decode",
+    "centernet_focal_loss",
+    "centernet_focal_loss_backward",
+    "centernet_targets",
+]
+
+
+class CenterNetDecodeParams(NamedTuple):
+    batch: int
+    classes: int
+    height: int
+    width: int
+    k: int
+    kernel: int
+    cat_spec_wh: bool
+    has_reg: bool
+    down_ratio: float
+    has_threshold: bool
+    threshold: float  # ignored when has_threshold is False
+
+
+class CenterNetTargetsParams(NamedTuple):
+    batch: int
+    max_boxes: int
+    num_classes: int
+    out_h: int
+    out_w: int
+    down_ratio: float
+    min_overlap: float
+    max_objects: int
+
+
+class FocalLossParams(NamedTuple):
+    alpha: float
+    beta: float
+
+
+class CenterNetTargets(NamedTuple):
+    """Training targets of :func:`centernet_targets` (A = float32 or float64, the boxes' dtype).
+
+    heatmap: A [B, num_classes, out_h, out_w]; wh: A [B, max_objects, 2] (w, h);
+    reg: A [B, max_objects, 2] (sub-pixel centre offset x, y); ind: int64 [B, max_objects]
+    (y * out_w + x of the integer centre); reg_mask: uint8 [B, max_objects] (1 = object).
+    """
+
+    heatmap: object
+    wh: object
+    reg: object
+    ind: object
+    reg_mask: object
+
+
+def _bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def _require(**arrays):
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name}: expected an array, got None")
+
+
+def _check_shape(name, value, expected):
+    if shape_of(value) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {shape_of(value)}")
+
+
+def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, down_ratio=1.0,
+                     threshold=None, backend=None):
+    """Decode CenterNet heatmaps into the top-K detections of each image (SPEC section 4).
+
+    A pixel is a peak iff it equals the maximum of its ``kernel`` x ``kernel`` window (outside
+    the map counts as -inf; plateaus keep every equal maximum); other pixels score 0. The K best
+    scores of each image over all classes and pixels are taken, equal scores by the lowest flat
+    index ``c*H*W + y*W + x``. Box centre: ``(x + reg[0], y + reg[1])``, or ``(x + 0.5,
+    y + 0.5)`` without reg; box = centre -/+ (w, h) / 2, times ``down_ratio``.
+
+    Args:
+        heat (Tensor[B, C, H, W]): class scores (already through a sigmoid), C, H, W >= 1.
+        wh (Tensor[B, 2, H, W] or Tensor[B, 2C, H, W]): box sizes (w, h); with ``cat_spec_wh``
+            class c's pair is channels 2c, 2c + 1.
+        reg (Tensor[B, 2, H, W], optional): sub-pixel centre offsets (x, y).
+        K (int): detections per image, >= 0; slots past C*H*W are (0, 0, 0, 0, 0, -1).
+        kernel (int): odd peak window size >= 1.
+        cat_spec_wh (bool): class-specific sizes.
+        down_ratio (float): positive factor from feature-map to input-image units.
+        threshold (float, optional): detections scoring below it get score 0 and class -1.
+        backend: None, "cupy" or "numba" (keyword-only).
+
+    Returns:
+        Tensor[B, K, 6]: rows (x1, y1, x2, y2, score, class) in the accumulation dtype of heat
+        (float64 for float64, else float32).
+    """
+    _require(heat=heat, wh=wh)
+    library, dtype = check_arrays({"heat": heat, "wh": wh, "reg": reg}, ranks={"heat": 4, "wh": 4, "reg": 4})
+    kind = check_backend(backend, library)
+    batch, classes, height, width = shape_of(heat)
+    if min(classes, height, width) < 1:
+        raise ValueError(f"heat: expected at least one class and 1x1 pixels, got shape {shape_of(heat)}")
+    cat_spec_wh = _bool("cat_spec_wh", cat_spec_wh)
+    _check_shape("wh", wh, (batch, 2 * classes if cat_spec_wh else 2, height, width))
+    if reg is not None:
+        _check_shape("reg", reg, (batch, 2, height, width))
+    K = _int("K", K, minimum=0)
+    kernel = _int("kernel", kernel, minimum=1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel: expected an odd window size, got {kernel}")
+    down_ratio = check_positive_float("down_ratio", down_ratio)
+    has_threshold = threshold is not None
+    threshold = _float("threshold", threshold) if has_threshold else 0.0
+
+    kernels = centernet_kernels(library, kind)
+    xp = kernels.xp
+    acc = accumulation_dtype(dtype)
+    if batch == 0 or K == 0:
+        return xp.zeros((batch, K, 6), dtype=acc)
+    params = CenterNetDecodeParams(batch, classes, height, width, K, kernel, cat_spec_wh, reg is not None,
+                                   down_ratio, has_threshold, threshold)
+    detections = xp.empty((batch, K, 6), dtype=acc)
+    kernels.decode(xp.ascontiguousarray(heat), xp.ascontiguousarray(wh),
+                   None if reg is None else xp.ascontiguousarray(reg), detections, params)
+    return detections
+
+
+def _check_labels(labels, library, boxes):
+    lib = array_library("labels", labels)
+    if lib != library:
+        raise TypeError(f"labels: expected a {library} array like boxes, got a {lib} array")
+    if library == "cupy" and labels.device.id != boxes.device.id:
+        raise ValueError(f"labels: expected an array on GPU {boxes.device.id} like boxes, got GPU {labels.device.id}")
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise TypeError(f"labels: expected an integer dtype, got {np.dtype(labels.dtype).name}")
+    if labels.ndim != 2:
+        raise ValueError(f"labels: expected a 2-d array [B, M], got shape {shape_of(labels)}")
+
+
+def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, min_overlap=0.7,
+                      max_objects=128, backend=None):
+    """CenterNet training targets of a padded batch of boxes (SPEC section 4b).
+
+    Boxes are divided by ``down_ratio`` and clipped to the output grid; an object with a
+    clipped height or width <= 0 is skipped. Each object draws a Gaussian of radius
+    ``max(0, int(r))`` (r the original code's radius for ``min_overlap``, of the box size rounded
+    up; sigma = (2 radius + 1) / 6) around its integer centre ``int(centre)`` into its class's
+    heatmap, the element-wise maximum where Gaussians overlap. Object m (m < max_objects) fills
+    slot m of wh, reg, ind and reg_mask; objects m >= max_objects and padding leave theirs zero.
+
+    Args:
+        boxes (Tensor[B, M, 4]): float32 or float64 (x1, y1, x2, y2) in input-image pixels;
+            finite wherever the label is not -1.
+        labels (Tensor[B, M]): integer class ids in [0, num_classes), -1 for padding.
+        num_classes (int): heatmap channels, >= 1.
+        output_size (int or (int, int)): (out_h, out_w) of the heatmap.
+        down_ratio (float): positive input-to-output scale (keyword-only, as the rest).
+        min_overlap (float): in (0, 1), the overlap the radius rule guarantees.
+        max_objects (int): slots per image, >= 1.
+
+    Returns:
+        CenterNetTargets: heatmap [B, num_classes, out_h, out_w], wh [B, max_objects, 2],
+        reg [B, max_objects, 2] (all the boxes' dtype), ind int64 [B, max_objects],
+        reg_mask uint8 [B, max_objects].
+    """
+    _require(boxes=boxes, labels=labels)
+    library = array_library("boxes", boxes)
+    if np.dtype(boxes.dtype).name not in ("float32", "float64"):
+        raise TypeError(f"boxes: expected dtype float32 or float64, got {np.dtype(boxes.dtype).name}")
+    if boxes.ndim != 3 or boxes.shape[2] != 4:
+        raise ValueError(f"boxes: expected shape [B, M, 4], got {shape_of(boxes)}")
+    _check_labels(labels, library, boxes)
+    _check_shape("labels", labels, shape_of(boxes)[:2])
+    kind = check_backend(backend, library)
+    num_classes = _int("num_classes", num_classes, minimum=1)
+    out_h, out_w = int_pair("output_size", output_size, minimum=1)
+    down_ratio = check_positive_float("down_ratio", down_ratio)
+    min_overlap = _float("min_overlap", min_overlap)
+    if not 0 < min_overlap < 1:
+        raise ValueError(f"min_overlap: expected a number in (0, 1), got {min_overlap!r}")
+    max_objects = _int("max_objects", max_objects, minimum=1)
+
+    kernels = centernet_kernels(library, kind)
+    xp = kernels.xp
+    boxes = xp.ascontiguousarray(boxes)
+    labels = xp.ascontiguousarray(labels).astype(np.int64, copy=False)
+    batch, max_boxes = shape_of(labels)
+    if labels.size:
+        # One device-to-host transfer of a flag on the GPU.
+        bad_label = (labels < -1) | (labels >= num_classes)
+        bad_box = (labels >= 0) & ~xp.isfinite(boxes).all(axis=2)
+        if bool((bad_label | bad_box).any()):
+            b, m = (int(i) for i in np.unravel_index(int(xp.argmax(bad_label | bad_box)), labels.shape))
+            raise ValueError(
+                f"labels / boxes: object [{b}, {m}] has label {int(labels[b, m])} and box "
+                f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
+                f"and, unless the label is -1, finite coordinates"
+            )
+    acc = boxes.dtype
+    targets = CenterNetTargets(
+        xp.zeros((batch, num_classes, out_h, out_w), dtype=acc),
+        xp.zeros((batch, max_objects, 2), dtype=acc),
+        xp.zeros((batch, max_objects, 2), dtype=acc),
+        xp.zeros((batch, max_objects), dtype=np.int64),
+        xp.zeros((batch, max_objects), dtype=np.uint8),
+    )
+    if batch and max_boxes:
+        params = CenterNetTargetsParams(batch, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap,
+                                        max_objects)
+        kernels.targets(boxes, labels, *targets, params)
+    return targets
+
+
+def _focal_call(pred, target, alpha, beta, backend, grad_output=None):
+    """Shared checks of the focal loss and its gradient: (kernel set, pred, target, params)."""
+    _require(pred=pred, target=target)
+    # grad_output (backward only) may be 0-d or [1]; its shape is checked by the caller.
+    arrays = {"pred": pred, "target": target, "grad_output": grad_output}
+    ranks = {"pred": 4, "target": 4, "grad_output": getattr(grad_output, "ndim", 0)}
+    library, _ = check_arrays(arrays, ranks=ranks)
+    _check_shape("target", target, shape_of(pred))
+    kind = check_backend(backend, library)
+    params = FocalLossParams(_non_negative("alpha", alpha), _non_negative("beta", beta))
+    kernels = centernet_kernels(library, kind)
+    xp = kernels.xp
+    return kernels, xp.ascontiguousarray(pred), xp.ascontiguousarray(target), params
+
+
+def _non_negative(name, value):
+    value = _float(name, value)
+    if value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return value
+
+
+def _focal_sums(kernels, pred, target, params):
+    xp = kernels.xp
+    sums = xp.zeros(3, dtype=accumulation_dtype(pred.dtype))
+    if pred.size:
+        kernels.focal_loss_sums(pred, target, sums, params)
+    return sums
+
+
+def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
+    """The penalty-reduced pixel-wise focal loss of CenterNet (SPEC section 4b).
+
+    With p = clip(pred, 1e-4, 1 - 1e-4) and y = target: positives (y == 1) add
+    ``-log(p) (1 - p)^alpha``, negatives (y < 1) add ``-log(1 - p) p^alpha (1 - y)^beta``; the
+    sum is divided by the number of positives (1 when there are none). Deterministic.
+
+    Args:
+        pred (Tensor[B, C, H, W]): predicted heatmap.
+        target (Tensor[B, C, H, W]): target heatmap (see :func:`centernet_targets`), pred's dtype.
+        alpha, beta (float): finite exponents >= 0 (keyword-only).
+
+    Returns:
+        Tensor[]: the loss, a 0-d array of pred's dtype.
+    """
+    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend)
+    xp = kernels.xp
+    sums = _focal_sums(kernels, pred, target, params)
+    return ((sums[0] + sums[1]) / xp.maximum(sums[2], 1)).astype(pred.dtype)
+
+
+def centernet_focal_loss_backward(grad_output, pred, target, *, alpha=2, beta=4, backend=None):
+    """Gradient of :func:`centernet_focal_loss` with respect to pred.
+
+    The clamp passes the gradient where 1e-4 <= pred <= 1 - 1e-4 (bounds in the accumulation
+    dtype) and blocks it outside, as torch.clamp does.
+
+    Args:
+        grad_output (Tensor[] or Tensor[1]): gradient of the loss, pred's dtype.
+        pred, target (Tensor[B, C, H, W]): as for the loss.
+
+    Returns:
+        Tensor[B, C, H, W]: gradient of the loss with respect to pred, pred's dtype.
+    """
+    _require(grad_output=grad_output)
+    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend, grad_output)
+    if shape_of(grad_output) not in ((), (1,)):
+        raise ValueError(f"grad_output: expected shape () or (1,), got {shape_of(grad_output)}")
+    xp = kernels.xp
+    grad_pred = xp.empty(pred.shape, dtype=pred.dtype)
+    if pred.size:
+        sums = _focal_sums(kernels, pred, target, params)
+        kernels.focal_loss_grad(xp.ascontiguousarray(grad_output).reshape(()), pred, target, sums, grad_pred,
+                                params)
+    return grad_pred
