@@ -12,8 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from pydeform._onnx_models import deform_conv_session
 from reference import deform_conv2d
-from tests.onnx_models import deform_conv_session
 from tests.test_reference_deform_conv import GEOMETRIES, Geometry
 
 ONNX_GEOMETRIES = GEOMETRIES + [

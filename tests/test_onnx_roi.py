@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
+from pydeform._onnx_models import max_roi_pool_session, roi_align_session
 from reference import roi_align, roi_pool
 from reference.bilinear import border_clamped_corners
-from tests.onnx_models import max_roi_pool_session, roi_align_session
 
 
 @dataclass(frozen=True)

@@ -56,19 +56,13 @@ class CpuComparison(NamedTuple):
         return peer_seconds / pydeform_seconds
 
 
-@functools.lru_cache(maxsize=None)
 def require_onnx_models():
-    """The tests' ONNX Runtime model builders (``tests/onnx_models.py``, loaded by path: ``tests``
-    is not an installed package; one module per process), or NotImplementedError (asv's way to
-    skip) without ORT."""
+    """pydeform's ONNX Runtime model builders, or NotImplementedError (asv's way to skip) without ORT."""
     try:
-        import onnxruntime  # noqa: F401
+        from pydeform import _onnx_models
     except ImportError:
-        raise NotImplementedError("onnxruntime not installed") from None
-    spec = importlib.util.spec_from_file_location("onnx_models", ROOT / "tests" / "onnx_models.py")
-    onnx_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(onnx_models)
-    return onnx_models
+        raise NotImplementedError("onnx / onnxruntime not installed") from None
+    return _onnx_models
 
 
 def require_cupy_gpu():

@@ -1,4 +1,8 @@
-"""ONNX Runtime (CPU) models used as an external oracle by the tests and the benchmarks."""
+"""ONNX Runtime (CPU) models: the CPU peers of :mod:`pydeform.benchmark_cases` and an external
+oracle of the tests.
+
+Imported only where a peer or a test needs it: it imports onnx and onnxruntime.
+"""
 
 import numpy as np
 import onnx
