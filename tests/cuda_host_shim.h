@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
 
 #define __global__
 #define __device__
@@ -26,12 +27,54 @@ inline A atomicAdd(A* address, const A value) {
     return old;
 }
 
+template <typename I>
+inline I atomicMax(I* address, const I value) {
+    const I old = *address;
+    *address = old < value ? value : old;
+    return old;
+}
+
 #define __ldg(address) (*(address))
+
+// One thread per block: the block's shared arrays are that thread's statics, and a barrier has
+// nobody to wait for. Kernels with shared memory run correctly here only if every loop strides
+// by blockDim.x (see centernet.cu).
+#define __shared__ static
+inline void __syncthreads() {}
+
+// CUDA's bit reinterpretations.
+inline float __int_as_float(const int bits) {
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+inline int __float_as_int(const float value) {
+    int bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+inline double __longlong_as_double(const long long bits) {
+    double value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+}
+inline long long __double_as_longlong(const double value) {
+    long long bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
 
 // CUDA's device math overloads floor(float), max(long long, long long) etc. in the global
 // namespace; round is half away from zero in both.
 using std::ceil;
+using std::exp;
 using std::floor;
+using std::fmax;
+using std::fmin;
+using std::isnan;
+using std::log;
 using std::max;
 using std::min;
+using std::pow;
 using std::round;
+using std::sqrt;

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from pydeform.backends.cupy_kernels._compile import kernel_source, template_argument
+from pydeform.backends.cupy_kernels.centernet import KERNELS as CENTERNET_KERNELS
+from pydeform.backends.cupy_kernels.centernet import CupyCenterNetKernels
 from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KERNELS
 from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
 from pydeform.backends.cupy_kernels.roi import KERNELS as ROI_KERNELS
@@ -139,3 +141,7 @@ class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
 
 class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
+
+
+class HostShimCenterNetKernels(HostShimLaunch, CupyCenterNetKernels):
+    manifest = CENTERNET_KERNELS

@@ -116,9 +116,16 @@ def launch(manifest, template, dtype, n_items, args):
     ``args`` holds arrays, None for an absent (null) pointer, and numpy integer scalars whose
     width matches the kernel signature.
     """
-    if n_items == 0:
+    launch_blocks(manifest, template, dtype, grid_blocks(n_items), args)
+
+
+def launch_blocks(manifest, template, dtype, n_blocks, args):
+    """Runs ``template<dtype>`` as ``min(n_blocks, MAX_BLOCKS)`` blocks of THREADS_PER_BLOCK
+    threads on CuPy's current device and stream; for kernels whose blocks loop block-stride over
+    ``n_blocks`` jobs of a block each (``args`` as for :func:`launch`)."""
+    if n_blocks == 0:
         return
     import cupy
 
     kernel = _kernel(manifest, template, template_argument(dtype), cupy.cuda.Device().id)
-    kernel((grid_blocks(n_items),), (THREADS_PER_BLOCK,), kernel_arguments(args))
+    kernel((min(n_blocks, MAX_BLOCKS),), (THREADS_PER_BLOCK,), kernel_arguments(args))

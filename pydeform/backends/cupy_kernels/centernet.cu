@@ -1,0 +1,572 @@
+// CenterNet (SPEC sections 4 and 4b): heatmap decoding, training targets and the focal loss.
+//
+// Decode is two launches and reads the heatmap once:
+//   centernet_decode_candidates  one block per tile of kDecodeTile consecutive flat indices
+//                                c*H*W + y*W + x of an image: the peak test of every element, then
+//                                the tile's best min(K, tile length) (score, index) pairs, sorted
+//                                best first, into a candidate list of the tile.
+//   centernet_decode_detections  one work item per candidate slot (and per empty detection slot):
+//                                a candidate's rank in its image is the number of better entries
+//                                of all tile lists (a binary search per sorted list, stopped once
+//                                the rank reaches K); a candidate of rank < K writes detection row
+//                                `rank`, gathering its wh / reg and assembling the box.
+// "Better" is the decode order: higher score, on equal scores the lower flat index. The lists of
+// all tiles hold every element that can be among an image's top K (a tile's best K contain all of
+// its elements in the top K), and ranks are unique, so each row is written exactly once.
+//
+// The tile kernels cooperate through shared memory, but every loop strides by blockDim.x and
+// gridDim.x, so the kernels are also correct as one block of one thread (the CPU host shim).
+//
+// Targets: one work item per object slot; the item renders the object's Gaussian with an atomic
+// element-wise maximum (order independent, so deterministic) and fills the slot.
+// Focal loss: fixed-order block partial sums, a one-block fixed-order total, and an element-wise
+// gradient kernel; no float atomics, so the loss is the same on every run.
+
+#include "common.cuh"
+
+namespace pydeform {
+
+// Elements of one decode tile and the capacity of the tile kernel's shared arrays; the Python side
+// (DECODE_TILE in centernet.py) sizes the candidate lists with the same number.
+constexpr int kDecodeTile = 2048;
+// Capacity of the shared per-thread arrays: the largest blockDim.x the block kernels accept
+// (THREADS_PER_BLOCK of _compile.py).
+constexpr int kMaxBlockThreads = 256;
+
+__device__ __forceinline__ float negative_infinity(float) { return __int_as_float(static_cast<int>(0xff800000u)); }
+__device__ __forceinline__ double negative_infinity(double) {
+    return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
+}
+
+// The decode order: (score_a, index_a) comes before (score_b, index_b).
+template <typename A>
+__device__ __forceinline__ bool better(const A score_a, const long long index_a, const A score_b,
+                                       const long long index_b) {
+    return score_a > score_b || (score_a == score_b && index_a < index_b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode
+
+// heat [batch, classes, height, width]; detections [batch, k, 6].
+#define PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS                                               \
+    const long long classes, const long long height, const long long width, const long long k
+
+struct DecodeTiles {
+    long long image_size;  // classes * height * width
+    long long tiles;       // tiles per image
+    long long capacity;    // entries per tile list: min(k, kDecodeTile)
+};
+
+__device__ __forceinline__ DecodeTiles decode_tiles(const long long classes, const long long height,
+                                                    const long long width, const long long k) {
+    DecodeTiles t;
+    t.image_size = classes * height * width;
+    t.tiles = (t.image_size + kDecodeTile - 1) / kDecodeTile;
+    t.capacity = k < kDecodeTile ? k : kDecodeTile;
+    return t;
+}
+
+// Entries of tile `tile`'s list: its best min(k, tile length).
+__device__ __forceinline__ long long tile_list_length(const DecodeTiles& t, const long long tile) {
+    const long long length = t.image_size - tile * kDecodeTile;
+    return length < t.capacity ? length : t.capacity;
+}
+
+// The score a pixel keeps after the peak test: its value if no value of its kernel x kernel window
+// is larger (NaN neighbours never are, as NaN compares false), else 0; a NaN pixel keeps 0. Adding
+// +0 turns a kept -0 into +0, which ties with the zeros of non-peaks as the order requires.
+template <typename T>
+__device__ __forceinline__ acc_t<T> kept_score(const T* __restrict__ plane, const long long height,
+                                               const long long width, const long long y,
+                                               const long long x, const long long half) {
+    using A = acc_t<T>;
+    const A centre = load_acc(plane + y * width + x);
+    if (isnan(centre)) {
+        return A(0);
+    }
+    const long long y_end = y + half < height - 1 ? y + half : height - 1;
+    const long long x_end = x + half < width - 1 ? x + half : width - 1;
+    for (long long yy = y - half > 0 ? y - half : 0; yy <= y_end; ++yy) {
+        for (long long xx = x - half > 0 ? x - half : 0; xx <= x_end; ++xx) {
+            if (load_acc(plane + yy * width + xx) > centre) {
+                return A(0);
+            }
+        }
+    }
+    return centre + A(0);
+}
+
+// Entries of a best-first tile list that come before (score, flat).
+template <typename A>
+__device__ __forceinline__ long long count_better(const A* __restrict__ scores,
+                                                  const int* __restrict__ indices,
+                                                  const long long length,
+                                                  const long long tile_begin, const A score,
+                                                  const long long flat) {
+    long long low = 0, high = length;
+    while (low < high) {
+        const long long middle = (low + high) / 2;
+        if (better(scores[middle], tile_begin + indices[middle], score, flat)) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training targets
+
+// heatmap[address] = max(heatmap[address], value) for value >= 0 over a zero-filled heatmap: the
+// bit patterns of non-negative floats order like the floats themselves.
+__device__ __forceinline__ void store_max_non_negative(float* address, const float value) {
+    atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+}
+__device__ __forceinline__ void store_max_non_negative(double* address, const double value) {
+    atomicMax(reinterpret_cast<unsigned long long*>(address),
+              static_cast<unsigned long long>(__double_as_longlong(value)));
+}
+
+// The original training code's Gaussian radius for a box of height x width (SPEC 4b).
+__device__ __forceinline__ double gaussian_radius(const double height, const double width,
+                                                  const double overlap) {
+    const double b1 = height + width;
+    const double c1 = width * height * (1 - overlap) / (1 + overlap);
+    const double r1 = (b1 + sqrt(b1 * b1 - 4 * c1)) / 2;
+    const double b2 = 2 * (height + width);
+    const double c2 = (1 - overlap) * width * height;
+    const double r2 = (b2 + sqrt(b2 * b2 - 16 * c2)) / 2;
+    const double b3 = -2 * overlap * (height + width);
+    const double c3 = (overlap - 1) * width * height;
+    const double r3 = (b3 + sqrt(b3 * b3 - 16 * overlap * c3)) / 2;
+    const double r12 = r1 < r2 ? r1 : r2;
+    return r12 < r3 ? r12 : r3;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Focal loss
+
+// pred clamped to [kClampLow, kClampHigh] in the accumulation type (torch.clamp's bounds).
+constexpr double kClampLow = 1e-4;
+constexpr double kClampHigh = 1.0 - 1e-4;
+
+template <typename A>
+struct FocalTerms {
+    A positive;  // -log(p) (1 - p)^alpha where y == 1
+    A negative;  // -log(1 - p) p^alpha (1 - y)^beta where y < 1
+    A positives; // 1 where y == 1
+};
+
+template <typename A>
+__device__ __forceinline__ A clamp_prediction(const A pred) {
+    return fmin(fmax(pred, A(kClampLow)), A(kClampHigh));
+}
+
+template <typename A>
+__device__ __forceinline__ FocalTerms<A> focal_terms(const A pred, const A y, const A alpha,
+                                                     const A beta) {
+    const A p = clamp_prediction(pred);
+    FocalTerms<A> terms{A(0), A(0), A(0)};
+    if (y == A(1)) {
+        terms.positive = -log(p) * pow(A(1) - p, alpha);
+        terms.positives = A(1);
+    } else if (y < A(1)) {
+        terms.negative = -log(A(1) - p) * pow(p, alpha) * pow(A(1) - y, beta);
+    }
+    return terms;
+}
+
+// d(terms)/d(pred): zero where the clamp acts (pred outside [low, high], torch.clamp's rule).
+template <typename A>
+__device__ __forceinline__ A focal_derivative(const A pred, const A y, const A alpha, const A beta) {
+    if (!(pred >= A(kClampLow) && pred <= A(kClampHigh))) {
+        return A(0);
+    }
+    const A p = pred;
+    if (y == A(1)) {
+        return -pow(A(1) - p, alpha) / p + alpha * log(p) * pow(A(1) - p, alpha - A(1));
+    }
+    if (y < A(1)) {
+        return (pow(p, alpha) / (A(1) - p) - alpha * log(A(1) - p) * pow(p, alpha - A(1))) *
+               pow(A(1) - y, beta);
+    }
+    return A(0);
+}
+
+// In-place fixed-order tree sum of values[0 .. threads) into values[0]; every thread calls it.
+template <typename A>
+__device__ __forceinline__ void block_sum(A* values, const int thread, const int threads) {
+    for (int active = threads; active > 1;) {
+        const int half = (active + 1) / 2;
+        if (thread < active - half) {
+            values[thread] += values[thread + half];
+        }
+        __syncthreads();
+        active = half;
+    }
+}
+
+// The three sums of FocalTerms over the threads of a block, each thread contributing `own`.
+template <typename A>
+__device__ __forceinline__ FocalTerms<A> block_focal_sums(const FocalTerms<A>& own, const int thread,
+                                                          const int threads) {
+    __shared__ A positive[kMaxBlockThreads];
+    __shared__ A negative[kMaxBlockThreads];
+    __shared__ A positives[kMaxBlockThreads];
+    positive[thread] = own.positive;
+    negative[thread] = own.negative;
+    positives[thread] = own.positives;
+    __syncthreads();
+    block_sum(positive, thread, threads);
+    block_sum(negative, thread, threads);
+    block_sum(positives, thread, threads);
+    const FocalTerms<A> total{positive[0], negative[0], positives[0]};
+    __syncthreads();  // before a next call overwrites the shared arrays
+    return total;
+}
+
+}  // namespace pydeform
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+
+// heat [batch, classes, height, width] (`kernel` the odd peak window) -> candidate_scores /
+// candidate_indices [batch, tiles, capacity]: list entry j of tile t is the tile's j-th best kept score and its
+// index within the tile (flat index - t * kDecodeTile); entries past the list length are unused.
+//
+// Per tile: every thread computes the kept scores of a strided share of the tile into shared
+// memory, then counts the nonzero and positive scores of a contiguous segment; a block scan of
+// those counts places every element. Zeros need no sorting: in index order they come right after
+// the positive scores. The nonzero scores (usually the few peaks) are bitonic-sorted in shared
+// memory; positives go first, negatives after the zeros.
+template <typename T>
+__global__ void centernet_decode_candidates(const T* __restrict__ heat,
+                                            pydeform::acc_t<T>* __restrict__ candidate_scores,
+                                            int* __restrict__ candidate_indices,
+                                            const long long batch,
+                                            PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS,
+                                            const long long kernel) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    __shared__ A tile_scores[kDecodeTile];
+    __shared__ A sort_scores[kDecodeTile];
+    __shared__ int sort_indices[kDecodeTile];
+    // Per thread: (positive count << 16) | nonzero count of its segment, scanned in place; both
+    // counts are at most kDecodeTile < 2**16, so the packed sums never carry into each other.
+    __shared__ int segment_counts[kMaxBlockThreads];
+
+    const DecodeTiles t = decode_tiles(classes, height, width, k);
+    const long long plane_size = height * width;
+    const int thread = threadIdx.x;
+    const int threads = blockDim.x;
+    for (long long job = blockIdx.x; job < batch * t.tiles; job += gridDim.x) {
+        const long long image = job / t.tiles;
+        const long long tile = job % t.tiles;
+        const long long tile_begin = tile * kDecodeTile;
+        const int length = static_cast<int>(t.image_size - tile_begin < kDecodeTile
+                                                 ? t.image_size - tile_begin
+                                                 : kDecodeTile);
+        const int list_length = static_cast<int>(tile_list_length(t, tile));
+        A* const list_scores = candidate_scores + job * t.capacity;
+        int* const list_indices = candidate_indices + job * t.capacity;
+
+        for (int i = thread; i < length; i += threads) {
+            const long long flat = tile_begin + i;
+            const long long channel = flat / plane_size;
+            const long long pixel = flat % plane_size;
+            tile_scores[i] = kept_score(heat + (image * classes + channel) * plane_size, height, width,
+                                        pixel / width, pixel % width, kernel / 2);
+        }
+        __syncthreads();
+
+        const int segment = (length + threads - 1) / threads;
+        const int segment_begin = thread * segment < length ? thread * segment : length;
+        const int segment_end = segment_begin + segment < length ? segment_begin + segment : length;
+        int nonzero = 0, positive = 0;
+        for (int i = segment_begin; i < segment_end; ++i) {
+            nonzero += tile_scores[i] != A(0);
+            positive += tile_scores[i] > A(0);
+        }
+        const int own_counts = (positive << 16) | nonzero;
+        segment_counts[thread] = own_counts;
+        __syncthreads();
+        // Inclusive Hillis-Steele scan over the threads' packed counts.
+        for (int offset = 1; offset < threads; offset *= 2) {
+            const int add = thread >= offset ? segment_counts[thread - offset] : 0;
+            __syncthreads();
+            segment_counts[thread] += add;
+            __syncthreads();
+        }
+        const int total_nonzero = segment_counts[threads - 1] & 0xffff;
+        const int total_positive = segment_counts[threads - 1] >> 16;
+        int nonzero_before = (segment_counts[thread] - own_counts) & 0xffff;
+        for (int i = segment_begin; i < segment_end; ++i) {
+            const A score = tile_scores[i];
+            if (score != A(0)) {
+                sort_scores[nonzero_before] = score;
+                sort_indices[nonzero_before] = i;
+                ++nonzero_before;
+            } else {
+                const int slot = total_positive + (i - nonzero_before);
+                if (slot < list_length) {
+                    list_scores[slot] = A(0);
+                    list_indices[slot] = i;
+                }
+            }
+        }
+        // Pad to a power of two with entries after every real one (-inf, index past the tile).
+        int sort_length = 1;
+        while (sort_length < total_nonzero) {
+            sort_length *= 2;
+        }
+        for (int i = total_nonzero + thread; i < sort_length; i += threads) {
+            sort_scores[i] = negative_infinity(A(0));
+            sort_indices[i] = kDecodeTile;
+        }
+        __syncthreads();
+        // Bitonic sort, best first; each (i, i ^ stride) pair belongs to the thread owning i.
+        for (int size = 2; size <= sort_length; size *= 2) {
+            for (int stride = size / 2; stride > 0; stride /= 2) {
+                for (int i = thread; i < sort_length; i += threads) {
+                    const int partner = i ^ stride;
+                    if (partner > i) {
+                        const bool partner_first = (i & size) == 0;
+                        const int first = partner_first ? partner : i;
+                        const int second = partner_first ? i : partner;
+                        if (better(sort_scores[first], sort_indices[first], sort_scores[second],
+                                   sort_indices[second])) {
+                            const A score = sort_scores[i];
+                            sort_scores[i] = sort_scores[partner];
+                            sort_scores[partner] = score;
+                            const int index = sort_indices[i];
+                            sort_indices[i] = sort_indices[partner];
+                            sort_indices[partner] = index;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        for (int rank = thread; rank < total_nonzero; rank += threads) {
+            const int slot = rank < total_positive ? rank : rank + (length - total_nonzero);
+            if (slot < list_length) {
+                list_scores[slot] = sort_scores[rank];
+                list_indices[slot] = sort_indices[rank];
+            }
+        }
+        __syncthreads();  // the next tile reuses the shared arrays
+    }
+}
+
+// Candidate lists (see centernet_decode_candidates), wh [batch, 2 or 2*classes, height, width],
+// reg [batch, 2, height, width] or null -> detections [batch, k, 6] written entirely.
+// n_items = batch * slots, slots = max(tiles * capacity, k): slot j < tiles * capacity is list
+// entry j of the image's lists; slots j in [image_size, k) are the empty detections.
+template <typename T>
+__global__ void centernet_decode_detections(
+    const long long n_items, const T* __restrict__ wh, const T* __restrict__ reg,
+    const pydeform::acc_t<T>* __restrict__ candidate_scores, const int* __restrict__ candidate_indices,
+    pydeform::acc_t<T>* __restrict__ detections, PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS,
+    const int cat_spec_wh, const int has_reg, const pydeform::acc_t<T> down_ratio, const int has_threshold,
+    const pydeform::acc_t<T> threshold) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const DecodeTiles t = decode_tiles(classes, height, width, k);
+    const long long plane_size = height * width;
+    const long long list_slots = t.tiles * t.capacity;
+    const long long slots = list_slots > k ? list_slots : k;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const long long image = item / slots;
+        const long long slot = item % slots;
+        if (slot >= t.image_size && slot < k) {
+            A* const row = detections + (image * k + slot) * 6;
+            for (int column = 0; column < 5; ++column) {
+                row[column] = A(0);
+            }
+            row[5] = A(-1);
+        }
+        if (slot >= list_slots) {
+            continue;
+        }
+        const long long tile = slot / t.capacity;
+        const long long position = slot % t.capacity;
+        if (position >= tile_list_length(t, tile)) {
+            continue;
+        }
+        const A* const image_scores = candidate_scores + image * list_slots;
+        const int* const image_indices = candidate_indices + image * list_slots;
+        const A score = image_scores[slot];
+        const long long flat = tile * kDecodeTile + image_indices[slot];
+        long long rank = position;
+        for (long long other = 0; other < t.tiles && rank < k; ++other) {
+            if (other != tile) {
+                rank += count_better(image_scores + other * t.capacity,
+                                     image_indices + other * t.capacity,
+                                     tile_list_length(t, other), other * kDecodeTile, score, flat);
+            }
+        }
+        if (rank >= k) {
+            continue;
+        }
+        const long long channel = flat / plane_size;
+        const long long pixel = flat % plane_size;
+        const long long size_channel = cat_spec_wh ? 2 * channel : 0;
+        const long long wh_channels = cat_spec_wh ? 2 * classes : 2;
+        const T* const wh_pixel = wh + (image * wh_channels + size_channel) * plane_size + pixel;
+        const A w = load_acc(wh_pixel);
+        const A h = load_acc(wh_pixel + plane_size);
+        A xs = A(pixel % width), ys = A(pixel / width);
+        if (has_reg) {
+            xs += load_acc(reg + image * 2 * plane_size + pixel);
+            ys += load_acc(reg + (image * 2 + 1) * plane_size + pixel);
+        } else {
+            xs += A(0.5);
+            ys += A(0.5);
+        }
+        const bool below = has_threshold && score < threshold;
+        A* const row = detections + (image * k + rank) * 6;
+        row[0] = (xs - w / A(2)) * down_ratio;
+        row[1] = (ys - h / A(2)) * down_ratio;
+        row[2] = (xs + w / A(2)) * down_ratio;
+        row[3] = (ys + h / A(2)) * down_ratio;
+        row[4] = below ? A(0) : score;
+        row[5] = below ? A(-1) : A(channel);
+    }
+}
+
+// boxes [batch, max_boxes, 4] (x1, y1, x2, y2, input pixels), labels [batch, max_boxes] int64
+// (-1 = padding) -> heatmap [batch, num_classes, out_h, out_w], wh / reg [batch, max_objects, 2],
+// ind [batch, max_objects], reg_mask [batch, max_objects], all zero-filled before the launch.
+// n_items = batch * min(max_boxes, max_objects): one item per object slot. The geometry is done
+// in double whatever the storage type, so radius and centre are exactly the reference's.
+template <typename T>
+__global__ void centernet_targets(
+    const long long n_items, const pydeform::acc_t<T>* __restrict__ boxes,
+    const long long* __restrict__ labels, pydeform::acc_t<T>* __restrict__ heatmap,
+    pydeform::acc_t<T>* __restrict__ wh, pydeform::acc_t<T>* __restrict__ reg, long long* __restrict__ ind,
+    unsigned char* __restrict__ reg_mask, const long long max_boxes,
+    const long long num_classes, const long long out_h, const long long out_w,
+    const double down_ratio, const double min_overlap, const long long max_objects) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const long long objects = max_boxes < max_objects ? max_boxes : max_objects;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const long long image = item / objects;
+        const long long object = item % objects;
+        const long long label = labels[image * max_boxes + object];
+        if (label < 0 || label >= num_classes) {  // padding; a bad label is rejected in Python
+            continue;
+        }
+        const A* const box = boxes + (image * max_boxes + object) * 4;
+        const double x_max = double(out_w - 1), y_max = double(out_h - 1);
+        const double x1 = fmin(fmax(double(box[0]) / down_ratio, 0.0), x_max);
+        const double y1 = fmin(fmax(double(box[1]) / down_ratio, 0.0), y_max);
+        const double x2 = fmin(fmax(double(box[2]) / down_ratio, 0.0), x_max);
+        const double y2 = fmin(fmax(double(box[3]) / down_ratio, 0.0), y_max);
+        const double h = y2 - y1, w = x2 - x1;
+        if (!(h > 0 && w > 0)) {
+            continue;
+        }
+        const double r = gaussian_radius(ceil(h), ceil(w), min_overlap);
+        const long long radius = r >= 1 ? static_cast<long long>(r) : 0;  // max(0, int(r))
+        const double cx = (x1 + x2) / 2, cy = (y1 + y2) / 2;
+        const long long ix = static_cast<long long>(cx), iy = static_cast<long long>(cy);
+
+        const double sigma = double(2 * radius + 1) / 6;
+        A* const plane = heatmap + (image * num_classes + label) * out_h * out_w;
+        const long long y_end = iy + radius < out_h - 1 ? iy + radius : out_h - 1;
+        const long long x_end = ix + radius < out_w - 1 ? ix + radius : out_w - 1;
+        for (long long y = iy - radius > 0 ? iy - radius : 0; y <= y_end; ++y) {
+            const double dy = double(y - iy);
+            for (long long x = ix - radius > 0 ? ix - radius : 0; x <= x_end; ++x) {
+                const double dx = double(x - ix);
+                const double g = exp(-(dy * dy + dx * dx) / (2 * sigma * sigma));
+                // The original zeroes entries below eps(float64) * max (the max is exp(0) = 1);
+                // a zero never raises the zero-filled heatmap.
+                if (g >= 2.220446049250313e-16) {
+                    store_max_non_negative(plane + y * out_w + x, A(g));
+                }
+            }
+        }
+        const long long slot = image * max_objects + object;
+        wh[2 * slot] = A(w);
+        wh[2 * slot + 1] = A(h);
+        reg[2 * slot] = A(cx - double(ix));
+        reg[2 * slot + 1] = A(cy - double(iy));
+        ind[slot] = iy * out_w + ix;
+        reg_mask[slot] = 1;
+    }
+}
+
+// pred / target [n_items] -> partials [n_parts, 3]: part q sums the terms of items
+// [q * part_size, (q + 1) * part_size), thread by thread in a fixed order.
+template <typename T>
+__global__ void centernet_focal_loss_partials(const long long n_items, const long long n_parts,
+                                              const T* __restrict__ pred,
+                                              const T* __restrict__ target,
+                                              pydeform::acc_t<T>* __restrict__ partials,
+                                              const pydeform::acc_t<T> alpha, const pydeform::acc_t<T> beta) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const long long part_size = (n_items + n_parts - 1) / n_parts;
+    const int thread = threadIdx.x;
+    for (long long part = blockIdx.x; part < n_parts; part += gridDim.x) {
+        const long long end = (part + 1) * part_size < n_items ? (part + 1) * part_size : n_items;
+        FocalTerms<A> own{A(0), A(0), A(0)};
+        for (long long i = part * part_size + thread; i < end; i += blockDim.x) {
+            const FocalTerms<A> terms = focal_terms(load_acc(pred + i), load_acc(target + i), alpha, beta);
+            own.positive += terms.positive;
+            own.negative += terms.negative;
+            own.positives += terms.positives;
+        }
+        const FocalTerms<A> total = block_focal_sums(own, thread, static_cast<int>(blockDim.x));
+        if (thread == 0) {
+            partials[3 * part] = total.positive;
+            partials[3 * part + 1] = total.negative;
+            partials[3 * part + 2] = total.positives;
+        }
+    }
+}
+
+// partials [n_parts, 3] -> sums [3], by one block in a fixed order.
+template <typename T>
+__global__ void centernet_focal_loss_total(const long long n_parts,
+                                           const pydeform::acc_t<T>* __restrict__ partials,
+                                           pydeform::acc_t<T>* __restrict__ sums) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    if (blockIdx.x != 0) {
+        return;
+    }
+    const int thread = threadIdx.x;
+    FocalTerms<A> own{A(0), A(0), A(0)};
+    for (long long part = thread; part < n_parts; part += blockDim.x) {
+        own.positive += partials[3 * part];
+        own.negative += partials[3 * part + 1];
+        own.positives += partials[3 * part + 2];
+    }
+    const FocalTerms<A> total = block_focal_sums(own, thread, static_cast<int>(blockDim.x));
+    if (thread == 0) {
+        sums[0] = total.positive;
+        sums[1] = total.negative;
+        sums[2] = total.positives;
+    }
+}
+
+// grad_pred[i] = grad_output * d(terms)/d(pred[i]) / max(sums[2], 1) over n_items elements.
+template <typename T>
+__global__ void centernet_focal_loss_grad(const long long n_items, const T* __restrict__ grad_output,
+                                          const T* __restrict__ pred, const T* __restrict__ target,
+                                          const pydeform::acc_t<T>* __restrict__ sums,
+                                          T* __restrict__ grad_pred, const pydeform::acc_t<T> alpha,
+                                          const pydeform::acc_t<T> beta) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const A scale = load_acc(grad_output) / fmax(sums[2], A(1));
+    for (long long i = grid_stride_begin(); i < n_items; i += grid_stride_step()) {
+        grad_pred[i] = from_acc<T>(scale * focal_derivative(load_acc(pred + i), load_acc(target + i),
+                                                            alpha, beta));
+    }
+}

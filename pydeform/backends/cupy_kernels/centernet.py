@@ -1,0 +1,164 @@
+"""CuPy RawKernel kernel set of CenterNet (kernels in ``centernet.cu``); the interface is the one
+:mod:`pydeform.centernet` documents.
+
+The ``*_launch`` functions marshal one kernel's arguments in the exact order and widths of its
+CUDA signature: sizes ``long long``, flags ``int``, the decode's down_ratio / threshold and the
+focal loss's alpha / beta in the accumulation type, the targets' down_ratio / min_overlap in
+double (their geometry is computed in double). Each returns ``(template, n_blocks, args)``:
+element-wise kernels get enough blocks for one thread per work item, the block-cooperative
+kernels one block per job (a decode tile, a focal-loss part). The kernel set and the tests' CPU
+host shim both launch through them.
+
+Decode scratch (from :func:`pydeform._workspace.scratch`): the candidate lists of every tile,
+scores ``[B, tiles, capacity]`` in the accumulation type and tile-local indices
+``[B, tiles, capacity]`` int32, tiles = ceil(C*H*W / DECODE_TILE), capacity = min(K, DECODE_TILE).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..._arrays import accumulation_dtype
+from ..._workspace import scratch
+from ._compile import THREADS_PER_BLOCK, KernelManifest, launch_blocks
+
+KERNELS = KernelManifest(
+    source="centernet.cu",
+    templates=(
+        "centernet_decode_candidates",
+        "centernet_decode_detections",
+        "centernet_targets",
+        "centernet_focal_loss_partials",
+        "centernet_focal_loss_total",
+        "centernet_focal_loss_grad",
+    ),
+)
+
+#: Flat indices per decode tile: kDecodeTile of centernet.cu.
+DECODE_TILE = 2048
+#: Focal-loss items per part (block partial sum) and the most parts of one call; fixed for a
+#: given element count, so the summation order, and the loss, are the same on every run.
+FOCAL_LOSS_PART_ITEMS = 16 * THREADS_PER_BLOCK
+FOCAL_LOSS_MAX_PARTS = 1024
+
+
+class DecodeTiles(NamedTuple):
+    """How the decode splits each image's C*H*W flat indices."""
+
+    tiles: int      # tiles per image
+    capacity: int   # entries per tile's candidate list, min(K, DECODE_TILE)
+    slots: int      # decode_detections work items per image: max(tiles * capacity, K)
+
+
+def decode_tiles(params):
+    tiles = -(-params.classes * params.height * params.width // DECODE_TILE)
+    capacity = min(params.k, DECODE_TILE)
+    return DecodeTiles(tiles, capacity, max(tiles * capacity, params.k))
+
+
+def _elementwise_blocks(n_items):
+    return -(-n_items // THREADS_PER_BLOCK)
+
+
+def _decode_geometry_args(params):
+    """PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS of centernet.cu, all ``long long``."""
+    return tuple(np.int64(v) for v in (params.classes, params.height, params.width, params.k))
+
+
+def _acc(dtype, value):
+    """A float parameter in the accumulation type of storage ``dtype``."""
+    return accumulation_dtype(dtype).type(value)
+
+
+def _flag(value):
+    return np.int32(bool(value))
+
+
+def decode_candidates_launch(heat, candidate_scores, candidate_indices, params):
+    """One block per tile of each image."""
+    args = (heat, candidate_scores, candidate_indices, np.int64(params.batch), *_decode_geometry_args(params),
+            np.int64(params.kernel))
+    return "centernet_decode_candidates", params.batch * decode_tiles(params).tiles, args
+
+
+def decode_detections_launch(wh, reg, candidate_scores, candidate_indices, detections, params):
+    """reg may be None (a null pointer; params.has_reg says so). One work item per slot."""
+    n_items = params.batch * decode_tiles(params).slots
+    args = (
+        np.int64(n_items), wh, reg, candidate_scores, candidate_indices, detections,
+        *_decode_geometry_args(params), _flag(params.cat_spec_wh), _flag(params.has_reg),
+        _acc(wh.dtype, params.down_ratio), _flag(params.has_threshold), _acc(wh.dtype, params.threshold),
+    )
+    return "centernet_decode_detections", _elementwise_blocks(n_items), args
+
+
+def targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
+    """One work item per object slot m < min(max_boxes, max_objects) of each image."""
+    n_items = params.batch * min(params.max_boxes, params.max_objects)
+    args = (
+        np.int64(n_items), boxes, labels, heatmap, wh, reg, ind, reg_mask,
+        *(np.int64(v) for v in (params.max_boxes, params.num_classes, params.out_h, params.out_w)),
+        np.float64(params.down_ratio), np.float64(params.min_overlap), np.int64(params.max_objects),
+    )
+    return "centernet_targets", _elementwise_blocks(n_items), args
+
+
+def focal_loss_parts(n_items):
+    """Partial sums of one focal-loss call over ``n_items`` elements."""
+    return min(-(-n_items // FOCAL_LOSS_PART_ITEMS), FOCAL_LOSS_MAX_PARTS)
+
+
+def _focal_args(dtype, params):
+    return _acc(dtype, params.alpha), _acc(dtype, params.beta)
+
+
+def focal_loss_partials_launch(pred, target, partials, params):
+    """partials [focal_loss_parts(pred.size), 3]: one block per part."""
+    n_parts = partials.shape[0]
+    args = (np.int64(pred.size), np.int64(n_parts), pred, target, partials, *_focal_args(pred.dtype, params))
+    return "centernet_focal_loss_partials", n_parts, args
+
+
+def focal_loss_total_launch(partials, sums):
+    """One block sums the parts."""
+    return "centernet_focal_loss_total", 1, (np.int64(partials.shape[0]), partials, sums)
+
+
+def focal_loss_grad_launch(grad_output, pred, target, sums, grad_pred, params):
+    n_items = pred.size
+    args = (np.int64(n_items), grad_output, pred, target, sums, grad_pred, *_focal_args(pred.dtype, params))
+    return "centernet_focal_loss_grad", _elementwise_blocks(n_items), args
+
+
+class CupyCenterNetKernels:
+    """The CenterNet kernel set on CuPy arrays (C-contiguous, on the current device)."""
+
+    @property
+    def xp(self):
+        import cupy
+
+        return cupy
+
+    def decode(self, heat, wh, reg, detections, params):
+        """Two launches: the tiles' candidate lists, then ranks, gathers and boxes."""
+        tiles = decode_tiles(params)
+        shape = (params.batch, tiles.tiles, tiles.capacity)
+        candidate_scores = scratch(self.xp, "centernet_candidate_scores", shape, detections.dtype)
+        candidate_indices = scratch(self.xp, "centernet_candidate_indices", shape, np.int32)
+        self._launch(heat.dtype, *decode_candidates_launch(heat, candidate_scores, candidate_indices, params))
+        self._launch(heat.dtype, *decode_detections_launch(wh, reg, candidate_scores, candidate_indices,
+                                                           detections, params))
+
+    def targets(self, boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
+        self._launch(boxes.dtype, *targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params))
+
+    def focal_loss_sums(self, pred, target, sums, params):
+        partials = scratch(self.xp, "centernet_focal_partials", (focal_loss_parts(pred.size), 3), sums.dtype)
+        self._launch(pred.dtype, *focal_loss_partials_launch(pred, target, partials, params))
+        self._launch(pred.dtype, *focal_loss_total_launch(partials, sums))
+
+    def focal_loss_grad(self, grad_output, pred, target, sums, grad_pred, params):
+        self._launch(pred.dtype, *focal_loss_grad_launch(grad_output, pred, target, sums, grad_pred, params))
+
+    def _launch(self, storage_dtype, template, n_blocks, args):
+        launch_blocks(KERNELS, template, storage_dtype, n_blocks, args)
