@@ -48,7 +48,7 @@ def peak_scores(heat, kernel=3):
 def top_k(scores, K):
     """Per image, the flat indices c*H*W + y*W + x of the K best scores, best first, equal scores
     in increasing index order. scores [B, C, H, W] -> int64 [B, min(K, C*H*W)]."""
-    flat = scores.reshape(scores.shape[0], -1)
+    flat = scores.reshape(scores.shape[0], int(np.prod(scores.shape[1:])))
     index = np.arange(flat.shape[1])
     rows = [np.lexsort((index, -row))[:K] for row in flat]
     return np.array(rows, dtype=np.int64).reshape(flat.shape[0], min(K, flat.shape[1]))
