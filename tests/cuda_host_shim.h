@@ -1,6 +1,12 @@
 // Force-included (g++ -include) before a CUDA C source to compile it as plain C++ for the CPU.
-// A grid-stride kernel without shared memory or warp intrinsics computes every work item when it
-// runs as the single thread of a single block, so that is the execution model modelled here.
+// Two execution models:
+// - default: the single thread of a single block. A grid-stride kernel without shared memory or
+//   warp intrinsics computes every work item that way, and so does a block kernel whose loops
+//   all stride by blockDim.x and gridDim.x (shared arrays are then the one thread's own).
+// - PYDEFORM_HOST_SHIM_BLOCK_THREADS: the launcher (tests/host_shim.py) runs the blocks one after
+//   another, each block's threads as concurrent OS threads that meet at __syncthreads() on a
+//   barrier and share the block's __shared__ arrays, so the block-cooperative code (scans, sorts,
+//   reductions) really runs with several threads; atomics take a lock.
 #pragma once
 
 #include <cmath>
@@ -14,12 +20,65 @@
 struct HostShimDim3 {
     unsigned int x, y, z;
 };
+
+// Blocks run one at a time, so a block's shared arrays can be statics either way.
+#define __shared__ static
+
+#ifdef PYDEFORM_HOST_SHIM_BLOCK_THREADS
+#include <mutex>
+#include <pthread.h>
+
+static thread_local HostShimDim3 threadIdx = {0, 0, 0};
+static thread_local HostShimDim3 blockIdx = {0, 0, 0};
+static HostShimDim3 blockDim = {1, 1, 1};
+static HostShimDim3 gridDim = {1, 1, 1};
+static pthread_barrier_t host_shim_barrier;
+static bool host_shim_barrier_ready = false;
+static std::mutex host_shim_atomic_lock;
+
+// Called once per launch, before any thread enters the kernel.
+extern "C" void pydeform_host_configure(const unsigned int grid, const unsigned int block) {
+    if (host_shim_barrier_ready) {
+        pthread_barrier_destroy(&host_shim_barrier);
+    }
+    pthread_barrier_init(&host_shim_barrier, nullptr, block);
+    host_shim_barrier_ready = true;
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+}
+
+// Called by each launcher thread before it calls the kernel.
+extern "C" void pydeform_host_enter(const unsigned int block, const unsigned int thread) {
+    blockIdx = {block, 0, 0};
+    threadIdx = {thread, 0, 0};
+}
+
+inline void __syncthreads() { pthread_barrier_wait(&host_shim_barrier); }
+
+template <typename A>
+inline A atomicAdd(A* address, const A value) {
+    const std::lock_guard<std::mutex> hold(host_shim_atomic_lock);
+    const A old = *address;
+    *address = old + value;
+    return old;
+}
+
+template <typename I>
+inline I atomicMax(I* address, const I value) {
+    const std::lock_guard<std::mutex> hold(host_shim_atomic_lock);
+    const I old = *address;
+    *address = old < value ? value : old;
+    return old;
+}
+#else
 static const HostShimDim3 threadIdx = {0, 0, 0};
 static const HostShimDim3 blockIdx = {0, 0, 0};
 static const HostShimDim3 blockDim = {1, 1, 1};
 static const HostShimDim3 gridDim = {1, 1, 1};
 
-// One thread: a plain read-modify-write is atomic.
+// One thread: a barrier has nobody to wait for, and a plain read-modify-write is atomic.
+inline void __syncthreads() {}
+
 template <typename A>
 inline A atomicAdd(A* address, const A value) {
     const A old = *address;
@@ -33,14 +92,9 @@ inline I atomicMax(I* address, const I value) {
     *address = old < value ? value : old;
     return old;
 }
+#endif
 
 #define __ldg(address) (*(address))
-
-// One thread per block: the block's shared arrays are that thread's statics, and a barrier has
-// nobody to wait for. Kernels with shared memory run correctly here only if every loop strides
-// by blockDim.x (see centernet.cu).
-#define __shared__ static
-inline void __syncthreads() {}
 
 // CUDA's bit reinterpretations.
 inline float __int_as_float(const int bits) {

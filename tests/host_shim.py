@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,10 @@ SHIM_HEADER = TESTS_DIR / "cuda_host_shim.h"
 HOST_INCLUDE_DIR = TESTS_DIR / "cuda_host_include"
 HOST_TYPES = ("float", "double")
 CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
+THREADED_FLAGS = ("-DPYDEFORM_HOST_SHIM_BLOCK_THREADS", "-pthread")
+# A threaded block that has not finished after this long is taken as deadlocked (a __syncthreads
+# that not every thread of the block reaches).
+BLOCK_TIMEOUT_S = 60
 
 
 class HostBuildError(RuntimeError):
@@ -55,20 +60,22 @@ def _translation_unit(source, templates):
     return f"{source}\n\n// Host shim exports\n{exports}\n"
 
 
-def _build_inputs_digest(unit):
+def _build_inputs_digest(unit, flags):
     digest = hashlib.sha256(unit.encode())
     for header in (SHIM_HEADER, *sorted(HOST_INCLUDE_DIR.iterdir())):
         digest.update(header.read_bytes())
-    digest.update(" ".join(CXX_FLAGS).encode())
+    digest.update(" ".join(flags).encode())
     return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(name, source, templates):
+def load_library(name, source, templates, threaded=False):
     """The shared library of CUDA C ``source`` (includes already inlined) exporting each of
-    ``templates`` for float and double; rebuilt whenever the source or a shim header changes."""
+    ``templates`` for float and double; rebuilt whenever the source or a shim header changes.
+    ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks)."""
     unit = _translation_unit(source, templates)
-    stem = f"{name}_{_build_inputs_digest(unit)}"
+    flags = (*CXX_FLAGS, *THREADED_FLAGS) if threaded else CXX_FLAGS
+    stem = f"{name}{'_threaded' if threaded else ''}_{_build_inputs_digest(unit, flags)}"
     library = BUILD_DIR / f"{stem}.so"
     if not library.exists():
         BUILD_DIR.mkdir(exist_ok=True)
@@ -77,7 +84,7 @@ def load_library(name, source, templates):
         # Built under a private name and renamed, so that concurrent test processes never load
         # a half-written library.
         partial = BUILD_DIR / f"{stem}.{os.getpid()}.so.partial"
-        command = ["g++", *CXX_FLAGS, "-include", str(SHIM_HEADER), "-I", str(HOST_INCLUDE_DIR),
+        command = ["g++", *flags, "-include", str(SHIM_HEADER), "-I", str(HOST_INCLUDE_DIR),
                    str(unit_path), "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -87,9 +94,9 @@ def load_library(name, source, templates):
     return ctypes.CDLL(str(library))
 
 
-def manifest_library(manifest):
+def manifest_library(manifest, threaded=False):
     """The library of a kernel set's ``.cu`` file, built from the text NVRTC compiles."""
-    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates)
+    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded)
 
 
 # Marshalled scalar type -> the C parameter type it stands for; anything else is a pointer.
@@ -115,12 +122,37 @@ def _cvalue(arg):
     return arg.item()
 
 
-def run_kernel(library, template, storage_dtype, args):
-    """Calls ``template<storage_dtype>`` of a host library with a marshalled argument tuple."""
+def _kernel_function(library, template, storage_dtype, args):
     symbol = _export_symbol(template, template_argument(storage_dtype))
     address = ctypes.c_void_p.in_dll(library, symbol).value
-    function = ctypes.CFUNCTYPE(None, *(_ctype(a) for a in args))(address)
-    function(*(_cvalue(a) for a in args))
+    return ctypes.CFUNCTYPE(None, *(_ctype(a) for a in args))(address)
+
+
+def run_kernel(library, template, storage_dtype, args):
+    """Calls ``template<storage_dtype>`` of a host library with a marshalled argument tuple."""
+    _kernel_function(library, template, storage_dtype, args)(*(_cvalue(a) for a in args))
+
+
+def run_blocks(library, template, storage_dtype, args, grid, block):
+    """Runs ``template<storage_dtype>`` of a threaded host library as ``grid`` blocks of ``block``
+    threads: block after block, each block's threads concurrently (ctypes releases the GIL during
+    the call, so they really run in parallel and meet at the shim's barrier)."""
+    function = _kernel_function(library, template, storage_dtype, args)
+    values = [_cvalue(a) for a in args]
+    library.pydeform_host_configure(ctypes.c_uint(grid), ctypes.c_uint(block))
+
+    def thread_body(block_index, thread_index):
+        library.pydeform_host_enter(ctypes.c_uint(block_index), ctypes.c_uint(thread_index))
+        function(*values)
+
+    for block_index in range(grid):
+        threads = [threading.Thread(target=thread_body, args=(block_index, t), daemon=True) for t in range(block)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BLOCK_TIMEOUT_S)
+            if thread.is_alive():
+                raise RuntimeError(f"{template}: block {block_index} of {grid} did not finish (deadlock?)")
 
 
 class HostShimLaunch:
@@ -135,6 +167,19 @@ class HostShimLaunch:
             run_kernel(manifest_library(self.manifest), template, storage_dtype, args)
 
 
+class HostShimBlocksLaunch(HostShimLaunch):
+    """As HostShimLaunch, on the threaded-block shim: each launch runs min(its block count,
+    ``grid``) blocks of ``block`` threads."""
+
+    grid = 1
+    block = 1
+
+    def _launch(self, storage_dtype, template, n_blocks, args):
+        if n_blocks:
+            run_blocks(manifest_library(self.manifest, threaded=True), template, storage_dtype, args,
+                       min(n_blocks, self.grid), self.block)
+
+
 class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
     manifest = DEFORM_CONV_KERNELS
 
@@ -145,3 +190,14 @@ class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
 
 class HostShimCenterNetKernels(HostShimLaunch, CupyCenterNetKernels):
     manifest = CENTERNET_KERNELS
+
+
+class HostShimBlocksCenterNetKernels(HostShimBlocksLaunch, CupyCenterNetKernels):
+    """The CenterNet kernels as ``grid`` blocks of ``block`` threads, decode tiles of ``decode_tile``."""
+
+    manifest = CENTERNET_KERNELS
+
+    def __init__(self, grid, block, decode_tile):
+        super().__init__(decode_tile)
+        self.grid = grid
+        self.block = block

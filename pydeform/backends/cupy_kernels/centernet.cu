@@ -1,7 +1,7 @@
 // CenterNet (SPEC sections 4 and 4b): heatmap decoding, training targets and the focal loss.
 //
 // Decode is two launches and reads the heatmap once:
-//   centernet_decode_candidates  one block per tile of kDecodeTile consecutive flat indices
+//   centernet_decode_candidates  one block per tile of `tile` consecutive flat indices
 //                                c*H*W + y*W + x of an image: the peak test of every element, then
 //                                the tile's best min(K, tile length) (score, index) pairs, sorted
 //                                best first, into a candidate list of the tile.
@@ -26,8 +26,8 @@
 
 namespace pydeform {
 
-// Elements of one decode tile and the capacity of the tile kernel's shared arrays; the Python side
-// (DECODE_TILE in centernet.py) sizes the candidate lists with the same number.
+// The largest decode tile: the capacity of the tile kernel's shared arrays (DECODE_TILE of
+// centernet.py, which passes the tile size, at most this, to both decode kernels).
 constexpr int kDecodeTile = 2048;
 // Capacity of the shared per-thread arrays: the largest blockDim.x the block kernels accept
 // (THREADS_PER_BLOCK of _compile.py).
@@ -48,28 +48,39 @@ __device__ __forceinline__ bool better(const A score_a, const long long index_a,
 // ---------------------------------------------------------------------------------------------
 // Decode
 
-// heat [batch, classes, height, width]; detections [batch, k, 6].
+// heat [batch, classes, height, width]; detections [batch, k, 6]; `tile` flat indices per decode
+// tile, 1 <= tile <= kDecodeTile.
 #define PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS                                               \
-    const long long classes, const long long height, const long long width, const long long k
+    const long long classes, const long long height, const long long width, const long long k,  \
+        const long long tile
 
 struct DecodeTiles {
     long long image_size;  // classes * height * width
+    long long size;        // flat indices per tile
     long long tiles;       // tiles per image
-    long long capacity;    // entries per tile list: min(k, kDecodeTile)
+    long long capacity;    // entries per tile list: min(k, size)
 };
 
 __device__ __forceinline__ DecodeTiles decode_tiles(const long long classes, const long long height,
-                                                    const long long width, const long long k) {
+                                                    const long long width, const long long k,
+                                                    const long long tile) {
     DecodeTiles t;
     t.image_size = classes * height * width;
-    t.tiles = (t.image_size + kDecodeTile - 1) / kDecodeTile;
-    t.capacity = k < kDecodeTile ? k : kDecodeTile;
+    t.size = tile;
+    t.tiles = (t.image_size + tile - 1) / tile;
+    t.capacity = k < tile ? k : tile;
     return t;
+}
+
+// Flat indices of tile `tile`: size, or fewer for an image's last tile.
+__device__ __forceinline__ long long tile_length(const DecodeTiles& t, const long long tile) {
+    const long long rest = t.image_size - tile * t.size;
+    return rest < t.size ? rest : t.size;
 }
 
 // Entries of tile `tile`'s list: its best min(k, tile length).
 __device__ __forceinline__ long long tile_list_length(const DecodeTiles& t, const long long tile) {
-    const long long length = t.image_size - tile * kDecodeTile;
+    const long long length = tile_length(t, tile);
     return length < t.capacity ? length : t.capacity;
 }
 
@@ -233,8 +244,9 @@ __device__ __forceinline__ FocalTerms<A> block_focal_sums(const FocalTerms<A>& o
 // Kernels
 
 // heat [batch, classes, height, width] (`kernel` the odd peak window) -> candidate_scores /
-// candidate_indices [batch, tiles, capacity]: list entry j of tile t is the tile's j-th best kept score and its
-// index within the tile (flat index - t * kDecodeTile); entries past the list length are unused.
+// candidate_indices [batch, tiles, capacity]: list entry j of tile t is the tile's j-th best kept
+// score and its index within the tile (flat index - t * tile); entries past the list length are
+// unused.
 //
 // Per tile: every thread computes the kept scores of a strided share of the tile into shared
 // memory, then counts the nonzero and positive scores of a contiguous segment; a block scan of
@@ -257,18 +269,16 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
     // counts are at most kDecodeTile < 2**16, so the packed sums never carry into each other.
     __shared__ int segment_counts[kMaxBlockThreads];
 
-    const DecodeTiles t = decode_tiles(classes, height, width, k);
+    const DecodeTiles t = decode_tiles(classes, height, width, k, tile);
     const long long plane_size = height * width;
     const int thread = threadIdx.x;
     const int threads = blockDim.x;
     for (long long job = blockIdx.x; job < batch * t.tiles; job += gridDim.x) {
         const long long image = job / t.tiles;
-        const long long tile = job % t.tiles;
-        const long long tile_begin = tile * kDecodeTile;
-        const int length = static_cast<int>(t.image_size - tile_begin < kDecodeTile
-                                                 ? t.image_size - tile_begin
-                                                 : kDecodeTile);
-        const int list_length = static_cast<int>(tile_list_length(t, tile));
+        const long long tile_index = job % t.tiles;
+        const long long tile_begin = tile_index * t.size;
+        const int length = static_cast<int>(tile_length(t, tile_index));
+        const int list_length = static_cast<int>(tile_list_length(t, tile_index));
         A* const list_scores = candidate_scores + job * t.capacity;
         int* const list_indices = candidate_indices + job * t.capacity;
 
@@ -323,7 +333,7 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
         }
         for (int i = total_nonzero + thread; i < sort_length; i += threads) {
             sort_scores[i] = negative_infinity(A(0));
-            sort_indices[i] = kDecodeTile;
+            sort_indices[i] = length;
         }
         __syncthreads();
         // Bitonic sort, best first; each (i, i ^ stride) pair belongs to the thread owning i.
@@ -373,7 +383,7 @@ __global__ void centernet_decode_detections(
     const pydeform::acc_t<T> threshold) {
     using namespace pydeform;
     using A = acc_t<T>;
-    const DecodeTiles t = decode_tiles(classes, height, width, k);
+    const DecodeTiles t = decode_tiles(classes, height, width, k, tile);
     const long long plane_size = height * width;
     const long long list_slots = t.tiles * t.capacity;
     const long long slots = list_slots > k ? list_slots : k;
@@ -390,21 +400,21 @@ __global__ void centernet_decode_detections(
         if (slot >= list_slots) {
             continue;
         }
-        const long long tile = slot / t.capacity;
+        const long long own_tile = slot / t.capacity;
         const long long position = slot % t.capacity;
-        if (position >= tile_list_length(t, tile)) {
+        if (position >= tile_list_length(t, own_tile)) {
             continue;
         }
         const A* const image_scores = candidate_scores + image * list_slots;
         const int* const image_indices = candidate_indices + image * list_slots;
         const A score = image_scores[slot];
-        const long long flat = tile * kDecodeTile + image_indices[slot];
+        const long long flat = own_tile * t.size + image_indices[slot];
         long long rank = position;
         for (long long other = 0; other < t.tiles && rank < k; ++other) {
-            if (other != tile) {
+            if (other != own_tile) {
                 rank += count_better(image_scores + other * t.capacity,
                                      image_indices + other * t.capacity,
-                                     tile_list_length(t, other), other * kDecodeTile, score, flat);
+                                     tile_list_length(t, other), other * t.size, score, flat);
             }
         }
         if (rank >= k) {

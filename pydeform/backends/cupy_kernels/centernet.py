@@ -11,7 +11,8 @@ host shim both launch through them.
 
 Decode scratch (from :func:`pydeform._workspace.scratch`): the candidate lists of every tile,
 scores ``[B, tiles, capacity]`` in the accumulation type and tile-local indices
-``[B, tiles, capacity]`` int32, tiles = ceil(C*H*W / DECODE_TILE), capacity = min(K, DECODE_TILE).
+``[B, tiles, capacity]`` int32, tiles = ceil(C*H*W / tile), capacity = min(K, tile), where the
+tile is DECODE_TILE unless a test asks for a smaller one.
 """
 
 from typing import NamedTuple
@@ -34,7 +35,7 @@ KERNELS = KernelManifest(
     ),
 )
 
-#: Flat indices per decode tile: kDecodeTile of centernet.cu.
+#: Flat indices per decode tile, also the most a tile may hold: kDecodeTile of centernet.cu.
 DECODE_TILE = 2048
 #: Focal-loss items per part (block partial sum) and the most parts of one call; fixed for a
 #: given element count, so the summation order, and the loss, are the same on every run.
@@ -45,24 +46,25 @@ FOCAL_LOSS_MAX_PARTS = 1024
 class DecodeTiles(NamedTuple):
     """How the decode splits each image's C*H*W flat indices."""
 
+    size: int       # flat indices per tile
     tiles: int      # tiles per image
-    capacity: int   # entries per tile's candidate list, min(K, DECODE_TILE)
+    capacity: int   # entries per tile's candidate list, min(K, size)
     slots: int      # decode_detections work items per image: max(tiles * capacity, K)
 
 
-def decode_tiles(params):
-    tiles = -(-params.classes * params.height * params.width // DECODE_TILE)
-    capacity = min(params.k, DECODE_TILE)
-    return DecodeTiles(tiles, capacity, max(tiles * capacity, params.k))
+def decode_tiles(params, tile):
+    tiles = -(-params.classes * params.height * params.width // tile)
+    capacity = min(params.k, tile)
+    return DecodeTiles(tile, tiles, capacity, max(tiles * capacity, params.k))
 
 
 def _elementwise_blocks(n_items):
     return -(-n_items // THREADS_PER_BLOCK)
 
 
-def _decode_geometry_args(params):
+def _decode_geometry_args(params, tiles):
     """PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS of centernet.cu, all ``long long``."""
-    return tuple(np.int64(v) for v in (params.classes, params.height, params.width, params.k))
+    return tuple(np.int64(v) for v in (params.classes, params.height, params.width, params.k, tiles.size))
 
 
 def _acc(dtype, value):
@@ -74,19 +76,19 @@ def _flag(value):
     return np.int32(bool(value))
 
 
-def decode_candidates_launch(heat, candidate_scores, candidate_indices, params):
-    """One block per tile of each image."""
-    args = (heat, candidate_scores, candidate_indices, np.int64(params.batch), *_decode_geometry_args(params),
+def decode_candidates_launch(heat, candidate_scores, candidate_indices, params, tiles):
+    """One block per tile of each image (``tiles`` from :func:`decode_tiles`)."""
+    args = (heat, candidate_scores, candidate_indices, np.int64(params.batch), *_decode_geometry_args(params, tiles),
             np.int64(params.kernel))
-    return "centernet_decode_candidates", params.batch * decode_tiles(params).tiles, args
+    return "centernet_decode_candidates", params.batch * tiles.tiles, args
 
 
-def decode_detections_launch(wh, reg, candidate_scores, candidate_indices, detections, params):
+def decode_detections_launch(wh, reg, candidate_scores, candidate_indices, detections, params, tiles):
     """reg may be None (a null pointer; params.has_reg says so). One work item per slot."""
-    n_items = params.batch * decode_tiles(params).slots
+    n_items = params.batch * tiles.slots
     args = (
         np.int64(n_items), wh, reg, candidate_scores, candidate_indices, detections,
-        *_decode_geometry_args(params), _flag(params.cat_spec_wh), _flag(params.has_reg),
+        *_decode_geometry_args(params, tiles), _flag(params.cat_spec_wh), _flag(params.has_reg),
         _acc(wh.dtype, params.down_ratio), _flag(params.has_threshold), _acc(wh.dtype, params.threshold),
     )
     return "centernet_decode_detections", _elementwise_blocks(n_items), args
@@ -131,7 +133,16 @@ def focal_loss_grad_launch(grad_output, pred, target, sums, grad_pred, params):
 
 
 class CupyCenterNetKernels:
-    """The CenterNet kernel set on CuPy arrays (C-contiguous, on the current device)."""
+    """The CenterNet kernel set on CuPy arrays (C-contiguous, on the current device).
+
+    ``decode_tile``: flat indices per decode tile, 1 to DECODE_TILE; tests use small tiles so
+    that small heatmaps span many tiles.
+    """
+
+    def __init__(self, decode_tile=DECODE_TILE):
+        if not 1 <= decode_tile <= DECODE_TILE:
+            raise ValueError(f"decode_tile: expected 1 to {DECODE_TILE}, got {decode_tile}")
+        self.decode_tile = decode_tile
 
     @property
     def xp(self):
@@ -141,13 +152,13 @@ class CupyCenterNetKernels:
 
     def decode(self, heat, wh, reg, detections, params):
         """Two launches: the tiles' candidate lists, then ranks, gathers and boxes."""
-        tiles = decode_tiles(params)
+        tiles = decode_tiles(params, self.decode_tile)
         shape = (params.batch, tiles.tiles, tiles.capacity)
         candidate_scores = scratch(self.xp, "centernet_candidate_scores", shape, detections.dtype)
         candidate_indices = scratch(self.xp, "centernet_candidate_indices", shape, np.int32)
-        self._launch(heat.dtype, *decode_candidates_launch(heat, candidate_scores, candidate_indices, params))
+        self._launch(heat.dtype, *decode_candidates_launch(heat, candidate_scores, candidate_indices, params, tiles))
         self._launch(heat.dtype, *decode_detections_launch(wh, reg, candidate_scores, candidate_indices,
-                                                           detections, params))
+                                                           detections, params, tiles))
 
     def targets(self, boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
         self._launch(boxes.dtype, *targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params))

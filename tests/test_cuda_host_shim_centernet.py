@@ -1,0 +1,215 @@
+"""The CuPy RawKernel sources of CenterNet (centernet.cu), run on the CPU through the host shim
+(tests/host_shim.py), against the float64 reference in float32 and float64.
+
+Two shim models run them: the one-thread block (the public ops patched to the shim's kernel set,
+so argument checks and allocation run around the CUDA code as on a GPU), and real multi-threaded
+blocks (several OS threads per block meeting at __syncthreads on a barrier, several blocks), which
+exercises the decode's block scan and bitonic sort and the focal loss's block reductions with
+concurrent threads, odd thread counts included. Decode tiles far smaller than the GPU's make
+every small heatmap span many tiles, so the candidate lists and the rank search across them are
+exercised; the kernel sets are also called directly with NaN-poisoned outputs
+(tests/centernet_cases.py).
+"""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydeform
+from pydeform import centernet as centernet_module
+from pydeform.backends.cupy_kernels import centernet as cupy_centernet
+from tests import host_shim
+from tests.centernet_cases import (
+    DecodeCase,
+    assert_centres_match,
+    assert_detections_match,
+    assert_focal_matches,
+    assert_targets_match,
+    build_decode_case,
+    build_focal_case,
+    build_targets_case,
+    check_decode_kernel,
+    check_focal_kernels,
+    check_targets_kernel,
+    decode_cases,
+    targets_cases,
+)
+
+pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
+
+DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+# Decode tiles: one element, odd small sizes, and the GPU's.
+TILES = (1, 5, 16, cupy_centernet.DECODE_TILE)
+# (grid, block) of the threaded shim: odd and power-of-two thread counts, more tiles than blocks.
+BLOCK_SHAPES = pytest.mark.parametrize("grid, block", [(1, 2), (3, 7), (2, 32)], ids=["1x2", "3x7", "2x32"])
+
+
+def one_thread(tile=cupy_centernet.DECODE_TILE):
+    return host_shim.HostShimCenterNetKernels(tile)
+
+
+def shim_ops(kernels):
+    """The public CenterNet ops, for NumPy arrays, run ``kernels``."""
+    return mock.patch.object(centernet_module, "centernet_kernels", lambda library, backend: kernels)
+
+
+def assert_decode_matches(case, kernels):
+    before = case.map_arrays(np.copy)
+    with shim_ops(kernels):
+        got = case.run(pydeform)
+    expected = case.reference()
+    assert_detections_match(got, expected, case.heat.dtype)
+    if case.reg is None:
+        assert_centres_match(got, expected, case.down_ratio)
+    for name in ("heat", "wh", "reg"):
+        np.testing.assert_array_equal(getattr(case, name), getattr(before, name), err_msg=f"{name} was modified")
+
+
+@DTYPES
+@settings(max_examples=20)
+@given(data=st.data(), tile=st.sampled_from(TILES))
+def test_decode_matches_reference(dtype, data, tile):
+    assert_decode_matches(data.draw(decode_cases(dtype)), one_thread(tile))
+
+
+@DTYPES
+@BLOCK_SHAPES
+@settings(max_examples=8)
+@given(data=st.data(), tile=st.sampled_from(TILES))
+def test_decode_with_threaded_blocks_matches_reference(dtype, grid, block, data, tile):
+    kernels = host_shim.HostShimBlocksCenterNetKernels(grid, block, tile)
+    assert_decode_matches(data.draw(decode_cases(dtype)), kernels)
+
+
+@pytest.mark.parametrize("K, tile", [(1, 1), (7, 4), (40, 9), (100, 16), (130, 64), (300, 2048)])
+def test_decode_kernel_writes_every_element(K, tile):
+    """K below, within and beyond a tile, and beyond C*H*W (= 120)."""
+    case = build_decode_case(np.random.default_rng(K), np.float64, 2, 3, (5, 8), K, nan_fraction=0.1,
+                             cat_spec_wh=True, threshold=0.5)
+    check_decode_kernel(one_thread(tile), case)
+    check_decode_kernel(host_shim.HostShimBlocksCenterNetKernels(3, 7, tile), case)
+
+
+@pytest.mark.parametrize("tile", [3, 16, 2048])
+@pytest.mark.parametrize("K", [5, 40, 200])
+def test_equal_scores_across_tiles_keep_index_order(tile, K):
+    """A constant heatmap: every pixel is a peak of the same score, so the detections are the
+    first K flat indices, each tile's candidates interleaved only by index."""
+    heat = np.full((2, 3, 6, 7), 0.5, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    case = DecodeCase(heat, rng.uniform(1, 4, (2, 2, 6, 7)).astype(np.float32), None, K)
+    with shim_ops(host_shim.HostShimBlocksCenterNetKernels(2, 5, tile)):
+        got = case.run(pydeform)
+    count = min(K, heat[0].size)
+    np.testing.assert_array_equal(got[:, :count, 5], np.broadcast_to(np.arange(count) // 42, (2, count)))
+    assert_detections_match(got, case.reference(), np.float32)
+
+
+@DTYPES
+@pytest.mark.parametrize("tile", [4, 2048])
+def test_signed_zero_negative_and_infinite_peaks(dtype, tile):
+    """-0 peaks tie with the zeros of non-peaks, negative peaks rank below every zero, +inf first,
+    a -inf pixel among -inf / NaN neighbours is a peak of score -inf."""
+    heat = np.array([
+        [-0.0, -1.0, -1.0, 0.25, np.inf],
+        [-1.0, -2.0, -3.0, -1.0, 0.125],
+        [-np.inf, np.nan, -0.5, -0.75, -0.0],
+        [-np.inf, -np.inf, -0.5, -4.0, -5.0],
+    ], dtype=dtype)[None, None]
+    heat = np.concatenate([heat, -heat], axis=1)
+    wh = np.ones((1, 2, 4, 5), dtype=dtype)
+    for K in (3, 12, 40, 45):
+        case = DecodeCase(heat, wh, None, K)
+        assert_decode_matches(case, one_thread(tile))
+        assert_decode_matches(case, host_shim.HostShimBlocksCenterNetKernels(2, 3, tile))
+
+
+@DTYPES
+def test_decode_of_a_map_larger_than_a_tile(dtype):
+    """The GPU's tile on a 4 x 20 x 30 map (2400 scores, two tiles per image) of random scores
+    (many peaks), K inside the first tile, past it, and past C*H*W; and deterministic."""
+    rng = np.random.default_rng(7)
+    heat = rng.random((2, 4, 20, 30)).astype(dtype)
+    wh = rng.uniform(1, 9, (2, 2, 20, 30)).astype(dtype)
+    reg = rng.random((2, 2, 20, 30)).astype(dtype)
+    for K in (100, 2100, 2500):
+        case = DecodeCase(heat, wh, reg, K, down_ratio=4.0)
+        with shim_ops(one_thread()):
+            first = case.run(pydeform)
+            np.testing.assert_array_equal(case.run(pydeform), first)
+        assert_detections_match(first, case.reference(), dtype)
+    check_decode_kernel(host_shim.HostShimBlocksCenterNetKernels(3, 32, cupy_centernet.DECODE_TILE),
+                        DecodeCase(heat, wh, reg, 150))
+
+
+def test_decode_tile_must_fit_the_shared_arrays():
+    for tile in (0, cupy_centernet.DECODE_TILE + 1):
+        with pytest.raises(ValueError, match="decode_tile"):
+            cupy_centernet.CupyCenterNetKernels(tile)
+
+
+@DTYPES
+@settings(max_examples=20)
+@given(data=st.data())
+def test_targets_match_reference(dtype, data):
+    case = data.draw(targets_cases(dtype))
+    boxes = case.boxes.copy()
+    with shim_ops(one_thread()):
+        got = case.run(pydeform)
+    assert_targets_match(got, case.reference(), dtype)
+    np.testing.assert_array_equal(case.boxes, boxes, err_msg="boxes were modified")
+
+
+@DTYPES
+@BLOCK_SHAPES
+def test_targets_kernel(dtype, grid, block):
+    """Overlapping objects of one class in concurrent threads: the atomic maximum."""
+    case = build_targets_case(np.random.default_rng(5), dtype, batch=2, objects=9, num_classes=2,
+                              output_size=(12, 10), max_objects=7)
+    check_targets_kernel(one_thread(), case)
+    check_targets_kernel(host_shim.HostShimBlocksCenterNetKernels(grid, block, 16), case)
+
+
+@DTYPES
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**32 - 1), alpha=st.sampled_from([2.0, 1.0]), beta=st.sampled_from([4.0, 2.0]),
+       positives=st.integers(0, 4), shape=st.sampled_from([(2, 3, 4, 5), (1, 1, 1, 1), (1, 2, 70, 90)]))
+def test_focal_loss_matches_reference(dtype, seed, alpha, beta, positives, shape):
+    """(1, 2, 70, 90) has 12600 elements: several block partial sums."""
+    case = build_focal_case(np.random.default_rng(seed), dtype, shape, positives=positives, alpha=alpha, beta=beta)
+    before = case.map_arrays(np.copy)
+    with shim_ops(one_thread()):
+        loss, grad = case.loss(pydeform), case.grad(pydeform)
+    assert_focal_matches(loss, grad, case, dtype)
+    np.testing.assert_array_equal(case.pred, before.pred)
+    np.testing.assert_array_equal(case.target, before.target)
+
+
+@DTYPES
+@BLOCK_SHAPES
+def test_focal_kernels_write_every_element(dtype, grid, block):
+    case = build_focal_case(np.random.default_rng(9), dtype, (2, 2, 70, 70))
+    check_focal_kernels(one_thread(), case)
+    check_focal_kernels(host_shim.HostShimBlocksCenterNetKernels(grid, block, 16), case)
+
+
+def test_focal_loss_is_deterministic():
+    """The same partial sums in the same order on every run, with concurrent threads too."""
+    case = build_focal_case(np.random.default_rng(10), np.float32, (2, 3, 64, 64))
+    for kernels in (one_thread(), host_shim.HostShimBlocksCenterNetKernels(3, 7, 16)):
+        with shim_ops(kernels):
+            losses = {case.loss(pydeform).tobytes() for _ in range(3)}
+            grads = {case.grad(pydeform).tobytes() for _ in range(2)}
+        assert len(losses) == 1 and len(grads) == 1
+
+
+def test_focal_loss_parts_are_bounded():
+    items = cupy_centernet.FOCAL_LOSS_PART_ITEMS
+    assert cupy_centernet.focal_loss_parts(1) == 1
+    assert cupy_centernet.focal_loss_parts(items) == 1
+    assert cupy_centernet.focal_loss_parts(items + 1) == 2
+    assert cupy_centernet.focal_loss_parts(10**12) == cupy_centernet.FOCAL_LOSS_MAX_PARTS
+
