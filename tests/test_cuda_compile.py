@@ -7,20 +7,23 @@ CuPy compiles from too; a new kernel-set module is picked up here automatically.
 
 import importlib
 import pkgutil
+import re
 
 import numpy as np
 import pytest
 
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import deform_conv, roi
+from pydeform.backends.cupy_kernels import centernet, deform_conv, roi
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
     TEMPLATE_ARGUMENTS,
+    THREADS_PER_BLOCK,
     KernelManifest,
     kernel_source,
     name_expression,
 )
+from pydeform.centernet import CenterNetDecodeParams, CenterNetTargetsParams, FocalLossParams
 from pydeform.deform_conv import DeformConv2dGeometry
 from pydeform.roi import DeformPSRoIPoolParams, DeformRoIPoolParams, RoIAlignParams, RoIPoolParams
 from tests import nvrtc
@@ -138,6 +141,53 @@ def test_roi_arguments_match_kernel_parameters(dtype, optional_present):
         lowered = result.lowered_names[name_expression(template, type_name)]
         assert argument_sizes(args) == entries[lowered], template
         assert args[0] == n_items
+
+
+def centernet_launches(dtype, with_reg):
+    """Every CenterNet kernel's marshalled arguments, reg present or not."""
+    a = np.empty((2, 3, 4, 5), dtype=dtype)
+    decode = CenterNetDecodeParams(2, 3, 4, 5, 7, 3, True, with_reg, 4.0, True, 0.5)
+    tiles = centernet.decode_tiles(decode, 16)
+    targets = CenterNetTargetsParams(2, 4, 3, 8, 10, 4.0, 0.7, 5)
+    focal = FocalLossParams(2.0, 4.0)
+    return [
+        centernet.decode_candidates_launch(a, a, a, decode, tiles),
+        centernet.decode_detections_launch(a, a if with_reg else None, a, a, a, decode, tiles),
+        centernet.targets_launch(a, a, a, a, a, a, a, targets),
+        centernet.focal_loss_partials_launch(a, a, a, focal),
+        centernet.focal_loss_total_launch(a, a),
+        centernet.focal_loss_grad_launch(a, a, a, a, a, focal),
+    ]
+
+
+@pytest.mark.parametrize("with_reg", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_centernet_arguments_match_kernel_parameters(dtype, with_reg):
+    """As above for centernet.cu: decode / focal float parameters in the accumulation type, the
+    targets' down_ratio / min_overlap in double."""
+    type_name = {np.float32: "float", np.float64: "double", np.float16: "__half"}[dtype]
+    _, result = compile_manifest(centernet.KERNELS, type_name, 80)
+    entries = nvrtc.entry_parameter_sizes(result.ptx)
+    launches = centernet_launches(dtype, with_reg)
+    assert sorted(template for template, _, _ in launches) == sorted(centernet.KERNELS.templates)
+    for template, _, args in launches:
+        lowered = result.lowered_names[name_expression(template, type_name)]
+        assert argument_sizes(args) == entries[lowered], template
+
+
+def cu_constant(source, name):
+    match = re.search(rf"constexpr int {name} = (\d+);", (KERNEL_DIR / source).read_text())
+    assert match, f"{name} not found in {source}"
+    return int(match.group(1))
+
+
+def test_centernet_python_constants_match_the_cuda_source():
+    """The candidate lists are sized in Python with the shared-array capacity of the tile kernel,
+    and no launch may have more threads than its shared per-thread arrays hold."""
+    assert centernet.DECODE_TILE == cu_constant("centernet.cu", "kDecodeTile")
+    assert THREADS_PER_BLOCK <= cu_constant("centernet.cu", "kMaxBlockThreads")
+    # The block scan packs two counts of at most a tile into the halves of an int.
+    assert centernet.DECODE_TILE < 2**15
 
 
 @pytest.mark.skipif(nvrtc.ptxas_path() is None, reason="needs ptxas (nvidia-cuda-nvcc wheel)")
