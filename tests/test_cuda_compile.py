@@ -81,6 +81,20 @@ def argument_sizes(args):
     return [a.itemsize if isinstance(a, np.generic) else 8 for a in args]
 
 
+TYPE_NAMES = {np.float32: "float", np.float64: "double", np.float16: "__half"}
+
+
+def assert_arguments_match_kernel_parameters(manifest, type_name, launches):
+    """``launches`` ((template, count, args) of every kernel of ``manifest``) marshal as many
+    arguments, of the same widths, as the kernels compiled for ``type_name`` take."""
+    _, result = compile_manifest(manifest, type_name, 80)
+    entries = nvrtc.entry_parameter_sizes(result.ptx)
+    assert sorted(template for template, _, _ in launches) == sorted(manifest.templates)
+    for template, _, args in launches:
+        lowered = result.lowered_names[name_expression(template, type_name)]
+        assert argument_sizes(args) == entries[lowered], template
+
+
 def deform_conv2d_launches(with_mask):
     g = DeformConv2dGeometry(4, 5, 6, 2, 3, 2, 1, 1, 1, 0, 1, 1, 1, 2, 5, 5)
     empty = np.empty((1, 1, 1, 1), dtype=np.float32)
@@ -97,13 +111,9 @@ def deform_conv2d_launches(with_mask):
 def test_deform_conv2d_arguments_match_kernel_parameters(with_mask, type_name):
     """The marshalled argument tuples have the count and widths of the compiled kernels'
     parameters (a width mismatch would pass on the host shim's x86-64 registers)."""
-    _, result = compile_manifest(deform_conv.KERNELS, type_name, 80)
-    entries = nvrtc.entry_parameter_sizes(result.ptx)
     launches = deform_conv2d_launches(with_mask)
-    assert sorted(template for template, _, _ in launches) == sorted(deform_conv.KERNELS.templates)
-    for template, n_items, args in launches:
-        lowered = result.lowered_names[name_expression(template, type_name)]
-        assert argument_sizes(args) == entries[lowered], template
+    assert_arguments_match_kernel_parameters(deform_conv.KERNELS, type_name, launches)
+    for _, n_items, args in launches:
         assert args[0] == n_items
 
 
@@ -132,14 +142,9 @@ def roi_launches(dtype, optional_present):
 def test_roi_arguments_match_kernel_parameters(dtype, optional_present):
     """As above for roi.cu, whose float parameters are in the accumulation type: 4 bytes for
     float and __half storage, 8 for double."""
-    type_name = {np.float32: "float", np.float64: "double", np.float16: "__half"}[dtype]
-    _, result = compile_manifest(roi.KERNELS, type_name, 80)
-    entries = nvrtc.entry_parameter_sizes(result.ptx)
     launches = roi_launches(dtype, optional_present)
-    assert sorted(template for template, _, _ in launches) == sorted(roi.KERNELS.templates)
-    for template, n_items, args in launches:
-        lowered = result.lowered_names[name_expression(template, type_name)]
-        assert argument_sizes(args) == entries[lowered], template
+    assert_arguments_match_kernel_parameters(roi.KERNELS, TYPE_NAMES[dtype], launches)
+    for _, n_items, args in launches:
         assert args[0] == n_items
 
 
@@ -165,14 +170,7 @@ def centernet_launches(dtype, with_reg):
 def test_centernet_arguments_match_kernel_parameters(dtype, with_reg):
     """As above for centernet.cu: decode / focal float parameters in the accumulation type, the
     targets' down_ratio / min_overlap in double."""
-    type_name = {np.float32: "float", np.float64: "double", np.float16: "__half"}[dtype]
-    _, result = compile_manifest(centernet.KERNELS, type_name, 80)
-    entries = nvrtc.entry_parameter_sizes(result.ptx)
-    launches = centernet_launches(dtype, with_reg)
-    assert sorted(template for template, _, _ in launches) == sorted(centernet.KERNELS.templates)
-    for template, _, args in launches:
-        lowered = result.lowered_names[name_expression(template, type_name)]
-        assert argument_sizes(args) == entries[lowered], template
+    assert_arguments_match_kernel_parameters(centernet.KERNELS, TYPE_NAMES[dtype], centernet_launches(dtype, with_reg))
 
 
 def cu_constant(source, name):
