@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import bilinear
+from .disk_cache import cache_on_disk
 
 THREADS_PER_BLOCK = 256
 # Enough blocks to fill any current GPU several times over; the kernels' grid-stride loops
@@ -108,14 +109,19 @@ def cuda_target() -> Target:
 
 
 def cpu_kernel(fn):
-    """Compile a CPU kernel whose outer loop is a ``numba.prange``."""
+    """Compile a CPU kernel whose outer loop is a ``numba.prange``, cached on disk."""
     import numba
 
-    return numba.njit(parallel=True, nogil=True, error_model="numpy")(fn)
+    return cache_on_disk(numba.njit(parallel=True, nogil=True, error_model="numpy", cache=True)(fn))
 
 
 def cuda_kernel(fn):
-    return bind_cuda().jit(fn)
+    """Compile a CUDA kernel, cached on disk (not under the simulator, which compiles nothing)."""
+    from ..numba_cuda import simulator_enabled
+
+    if simulator_enabled():
+        return bind_cuda().jit(fn)
+    return cache_on_disk(bind_cuda().jit(cache=True)(fn))
 
 
 def flat(array):
