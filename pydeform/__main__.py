@@ -1,18 +1,12 @@
-"""Command line: ``python -m pydeform {selftest,info}`` (also installed as ``pydeform``)."""
+"""Command line: ``python -m pydeform {info,selftest,bench,demo}`` (also installed as ``pydeform``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from importlib import metadata
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _cuda_lines() -> list[str]:
@@ -49,19 +43,36 @@ def _cuda_lines() -> list[str]:
     return lines
 
 
+def _cache_lines() -> list[str]:
+    """Where compiled kernels are kept between processes."""
+    from numba.core.caching import FunctionCache
+
+    from .backends.numba_kernels import bilinear
+
+    # Numba picks the folder per source file (NUMBA_CACHE_DIR, else __pycache__ beside it when
+    # writable, else a per-user folder); every kernel module sits beside bilinear.py.
+    numba_folder = FunctionCache(bilinear.bilinear_weights).cache_path
+    if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") != "0":
+        cupy_folder = "none, in memory only (CUPY_CACHE_IN_MEMORY is set)"
+    else:
+        cupy_folder = os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"))
+    return [f"Numba kernel cache: {numba_folder}", f"CuPy kernel cache: {cupy_folder}"]
+
+
 def info() -> int:
     """Print versions, the CUDA set-up and which backends are usable here."""
     from . import __version__
+    from ._bench import installed_version
     from .selftest import discover_backends
 
     print(f"pydeform: {__version__}")
     print(f"Python: {platform.python_version()} ({sys.executable})")
     for distribution in ("numpy", "numba", "numba-cuda", "ml_dtypes"):
-        print(f"{distribution}: {_version(distribution)}")
+        print(f"{distribution}: {installed_version(distribution)}")
     cupy_distributions = [d.metadata["Name"] for d in metadata.distributions()
                           if (d.metadata["Name"] or "").lower().startswith("cupy")]
-    print(f"CuPy: {', '.join(f'{d} {_version(d)}' for d in cupy_distributions) or 'not installed'}")
-    for line in _cuda_lines():
+    print(f"CuPy: {', '.join(f'{d} {installed_version(d)}' for d in cupy_distributions) or 'not installed'}")
+    for line in _cuda_lines() + _cache_lines():
         print(line)
     backends, skipped = discover_backends()
     for backend in backends:
@@ -93,13 +104,60 @@ def main(argv=None) -> int:
     selftest.add_argument("--quick", action="store_true", help="run one small case per check instead of all")
     commands.add_parser(
         "info",
-        help="print versions, CUDA driver/runtime, GPUs and which backends are usable",
+        help="print versions, CUDA driver/runtime, GPUs, kernel cache folders and which backends are usable",
         description="Print the versions of pydeform and its dependencies, the CUDA driver and "
-        "runtime and the GPUs CuPy finds, and which backends are usable here (and why not).",
+        "runtime and the GPUs CuPy finds, where compiled kernels are cached on disk, and which "
+        "backends are usable here (and why not).",
     )
+    from .benchmark_cases import OPS
+
+    bench = commands.add_parser(
+        "bench",
+        help="time every op on every backend here beside torchvision / ONNX Runtime / the PyTorch decode",
+        description=(
+            "Time every op at the standard shapes of pydeform.benchmark_cases (PERF.md) on every "
+            "backend usable here, beside the installed peers: torchvision on the GPU, ONNX Runtime "
+            "on the CPU, the PyTorch CenterNet decode on both. CPU: wall-clock medians, pydeform and "
+            "the peer timed in alternating blocks; GPU: CUDA-event medians after warm-up. Prints a "
+            "table of medians and of peer / pydeform ratios (above 1: pydeform is faster), with a "
+            "progress bar on stderr. The first case of each op includes no compilation (an untimed "
+            "call comes first). Exit status 1 if a pydeform measurement failed."
+        ),
+    )
+    bench.add_argument("--op", choices=OPS, help="time this op only (default: every op)")
+    bench.add_argument("--device", choices=("cpu", "gpu"), help="time the cases of this device only")
+    bench.add_argument("--quick", action="store_true",
+                       help="one case per op and device, and fewer repetitions")
+    bench.add_argument("--rounds", type=int, metavar="N",
+                       help="alternating rounds (CPU) or CUDA-event repeats (GPU) per median "
+                       "(default 5 / 50, with --quick 2 / 10)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    bench.add_argument("--png", metavar="PATH", help="also draw the medians as a bar chart PNG to PATH")
+    demo = commands.add_parser(
+        "demo",
+        help="draw CenterNet detections, deformable sampling points and a RoI Align grid of a synthetic scene",
+        description=(
+            "Decode CenterNet detections from a synthetic scene and draw, in one PNG, the image "
+            "with its detections, a deformable convolution's sampling points at a few pixels and "
+            "RoI Align's bins and sampling points in one detected box (runs on the CPU)."
+        ),
+    )
+    demo.add_argument("--out", metavar="PATH", default="pydeform_demo.png",
+                      help="where to write the PNG (default: pydeform_demo.png)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        from . import _bench
+
+        if args.rounds is not None and args.rounds < 1:
+            parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
+        return _bench.main(args.op, args.device, args.quick, args.rounds, args.json, args.png,
+                           sys.argv[1:] if argv is None else list(argv))
+    if args.command == "demo":
+        from . import _demo
+
+        return _demo.main(args.out)
     from .selftest import run_selftest
 
     return run_selftest(quick=args.quick)

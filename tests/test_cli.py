@@ -1,0 +1,173 @@
+"""``python -m pydeform bench`` and ``demo`` (``info`` and ``selftest``: tests/test_selftest.py).
+
+Small CPU runs: one quick case, one round, outputs into temporary paths.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pydeform import _bench, _demo, benchmark_cases
+from pydeform.__main__ import main
+from pydeform.selftest import NUMBA_CPU
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MEASUREMENT_FIELDS = {"case", "op", "device", "workload", "dtype", "timed", "implementation", "median_ms", "peer",
+                      "error", "speedup"}
+
+
+def _png_size(path) -> tuple:
+    """(width, height) from the IHDR chunk of a PNG file."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_bench_quick_roi_align_writes_table_json_and_png(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--quick", "--op", "roi_align", "--device", "cpu", "--rounds", "1",
+            "--json", str(json_path), "--png", str(png_path)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    case = benchmark_cases.cases("roi_align", "cpu", quick=True)[0]
+
+    results = json.loads(json_path.read_text())
+    assert results["command"] == ["python", "-m", "pydeform", *argv]
+    assert {"pydeform", "numpy", "numba", "onnxruntime"} <= results["versions"].keys()
+    rows = {(m["timed"], m["implementation"]): m for m in results["measurements"]}
+    assert set(rows) == {("forward", "numba-cpu"), ("forward", "peer"), ("forward+backward", "numba-cpu")}
+    for m in rows.values():
+        assert set(m) == MEASUREMENT_FIELDS
+        assert (m["case"], m["op"], m["device"], m["dtype"]) == (case.id, "roi_align", "cpu", "float32")
+        assert m["peer"] == case.peer and m["error"] is None
+        assert m["median_ms"] > 0
+    ours, peer = rows[("forward", "numba-cpu")], rows[("forward", "peer")]
+    assert ours["speedup"] == pytest.approx(peer["median_ms"] / ours["median_ms"])
+    assert rows[("forward+backward", "numba-cpu")]["speedup"] is None  # ONNX Runtime has no backward
+
+    lines = out.splitlines()
+    assert lines[0].split() == ["case", "dtype", "pass", "backend", "median", "ms", "peer", "ms", "peer", "/",
+                                "pydeform"]
+    forward_row = next(line.split() for line in lines if line.startswith(case.id) and " forward " in line)
+    assert forward_row[:4] == [case.id, "float32", "forward", "numba-cpu"]
+    assert float(forward_row[4]) == pytest.approx(ours["median_ms"], abs=1e-3)
+    assert float(forward_row[6]) == pytest.approx(ours["speedup"], abs=0.01)
+    assert f"peer of {case.id}: {case.peer}" in out
+    assert "GPU cases not run" not in out  # --device cpu asked for none
+    assert f"0/1 timing {case.id} float32" in err and "1/1 done" in err
+
+    width, height = _png_size(png_path)
+    assert width >= 600 and height >= 100 and png_path.stat().st_size > 5000
+
+
+def _measurement(implementation, ms, timed="forward", case="op/cpu/a", error=None):
+    return _bench.Measurement(case, "op", "cpu", "shape", "float32", timed, implementation, ms, "a peer", error)
+
+
+def test_ratios_table_and_failures_from_measurements(tmp_path):
+    report = _bench.Report([
+        _measurement("numba-cpu", 2.0), _measurement(_bench.PEER, 5.0),
+        _measurement("numba-cpu", 4.0, "forward+backward"),
+        _measurement("numba-cpu", None, case="op/cpu/b", error="RuntimeError: boom"),
+        _measurement(_bench.PEER, 1.0, case="op/cpu/b"),
+    ], ["a note"])
+    assert _bench.speedups(report.measurements) == {("op/cpu/a", "float32", "forward", "numba-cpu"): 2.5}
+    assert _bench.table_rows(report) == [
+        ("op/cpu/a", "float32", "forward", "numba-cpu", "2.000", "5.000", "2.50"),
+        ("op/cpu/a", "float32", "forward+backward", "numba-cpu", "4.000", "-", "-"),
+        ("op/cpu/b", "float32", "forward", "numba-cpu", "FAILED", "1.000", "-"),
+    ]
+    assert [m.case for m in report.failed] == ["op/cpu/b"]
+    png = tmp_path / "chart.png"
+    _bench.plot(report, png)
+    assert _png_size(png)[0] > 0
+
+
+def test_a_failing_pydeform_call_fails_the_bench(monkeypatch, capsys):
+    def broken(case, arrays, backend=None):
+        def fail():
+            raise RuntimeError("kernel exploded")
+
+        return benchmark_cases.Calls(fail, fail)
+
+    monkeypatch.setattr(benchmark_cases, "pydeform_calls", broken)
+    # deform_psroi_pool has no peer: nothing else runs.
+    assert main(["bench", "--quick", "--op", "deform_psroi_pool", "--device", "cpu", "--rounds", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: deform_psroi_pool/cpu/" in out and "RuntimeError: kernel exploded" in out
+    assert out.count(" FAILED") == 2  # forward and forward+backward rows
+
+
+def test_gpu_cases_are_named_as_not_run_without_a_gpu_backend():
+    report = _bench.run_benchmarks(op="centernet_targets", device="gpu", backends=[NUMBA_CPU])
+    assert report.measurements == []
+    assert report.notes == ["GPU cases not run: no GPU backend is usable here (see python -m pydeform info)"]
+
+
+@pytest.mark.parametrize("argv", [["bench", "--op", "no_such_op"], ["bench", "--rounds", "0"], ["demo", "--bad"]])
+def test_bad_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _demo.build()
+
+
+def test_demo_decodes_every_object(demo):
+    kept = demo.detections[demo.detections[:, 5] >= 0]
+    # The heatmap is the targets' (peaks 0.9 above noise below the threshold) and wh / reg
+    # are the targets' at the centres: decoding gives back the boxes and classes exactly.
+    expected = sorted((float(label), x1, y1, x2, y2) for label, x1, y1, x2, y2 in _demo.OBJECTS)
+    got = sorted((row[5], *row[:4]) for row in kept.tolist())
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(kept[:, 4], 0.9, atol=1e-6)
+
+
+def test_demo_points_are_where_the_ops_sample(demo):
+    grid = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)], np.float64)
+    for pixel, regular, deformed, (_, x1, y1, x2, y2) in zip(
+        demo.pixels, demo.regular_points, demo.deformed_points, _demo.OBJECTS
+    ):
+        np.testing.assert_allclose(regular, np.array(pixel) + grid, atol=1e-4)
+        offsets = _demo.spreading_offsets(pixel, (x1, y1, x2, y2))
+        np.testing.assert_allclose(deformed, np.array(pixel) + grid + offsets, atol=1e-3)
+        # The moved points span 80% of the object's box (in pixel-centre coordinates).
+        assert deformed[:, 0].min() == pytest.approx((y1 + y2) / 2 - 0.5 - 0.4 * (y2 - y1), abs=1e-3)
+        assert deformed[:, 1].max() == pytest.approx((x1 + x2) / 2 - 0.5 + 0.4 * (x2 - x1), abs=1e-3)
+    # aligned RoI Align, sampling_ratio 2: sample s of bin i at x1 - 0.5 + (2i + s + 0.5) * bin / 2.
+    x1, y1, x2, y2 = demo.roi.astype(np.float64)
+    steps = (np.arange(2 * _demo.ROI_BINS) + 0.5) / (2 * _demo.ROI_BINS)
+    np.testing.assert_allclose(demo.roi_samples[:, 0, 0], y1 - 0.5 + steps * (y2 - y1), atol=1e-3)
+    np.testing.assert_allclose(demo.roi_samples[0, :, 1], x1 - 0.5 + steps * (x2 - x1), atol=1e-3)
+
+
+def test_demo_command_writes_the_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(line.split()[0] for line in out.splitlines()[:-1]) == sorted(_demo.CLASS_NAMES)
+    assert out.splitlines()[-1] == f"wrote {path}"
+    width, height = _png_size(path)
+    assert width > 2 * height > 600 and path.stat().st_size > 20000
+
+
+def test_info_names_the_kernel_cache_folders(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cupy"))
+    monkeypatch.setattr("numba.config.CACHE_DIR", str(tmp_path / "numba"))
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    numba_line = next(line for line in lines if line.startswith("Numba kernel cache: "))
+    assert numba_line.removeprefix("Numba kernel cache: ").startswith(str(tmp_path / "numba"))
+    assert f"CuPy kernel cache: {tmp_path / 'cupy'}" in lines
+    monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")
+    main(["info"])
+    assert "CuPy kernel cache: none, in memory only (CUPY_CACHE_IN_MEMORY is set)" in capsys.readouterr().out
