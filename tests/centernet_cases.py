@@ -155,6 +155,13 @@ def build_targets_case(rng, dtype, batch=2, objects=5, num_classes=3, output_siz
     return TargetsCase(boxes.astype(dtype), labels, num_classes, tuple(output_size), **options)
 
 
+def overlapping_targets_case(dtype) -> TargetsCase:
+    """Three boxes of one class whose Gaussians (radius 2) overlap, a fourth of another class,
+    and padding, on a 16 x 16 grid."""
+    boxes = np.array([[[0, 0, 14, 14], [2, 1, 14, 13], [1, 3, 13, 15], [4, 4, 12, 9], [0, 0, 0, 0]]], dtype=dtype)
+    return TargetsCase(boxes, np.array([[0, 0, 0, 1, -1]]), 2, (16, 16), down_ratio=1.0)
+
+
 @st.composite
 def targets_cases(draw, dtype=np.float64) -> TargetsCase:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))

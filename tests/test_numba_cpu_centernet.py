@@ -25,6 +25,7 @@ from tests.centernet_cases import (
     check_focal_kernels,
     check_targets_kernel,
     decode_cases,
+    overlapping_targets_case,
     targets_cases,
 )
 
@@ -87,6 +88,7 @@ def test_targets_match_reference(dtype, data):
 def test_targets_kernel(dtype):
     case = build_targets_case(np.random.default_rng(5), dtype, batch=2, objects=7, max_objects=5)
     check_targets_kernel(NumbaCpuCenterNetKernels(), case)
+    check_targets_kernel(NumbaCpuCenterNetKernels(), overlapping_targets_case(dtype))
 
 
 def test_targets_accept_any_integer_labels():
