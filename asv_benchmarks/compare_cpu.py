@@ -1,10 +1,11 @@
-"""CPU forward of pydeform (Numba CPU) against ONNX Runtime, side by side.
+"""CPU forward of pydeform (Numba CPU) against its peer, side by side.
 
-Times both, alternately in one process, on the CPU standard shapes of PERF.md and prints their
-medians and the ratios that ``docs/benchmarks.md`` records. ``--op`` picks the op:
-deform_conv2d (N=2, C=64 -> 64, 64x64, 3x3, pad 1, with mask; ORT DeformConv), roi_align
-(256 rois on a C=64, 100x152 map, 7x7, aligned, sampling_ratio 2 and adaptive; ORT RoiAlign)
-or roi_pool (same rois; ORT MaxRoiPool). Run from the repository root:
+Times both, alternately in one process, on the CPU cases of pydeform.benchmark_cases that have a
+peer and prints their medians and the ratios that ``docs/benchmarks.md`` records. ``--op`` picks
+the op: deform_conv2d (N=2, C=64 -> 64, 64x64, 3x3, pad 1, with mask; ONNX Runtime DeformConv),
+roi_align (256 rois on a C=64, 100x152 map, 7x7, aligned, sampling_ratio 2 and adaptive; ORT
+RoiAlign), roi_pool (same rois; ORT MaxRoiPool) or centernet_decode (B=2, 80 classes, 128x128,
+K=100; the PyTorch decode). Run from the repository root:
 
     python asv_benchmarks/compare_cpu.py --op roi_align
 """
@@ -15,7 +16,7 @@ import os
 import platform
 from importlib import metadata
 
-OPS = ("deform_conv2d", "roi_align", "roi_pool")
+OPS = ("deform_conv2d", "roi_align", "roi_pool", "centernet_decode")
 ROUNDS = 5
 
 
@@ -28,6 +29,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def installed_version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def main():
@@ -45,29 +53,26 @@ def main():
             os.environ[variable] = str(args.threads)
 
     import pydeform
-    from benchmarks import deform_conv, roi
-    from benchmarks.timing import BLOCK, require_onnx_models
+    from pydeform import _onnx_models, benchmark_cases
 
-    require_onnx_models().SESSION_THREADS = args.threads
-    module, comparisons = {
-        "deform_conv2d": (deform_conv, deform_conv.cpu_comparisons),
-        "roi_align": (roi, roi.roi_align_comparisons),
-        "roi_pool": (roi, roi.roi_pool_comparisons),
-    }[args.op]
+    _onnx_models.SESSION_THREADS = args.threads
+    cases = [case for case in benchmark_cases.cases(args.op, "cpu") if case.peer]
     print(f"threads: {args.threads or 'library defaults'}")
     print(f"date: {datetime.date.today()}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}")
     # Other work on the machine slows both sides; the load says how busy it was.
     print("load average (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
-    versions = [f"{name} {metadata.version(name)}" for name in ("numpy", "numba", "onnxruntime")]
+    versions = [f"{name} {installed_version(name)}" for name in ("numpy", "numba", "onnxruntime", "torch")]
     print(f"versions: pydeform {pydeform.__version__}, {', '.join(versions)}, Python {platform.python_version()}")
-    print(f"shape: {module.CPU_WORKLOAD}")
-    calls = BLOCK * args.rounds
-    for comparison in comparisons():
-        pydeform_seconds, peer_seconds = comparison.medians(args.rounds)
-        print(f"{comparison.label}:")
-        print(f"  pydeform (numba-cpu): {pydeform_seconds * 1e3:9.2f} ms  (median of {calls})")
-        print(f"  {comparison.peer_name + ':':<21} {peer_seconds * 1e3:9.2f} ms  (median of {calls})")
+    calls = benchmark_cases.BLOCK * args.rounds
+    for case in cases:
+        host = benchmark_cases.host_inputs(case)
+        ours = benchmark_cases.pydeform_calls(case, benchmark_cases.device_inputs(host, "float32")).forward
+        peer = benchmark_cases.peer_calls(case, host, "float32").forward
+        pydeform_seconds, peer_seconds = benchmark_cases.alternating_medians([ours, peer], args.rounds)
+        print(f"{case.op} forward, {case.workload}:")
+        print(f"  {'pydeform (numba-cpu):':<28} {pydeform_seconds * 1e3:9.2f} ms  (median of {calls})")
+        print(f"  {case.peer + ':':<28} {peer_seconds * 1e3:9.2f} ms  (median of {calls})")
         print(f"  ratio peer / pydeform: {peer_seconds / pydeform_seconds:8.2f}  (>= 1: pydeform is faster)")
     print("load average at the end (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
 

@@ -265,6 +265,7 @@ GPU_ROIS = 512
 CPU_ROI_MAP = (1, 64, 100, 152)  # stride 4 of 400x608
 CPU_ROIS = 256
 _SAMPLING = {"sampling2": 2, "adaptive": -1}  # <= 0: adaptive (ONNX Runtime spells it 0)
+_SAMPLING_WORDS = {"sampling2": "sampling_ratio 2", "adaptive": "adaptive sampling"}
 
 
 def _ps_channels(channels, pooled):
@@ -300,11 +301,12 @@ def _roi_cases():
             for sampling, ratio in _SAMPLING.items():
                 options = dict(output_size=pooled, sampling_ratio=ratio, **scale)
                 yield Case("roi_align", f"{pooled}x{pooled}-{sampling}", device,
-                           f"{where}, C={channels}, {pooled}x{pooled}, aligned, {sampling}", dtypes,
+                           f"{where}, C={channels}, {pooled}x{pooled}, aligned, {_SAMPLING_WORDS[sampling]}", dtypes,
                            _roi_inputs(map_shape, count, channels, pooled), dict(options, aligned=True), True,
                            _TORCHVISION.format("roi_align") if device == "gpu" else _ONNXRUNTIME.format("RoiAlign"))
                 yield Case("ps_roi_align", f"{pooled}x{pooled}-{sampling}", device,
-                           f"{where}, C={ps_map[1]} -> {ps_out}, {pooled}x{pooled}, {sampling}", dtypes,
+                           f"{where}, C={ps_map[1]} -> {ps_out}, {pooled}x{pooled}, {_SAMPLING_WORDS[sampling]}",
+                           dtypes,
                            _roi_inputs(ps_map, count, ps_out, pooled), options, True,
                            _TORCHVISION.format("ps_roi_align") if device == "gpu" else None)
             options = dict(output_size=pooled, **scale)
@@ -329,7 +331,7 @@ def _roi_cases():
             return {"trans": _uniform(rng, -1.0, 1.0, (count, 2, pooled, pooled))}
 
         yield Case("deform_roi_pool", "7x7-sampling2-modulated", device,
-                   f"{where}, C={channels}, 7x7, sampling 2, offset and mask", dtypes,
+                   f"{where}, C={channels}, 7x7, sampling_ratio 2, gamma 0.1, offset and mask", dtypes,
                    _roi_inputs(map_shape, count, channels, pooled, offset_and_mask),
                    dict(output_size=pooled, sampling_ratio=2, gamma=0.1, **scale), True, None)
         ps_map = (n, _ps_channels(channels, pooled), height, width)

@@ -1,6 +1,12 @@
-"""The asv benchmark suite imports and passes ``asv check``, and its CPU peers compute the same thing."""
+"""The benchmark cases (pydeform.benchmark_cases) and the asv suite built on them.
+
+The suite imports and passes ``asv check``; the cases have the standard shapes of PERF.md and
+deterministic, non-zero inputs; each peer computes what pydeform computes, so a ratio compares
+the same work; the suite's CPU benchmark classes run.
+"""
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pydeform import benchmark_cases as bc
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_asv_check_passes():
     pytest.importorskip("asv")
+    # asv drops PYTHONPATH; ASV_PYTHONPATH checks this checkout's suite against this checkout's
+    # package whether or not it is installed.
+    env = dict(os.environ, ASV_PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, "-m", "asv", "check", "--config", "asv_benchmarks/asv.conf.json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout
@@ -28,23 +39,109 @@ def suite(monkeypatch):
     return lambda name: importlib.import_module(f"benchmarks.{name}")
 
 
-def test_onnxruntime_peer_computes_the_benchmarked_layer(suite):
-    """The peer and pydeform time the same computation (on a small shape of the same layer)."""
-    pytest.importorskip("onnxruntime")
-    benchmarks = suite("deform_conv")
-    arrays = benchmarks.layer_arguments((1, 8, 9, 7))
-    expected = benchmarks.pydeform_forward(arrays)()
-    actual = benchmarks.onnxruntime_forward(arrays)()
-    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+def test_importing_the_cases_imports_no_optional_library():
+    code = ("import sys, pydeform.benchmark_cases; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'onnxruntime', 'onnx', 'cupy', 'numba') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
-def test_alternating_medians_times_every_function(suite):
-    timing = suite("timing")
+def test_every_op_has_a_gpu_and_a_cpu_case_with_its_dtypes():
+    for op in bc.OPS:
+        for device in ("gpu", "cpu"):
+            found = bc.cases(op, device)
+            assert found, (op, device)
+            for case in found:
+                assert case.op == op and case.device == device and "float32" in case.dtypes
+                assert ("bfloat16" in case.dtypes) == (device == "gpu" and op != "centernet_targets"), case.id
+    ids = [case.id for case in bc.cases()]
+    assert len(ids) == len(set(ids))
+
+
+def test_cases_filters_and_rejects_unknown_names():
+    quick = bc.cases(quick=True)
+    assert sorted((case.op, case.device) for case in quick) == sorted(
+        (op, device) for op in bc.OPS for device in ("gpu", "cpu"))
+    assert [case.op for case in bc.cases("roi_pool", "gpu")] == ["roi_pool", "roi_pool"]
+    with pytest.raises(ValueError, match="op: expected one of"):
+        bc.cases("roi_alignn")
+    with pytest.raises(ValueError, match="device: expected"):
+        bc.cases(device="tpu")
+
+
+def test_standard_shapes_of_perf_md():
+    def gpu(op, name):
+        return next(case for case in bc.cases(op, "gpu") if case.name == name)
+
+    layer = bc.host_inputs(gpu("deform_conv2d", "N8-C64-128x128"))
+    assert layer["input"].shape == (8, 64, 128, 128) and layer["weight"].shape == (64, 64, 3, 3)
+    assert layer["offset"].shape == (8, 18, 128, 128) and layer["mask"].shape == (8, 9, 128, 128)
+    assert {case.name for case in bc.cases("deform_conv2d", "gpu")} >= {
+        "N16-C256-64x64", "N64-C128-56x56", "N64-C256-28x28", "N64-C512-14x14", "N64-C1024-7x7"}
+    roi = bc.host_inputs(gpu("roi_align", "7x7-adaptive"))
+    assert roi["input"].shape == (2, 256, 200, 304) and roi["rois"].shape == (512, 5)
+    assert roi["grad_output"].shape == (512, 256, 7, 7)
+    assert gpu("roi_align", "14x14-sampling2").options == dict(
+        output_size=14, sampling_ratio=2, spatial_scale=0.25, aligned=True)
+    assert bc.host_inputs(gpu("ps_roi_pool", "7x7"))["input"].shape == (2, 245, 200, 304)
+    decode = gpu("centernet_decode", "B8-C80-128x128-K100")
+    assert bc.host_inputs(decode)["heat"].shape == (8, 80, 128, 128) and decode.options == {"K": 100}
+    assert bc.floor_bytes(decode, "float32") == 8 * 80 * 128 * 128 * 4
+    assert bc.floor_bytes(decode, "bfloat16") == 8 * 80 * 128 * 128 * 2
+    cpu_layer = bc.host_inputs(bc.cases("deform_conv2d", "cpu")[0])
+    assert cpu_layer["input"].shape == (2, 64, 64, 64)
+    cpu_roi = bc.host_inputs(bc.cases("roi_align", "cpu")[0])
+    assert cpu_roi["input"].shape == (1, 64, 100, 152) and cpu_roi["rois"].shape == (256, 5)
+
+
+@pytest.mark.parametrize("case", bc.cases(device="cpu"), ids=lambda case: case.id)
+def test_cpu_inputs_are_deterministic_nonzero_and_fit_the_op(case):
+    first, again, other = bc.host_inputs(case, 0), bc.host_inputs(case, 0), bc.host_inputs(case, 1)
+    assert first.keys() == again.keys() == other.keys()
+    assert ("grad_output" in first) == case.backward
+    for name, array in first.items():
+        np.testing.assert_array_equal(array, again[name], err_msg=name)
+        assert array.flags.c_contiguous and np.isfinite(array).all() and np.any(array != 0), name
+        assert array.dtype == (np.int64 if name == "labels" else np.float32), name
+        if array.size > 1:
+            assert not np.array_equal(array, other[name]), name
+    # The inputs are valid arguments of the op: the pydeform forward (Numba CPU) accepts them.
+    assert bc.pydeform_calls(case, bc.device_inputs(first, "float32")).forward() is not None
+
+
+def test_roi_case_boxes_have_the_standard_sizes():
+    rois = bc.random_rois(np.random.default_rng(0), bc.GPU_ROIS, bc.GPU_ROI_MAP)
+    image_height, image_width = (size * bc.STRIDE for size in bc.GPU_ROI_MAP[2:])
+    sides = rois[:, 3:] - rois[:, 1:3]
+    assert rois.shape == (bc.GPU_ROIS, 5) and set(np.unique(rois[:, 0])) == {0, 1}
+    assert sides.min() >= bc.ROI_SIDES[0] - 1e-3 and sides.max() <= bc.ROI_SIDES[1] + 1e-3
+    assert rois[:, 1:3].min() >= 0
+    assert np.all(rois[:, 3] <= image_width) and np.all(rois[:, 4] <= image_height)
+
+
+def test_device_inputs_cast_data_but_keep_boxes_and_labels():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    host = {"input": np.ones((2, 3), np.float32), "rois": np.full((1, 5), 300.25, np.float32),
+            "boxes": np.ones((1, 2, 4), np.float32), "labels": np.zeros((1, 2), np.int64)}
+    converted = bc.device_inputs(host, "bfloat16")
+    assert converted["input"].dtype == ml_dtypes.bfloat16
+    assert converted["rois"].dtype == converted["boxes"].dtype == np.float32
+    assert converted["labels"].dtype == np.int64 and converted["rois"][0, 1] == 300.25
+
+
+def test_alternating_medians_times_every_function():
     calls = []
-    medians = timing.alternating_medians([lambda: calls.append("a"), lambda: calls.append("b")], rounds=2)
+    medians = bc.alternating_medians([lambda: calls.append("a"), lambda: calls.append("b")], rounds=2)
     assert len(medians) == 2 and all(m >= 0 for m in medians)
     # Per round: one untimed call, then a block of timed ones, for each function in turn.
-    assert calls == (["a"] * (timing.BLOCK + 1) + ["b"] * (timing.BLOCK + 1)) * 2
+    assert calls == (["a"] * (bc.BLOCK + 1) + ["b"] * (bc.BLOCK + 1)) * 2
+
+
+def test_cases_without_peer_say_so():
+    case = bc.cases("deform_roi_pool", "cpu")[0]
+    with pytest.raises(bc.PeerUnavailable, match="deform_roi_pool has no peer"):
+        bc.peer_calls(case, bc.host_inputs(case), "float32")
 
 
 def float32_bins_differ(rois, spatial_scale, pooled):
@@ -59,28 +156,104 @@ def float32_bins_differ(rois, spatial_scale, pooled):
     return ((np.floor(rounded) != np.floor(exact)) | (np.ceil(rounded) != np.ceil(exact))).any(axis=(1, 2))
 
 
-def test_roi_peers_compute_the_benchmarked_ops(suite):
-    """Each RoI comparison of compare_cpu.py times pydeform and ORT on the same computation
+def sorted_rows(detections):
+    """``[B, K, 6]`` detections with each image's rows in lexicographic order: equal scores
+    may come in any order from torch.topk."""
+    return np.stack([image[np.lexsort(image.T[::-1])] for image in np.asarray(detections, np.float64)])
+
+
+@pytest.mark.parametrize("case", [case for case in bc.cases(device="cpu") if case.peer], ids=lambda case: case.id)
+def test_cpu_peers_compute_the_benchmarked_op(case):
+    """ONNX Runtime / the PyTorch decode and pydeform compute the same thing on the case's data
     (MaxRoiPool: apart from the rois whose float32 bin edges differ from the exact ones)."""
-    pytest.importorskip("onnxruntime")
-    roi = suite("roi")
-    _, rois, _ = roi.cpu_arguments()
-    differing = float32_bins_differ(rois, roi.SPATIAL_SCALE, roi.CPU_OUTPUT_SIZE)
-    assert 0 < differing.sum() < len(rois) // 10
-    for comparison in roi.roi_align_comparisons() + roi.roi_pool_comparisons():
-        expected, actual = comparison.pydeform(), comparison.peer()
-        if "MaxRoiPool" in comparison.peer_name:
-            expected, actual = expected[~differing], actual[~differing]
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
-                                   err_msg=comparison.label)
+    host = bc.host_inputs(case)
+    try:
+        peer = bc.peer_calls(case, host, "float32").forward
+    except bc.PeerUnavailable as error:
+        pytest.skip(str(error))
+    expected = bc.pydeform_calls(case, bc.device_inputs(host, "float32")).forward()
+    actual = np.asarray(peer())
+    if case.op == "centernet_decode":
+        expected, actual = sorted_rows(expected), sorted_rows(actual)
+        assert len(np.unique(expected[:, :, 4])) > 10  # scores are not all tied
+    if case.op == "roi_pool":
+        keep = ~float32_bins_differ(host["rois"], case.options["spatial_scale"], case.options["output_size"])
+        assert keep.sum() > 0.9 * len(keep)
+        expected, actual = expected[keep], actual[keep]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_benchmark_rois_have_the_standard_sizes(suite):
-    roi = suite("roi")
-    rois = roi.random_rois(roi.GPU_ROIS, roi.GPU_MAP)
-    image_height, image_width = (size * roi.STRIDE for size in roi.GPU_MAP[2:])
-    sides = rois[:, 3:] - rois[:, 1:3]
-    assert rois.shape == (roi.GPU_ROIS, 5) and set(np.unique(rois[:, 0])) == {0, 1}
-    assert sides.min() >= roi.ROI_SIDES[0] - 1e-3 and sides.max() <= roi.ROI_SIDES[1] + 1e-3
-    assert rois[:, 1:3].min() >= 0
-    assert np.all(rois[:, 3] <= image_width) and np.all(rois[:, 4] <= image_height)
+def test_torch_decode_on_a_planted_heatmap():
+    """The PyTorch decode peer on a hand-built case: three peaks of distinct scores, one of them
+    beside a larger neighbour (not a peak), boxes from wh and reg."""
+    torch = pytest.importorskip("torch")
+    heat = np.zeros((1, 2, 5, 6), np.float32)
+    heat[0, 0, 1, 2] = 0.9
+    heat[0, 1, 3, 4] = 0.7
+    heat[0, 1, 3, 5] = 0.8  # the neighbour of 0.7 suppresses it
+    heat[0, 0, 4, 0] = 0.5
+    wh = np.zeros((1, 2, 5, 6), np.float32)
+    wh[0, :, 1, 2], wh[0, :, 3, 5], wh[0, :, 4, 0] = (4, 2), (2, 6), (1, 1)
+    reg = np.full((1, 2, 5, 6), 0.25, np.float32)
+    detections = bc.torch_centernet_decode(*(torch.from_numpy(a) for a in (heat, wh, reg)), K=4).numpy()
+    expected = [[0.25, 0.25, 4.25, 2.25, 0.9, 0],
+                [4.25, 0.25, 6.25, 6.25, 0.8, 1],
+                [-0.25, 3.75, 0.75, 4.75, 0.5, 0]]
+    np.testing.assert_allclose(detections[0, :3], expected, rtol=1e-6)
+    assert detections[0, 3, 4] == 0
+
+
+def test_cpu_benchmark_classes_run(suite):
+    """asv's calls of a CPU benchmark class: setup, then the timed call (small: the targets)."""
+    centernet = suite("centernet")
+    benchmark = centernet.CenterNetTargetsCpu()
+    params = [values[0] for values in benchmark.params]
+    benchmark.setup(*params)
+    benchmark.time_call(*params)
+    assert centernet.CenterNetDecodeCpu.params[-1] == ["pydeform", "peer"]
+    assert centernet.CenterNetFocalLossCpu.params[1] == ["forward", "forward+backward"]
+
+
+def test_gpu_benchmarks_skip_without_a_gpu(suite):
+    common = suite("common")
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present")
+    except Exception:
+        pass
+    benchmark = suite("centernet").CenterNetDecodeGpu()
+    with pytest.raises(NotImplementedError, match="no CUDA GPU"):
+        benchmark.setup("B8-C80-128x128-K100", "float32", common.FORWARD, "pydeform-cupy")
+
+
+@pytest.mark.gpu
+def test_gpu_benchmark_classes_track_time_memory_and_the_floor(suite):
+    centernet = suite("centernet")
+    benchmark = centernet.CenterNetDecodeGpu()
+    params = ("B8-C80-128x128-K100", "float32", "forward", "pydeform-cupy")
+    benchmark.setup(*params)
+    assert benchmark.track_ms(*params) > 0
+    assert benchmark.track_peak_extra_memory_mib(*params) >= 0
+    assert 0 < benchmark.track_fraction_of_bandwidth_floor(*params) <= 1.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [case for case in bc.cases(device="gpu") if case.peer and "roi_pool" not in case.op],
+                         ids=lambda case: case.id)
+def test_gpu_peers_compute_the_benchmarked_op(case):
+    """The GPU twin of test_cpu_peers_compute_the_benchmarked_op (the pools' float32 bin edges
+    differ from pydeform's exact ones, see float32_bins_differ)."""
+    import cupy
+
+    host = bc.host_inputs(case)
+    try:
+        peer = bc.peer_calls(case, host, "float32").forward
+    except bc.PeerUnavailable as error:
+        pytest.skip(str(error))
+    expected = cupy.asnumpy(bc.pydeform_calls(case, bc.device_inputs(host, "float32", cupy)).forward())
+    actual = peer().cpu().numpy()
+    if case.op == "centernet_decode":
+        expected, actual = sorted_rows(expected), sorted_rows(actual)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
