@@ -145,6 +145,27 @@ def test_decode_of_a_map_larger_than_a_tile(dtype):
                         DecodeCase(heat, wh, reg, 150))
 
 
+def selection_cases():
+    """Decodes that take each path of the per-image selection (centernet_decode_detections)."""
+    rng = np.random.default_rng(11)
+    wh = rng.uniform(1, 5, (1, 2, 42, 50)).astype(np.float32)
+    # 2100 one-element tiles: more lists than the sample holds, so only the first 2048 are sampled.
+    sampled_subset = (DecodeCase(rng.random((1, 1, 42, 50)).astype(np.float32), wh, None, 50), 1)
+    # Scores falling with the flat index, every pixel a peak (kernel 1), 64-element tiles: the
+    # winners all sit in the first lists, the sample (3 per list) bounds at index 4225, and the
+    # 4226 entries not below the bound overflow the survivor arrays: the rank-counting path.
+    falling = np.linspace(1.0, 0.1, 200 * 200, dtype=np.float32).reshape(1, 1, 200, 200)
+    overflow = (DecodeCase(falling, np.ones((1, 2, 200, 200), np.float32), None, 200, kernel=1), 64)
+    return {"sampled-subset": sampled_subset, "survivor-overflow": overflow}
+
+
+@pytest.mark.parametrize("name", selection_cases().keys())
+def test_decode_selection_paths(name):
+    case, tile = selection_cases()[name]
+    assert_decode_matches(case, one_thread(tile))
+    assert_decode_matches(case, host_shim.HostShimBlocksCenterNetKernels(2, 4, tile))
+
+
 def test_decode_tile_must_fit_the_shared_arrays():
     for tile in (0, cupy_centernet.DECODE_TILE + 1):
         with pytest.raises(ValueError, match="decode_tile"):

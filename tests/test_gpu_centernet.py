@@ -38,6 +38,7 @@ from tests.centernet_cases import (
     targets_cases,
 )
 from tests.strategies import to_numpy
+from tests.test_cuda_host_shim_centernet import selection_cases
 # The backends and dtypes, the CuPy helpers of the deform_conv2d GPU tests.
 from tests.test_gpu_deform_conv import BACKENDS, DTYPES, assert_on_gpu_like, to_gpu
 
@@ -79,6 +80,15 @@ def test_decode_with_small_tiles_matches_reference(dtype, data, tile):
     with cupy_tiles(tile):
         got = to_gpu(case).run(pydeform)
     assert_detections_match(got, case.reference(), dtype)
+
+
+@pytest.mark.parametrize("name", selection_cases().keys())
+def test_decode_selection_paths(name):
+    """The sampled-subset and survivor-overflow paths of the per-image selection on the device."""
+    case, tile = selection_cases()[name]
+    with cupy_tiles(tile):
+        got = to_gpu(case).run(pydeform)
+    assert_detections_match(got, case.reference(), np.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

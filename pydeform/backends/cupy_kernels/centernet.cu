@@ -5,16 +5,16 @@
 //                                c*H*W + y*W + x of an image: the peak test of every element, then
 //                                the tile's best min(K, tile length) (score, index) pairs, sorted
 //                                best first, into a candidate list of the tile.
-//   centernet_decode_detections  one work item per candidate slot (and per empty detection slot):
-//                                a candidate's rank in its image is the number of better entries
-//                                of all tile lists (a binary search per sorted list, stopped once
-//                                the rank reaches K); a candidate of rank < K writes detection row
-//                                `rank`, gathering its wh / reg and assembling the box.
-// "Better" is the decode order: higher score, on equal scores the lower flat index. The lists of
-// all tiles hold every element that can be among an image's top K (a tile's best K contain all of
-// its elements in the top K), and ranks are unique, so each row is written exactly once.
+//   centernet_decode_detections  one block per image: the image's top min(K, C*H*W) of all its
+//                                tile lists, selected through a sampled lower bound and a sort of
+//                                the entries not below it, then the gather of wh / reg and the
+//                                box assembly of each row.
+// "Better" is the decode order: higher score, on equal scores the lower flat index; it is a total
+// order, so the result does not depend on thread timing. The lists of all tiles hold every
+// element that can be among an image's top K (a tile's best K contain all of its elements in the
+// top K).
 //
-// The tile kernels cooperate through shared memory, but every loop strides by blockDim.x and
+// The block kernels cooperate through shared memory, but every loop strides by blockDim.x and
 // gridDim.x, so the kernels are also correct as one block of one thread (the CPU host shim).
 //
 // Targets: one work item per object slot; the item renders the object's Gaussian with an atomic
@@ -29,6 +29,8 @@ namespace pydeform {
 // The largest decode tile: the capacity of the tile kernel's shared arrays (DECODE_TILE of
 // centernet.py, which passes the tile size, at most this, to both decode kernels).
 constexpr int kDecodeTile = 2048;
+// Capacity of the selection kernel's shared sample / survivor arrays.
+constexpr int kSelectCapacity = 2048;
 // Capacity of the shared per-thread arrays: the largest blockDim.x the block kernels accept
 // (THREADS_PER_BLOCK of _compile.py).
 constexpr int kMaxBlockThreads = 256;
@@ -126,6 +128,81 @@ __device__ __forceinline__ long long count_better(const A* __restrict__ scores,
     }
     return low;
 }
+
+// The smallest power of two >= count (1 for count <= 1).
+__device__ __forceinline__ int power_of_two_at_least(const int count) {
+    int power = 1;
+    while (power < count) {
+        power *= 2;
+    }
+    return power;
+}
+
+// Sorts (scores, indices)[0, length) best first in place, length a power of two. Every thread of
+// the block calls it; each (i, i ^ stride) pair of a step belongs to the thread owning i.
+template <typename A, typename I>
+__device__ __forceinline__ void block_bitonic_sort(A* scores, I* indices, const int length,
+                                                   const int thread, const int threads) {
+    for (int size = 2; size <= length; size *= 2) {
+        for (int stride = size / 2; stride > 0; stride /= 2) {
+            for (int i = thread; i < length; i += threads) {
+                const int partner = i ^ stride;
+                if (partner > i) {
+                    const bool partner_first = (i & size) == 0;
+                    const int first = partner_first ? partner : i;
+                    const int second = partner_first ? i : partner;
+                    if (better(scores[first], indices[first], scores[second], indices[second])) {
+                        const A score = scores[i];
+                        scores[i] = scores[partner];
+                        scores[partner] = score;
+                        const I index = indices[i];
+                        indices[i] = indices[partner];
+                        indices[partner] = index;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// Writes detection rows: the box of flat index c*H*W + y*W + x from wh / reg, score and class.
+template <typename T>
+struct DetectionWriter {
+    using A = acc_t<T>;
+    const T* wh;   // [batch, 2 or 2*classes, height, width]
+    const T* reg;  // [batch, 2, height, width] or null
+    long long classes, height, width;
+    bool cat_spec_wh, has_reg, has_threshold;
+    A down_ratio, threshold;
+
+    __device__ __forceinline__ void write(A* row, const long long image, const A score,
+                                          const long long flat) const {
+        const long long plane_size = height * width;
+        const long long channel = flat / plane_size;
+        const long long pixel = flat % plane_size;
+        const long long size_channel = cat_spec_wh ? 2 * channel : 0;
+        const long long wh_channels = cat_spec_wh ? 2 * classes : 2;
+        const T* const wh_pixel = wh + (image * wh_channels + size_channel) * plane_size + pixel;
+        const A w = load_acc(wh_pixel);
+        const A h = load_acc(wh_pixel + plane_size);
+        A xs = A(pixel % width), ys = A(pixel / width);
+        if (has_reg) {
+            xs += load_acc(reg + image * 2 * plane_size + pixel);
+            ys += load_acc(reg + (image * 2 + 1) * plane_size + pixel);
+        } else {
+            xs += A(0.5);
+            ys += A(0.5);
+        }
+        const bool below = has_threshold && score < threshold;
+        row[0] = (xs - w / A(2)) * down_ratio;
+        row[1] = (ys - h / A(2)) * down_ratio;
+        row[2] = (xs + w / A(2)) * down_ratio;
+        row[3] = (ys + h / A(2)) * down_ratio;
+        row[4] = below ? A(0) : score;
+        row[5] = below ? A(-1) : A(channel);
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Training targets
@@ -327,38 +404,13 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
             }
         }
         // Pad to a power of two with entries after every real one (-inf, index past the tile).
-        int sort_length = 1;
-        while (sort_length < total_nonzero) {
-            sort_length *= 2;
-        }
+        const int sort_length = power_of_two_at_least(total_nonzero);
         for (int i = total_nonzero + thread; i < sort_length; i += threads) {
             sort_scores[i] = negative_infinity(A(0));
             sort_indices[i] = length;
         }
         __syncthreads();
-        // Bitonic sort, best first; each (i, i ^ stride) pair belongs to the thread owning i.
-        for (int size = 2; size <= sort_length; size *= 2) {
-            for (int stride = size / 2; stride > 0; stride /= 2) {
-                for (int i = thread; i < sort_length; i += threads) {
-                    const int partner = i ^ stride;
-                    if (partner > i) {
-                        const bool partner_first = (i & size) == 0;
-                        const int first = partner_first ? partner : i;
-                        const int second = partner_first ? i : partner;
-                        if (better(sort_scores[first], sort_indices[first], sort_scores[second],
-                                   sort_indices[second])) {
-                            const A score = sort_scores[i];
-                            sort_scores[i] = sort_scores[partner];
-                            sort_scores[partner] = score;
-                            const int index = sort_indices[i];
-                            sort_indices[i] = sort_indices[partner];
-                            sort_indices[partner] = index;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        block_bitonic_sort(sort_scores, sort_indices, sort_length, thread, threads);
         for (int rank = thread; rank < total_nonzero; rank += threads) {
             const int slot = rank < total_positive ? rank : rank + (length - total_nonzero);
             if (slot < list_length) {
@@ -371,78 +423,132 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
 }
 
 // Candidate lists (see centernet_decode_candidates), wh [batch, 2 or 2*classes, height, width],
-// reg [batch, 2, height, width] or null -> detections [batch, k, 6] written entirely.
-// n_items = batch * slots, slots = max(tiles * capacity, k): slot j < tiles * capacity is list
-// entry j of the image's lists; slots j in [image_size, k) are the empty detections.
+// reg [batch, 2, height, width] or null -> detections [batch, k, 6] written entirely. One block
+// per image; `found` = min(k, C*H*W) rows are detections, the rest (0, 0, 0, 0, 0, -1).
+//
+// The image's top `found` are selected without looking at most entries twice:
+// 1. a sample, the best few entries of every list (at most kSelectCapacity), is sorted; its
+//    found-th best is a lower bound: at least `found` entries of the image are not worse;
+// 2. every list entry not worse than the bound (a "survivor") is gathered, and the survivors are
+//    sorted. Anything better than a survivor is a survivor, so the best `found` survivors are the
+//    image's top `found`, in order.
+// When the sample or the survivors do not fit the shared arrays (K past kSelectCapacity, or very
+// unevenly spread winners), each entry's rank is counted instead, by a binary search in every
+// other sorted list (stopping once the rank reaches `found`), and rows are written by rank.
 template <typename T>
 __global__ void centernet_decode_detections(
-    const long long n_items, const T* __restrict__ wh, const T* __restrict__ reg,
+    const T* __restrict__ wh, const T* __restrict__ reg,
     const pydeform::acc_t<T>* __restrict__ candidate_scores, const int* __restrict__ candidate_indices,
-    pydeform::acc_t<T>* __restrict__ detections, PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS,
-    const int cat_spec_wh, const int has_reg, const pydeform::acc_t<T> down_ratio, const int has_threshold,
-    const pydeform::acc_t<T> threshold) {
+    pydeform::acc_t<T>* __restrict__ detections, const long long batch,
+    PYDEFORM_CENTERNET_DECODE_GEOMETRY_PARAMS, const int cat_spec_wh, const int has_reg,
+    const pydeform::acc_t<T> down_ratio, const int has_threshold, const pydeform::acc_t<T> threshold) {
     using namespace pydeform;
     using A = acc_t<T>;
+    __shared__ A chosen_scores[kSelectCapacity];
+    __shared__ long long chosen_flat[kSelectCapacity];
+    __shared__ int survivors;
+
+    const DetectionWriter<T> writer{wh, reg, classes, height, width, cat_spec_wh != 0, has_reg != 0,
+                                    has_threshold != 0, down_ratio, threshold};
     const DecodeTiles t = decode_tiles(classes, height, width, k, tile);
-    const long long plane_size = height * width;
+    const long long found = k < t.image_size ? k : t.image_size;
     const long long list_slots = t.tiles * t.capacity;
-    const long long slots = list_slots > k ? list_slots : k;
-    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const long long image = item / slots;
-        const long long slot = item % slots;
-        if (slot >= t.image_size && slot < k) {
-            A* const row = detections + (image * k + slot) * 6;
+    // The sample: the best `per_list` entries of each of the first `sampled_lists` lists.
+    const long long sampled_lists = t.tiles < kSelectCapacity ? t.tiles : kSelectCapacity;
+    const long long per_list_limit = kSelectCapacity / sampled_lists;
+    const long long per_list = per_list_limit < t.capacity ? per_list_limit : t.capacity;
+    const int sample_length = static_cast<int>(sampled_lists * per_list);
+    // Every list but an image's last holds `capacity` entries.
+    const long long last_list = tile_list_length(t, t.tiles - 1);
+    const long long sampled_entries =
+        sampled_lists * per_list -
+        (sampled_lists == t.tiles && last_list < per_list ? per_list - last_list : 0);
+    const int thread = threadIdx.x;
+    const int threads = blockDim.x;
+    for (long long image = blockIdx.x; image < batch; image += gridDim.x) {
+        const A* const scores = candidate_scores + image * list_slots;
+        const int* const indices = candidate_indices + image * list_slots;
+        A* const rows = detections + image * k * 6;
+        for (long long slot = found + thread; slot < k; slot += threads) {
             for (int column = 0; column < 5; ++column) {
-                row[column] = A(0);
+                rows[slot * 6 + column] = A(0);
             }
-            row[5] = A(-1);
+            rows[slot * 6 + 5] = A(-1);
         }
-        if (slot >= list_slots) {
-            continue;
-        }
-        const long long own_tile = slot / t.capacity;
-        const long long position = slot % t.capacity;
-        if (position >= tile_list_length(t, own_tile)) {
-            continue;
-        }
-        const A* const image_scores = candidate_scores + image * list_slots;
-        const int* const image_indices = candidate_indices + image * list_slots;
-        const A score = image_scores[slot];
-        const long long flat = own_tile * t.size + image_indices[slot];
-        long long rank = position;
-        for (long long other = 0; other < t.tiles && rank < k; ++other) {
-            if (other != own_tile) {
-                rank += count_better(image_scores + other * t.capacity,
-                                     image_indices + other * t.capacity,
-                                     tile_list_length(t, other), other * t.size, score, flat);
+
+        bool selected = false;
+        if (found <= kSelectCapacity && sampled_entries >= found) {
+            const int sort_length = power_of_two_at_least(sample_length);
+            for (int i = thread; i < sort_length; i += threads) {
+                const long long list = i / per_list;
+                const long long position = i % per_list;
+                const bool real = i < sample_length && position < tile_list_length(t, list);
+                const long long slot = list * t.capacity + position;
+                chosen_scores[i] = real ? scores[slot] : negative_infinity(A(0));
+                chosen_flat[i] = real ? list * t.size + indices[slot] : t.image_size;
+            }
+            if (thread == 0) {
+                survivors = 0;
+            }
+            __syncthreads();
+            block_bitonic_sort(chosen_scores, chosen_flat, sort_length, thread, threads);
+            const A bound_score = chosen_scores[found - 1];
+            const long long bound_flat = chosen_flat[found - 1];
+            __syncthreads();  // everyone has the bound before the arrays take the survivors
+
+            for (long long slot = thread; slot < list_slots; slot += threads) {
+                const long long list = slot / t.capacity;
+                if (slot % t.capacity >= tile_list_length(t, list)) {
+                    continue;
+                }
+                const A score = scores[slot];
+                const long long flat = list * t.size + indices[slot];
+                if (!better(bound_score, bound_flat, score, flat)) {
+                    const int place = atomicAdd(&survivors, 1);
+                    if (place < kSelectCapacity) {
+                        chosen_scores[place] = score;
+                        chosen_flat[place] = flat;
+                    }
+                }
+            }
+            __syncthreads();
+            const int survivor_count = survivors;
+            if (survivor_count <= kSelectCapacity) {
+                const int survivor_length = power_of_two_at_least(survivor_count);
+                for (int i = survivor_count + thread; i < survivor_length; i += threads) {
+                    chosen_scores[i] = negative_infinity(A(0));
+                    chosen_flat[i] = t.image_size;
+                }
+                __syncthreads();
+                block_bitonic_sort(chosen_scores, chosen_flat, survivor_length, thread, threads);
+                for (long long rank = thread; rank < found; rank += threads) {
+                    writer.write(rows + rank * 6, image, chosen_scores[rank], chosen_flat[rank]);
+                }
+                selected = true;
             }
         }
-        if (rank >= k) {
-            continue;
+        if (!selected) {
+            for (long long slot = thread; slot < list_slots; slot += threads) {
+                const long long list = slot / t.capacity;
+                const long long position = slot % t.capacity;
+                if (position >= tile_list_length(t, list)) {
+                    continue;
+                }
+                const A score = scores[slot];
+                const long long flat = list * t.size + indices[slot];
+                long long rank = position;
+                for (long long other = 0; other < t.tiles && rank < found; ++other) {
+                    if (other != list) {
+                        rank += count_better(scores + other * t.capacity, indices + other * t.capacity,
+                                             tile_list_length(t, other), other * t.size, score, flat);
+                    }
+                }
+                if (rank < found) {
+                    writer.write(rows + rank * 6, image, score, flat);
+                }
+            }
         }
-        const long long channel = flat / plane_size;
-        const long long pixel = flat % plane_size;
-        const long long size_channel = cat_spec_wh ? 2 * channel : 0;
-        const long long wh_channels = cat_spec_wh ? 2 * classes : 2;
-        const T* const wh_pixel = wh + (image * wh_channels + size_channel) * plane_size + pixel;
-        const A w = load_acc(wh_pixel);
-        const A h = load_acc(wh_pixel + plane_size);
-        A xs = A(pixel % width), ys = A(pixel / width);
-        if (has_reg) {
-            xs += load_acc(reg + image * 2 * plane_size + pixel);
-            ys += load_acc(reg + (image * 2 + 1) * plane_size + pixel);
-        } else {
-            xs += A(0.5);
-            ys += A(0.5);
-        }
-        const bool below = has_threshold && score < threshold;
-        A* const row = detections + (image * k + rank) * 6;
-        row[0] = (xs - w / A(2)) * down_ratio;
-        row[1] = (ys - h / A(2)) * down_ratio;
-        row[2] = (xs + w / A(2)) * down_ratio;
-        row[3] = (ys + h / A(2)) * down_ratio;
-        row[4] = below ? A(0) : score;
-        row[5] = below ? A(-1) : A(channel);
+        __syncthreads();  // the next image reuses the shared arrays
     }
 }
 

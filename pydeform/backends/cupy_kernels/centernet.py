@@ -49,13 +49,11 @@ class DecodeTiles(NamedTuple):
     size: int       # flat indices per tile
     tiles: int      # tiles per image
     capacity: int   # entries per tile's candidate list, min(K, size)
-    slots: int      # decode_detections work items per image: max(tiles * capacity, K)
 
 
 def decode_tiles(params, tile):
     tiles = -(-params.classes * params.height * params.width // tile)
-    capacity = min(params.k, tile)
-    return DecodeTiles(tile, tiles, capacity, max(tiles * capacity, params.k))
+    return DecodeTiles(tile, tiles, min(params.k, tile))
 
 
 def _elementwise_blocks(n_items):
@@ -84,14 +82,13 @@ def decode_candidates_launch(heat, candidate_scores, candidate_indices, params, 
 
 
 def decode_detections_launch(wh, reg, candidate_scores, candidate_indices, detections, params, tiles):
-    """reg may be None (a null pointer; params.has_reg says so). One work item per slot."""
-    n_items = params.batch * tiles.slots
+    """reg may be None (a null pointer; params.has_reg says so). One block per image."""
     args = (
-        np.int64(n_items), wh, reg, candidate_scores, candidate_indices, detections,
+        wh, reg, candidate_scores, candidate_indices, detections, np.int64(params.batch),
         *_decode_geometry_args(params, tiles), _flag(params.cat_spec_wh), _flag(params.has_reg),
         _acc(wh.dtype, params.down_ratio), _flag(params.has_threshold), _acc(wh.dtype, params.threshold),
     )
-    return "centernet_decode_detections", _elementwise_blocks(n_items), args
+    return "centernet_decode_detections", params.batch, args
 
 
 def targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
@@ -151,7 +148,7 @@ class CupyCenterNetKernels:
         return cupy
 
     def decode(self, heat, wh, reg, detections, params):
-        """Two launches: the tiles' candidate lists, then ranks, gathers and boxes."""
+        """Two launches: the tiles' candidate lists, then per image the selection, gathers and boxes."""
         tiles = decode_tiles(params, self.decode_tile)
         shape = (params.batch, tiles.tiles, tiles.capacity)
         candidate_scores = scratch(self.xp, "centernet_candidate_scores", shape, detections.dtype)
