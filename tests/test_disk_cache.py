@@ -25,61 +25,114 @@ from pydeform.backends.numba_kernels.targets import cpu_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs deform_conv2d and roi_align forward on the Numba CPU backend (a few kernels: a cold
-# compile of all of them takes minutes on two cores) and prints, as JSON, how many functions
-# Numba compiled, the first and second call times of deform_conv2d (after Numba's one-time
-# set-up, which every Numba program pays) and a digest of the results.
+# Runs deform_conv2d and roi_align forward (a few kernels: a cold compile of all of them takes
+# minutes on two cores) with the backend named by argv[1] (numba-cpu, numba-cuda or cupy) and
+# prints, as JSON, how many kernels were compiled, the first and second call times of
+# deform_conv2d (after Numba's one-time set-up, which every Numba program pays) and a digest of
+# the results.
 CHILD = textwrap.dedent(
     """
-    import hashlib, json, sys, time
+    import gc, hashlib, json, sys, time
     import numpy as np
     from numba.core import event
     from numba.core.registry import cpu_target
     import pydeform
 
+    backend = sys.argv[1]
     cpu_target.target_context.refresh()  # Numba's one-time set-up, not compilation
+    nvrtc_runs = []
+    if backend == "numba-cpu":
+        xp, option = np, None
+    else:
+        import cupy
+        import cupy.cuda.compiler as compiler
+
+        xp, option = cupy, {"numba-cuda": "numba", "cupy": "cupy"}[backend]
+        compile_with_nvrtc = compiler._compile_using_nvrtc_no_warning  # called on a cache miss only
+
+        def counted(*args, **kwargs):
+            nvrtc_runs.append(1)
+            return compile_with_nvrtc(*args, **kwargs)
+
+        compiler._compile_using_nvrtc_no_warning = counted
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 4, 6, 6), dtype=np.float32)
-    offset = rng.standard_normal((1, 18, 6, 6), dtype=np.float32)
-    mask = rng.random((1, 9, 6, 6), dtype=np.float32)
-    weight = rng.standard_normal((4, 4, 3, 3), dtype=np.float32)
-    rois = np.array([[0, 0.5, 1.0, 4.5, 5.0]], np.float32)
-    digest = hashlib.sha256()
+    x = xp.asarray(rng.standard_normal((1, 4, 6, 6), dtype=np.float32))
+    offset = xp.asarray(rng.standard_normal((1, 18, 6, 6), dtype=np.float32))
+    mask = xp.asarray(rng.random((1, 9, 6, 6), dtype=np.float32))
+    weight = xp.asarray(rng.standard_normal((4, 4, 3, 3), dtype=np.float32))
+    rois = xp.asarray(np.array([[0, 0.5, 1.0, 4.5, 5.0]], np.float32))
+
+    def convolve():
+        y = pydeform.deform_conv2d(x, offset, weight, padding=1, mask=mask, backend=option)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+        return y
+
     with event.install_recorder("numba:compile") as compiles:
         start = time.perf_counter()
-        y = pydeform.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+        y = convolve()
         first = time.perf_counter() - start
         start = time.perf_counter()
-        pydeform.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+        convolve()
         second = time.perf_counter() - start
-        pooled = pydeform.roi_align(x, rois, 2, sampling_ratio=2, aligned=True)
+        pooled = pydeform.roi_align(x, rois, 2, sampling_ratio=2, aligned=True, backend=option)
+    # Numba CUDA kernels count their disk-cache misses (compilations) per dispatcher.
+    cuda_misses = sum(sum(o.stats.cache_misses.values()) for o in gc.get_objects()
+                      if type(o).__name__ == "CUDADispatcher")
+    digest = hashlib.sha256()
     for array in (y, pooled):
-        digest.update(array.tobytes())
-    print(json.dumps({"compiles": len(compiles.buffer), "first": first, "second": second,
-                      "digest": digest.hexdigest()}))
+        digest.update(np.asarray(array.get() if xp is not np else array).tobytes())
+    print(json.dumps({"compiles": len(compiles.buffer) + cuda_misses + len(nvrtc_runs), "first": first,
+                      "second": second, "digest": digest.hexdigest()}))
     """
 )
 
 
-def _run_child(cache_dir: Path) -> dict:
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+def _run_child(cache_dir: Path, backend: str = "numba-cpu") -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir / "numba"), CUPY_CACHE_DIR=str(cache_dir / "cupy"),
+               PYTHONPATH=str(REPO))
+    env.pop("CUPY_CACHE_IN_MEMORY", None)
+    done = subprocess.run([sys.executable, "-c", CHILD, backend], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
-    cold = _run_child(tmp_path)
+def _check_second_process_compiles_nothing(cache_dir: Path, backend: str, files: str) -> None:
+    cold = _run_child(cache_dir, backend)
     assert cold["compiles"] > 0
-    assert list(tmp_path.rglob("*.nbi")) and list(tmp_path.rglob("*.nbc"))
-    warm = _run_child(tmp_path)
+    written = sorted(cache_dir.rglob(files))
+    assert written
+    warm = _run_child(cache_dir, backend)
     assert warm["compiles"] == 0, "a kernel was compiled although the disk cache held it"
+    assert sorted(cache_dir.rglob(files)) == written
     assert warm["digest"] == cold["digest"]
     # PERF.md: first call <= 0.5 s over a warm call once the cache is warm (printed with -s).
-    print(f"\nfirst call, cold cache {cold['first']:.3f} s; warm cache {warm['first']:.3f} s; "
+    print(f"\n{backend}: first call, cold cache {cold['first']:.3f} s; warm cache {warm['first']:.3f} s; "
           f"warm call {warm['second']:.4f} s")
     assert warm["first"] < cold["first"]
+
+
+def test_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
+    _check_second_process_compiles_nothing(tmp_path, "numba-cpu", "*.nbc")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, files", [("numba-cuda", "*.nbc"), ("cupy", "*.cubin")])
+def test_gpu_kernels_load_from_the_disk_cache_in_a_second_process(tmp_path, backend, files):
+    _check_second_process_compiles_nothing(tmp_path, backend, files)
+
+
+def test_cuda_sources_are_the_same_text_in_every_process():
+    """CuPy keys its disk cache by the source text, among others: the inlined sources must not
+    depend on the process (a path, an order of a set), or every process would compile again."""
+    script = ("import hashlib; from pydeform.backends.cupy_kernels._compile import KERNEL_DIR, kernel_source; "
+              "print({p.name: hashlib.sha256(kernel_source(p.name).encode()).hexdigest() "
+              "for p in sorted(KERNEL_DIR.glob('*.cu'))})")
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=tmp, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                           capture_output=True, text=True, timeout=120).stdout
+            for tmp in (REPO, REPO / "tests")]
+    assert runs[0] == runs[1] and "roi.cu" in runs[0] and "deform_conv.cu" in runs[0]
 
 
 @pytest.fixture
