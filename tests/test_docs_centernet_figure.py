@@ -1,39 +1,16 @@
-"""docs/centernet_decode.py: the figure is drawn, and the detections it draws are pydeform's."""
-
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
+"""docs/centernet_decode.py: the detections it draws are pydeform's (tests/test_docs_figures.py
+draws the figure)."""
 
 import numpy as np
 import pytest
 
 import pydeform
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "docs" / "centernet_decode.py"
+from tests.docs_figures import load_script
 
 
 @pytest.fixture(scope="module")
 def figure():
-    """The script as a module (drawing needs matplotlib; the detections do not)."""
-    spec = importlib.util.spec_from_file_location("centernet_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_draws_a_small_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    path = tmp_path / "centernet_decode.png"
-    result = subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size < 300_000
-
-
-def test_committed_png_is_small():
-    assert (ROOT / "docs" / "centernet_decode.png").stat().st_size < 300_000
+    return load_script("centernet_decode")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

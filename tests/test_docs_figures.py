@@ -1,39 +1,42 @@
-"""docs/roi_sampling.py: the figure is drawn, and the positions it draws are where pydeform samples."""
+"""The figure scripts of docs/: each draws a small PNG, and the committed one is small too; and
+docs/roi_sampling.py's positions are where pydeform samples (the other scripts have their own
+test files)."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pydeform
+from tests.docs_figures import DOCS, SCRIPTS, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "docs" / "roi_sampling.py"
+PNG_LIMIT_BYTES = 300_000
+
+
+def test_the_figure_scripts_are_found():
+    assert {"roi_sampling", "deform_conv_sampling", "centernet_decode"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_draws_a_small_png(tmp_path, name):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / f"{name}.png"
+    result = subprocess.run([sys.executable, str(DOCS / f"{name}.py"), str(path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size < PNG_LIMIT_BYTES
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_committed_png_is_small(name):
+    assert (DOCS / f"{name}.png").stat().st_size < PNG_LIMIT_BYTES
 
 
 @pytest.fixture(scope="module")
 def figure():
-    """The script as a module (drawing needs matplotlib; the positions do not)."""
-    spec = importlib.util.spec_from_file_location("roi_sampling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_draws_a_small_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    path = tmp_path / "roi_sampling.png"
-    result = subprocess.run([sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert path.stat().st_size < 300_000
-
-
-def test_committed_png_is_small():
-    assert (ROOT / "docs" / "roi_sampling.png").stat().st_size < 300_000
+    return load_script("roi_sampling")
 
 
 def coordinate_images(figure):
