@@ -234,3 +234,14 @@ def test_focal_loss_parts_are_bounded():
     assert cupy_centernet.focal_loss_parts(items + 1) == 2
     assert cupy_centernet.focal_loss_parts(10**12) == cupy_centernet.FOCAL_LOSS_MAX_PARTS
 
+
+
+@DTYPES
+def test_focal_loss_of_a_nan_prediction_is_nan(dtype):
+    """The clamp passes NaN through (torch.clamp, the reference); its gradient is 0 there."""
+    case = build_focal_case(np.random.default_rng(12), dtype)
+    case.pred.reshape(-1)[5] = np.nan
+    with shim_ops(one_thread()):
+        loss, grad = case.loss(pydeform), case.grad(pydeform)
+    assert np.isnan(loss)
+    assert grad.reshape(-1)[5] == 0 and np.isfinite(grad).all()

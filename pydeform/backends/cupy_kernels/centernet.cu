@@ -247,9 +247,11 @@ struct FocalTerms {
     A positives; // 1 where y == 1
 };
 
+// Comparisons rather than fmin / fmax, which would turn a NaN prediction into a bound: a NaN
+// stays NaN, as with torch.clamp and the reference.
 template <typename A>
 __device__ __forceinline__ A clamp_prediction(const A pred) {
-    return fmin(fmax(pred, A(kClampLow)), A(kClampHigh));
+    return pred < A(kClampLow) ? A(kClampLow) : (pred > A(kClampHigh) ? A(kClampHigh) : pred);
 }
 
 template <typename A>
