@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
-from ._workspace import scratch
+from ._workspace import accumulator, accumulator_plan, accumulator_slot, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "DeformConv2dGrads",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_conv2d_geometry",
+    "deform_conv2d_workspace",
 ]
 
 #: Upper bound, in bytes, of each column buffer the driver allocates (forward: one buffer,
@@ -62,33 +64,27 @@ class DeformConv2dGrads(NamedTuple):
 
 
 
-def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=None):
-    """Check every argument once; return (kernel set, contiguous arrays, geometry)."""
-    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    ranks = {"input": 4, "offset": 4, "weight": 4, "bias": 1, "mask": 4}
-    if grad_output is not None:
-        arrays = {"grad_output": grad_output, **arrays}
-        ranks["grad_output"] = 4
-    for name in ("input", "offset", "weight"):
-        if arrays[name] is None:
-            raise TypeError(f"{name}: expected an array, got None")
-    library, dtype = check_arrays(arrays, ranks=ranks)
-    kind = check_backend(backend, library)
+def deform_conv2d_geometry(shapes: dict, stride, padding, dilation) -> DeformConv2dGeometry:
+    """Check the argument shapes and the int-or-pair arguments; return the geometry.
 
+    ``shapes`` maps ``input``, ``offset``, ``weight`` and, when given, ``bias``, ``mask`` and
+    ``grad_output`` to shape tuples of the ranks :func:`deform_conv2d` documents (None or missing:
+    absent). Used by the array API and by :mod:`pydeform.jax`, which has only shapes at trace time.
+    """
     stride_h, stride_w = int_pair("stride", stride, minimum=1)
     pad_h, pad_w = int_pair("padding", padding, minimum=0)
     dil_h, dil_w = int_pair("dilation", dilation, minimum=1)
 
-    n, channels, height, width = shape_of(input)
+    n, channels, height, width = shapes["input"]
     if channels == 0:
-        raise ValueError(f"input: expected at least one channel, got shape {shape_of(input)}")
-    out_channels, channels_per_group, kernel_h, kernel_w = shape_of(weight)
+        raise ValueError(f"input: expected at least one channel, got shape {shapes['input']}")
+    out_channels, channels_per_group, kernel_h, kernel_w = shapes["weight"]
     if out_channels == 0 or channels_per_group == 0 or kernel_h == 0 or kernel_w == 0:
-        raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {shape_of(weight)}")
+        raise ValueError(f"weight: expected a non-empty [C_out, C/groups, kh, kw] array, got shape {shapes['weight']}")
     if channels % channels_per_group:
         raise ValueError(
             f"weight: shape[1] = {channels_per_group} must divide the input's {channels} channels "
-            f"(weight is [C_out, C/groups, kh, kw]), got weight shape {shape_of(weight)}"
+            f"(weight is [C_out, C/groups, kh, kw]), got weight shape {shapes['weight']}"
         )
     groups = channels // channels_per_group
     if out_channels % groups:
@@ -97,11 +93,11 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
             f"(inferred from input channels {channels} / weight.shape[1] {channels_per_group})"
         )
     kernel_points = kernel_h * kernel_w
-    offset_channels = shape_of(offset)[1]
+    offset_channels = shapes["offset"][1]
     if offset_channels == 0 or offset_channels % (2 * kernel_points):
         raise ValueError(
             f"offset: shape[1] must be a positive multiple of 2*kh*kw = {2 * kernel_points}, "
-            f"got offset shape {shape_of(offset)}"
+            f"got offset shape {shapes['offset']}"
         )
     offset_groups = offset_channels // (2 * kernel_points)
     if channels % offset_groups:
@@ -125,14 +121,30 @@ def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backe
         "grad_output": (n, out_channels, out_h, out_w),
     }
     for name, shape in expected.items():
-        value = arrays.get(name)
-        if value is not None and shape_of(value) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {shape_of(value)}")
+        given = shapes.get(name)
+        if given is not None and tuple(given) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(given)}")
 
-    geometry = DeformConv2dGeometry(
+    return DeformConv2dGeometry(
         channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w,
         pad_h, pad_w, dil_h, dil_w, groups, offset_groups, out_h, out_w,
     )
+
+
+def _prepare(input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=None):
+    """Check every argument once; return (kernel set, contiguous arrays, geometry)."""
+    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    ranks = {"input": 4, "offset": 4, "weight": 4, "bias": 1, "mask": 4}
+    if grad_output is not None:
+        arrays = {"grad_output": grad_output, **arrays}
+        ranks["grad_output"] = 4
+    for name in ("input", "offset", "weight"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    library, dtype = check_arrays(arrays, ranks=ranks)
+    kind = check_backend(backend, library)
+    shapes = {k: (None if v is None else shape_of(v)) for k, v in arrays.items()}
+    geometry = deform_conv2d_geometry(shapes, stride, padding, dilation)
     kernels = deform_conv2d_kernels(library, kind)
     xp = kernels.xp
     contiguous = {k: (None if v is None else xp.ascontiguousarray(v)) for k, v in arrays.items()}
@@ -145,10 +157,38 @@ def _chunk_size(n: int, geometry: DeformConv2dGeometry, itemsize: int, buffers: 
     return max(1, min(n, COLUMN_BUFFER_BYTES // per_image))
 
 
-def _grouped_weight(xp, weight, geometry, acc_dtype):
-    """weight [C_out, C/G, kh, kw] -> [G, C_out/G, C/G*kh*kw] in the accumulation dtype."""
+def _grouped(weight, geometry):
+    """weight [C_out, C/G, kh, kw] -> [G, C_out/G, C/G*kh*kw] (a view)."""
     g = geometry
-    return weight.astype(acc_dtype, copy=False).reshape(g.groups, g.out_channels // g.groups, -1)
+    return weight.reshape(g.groups, g.out_channels // g.groups, -1)
+
+
+def deform_conv2d_workspace(batch: int, geometry: DeformConv2dGeometry, dtype, *, backward: bool) -> dict:
+    """The scratch buffers one forward (or backward) driver call uses: ``{slot: (shape, dtype)}``.
+
+    The drivers take every scratch buffer through this plan, so a caller that provides the
+    buffers (:func:`pydeform._workspace.provided`, as :mod:`pydeform.jax` does) provides exactly
+    these. Half types add float32 copies of the weight, bias and grad_output chunks and float32
+    accumulators of the results.
+    """
+    g = geometry
+    acc = accumulation_dtype(dtype)
+    chunk = _chunk_size(max(batch, 1), g, acc.itemsize, buffers=2 if backward else 1)
+    column_shape = (chunk, g.in_channels * g.kernel_h * g.kernel_w, g.out_h * g.out_w)
+    weight_shape = (g.out_channels, g.in_channels // g.groups, g.kernel_h, g.kernel_w)
+    chunk_out_shape = (chunk, g.out_channels, g.out_h, g.out_w)
+    plan = {"columns": (column_shape, acc), **accumulator_plan("weight", weight_shape, dtype)}
+    if not backward:
+        plan.update(accumulator_plan("bias", (g.out_channels,), dtype))
+        plan.update(accumulator_plan("output", chunk_out_shape, dtype))
+        return plan
+    plan["grad_columns"] = (column_shape, acc)
+    plan["grad_weight_chunk"] = ((chunk, g.groups, g.out_channels // g.groups, column_shape[1] // g.groups), acc)
+    plan.update(accumulator_plan("grad_output", chunk_out_shape, dtype))
+    plan.update(accumulator_plan("grad_input", (batch, g.in_channels, g.height, g.width), dtype))
+    plan.update(accumulator_plan("grad_weight", weight_shape, dtype))
+    plan.update(accumulator_plan("grad_bias", (g.out_channels,), dtype))
+    return plan
 
 
 def _batch(array, start, stop):
@@ -164,13 +204,14 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     acc = accumulation_dtype(input.dtype)
-    out = xp.empty((n, g.out_channels, g.out_h, g.out_w), dtype=input.dtype)
+    out = output(xp, "output", (n, g.out_channels, g.out_h, g.out_w), input.dtype)
     if n == 0:
         return out
-    weight_g = _grouped_weight(xp, weight, g, acc)
-    bias_acc = None if bias is None else bias.astype(acc).reshape(1, -1, 1, 1)
-    chunk = _chunk_size(n, g, acc.itemsize, buffers=1)
-    columns = scratch(xp, "columns", (chunk, weight_g.shape[2] * g.groups, g.out_h * g.out_w), acc)
+    plan = deform_conv2d_workspace(n, g, input.dtype, backward=False)
+    weight_g = _grouped(converted(xp, "weight", weight), g)
+    bias_acc = None if bias is None else converted(xp, "bias", bias).reshape(1, -1, 1, 1)
+    columns = scratch(xp, "columns", *plan["columns"])
+    chunk = columns.shape[0]
     # The GEMM writes straight into the output unless a cast to a half type is needed.
     direct = out.dtype == acc
     for start in range(0, n, chunk):
@@ -179,7 +220,7 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
         cols = columns[:b]
         kernels.im2col(input[start:stop], offset[start:stop], _batch(mask, start, stop), cols, g)
         grouped_cols = cols.reshape(b, g.groups, weight_g.shape[2], -1)
-        result = out[start:stop] if direct else scratch(xp, "result", (b,) + out.shape[1:], acc)
+        result = out[start:stop] if direct else scratch(xp, accumulator_slot("output"), (b,) + out.shape[1:], acc)
         xp.matmul(weight_g, grouped_cols, out=result.reshape(b, g.groups, -1, g.out_h * g.out_w))
         if bias_acc is not None:
             result += bias_acc
@@ -199,23 +240,24 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     dtype = input.dtype
-    acc = accumulation_dtype(dtype)
-    weight_g = _grouped_weight(xp, weight, g, acc)
+    plan = deform_conv2d_workspace(n, g, dtype, backward=True)
+    weight_g = _grouped(converted(xp, "weight", weight), g)
     weight_t = weight_g.transpose(0, 2, 1)
     group_rows = weight_g.shape[2]
-    grad_input = xp.zeros(input.shape, dtype=acc)
-    grad_offset = xp.empty(offset.shape, dtype=dtype)
-    grad_mask = None if mask is None else xp.empty(mask.shape, dtype=dtype)
-    grad_weight = xp.zeros(weight_g.shape, dtype=acc)
-    chunk = _chunk_size(max(n, 1), g, acc.itemsize, buffers=2)
-    buffer_shape = (chunk, group_rows * g.groups, g.out_h * g.out_w)
-    grad_columns = scratch(xp, "grad_columns", buffer_shape, acc)
-    columns = scratch(xp, "columns", buffer_shape, acc)
+    grad_input = accumulator(xp, "grad_input", input.shape, dtype)
+    grad_offset = output(xp, "grad_offset", offset.shape, dtype)
+    grad_mask = None if mask is None else output(xp, "grad_mask", mask.shape, dtype)
+    grad_weight = accumulator(xp, "grad_weight", weight.shape, dtype)
+    grad_weight_g = _grouped(grad_weight, g)
+    grad_columns = scratch(xp, "grad_columns", *plan["grad_columns"])
+    columns = scratch(xp, "columns", *plan["columns"])
+    grad_weight_chunk = scratch(xp, "grad_weight_chunk", *plan["grad_weight_chunk"])
+    chunk = columns.shape[0]
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         b = stop - start
         inp, off, msk = input[start:stop], offset[start:stop], _batch(mask, start, stop)
-        grad_out = grad_output[start:stop].astype(acc, copy=False).reshape(b, g.groups, -1, g.out_h * g.out_w)
+        grad_out = converted(xp, "grad_output", grad_output[start:stop]).reshape(b, g.groups, -1, g.out_h * g.out_w)
         gcols = grad_columns[:b]
         xp.matmul(weight_t, grad_out, out=gcols.reshape(b, g.groups, group_rows, -1))
         kernels.col2im_coord(inp, off, msk, gcols, grad_offset[start:stop], _batch(grad_mask, start, stop), g)
@@ -223,14 +265,20 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
         cols = columns[:b]
         kernels.im2col(inp, off, msk, cols, g)
         grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
-        grad_weight += xp.matmul(grad_out, grouped_cols.transpose(0, 1, 3, 2)).sum(axis=0)
+        per_image = grad_weight_chunk[:b]
+        xp.matmul(grad_out, grouped_cols.transpose(0, 1, 3, 2), out=per_image)
+        # In-place adds: no weight-sized temporary outside the planned buffers.
+        for image in per_image:
+            grad_weight_g += image
     grad_bias = None
     if bias is not None:
-        grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=acc).astype(dtype)
+        grad_bias = accumulator(xp, "grad_bias", bias.shape, dtype)
+        xp.sum(grad_output, axis=(0, 2, 3), dtype=grad_bias.dtype, out=grad_bias)
+        grad_bias = finish(xp, "grad_bias", grad_bias, dtype)
     return DeformConv2dGrads(
-        grad_input.astype(dtype, copy=False),
+        finish(xp, "grad_input", grad_input, dtype),
         grad_offset,
-        grad_weight.reshape(weight.shape).astype(dtype, copy=False),
+        finish(xp, "grad_weight", grad_weight, dtype),
         grad_bias,
         grad_mask,
     )

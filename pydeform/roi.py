@@ -32,8 +32,9 @@ import math
 import numbers
 from typing import NamedTuple, Optional
 
-from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
+from ._arrays import check_arrays, check_backend, int_pair, shape_of
 from ._rois import check_positive_float, normalize_rois
+from ._workspace import accumulator, accumulator_plan, finish, output
 from .backends import roi_kernels
 
 __all__ = [
@@ -156,14 +157,10 @@ class _Call(NamedTuple):
 
 
 def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
-    """Shared checks: one library / device / dtype for the arrays, a non-empty image, the boxes
-    normalised."""
+    """Shared checks: one library / device / dtype for the arrays, the boxes normalised."""
     if arrays["input"] is None:
         raise TypeError("input: expected an array, got None")
     library, _ = check_arrays(arrays, ranks=ranks)
-    if min(shape_of(arrays["input"])[2:]) < 1:
-        # Bilinear sampling has no pixel to clamp to in an empty image.
-        raise ValueError(f"input: expected an image of at least 1x1 pixels, got shape {shape_of(arrays['input'])}")
     kind = check_backend(backend, library)
     kernels = roi_kernels(library, kind)
     xp = kernels.xp
@@ -172,14 +169,21 @@ def _prepare(arrays: dict, ranks: dict, rois, backend) -> _Call:
     return _Call(kernels, xp, contiguous, boxes)
 
 
-def _check_shape(name, value, expected):
-    if value is not None and shape_of(value) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {shape_of(value)}")
+def _shapes(arrays: dict) -> dict:
+    return {name: (None if value is None else shape_of(value)) for name, value in arrays.items()}
 
 
-def _check_grad_output(grad_output, expected):
-    if grad_output is not None:
-        _check_shape("grad_output", grad_output, expected)
+def _image(shape):
+    """``[N, C, H, W]`` of the input, which must hold at least one pixel."""
+    if min(shape[2:]) < 1:
+        # Bilinear sampling has no pixel to clamp to in an empty image.
+        raise ValueError(f"input: expected an image of at least 1x1 pixels, got shape {shape}")
+    return shape
+
+
+def _check_shape(name, shape, expected):
+    if shape is not None and tuple(shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(shape)}")
 
 
 def _require_grad_output(grad_output):
@@ -197,11 +201,11 @@ def _position_sensitive_channels(channels, pooled_h, pooled_w):
     return channels // (pooled_h * pooled_w)
 
 
-def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode,
-                    position_sensitive, backend, grad_output=None):
-    arrays = {"input": input, "grad_output": grad_output}
-    call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = shape_of(call.arrays["input"])
+def roi_align_params(shapes, k, output_size, spatial_scale, sampling_ratio, aligned, mode,
+                     position_sensitive) -> RoIAlignParams:
+    """Check roi_align / ps_roi_align arguments given the array shapes (``shapes["input"]``,
+    optional ``shapes["grad_output"]``) and the roi count ``k``; used by :mod:`pydeform.jax` too."""
+    n, channels, height, width = _image(shapes["input"])
     pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
     if mode not in ("avg", "max"):
         raise ValueError(f"mode: expected 'avg' or 'max', got {mode!r}")
@@ -213,42 +217,78 @@ def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, ali
         check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
         aligned, mode == "max", position_sensitive,
     )
-    _check_grad_output(call.arrays["grad_output"], (call.rois.shape[0], channels_out, pooled_h, pooled_w))
-    return call, params
+    _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
+    return params
 
 
-def _roi_pool_call(input, rois, output_size, spatial_scale, position_sensitive, backend, grad_output=None):
-    arrays = {"input": input, "grad_output": grad_output}
-    call = _prepare(arrays, {"input": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = shape_of(call.arrays["input"])
+def _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode,
+                    position_sensitive, backend, grad_output=None):
+    call = _prepare({"input": input, "grad_output": grad_output}, {"input": 4, "grad_output": 4}, rois, backend)
+    return call, roi_align_params(_shapes(call.arrays), call.rois.shape[0], output_size, spatial_scale,
+                                  sampling_ratio, aligned, mode, position_sensitive)
+
+
+def roi_pool_params(shapes, k, output_size, spatial_scale, position_sensitive) -> RoIPoolParams:
+    """Check roi_pool / ps_roi_pool arguments given the array shapes and the roi count ``k``."""
+    n, channels, height, width = _image(shapes["input"])
     pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
     channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
     params = RoIPoolParams(
         channels, height, width, pooled_h, pooled_w, channels_out,
         check_positive_float("spatial_scale", spatial_scale), position_sensitive,
     )
-    _check_grad_output(call.arrays["grad_output"], (call.rois.shape[0], channels_out, pooled_h, pooled_w))
-    return call, params
+    _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
+    return params
 
 
-def _forward(call, params, method, channels_out, pooled, *extra):
-    xp, input = call.xp, call.arrays["input"]
-    output = xp.empty((call.rois.shape[0], channels_out) + pooled, dtype=input.dtype)
-    if output.size:
-        getattr(call.kernels, method)(input, call.rois, *extra, output, params)
-    return output
+def _roi_pool_call(input, rois, output_size, spatial_scale, position_sensitive, backend, grad_output=None):
+    call = _prepare({"input": input, "grad_output": grad_output}, {"input": 4, "grad_output": 4}, rois, backend)
+    return call, roi_pool_params(_shapes(call.arrays), call.rois.shape[0], output_size, spatial_scale,
+                                 position_sensitive)
 
 
-def _zeros_acc(xp, like):
-    return xp.zeros(like.shape, dtype=accumulation_dtype(like.dtype))
+def roi_output_shape(params, k: int) -> tuple:
+    """The ``[K, C_out, PH, PW]`` output shape of the op ``params`` describes."""
+    if isinstance(params, DeformPSRoIPoolParams):
+        return (k, params.output_dim, params.pooled_size, params.pooled_size)
+    channels = params.channels if isinstance(params, DeformRoIPoolParams) else params.channels_out
+    return (k, channels, params.pooled_h, params.pooled_w)
 
 
-def _input_grad(call, params, method, *extra):
-    xp, input = call.xp, call.arrays["input"]
-    grad_input = _zeros_acc(xp, input)
+def roi_workspace(grad_shapes: dict, dtype) -> dict:
+    """The scratch of a RoI backward: float32 accumulators of the gradients (named by
+    ``grad_shapes``, e.g. ``{"grad_input": shape}``) for half types, ``{slot: (shape, dtype)}``."""
+    plan = {}
+    for name, shape in grad_shapes.items():
+        plan.update(accumulator_plan(name, shape, dtype))
+    return plan
+
+
+def _forward(call, params, method, *extra):
+    input = call.arrays["input"]
+    out = output(call.xp, "output", roi_output_shape(params, call.rois.shape[0]), input.dtype)
+    if out.size:
+        getattr(call.kernels, method)(input, call.rois, *extra, out, params)
+    return out
+
+
+def _accumulated_grads(call, grads: dict, launch) -> tuple:
+    """Zero-filled accumulators of the named gradients (``{"grad_input": "input", ...}``: the
+    argument each belongs to, None when absent), filled by ``launch(*accumulators)`` unless
+    grad_output is empty, then returned in the arguments' dtype."""
+    xp, dtype = call.xp, call.arrays["input"].dtype
+    arrays = {name: call.arrays[arg] for name, arg in grads.items()}
+    accumulators = [None if a is None else accumulator(xp, name, a.shape, dtype) for name, a in arrays.items()]
     if call.arrays["grad_output"].size:
-        getattr(call.kernels, method)(call.arrays["grad_output"], input, call.rois, *extra, grad_input, params)
-    return grad_input
+        launch(*accumulators)
+    return tuple(None if a is None else finish(xp, name, a, dtype) for name, a in zip(arrays, accumulators))
+
+
+def _input_grad(call, params, method):
+    def launch(grad_input):
+        getattr(call.kernels, method)(call.arrays["grad_output"], call.arrays["input"], call.rois, grad_input, params)
+
+    return RoIGrads(*_accumulated_grads(call, {"grad_input": "input"}, launch))
 
 
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", *,
@@ -275,7 +315,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
         ``[K, C, PH, PW]``, input's array type, device and dtype.
     """
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend)
-    return _forward(call, p, "roi_align_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+    return _forward(call, p, "roi_align_forward")
 
 
 def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
@@ -289,7 +329,7 @@ def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0,
     _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend,
                               grad_output)
-    return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
+    return _input_grad(call, p, "roi_align_backward")
 
 
 def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None):
@@ -300,7 +340,7 @@ def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
     :func:`roi_align`.
     """
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend)
-    return _forward(call, p, "roi_align_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+    return _forward(call, p, "roi_align_forward")
 
 
 def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *,
@@ -309,7 +349,7 @@ def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1
     _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend,
                               grad_output)
-    return RoIGrads(_input_grad(call, p, "roi_align_backward").astype(input.dtype, copy=False))
+    return _input_grad(call, p, "roi_align_backward")
 
 
 def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
@@ -320,14 +360,14 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     returns ``[K, C, PH, PW]``.
     """
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend)
-    return _forward(call, p, "roi_pool_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+    return _forward(call, p, "roi_pool_forward")
 
 
 def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`roi_pool`: each bin's gradient goes to its arg-max element."""
     _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend, grad_output)
-    return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
+    return _input_grad(call, p, "roi_pool_backward")
 
 
 def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
@@ -337,32 +377,38 @@ def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     pixels (torchvision's ps_roi_pool has no +1). Channel mapping as :func:`ps_roi_align`.
     """
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend)
-    return _forward(call, p, "roi_pool_forward", p.channels_out, (p.pooled_h, p.pooled_w))
+    return _forward(call, p, "roi_pool_forward")
 
 
 def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`ps_roi_pool` with respect to ``input``."""
     _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend, grad_output)
-    return RoIGrads(_input_grad(call, p, "roi_pool_backward").astype(input.dtype, copy=False))
+    return _input_grad(call, p, "roi_pool_backward")
+
+
+def deform_roi_pool_params(shapes, k, output_size, spatial_scale, sampling_ratio, gamma) -> DeformRoIPoolParams:
+    """Check deform_roi_pool arguments given the array shapes (``input``, optional ``offset``,
+    ``mask``, ``grad_output``; None = absent) and the roi count ``k``."""
+    n, channels, height, width = _image(shapes["input"])
+    pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
+    _check_shape("offset", shapes.get("offset"), (k, 2, pooled_h, pooled_w))
+    _check_shape("mask", shapes.get("mask"), (k, 1, pooled_h, pooled_w))
+    params = DeformRoIPoolParams(
+        channels, height, width, pooled_h, pooled_w,
+        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
+        _float("gamma", gamma), shapes.get("offset") is not None, shapes.get("mask") is not None,
+    )
+    _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
+    return params
 
 
 def _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, backend,
                           grad_output=None):
     arrays = {"input": input, "offset": offset, "mask": mask, "grad_output": grad_output}
     call = _prepare(arrays, {"input": 4, "offset": 4, "mask": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = shape_of(call.arrays["input"])
-    pooled_h, pooled_w = int_pair("output_size", output_size, minimum=1)
-    k = call.rois.shape[0]
-    _check_shape("offset", call.arrays["offset"], (k, 2, pooled_h, pooled_w))
-    _check_shape("mask", call.arrays["mask"], (k, 1, pooled_h, pooled_w))
-    params = DeformRoIPoolParams(
-        channels, height, width, pooled_h, pooled_w,
-        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
-        _float("gamma", gamma), offset is not None, mask is not None,
-    )
-    _check_grad_output(call.arrays["grad_output"], (k, channels, pooled_h, pooled_w))
-    return call, params
+    return call, deform_roi_pool_params(_shapes(call.arrays), call.rois.shape[0], output_size, spatial_scale,
+                                        sampling_ratio, gamma)
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
@@ -388,7 +434,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
                                     backend)
     a = call.arrays
-    return _forward(call, p, "deform_roi_pool_forward", p.channels, (p.pooled_h, p.pooled_w), a["offset"], a["mask"])
+    return _forward(call, p, "deform_roi_pool_forward", a["offset"], a["mask"])
 
 
 def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7, spatial_scale=1.0,
@@ -401,24 +447,22 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     _require_grad_output(grad_output)
     call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
                                     backend, grad_output)
-    xp, a = call.xp, call.arrays
-    grad_input = _zeros_acc(xp, a["input"])
-    grad_offset = None if a["offset"] is None else _zeros_acc(xp, a["offset"])
-    grad_mask = None if a["mask"] is None else _zeros_acc(xp, a["mask"])
-    if a["grad_output"].size:
+    a = call.arrays
+
+    def launch(grad_input, grad_offset, grad_mask):
         call.kernels.deform_roi_pool_backward(
             a["grad_output"], a["input"], call.rois, a["offset"], a["mask"], grad_input, grad_offset, grad_mask, p
         )
-    dtype = a["input"].dtype
-    return DeformRoIPoolGrads(*(None if g is None else g.astype(dtype, copy=False)
-                                for g in (grad_input, grad_offset, grad_mask)))
+
+    grads = {"grad_input": "input", "grad_offset": "offset", "grad_mask": "mask"}
+    return DeformRoIPoolGrads(*_accumulated_grads(call, grads, launch))
 
 
-def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size, sample_per_part,
-                            trans_std, spatial_scale, backend, grad_output=None):
-    arrays = {"input": input, "trans": trans, "grad_output": grad_output}
-    call = _prepare(arrays, {"input": 4, "trans": 4, "grad_output": 4}, rois, backend)
-    n, channels, height, width = shape_of(call.arrays["input"])
+def deform_psroi_pool_params(shapes, k, output_dim, group_size, pooled_size, part_size, sample_per_part,
+                             trans_std, spatial_scale) -> DeformPSRoIPoolParams:
+    """Check deform_psroi_pool arguments given the array shapes (``input``, optional ``trans``,
+    ``grad_output``) and the roi count ``k``."""
+    n, channels, height, width = _image(shapes["input"])
     group_size = _int("group_size", group_size, 1)
     pooled_size = _int("pooled_size", pooled_size, 1)
     part_size = pooled_size if part_size is None or part_size == 0 else _int("part_size", part_size, 1)
@@ -435,24 +479,31 @@ def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_s
             f"input: expected output_dim * group_size^2 = {output_dim * group_size * group_size} channels, "
             f"got {channels}"
         )
-    k = call.rois.shape[0]
     num_classes = 1
-    t = call.arrays["trans"]
+    t = shapes.get("trans")
     if t is not None:
-        if t.shape[1] == 0 or t.shape[1] % 2 or output_dim % (t.shape[1] // 2):
+        if t[1] == 0 or t[1] % 2 or output_dim % (t[1] // 2):
             raise ValueError(
                 f"trans: expected [K, 2*num_classes, part_size, part_size] with num_classes dividing "
-                f"output_dim = {output_dim}, got shape {shape_of(t)}"
+                f"output_dim = {output_dim}, got shape {tuple(t)}"
             )
-        num_classes = t.shape[1] // 2
+        num_classes = t[1] // 2
         _check_shape("trans", t, (k, 2 * num_classes, part_size, part_size))
     params = DeformPSRoIPoolParams(
         channels, height, width, output_dim, group_size, pooled_size, part_size, sample_per_part,
         _float("trans_std", trans_std), check_positive_float("spatial_scale", spatial_scale), num_classes,
         t is not None,
     )
-    _check_grad_output(call.arrays["grad_output"], (k, output_dim, pooled_size, pooled_size))
-    return call, params
+    _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
+    return params
+
+
+def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size, sample_per_part,
+                            trans_std, spatial_scale, backend, grad_output=None):
+    arrays = {"input": input, "trans": trans, "grad_output": grad_output}
+    call = _prepare(arrays, {"input": 4, "trans": 4, "grad_output": 4}, rois, backend)
+    return call, deform_psroi_pool_params(_shapes(call.arrays), call.rois.shape[0], output_dim, group_size,
+                                          pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
 
 
 def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7, part_size=None,
@@ -479,8 +530,7 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
     """
     call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
                                       sample_per_part, trans_std, spatial_scale, backend)
-    return _forward(call, p, "deform_psroi_pool_forward", p.output_dim, (p.pooled_size, p.pooled_size),
-                    call.arrays["trans"])
+    return _forward(call, p, "deform_psroi_pool_forward", call.arrays["trans"])
 
 
 def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7,
@@ -494,13 +544,10 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=
     _require_grad_output(grad_output)
     call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
                                       sample_per_part, trans_std, spatial_scale, backend, grad_output)
-    xp, a = call.xp, call.arrays
-    grad_input = _zeros_acc(xp, a["input"])
-    grad_trans = None if a["trans"] is None else _zeros_acc(xp, a["trans"])
-    if a["grad_output"].size:
-        call.kernels.deform_psroi_pool_backward(
-            a["grad_output"], a["input"], call.rois, a["trans"], grad_input, grad_trans, p
-        )
-    dtype = a["input"].dtype
-    return DeformPSRoIPoolGrads(grad_input.astype(dtype, copy=False),
-                                None if grad_trans is None else grad_trans.astype(dtype, copy=False))
+    a = call.arrays
+
+    def launch(grad_input, grad_trans):
+        call.kernels.deform_psroi_pool_backward(a["grad_output"], a["input"], call.rois, a["trans"], grad_input,
+                                                grad_trans, p)
+
+    return DeformPSRoIPoolGrads(*_accumulated_grads(call, {"grad_input": "input", "grad_trans": "trans"}, launch))
