@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._arrays import accumulation_dtype, array_library, check_arrays, check_backend, int_pair, shape_of
+from ._interop import dlpack_entry
 from ._rois import check_positive_float
 from .backends import centernet_kernels
 from .roi import _float, _int
@@ -117,6 +118,7 @@ def _check_shape(name, value, expected):
         raise ValueError(f"{name}: expected shape {expected}, got {shape_of(value)}")
 
 
+@dlpack_entry
 def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, down_ratio=1.0,
                      threshold=None, backend=None):
     """Decode CenterNet heatmaps into the top-K detections of each image (SPEC section 4).
@@ -186,6 +188,7 @@ def _check_labels(labels, library, boxes):
         raise ValueError(f"labels: expected a 2-d array [B, M], got shape {shape_of(labels)}")
 
 
+@dlpack_entry
 def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, min_overlap=0.7,
                       max_objects=128, backend=None):
     """CenterNet training targets of a padded batch of boxes (SPEC section 4b).
@@ -290,6 +293,7 @@ def _focal_sums(kernels, pred, target, params):
     return sums
 
 
+@dlpack_entry
 def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
     """The penalty-reduced pixel-wise focal loss of CenterNet (SPEC section 4b).
 
@@ -311,6 +315,7 @@ def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
     return ((sums[0] + sums[1]) / xp.maximum(sums[2], 1)).astype(pred.dtype)
 
 
+@dlpack_entry
 def centernet_focal_loss_backward(grad_output, pred, target, *, alpha=2, beta=4, backend=None):
     """Gradient of :func:`centernet_focal_loss` with respect to pred.
 

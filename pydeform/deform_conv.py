@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
+from ._interop import dlpack_entry
 from ._workspace import accumulator, accumulator_plan, accumulator_slot, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels
 
@@ -284,6 +285,7 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
     )
 
 
+@dlpack_entry
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None):
     r"""Deformable convolution (v1), or modulated deformable convolution (DCNv2) with ``mask``.
 
@@ -316,6 +318,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     return run_deform_conv2d_forward(kernels, a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry)
 
 
+@dlpack_entry
 def deform_conv2d_backward(
     grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None
 ) -> DeformConv2dGrads:

@@ -33,6 +33,7 @@ import numbers
 from typing import NamedTuple, Optional
 
 from ._arrays import check_arrays, check_backend, int_pair, shape_of
+from ._interop import dlpack_entry
 from ._rois import check_positive_float, normalize_rois
 from ._workspace import accumulator, accumulator_plan, finish, output
 from .backends import roi_kernels
@@ -291,6 +292,7 @@ def _input_grad(call, params, method):
     return RoIGrads(*_accumulated_grads(call, {"grad_input": "input"}, launch))
 
 
+@dlpack_entry
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", *,
               backend=None):
     """RoI Align (Mask R-CNN), torchvision semantics; ``mode="max"`` takes the maximum sample (ONNX / mmcv).
@@ -318,6 +320,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     return _forward(call, p, "roi_align_forward")
 
 
+@dlpack_entry
 def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
                        mode="avg", *, backend=None) -> RoIGrads:
     """Gradient of :func:`roi_align` with respect to ``input``.
@@ -332,6 +335,7 @@ def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0,
     return _input_grad(call, p, "roi_align_backward")
 
 
+@dlpack_entry
 def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None):
     """Position-sensitive RoI Align (R-FCN), torchvision semantics; always half-pixel aligned.
 
@@ -343,6 +347,7 @@ def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
     return _forward(call, p, "roi_align_forward")
 
 
+@dlpack_entry
 def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *,
                           backend=None) -> RoIGrads:
     """Gradient of :func:`ps_roi_align` with respect to ``input``; ``grad_output [K, C_out, PH, PW]``."""
@@ -352,6 +357,7 @@ def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1
     return _input_grad(call, p, "roi_align_backward")
 
 
+@dlpack_entry
 def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     """RoI Pool (Fast R-CNN), torchvision semantics: max over integer bins of the rounded box.
 
@@ -363,6 +369,7 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     return _forward(call, p, "roi_pool_forward")
 
 
+@dlpack_entry
 def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`roi_pool`: each bin's gradient goes to its arg-max element."""
     _require_grad_output(grad_output)
@@ -370,6 +377,7 @@ def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, 
     return _input_grad(call, p, "roi_pool_backward")
 
 
+@dlpack_entry
 def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     """Position-sensitive RoI Pool (R-FCN), torchvision semantics: the average over each bin.
 
@@ -380,6 +388,7 @@ def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
     return _forward(call, p, "roi_pool_forward")
 
 
+@dlpack_entry
 def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
     """Gradient of :func:`ps_roi_pool` with respect to ``input``."""
     _require_grad_output(grad_output)
@@ -411,6 +420,7 @@ def _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampl
                                         sampling_ratio, gamma)
 
 
+@dlpack_entry
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
                     mask=None, *, backend=None):
     """Deformable RoI pooling (mmcv ``DeformRoIPool``; with ``mask``, ``ModulatedDeformRoIPool``).
@@ -437,6 +447,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     return _forward(call, p, "deform_roi_pool_forward", a["offset"], a["mask"])
 
 
+@dlpack_entry
 def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7, spatial_scale=1.0,
                              sampling_ratio=0, gamma=0.1, mask=None, *, backend=None) -> DeformRoIPoolGrads:
     """Gradients of :func:`deform_roi_pool` with respect to ``input``, ``offset`` and ``mask``.
@@ -506,6 +517,7 @@ def _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_s
                                           pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
 
 
+@dlpack_entry
 def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7, part_size=None,
                       sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *, backend=None):
     """Deformable position-sensitive RoI pooling (Deformable ConvNets, MXNet ``DeformablePSROIPooling``).
@@ -533,6 +545,7 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
     return _forward(call, p, "deform_psroi_pool_forward", call.arrays["trans"])
 
 
+@dlpack_entry
 def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7,
                                part_size=None, sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *,
                                backend=None) -> DeformPSRoIPoolGrads:
