@@ -35,7 +35,9 @@ constexpr int kSelectCapacity = 2048;
 // (THREADS_PER_BLOCK of _compile.py).
 constexpr int kMaxBlockThreads = 256;
 
-__device__ __forceinline__ float negative_infinity(float) { return __int_as_float(static_cast<int>(0xff800000u)); }
+__device__ __forceinline__ float negative_infinity(float) {
+    return __int_as_float(static_cast<int>(0xff800000u));
+}
 __device__ __forceinline__ double negative_infinity(double) {
     return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
 }
@@ -345,7 +347,8 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
     __shared__ A sort_scores[kDecodeTile];
     __shared__ int sort_indices[kDecodeTile];
     // Per thread: (positive count << 16) | nonzero count of its segment, scanned in place; both
-    // counts are at most kDecodeTile < 2**16, so the packed sums never carry into each other.
+    // counts are at most kDecodeTile < 2**15, so the packed sums neither carry into each other
+    // nor reach the sign bit.
     __shared__ int segment_counts[kMaxBlockThreads];
 
     const DecodeTiles t = decode_tiles(classes, height, width, k, tile);

@@ -6,8 +6,8 @@ CUDA signature: sizes ``long long``, flags ``int``, the decode's down_ratio / th
 focal loss's alpha / beta in the accumulation type, the targets' down_ratio / min_overlap in
 double (their geometry is computed in double). Each returns ``(template, n_blocks, args)``:
 element-wise kernels get enough blocks for one thread per work item, the block-cooperative
-kernels one block per job (a decode tile, a focal-loss part). The kernel set and the tests' CPU
-host shim both launch through them.
+kernels one block per job (a decode tile, an image's selection, a focal-loss part). The kernel
+set and the tests' CPU host shim both launch through them.
 
 Decode scratch (from :func:`pydeform._workspace.scratch`): the candidate lists of every tile,
 scores ``[B, tiles, capacity]`` in the accumulation type and tile-local indices
