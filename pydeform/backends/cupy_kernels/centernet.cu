@@ -88,28 +88,26 @@ __device__ __forceinline__ long long tile_list_length(const DecodeTiles& t, cons
     return length < t.capacity ? length : t.capacity;
 }
 
-// The score a pixel keeps after the peak test: its value if no value of its kernel x kernel window
-// is larger (NaN neighbours never are, as NaN compares false), else 0; a NaN pixel keeps 0. Adding
-// +0 turns a kept -0 into +0, which ties with the zeros of non-peaks as the order requires.
-template <typename T>
-__device__ __forceinline__ acc_t<T> kept_score(const T* __restrict__ plane, const long long height,
-                                               const long long width, const long long y,
-                                               const long long x, const long long half) {
-    using A = acc_t<T>;
-    const A centre = load_acc(plane + y * width + x);
+// Whether pixel (y, x) of value `centre` passes the peak test: no value of its kernel x kernel
+// window, read by value(yy, xx), is larger (NaN neighbours never are, as NaN compares false); a
+// NaN pixel never passes.
+template <typename A, typename Value>
+__device__ __forceinline__ bool is_peak(const A centre, const long long y, const long long x,
+                                        const long long height, const long long width,
+                                        const long long half, const Value& value) {
     if (isnan(centre)) {
-        return A(0);
+        return false;
     }
     const long long y_end = y + half < height - 1 ? y + half : height - 1;
     const long long x_end = x + half < width - 1 ? x + half : width - 1;
     for (long long yy = y - half > 0 ? y - half : 0; yy <= y_end; ++yy) {
         for (long long xx = x - half > 0 ? x - half : 0; xx <= x_end; ++xx) {
-            if (load_acc(plane + yy * width + xx) > centre) {
-                return A(0);
+            if (value(yy, xx) > centre) {
+                return false;
             }
         }
     }
-    return centre + A(0);
+    return true;
 }
 
 // Entries of a best-first tile list that come before (score, flat).
@@ -329,11 +327,13 @@ __device__ __forceinline__ FocalTerms<A> block_focal_sums(const FocalTerms<A>& o
 // score and its index within the tile (flat index - t * tile); entries past the list length are
 // unused.
 //
-// Per tile: every thread computes the kept scores of a strided share of the tile into shared
-// memory, then counts the nonzero and positive scores of a contiguous segment; a block scan of
-// those counts places every element. Zeros need no sorting: in index order they come right after
-// the positive scores. The nonzero scores (usually the few peaks) are bitonic-sorted in shared
-// memory; positives go first, negatives after the zeros.
+// Per tile: the block loads the tile's heat values into shared memory with coalesced,
+// independent loads (the heatmap's only read from DRAM), runs the peak test of each element
+// against its neighbours there (global memory only for window pixels outside the tile), and keeps
+// each element's score or 0. Every thread then counts the nonzero and positive scores of a
+// contiguous segment; a block scan of those counts places every element. Zeros need no sorting:
+// in index order they come right after the positive scores. The nonzero scores (usually the few
+// peaks) are bitonic-sorted in shared memory; positives go first, negatives after the zeros.
 template <typename T>
 __global__ void centernet_decode_candidates(const T* __restrict__ heat,
                                             pydeform::acc_t<T>* __restrict__ candidate_scores,
@@ -343,7 +343,8 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
                                             const long long kernel) {
     using namespace pydeform;
     using A = acc_t<T>;
-    __shared__ A tile_scores[kDecodeTile];
+    __shared__ A tile_scores[kDecodeTile];  // heat values, then the kept scores
+    __shared__ bool peaks[kDecodeTile];
     __shared__ A sort_scores[kDecodeTile];
     __shared__ int sort_indices[kDecodeTile];
     // Per thread: (positive count << 16) | nonzero count of its segment, scanned in place; both
@@ -360,16 +361,33 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
         const long long tile_index = job % t.tiles;
         const long long tile_begin = tile_index * t.size;
         const int length = static_cast<int>(tile_length(t, tile_index));
+        const long long tile_end = tile_begin + length;
         const int list_length = static_cast<int>(tile_list_length(t, tile_index));
+        const T* const image_heat = heat + image * t.image_size;
         A* const list_scores = candidate_scores + job * t.capacity;
         int* const list_indices = candidate_indices + job * t.capacity;
 
         for (int i = thread; i < length; i += threads) {
+            tile_scores[i] = load_acc(image_heat + tile_begin + i);
+        }
+        __syncthreads();
+        for (int i = thread; i < length; i += threads) {
             const long long flat = tile_begin + i;
-            const long long channel = flat / plane_size;
             const long long pixel = flat % plane_size;
-            tile_scores[i] = kept_score(heat + (image * classes + channel) * plane_size, height, width,
-                                        pixel / width, pixel % width, kernel / 2);
+            const long long plane_begin = flat - pixel;
+            peaks[i] = is_peak(tile_scores[i], pixel / width, pixel % width, height, width, kernel / 2,
+                               [&](const long long yy, const long long xx) {
+                                   const long long neighbour = plane_begin + yy * width + xx;
+                                   return neighbour >= tile_begin && neighbour < tile_end
+                                              ? tile_scores[neighbour - tile_begin]
+                                              : load_acc(image_heat + neighbour);
+                               });
+        }
+        __syncthreads();
+        // A kept -0 becomes +0 (adding +0), which ties with the zeros of non-peaks as the order
+        // requires.
+        for (int i = thread; i < length; i += threads) {
+            tile_scores[i] = peaks[i] ? tile_scores[i] + A(0) : A(0);
         }
         __syncthreads();
 
