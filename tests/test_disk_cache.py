@@ -218,3 +218,17 @@ def test_fingerprint_follows_everything_a_kernel_is_compiled_from(tmp_path):
     before = fingerprint(_scaled_kernel_factory(numba.njit(namespace["scale"])))
     namespace["SCALE"] = 4.0
     assert fingerprint(_scaled_kernel_factory(numba.njit(namespace["scale"]))) != before
+
+
+def test_kernels_run_as_python_with_numba_jit_disabled():
+    script = ("import numpy as np; from pydeform.backends.numba_kernels.targets import cpu_kernel\n"
+              "import numba\n"
+              "def fill(out):\n"
+              "    for i in numba.prange(out.size):\n"
+              "        out[i] = i\n"
+              "kernel = cpu_kernel(fill); out = np.zeros(3); kernel(out)\n"
+              "print(kernel is fill, out.tolist())")
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, NUMBA_DISABLE_JIT="1",
+                          PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "[0.0,", "1.0,", "2.0]"]

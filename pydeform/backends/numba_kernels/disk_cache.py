@@ -27,8 +27,11 @@ def cache_on_disk(dispatcher):
     """Key ``dispatcher``'s disk cache (enabled with ``cache=True``) by :func:`fingerprint`.
 
     Numba's index key reads only ``__code__`` and ``__closure__`` of the cache's ``_py_func``;
-    it is given the kernel's code and a single cell holding the fingerprint.
+    it is given the kernel's code and a single cell holding the fingerprint. Under
+    ``NUMBA_DISABLE_JIT=1`` the decorators return the plain function: nothing to cache.
     """
+    if not hasattr(dispatcher, "_cache"):
+        return dispatcher
     py_func = dispatcher.py_func
     dispatcher._cache._py_func = types.SimpleNamespace(
         __code__=py_func.__code__, __closure__=(types.CellType(fingerprint(py_func)),)
