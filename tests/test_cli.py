@@ -5,6 +5,7 @@ Small CPU runs: one quick case, one round, outputs into temporary paths.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -171,3 +172,25 @@ def test_info_names_the_kernel_cache_folders(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")
     main(["info"])
     assert "CuPy kernel cache: none, in memory only (CUPY_CACHE_IN_MEMORY is set)" in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    terminal, log = _Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = _bench._Progress(4, stream)
+        bar.show(0, "timing a")
+        bar.show(2, "timing c")
+        bar.show(4, "done")
+    assert terminal.getvalue() == (
+        "\r\033[K[" + "." * 30 + "] 0/4 timing a"
+        "\r\033[K[" + "#" * 15 + "." * 15 + "] 2/4 timing c"
+        "\r\033[K[" + "#" * 30 + "] 4/4 done\n"
+    )
+    assert log.getvalue().splitlines() == [
+        "[" + "." * 30 + "] 0/4 timing a", "[" + "#" * 15 + "." * 15 + "] 2/4 timing c", "[" + "#" * 30 + "] 4/4 done",
+    ]
