@@ -312,7 +312,8 @@ def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
     kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend)
     xp = kernels.xp
     sums = _focal_sums(kernels, pred, target, params)
-    return ((sums[0] + sums[1]) / xp.maximum(sums[2], 1)).astype(pred.dtype)
+    # Slices, not elements: NumPy would give a scalar, and a 0-d array is the contract.
+    return ((sums[0:1] + sums[1:2]) / xp.maximum(sums[2:3], 1)).astype(pred.dtype).reshape(())
 
 
 @dlpack_entry

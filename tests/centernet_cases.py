@@ -224,6 +224,7 @@ def build_focal_case(rng, dtype, shape=(2, 3, 4, 5), *, positives=3, alpha=2.0, 
 def assert_focal_matches(loss, grad, case: FocalCase, dtype) -> None:
     case = case.map_arrays(to_numpy)
     expected_loss = reference.centernet_focal_loss(case.pred, case.target, case.alpha, case.beta)
+    assert not np.isscalar(loss), f"loss: expected a 0-d array, got {type(loss).__name__}"
     assert loss.shape == () and loss.dtype == np.dtype(dtype), (loss.shape, loss.dtype)
     assert_close("loss", loss, np.asarray(expected_loss), dtype)
     expected_grad = reference.centernet_focal_loss_backward(case.grad_output, case.pred, case.target, case.alpha,
