@@ -28,8 +28,14 @@ import numpy as np
 
 __all__ = [
     "BLOCK",
+    "CPU_ROIS",
+    "CPU_ROI_MAP",
+    "GPU_ROIS",
+    "GPU_ROI_MAP",
     "INPUT_SETS",
     "OPS",
+    "ROI_SIDES",
+    "STRIDE",
     "Calls",
     "Case",
     "PeerUnavailable",
@@ -43,6 +49,7 @@ __all__ = [
     "host_inputs",
     "peer_calls",
     "pydeform_calls",
+    "random_rois",
     "torch_centernet_decode",
     "torch_peak_extra_mib",
 ]
