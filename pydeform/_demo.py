@@ -18,6 +18,7 @@ one sample per bin outputs the sample positions of ``sampling_ratio=2``.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -204,7 +205,7 @@ def main(path, seed: int = 0) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("demo needs matplotlib: pip install matplotlib", flush=True)
+        print("demo needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
     demo = build(seed)
     for x1, y1, x2, y2, score, label in demo.detections:

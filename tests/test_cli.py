@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -194,3 +195,12 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
     assert log.getvalue().splitlines() == [
         "[" + "." * 30 + "] 0/4 timing a", "[" + "#" * 15 + "." * 15 + "] 2/4 timing c", "[" + "#" * 30 + "] 4/4 done",
     ]
+
+
+@pytest.mark.parametrize("argv", [["demo", "--out", "unused.png"], ["bench", "--png", "unused.png"]])
+def test_pictures_without_matplotlib_say_what_to_install(argv, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert "needs matplotlib: pip install matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "unused.png").exists()
