@@ -17,8 +17,8 @@
 // The block kernels cooperate through shared memory, but every loop strides by blockDim.x and
 // gridDim.x, so the kernels are also correct as one block of one thread (the CPU host shim).
 //
-// Targets: one work item per object slot; the item renders the object's Gaussian with an atomic
-// element-wise maximum (order independent, so deterministic) and fills the slot.
+// Targets: one work item per object slot and heatmap row; the items render the object's Gaussian
+// row by row with an atomic element-wise maximum (order independent, so deterministic).
 // Focal loss: fixed-order block partial sums, a one-block fixed-order total, and an element-wise
 // gradient kernel; no float atomics, so the loss is the same on every run.
 
@@ -578,8 +578,10 @@ __global__ void centernet_decode_detections(
 // boxes [batch, max_boxes, 4] (x1, y1, x2, y2, input pixels), labels [batch, max_boxes] int64
 // (-1 = padding) -> heatmap [batch, num_classes, out_h, out_w], wh / reg [batch, max_objects, 2],
 // ind [batch, max_objects], reg_mask [batch, max_objects], all zero-filled before the launch.
-// n_items = batch * min(max_boxes, max_objects): one item per object slot. The geometry is done
-// in double whatever the storage type, so radius and centre are exactly the reference's.
+// n_items = batch * min(max_boxes, max_objects) * out_h: one item per object slot and heatmap row
+// (so that a large object's Gaussian is drawn by many threads); the item of the row of the
+// object's centre also fills the slot. The geometry is done in double whatever the storage type,
+// so radius and centre are exactly the reference's.
 template <typename T>
 __global__ void centernet_targets(
     const long long n_items, const pydeform::acc_t<T>* __restrict__ boxes,
@@ -592,8 +594,9 @@ __global__ void centernet_targets(
     using A = acc_t<T>;
     const long long objects = max_boxes < max_objects ? max_boxes : max_objects;
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const long long image = item / objects;
-        const long long object = item % objects;
+        const long long row = item % out_h;
+        const long long image = item / out_h / objects;
+        const long long object = item / out_h % objects;
         const long long label = labels[image * max_boxes + object];
         if (label < 0 || label >= num_classes) {  // padding; a bad label is rejected in Python
             continue;
@@ -613,21 +616,23 @@ __global__ void centernet_targets(
         const double cx = (x1 + x2) / 2, cy = (y1 + y2) / 2;
         const long long ix = static_cast<long long>(cx), iy = static_cast<long long>(cy);
 
-        const double sigma = double(2 * radius + 1) / 6;
-        A* const plane = heatmap + (image * num_classes + label) * out_h * out_w;
-        const long long y_end = iy + radius < out_h - 1 ? iy + radius : out_h - 1;
-        const long long x_end = ix + radius < out_w - 1 ? ix + radius : out_w - 1;
-        for (long long y = iy - radius > 0 ? iy - radius : 0; y <= y_end; ++y) {
-            const double dy = double(y - iy);
+        if (row >= iy - radius && row <= iy + radius) {
+            const double sigma = double(2 * radius + 1) / 6;
+            const double dy = double(row - iy);
+            A* const heat_row = heatmap + ((image * num_classes + label) * out_h + row) * out_w;
+            const long long x_end = ix + radius < out_w - 1 ? ix + radius : out_w - 1;
             for (long long x = ix - radius > 0 ? ix - radius : 0; x <= x_end; ++x) {
                 const double dx = double(x - ix);
                 const double g = exp(-(dy * dy + dx * dx) / (2 * sigma * sigma));
                 // The original zeroes entries below eps(float64) * max (the max is exp(0) = 1);
                 // a zero never raises the zero-filled heatmap.
                 if (g >= 2.220446049250313e-16) {
-                    store_max_non_negative(plane + y * out_w + x, A(g));
+                    store_max_non_negative(heat_row + x, A(g));
                 }
             }
+        }
+        if (row != iy) {
+            continue;
         }
         const long long slot = image * max_objects + object;
         wh[2 * slot] = A(w);

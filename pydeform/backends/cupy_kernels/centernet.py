@@ -92,8 +92,8 @@ def decode_detections_launch(wh, reg, candidate_scores, candidate_indices, detec
 
 
 def targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
-    """One work item per object slot m < min(max_boxes, max_objects) of each image."""
-    n_items = params.batch * min(params.max_boxes, params.max_objects)
+    """One work item per object slot m < min(max_boxes, max_objects) of each image and heatmap row."""
+    n_items = params.batch * min(params.max_boxes, params.max_objects) * params.out_h
     args = (
         np.int64(n_items), boxes, labels, heatmap, wh, reg, ind, reg_mask,
         *(np.int64(v) for v in (params.max_boxes, params.num_classes, params.out_h, params.out_w)),
