@@ -28,7 +28,7 @@ def test_quick_selftest_passes_on_numba_cpu():
     assert lines[0].split() == ["op", "backend", "dtype", "check", "max", "error", "tolerance", "time", "result"]
     ops = {entry.op for entry in selftest.CHECKS}
     assert ops == {"deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
-                   "deform_psroi_pool"}
+                   "deform_psroi_pool", "centernet_decode", "centernet_targets", "centernet_focal_loss"}
     rows = [line.split() for line in lines if line.split()[0] in ops]
     cpu_checks = [(entry.op, dtype) for entry in selftest.CHECKS
                   for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
@@ -37,7 +37,8 @@ def test_quick_selftest_passes_on_numba_cpu():
     for name in ("forward vs float64", "zero offsets = convolution", "grad offset vs finite difference",
                  "affine image = affine at bin centres", "ramp image = last pixel of each bin",
                  "channel-constant input = its channels", "zero offsets = roi_align aligned",
-                 "mask = unmasked * mask", "grad trans vs finite difference"):
+                 "mask = unmasked * mask", "grad trans vs finite difference", "planted peaks = top-K",
+                 "slots and peaks by hand", "loss = NumPy formula", "grad pred vs finite difference"):
         assert name in result.stdout
     assert "FAIL" not in result.stdout
     assert f"{len(rows)} checks passed, 0 failed" in result.stdout
@@ -149,3 +150,33 @@ def test_roi_identity_checks_notice_a_wrong_answer(monkeypatch, op):
     assert identities
     for entry in identities:
         assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"], entry.name
+
+
+CENTERNET_FUNCTIONS = {
+    "centernet_decode": ("centernet_decode", "planted peaks = top-K"),
+    "centernet_targets": ("centernet_targets", "slots and peaks by hand"),
+    "centernet_focal_loss": ("centernet_focal_loss", "loss = NumPy formula"),
+    "centernet_focal_loss_backward": ("centernet_focal_loss", "grad pred vs finite difference"),
+}
+
+
+@pytest.mark.parametrize("function", CENTERNET_FUNCTIONS)
+def test_centernet_checks_notice_a_wrong_answer(monkeypatch, function):
+    """The CenterNet checks with answers worked out in NumPy pass, and fail once the op's float
+    results are off by 1% (detection boxes, target maps and slots, the loss, its gradient)."""
+    op, name = CENTERNET_FUNCTIONS[function]
+    (entry,) = [entry for entry in selftest.CHECKS if entry.op == op and entry.name == name]
+    assert entry.run(selftest.NUMBA_CPU, "float64", True) <= entry.tolerance["float64"]
+    original = getattr(selftest, function)
+
+    def off(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if function == "centernet_decode":
+            result[..., :4] *= 1.01
+            return result
+        if function == "centernet_targets":
+            return type(result)(result.heatmap * 1.01, result.wh * 1.01, *result[2:])
+        return np.asarray(result * 1.01)  # 0-d stays an array
+
+    monkeypatch.setattr(selftest, function, off)
+    assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"]
