@@ -75,7 +75,7 @@ def test_decode_matches_reference(backend, dtype, data):
 @settings(max_examples=20)
 @given(data=st.data(), tile=st.sampled_from([1, 5, 16, 256]))
 def test_decode_with_small_tiles_matches_reference(dtype, data, tile):
-    """Every small heatmap spans many tiles: candidate lists and the rank search across them."""
+    """Every small heatmap spans many tiles: candidate lists and the selection across them."""
     case = data.draw(decode_cases(dtype))
     with cupy_tiles(tile):
         got = to_gpu(case).run(pydeform)
