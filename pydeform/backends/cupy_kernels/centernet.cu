@@ -449,7 +449,7 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
 // reg [batch, 2, height, width] or null -> detections [batch, k, 6] written entirely. One block
 // per image; `found` = min(k, C*H*W) rows are detections, the rest (0, 0, 0, 0, 0, -1).
 //
-// The image's top `found` are selected without looking at most entries twice:
+// The image's top `found` are selected in two steps, each list entry read once in the second:
 // 1. a sample, the best few entries of every list (at most kSelectCapacity), is sorted; its
 //    found-th best is a lower bound: at least `found` entries of the image are not worse;
 // 2. every list entry not worse than the bound (a "survivor") is gathered, and the survivors are
