@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import json
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from pydeform import _bench, _demo, benchmark_cases
 from pydeform.__main__ import main
-from pydeform.selftest import NUMBA_CPU
+from pydeform.selftest import NUMBA_CPU, Backend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MEASUREMENT_FIELDS = {"case", "op", "device", "workload", "dtype", "timed", "implementation", "median_ms", "peer",
@@ -204,3 +205,65 @@ def test_pictures_without_matplotlib_say_what_to_install(argv, monkeypatch, caps
     assert main(argv) == 2
     assert "needs matplotlib: pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "unused.png").exists()
+
+
+def test_gpu_measurements_with_a_stand_in_for_cupy(monkeypatch):
+    """The GPU path without a GPU: CuPy's events replaced by a clock that reports the cost of the
+    last call, pydeform's and the peer's calls by stand-ins with known costs."""
+    last_cost = [0.0]
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    fake_cupy = types.SimpleNamespace(
+        asarray=np.asarray, cuda=types.SimpleNamespace(Event=Event, get_elapsed_time=lambda start, stop: last_cost[0])
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+
+    def costing(cost):
+        def call():
+            last_cost[0] = cost
+
+        return call
+
+    def broken():
+        raise RuntimeError("launch failed")
+
+    small_inputs = {"input": np.ones((1, 2, 3, 3), np.float32), "rois": np.zeros((1, 5), np.float32),
+                    "grad_output": np.ones((1, 2, 2, 2), np.float32)}  # the standard shapes take seconds to draw
+    monkeypatch.setattr(benchmark_cases, "host_inputs", lambda case, seed=0: small_inputs)
+
+    def pydeform_calls(case, arrays, backend=None):
+        assert set(arrays) == set(small_inputs)
+        assert arrays["input"].dtype.name in case.dtypes and arrays["rois"].dtype == np.float32
+        if backend == "cupy":
+            return benchmark_cases.Calls(costing(1.0), costing(2.0))
+        return benchmark_cases.Calls(costing(1.5), broken)
+
+    monkeypatch.setattr(benchmark_cases, "pydeform_calls", pydeform_calls)
+    monkeypatch.setattr(benchmark_cases, "peer_calls",
+                        lambda case, host, dtype: benchmark_cases.Calls(costing(3.0), costing(6.0)))
+    backends = [NUMBA_CPU, Backend("cupy", fake_cupy, "cupy", ("float32", "bfloat16")),
+                Backend("numba-cuda", fake_cupy, "numba", ("float32",))]
+    report = _bench.run_benchmarks(op="roi_align", device="gpu", quick=True, backends=backends,
+                                   progress=io.StringIO())
+    case = benchmark_cases.cases("roi_align", "gpu", quick=True)[0]
+    assert case.dtypes == ("float32", "bfloat16")
+    got = {(m.dtype, m.timed, m.implementation): m.median_ms for m in report.measurements}
+    assert got == {
+        ("float32", "forward", "cupy"): 1.0, ("float32", "forward", "numba-cuda"): 1.5,
+        ("float32", "forward", "peer"): 3.0, ("float32", "forward+backward", "cupy"): 2.0,
+        ("float32", "forward+backward", "numba-cuda"): None, ("float32", "forward+backward", "peer"): 6.0,
+        ("bfloat16", "forward", "cupy"): 1.0, ("bfloat16", "forward", "peer"): 3.0,
+        ("bfloat16", "forward+backward", "cupy"): 2.0, ("bfloat16", "forward+backward", "peer"): 6.0,
+    }
+    assert all(m.case == case.id and m.device == "gpu" for m in report.measurements)
+    assert [m.error for m in report.failed] == ["RuntimeError: launch failed"]
+    ratios = _bench.speedups(report.measurements)
+    assert ratios[(case.id, "float32", "forward", "numba-cuda")] == 2.0
+    assert ratios[(case.id, "bfloat16", "forward+backward", "cupy")] == 3.0
+    assert report.notes == []
