@@ -11,6 +11,7 @@ exercised; the kernel sets are also called directly with NaN-poisoned outputs
 (tests/centernet_cases.py).
 """
 
+import dataclasses
 from unittest import mock
 
 import numpy as np
@@ -164,6 +165,29 @@ def test_decode_selection_paths(name):
     case, tile = selection_cases()[name]
     assert_decode_matches(case, one_thread(tile))
     assert_decode_matches(case, host_shim.HostShimBlocksCenterNetKernels(2, 4, tile))
+
+
+class CountingShim(host_shim.HostShimCenterNetKernels):
+    """The one-thread shim kernel set, recording each launch's kernel and block count."""
+
+    def __init__(self, tile):
+        super().__init__(tile)
+        self.launches = []
+
+    def _launch(self, storage_dtype, template, n_blocks, args):
+        self.launches.append((template, n_blocks))
+        super()._launch(storage_dtype, template, n_blocks, args)
+
+
+def test_decode_is_two_launches():
+    """The CPU twin of the GPU launch count: the decode's kernel set launches the tile kernel once
+    (a block per tile of each image) and the selection once (a block per image), whatever K."""
+    case = build_decode_case(np.random.default_rng(13), np.float32, 2, 3, (6, 7), 40)
+    for K in (1, 40, 200):
+        kernels = CountingShim(16)
+        with shim_ops(kernels):
+            dataclasses.replace(case, K=K).run(pydeform)
+        assert kernels.launches == [("centernet_decode_candidates", 2 * 8), ("centernet_decode_detections", 2)]
 
 
 def test_decode_tile_must_fit_the_shared_arrays():
