@@ -5,6 +5,7 @@ Kernel sets declare their ``.cu`` file and templates in a ``KERNELS`` manifest, 
 CuPy compiles from too; a new kernel-set module is picked up here automatically.
 """
 
+import functools
 import importlib
 import pkgutil
 import re
@@ -50,7 +51,9 @@ def kernel_manifests():
 MANIFESTS = kernel_manifests()
 
 
+@functools.lru_cache(maxsize=None)
 def compile_manifest(manifest, type_name, arch):
+    """(name expressions, NVRTC result); cached, as several tests read one compilation."""
     expressions = [name_expression(t, type_name) for t in manifest.templates]
     return expressions, nvrtc.compile_source(
         kernel_source(manifest.source), manifest.source, arch, expressions, COMPILE_OPTIONS
