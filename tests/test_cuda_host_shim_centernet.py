@@ -190,6 +190,25 @@ def test_decode_is_two_launches():
         assert kernels.launches == [("centernet_decode_candidates", 2 * 8), ("centernet_decode_detections", 2)]
 
 
+def test_decode_scratch_is_the_candidate_lists_only():
+    """No sorted copy of the heatmap: the decode's only scratch is the tile lists, min(K, tile)
+    entries per tile (K = 100 of 2048-score tiles: 1/20 of the heatmap's scores)."""
+    rng = np.random.default_rng(14)
+    case = DecodeCase(rng.random((2, 5, 30, 40)).astype(np.float32), np.ones((2, 2, 30, 40), np.float32), None, 100)
+    requested = []
+    real_scratch = cupy_centernet.scratch
+
+    def recording_scratch(xp, slot, shape, dtype):
+        requested.append((slot, tuple(shape), np.dtype(dtype)))
+        return real_scratch(xp, slot, shape, dtype)
+
+    with mock.patch.object(cupy_centernet, "scratch", recording_scratch), shim_ops(one_thread()):
+        case.run(pydeform)
+    tiles = -(-5 * 30 * 40 // cupy_centernet.DECODE_TILE)
+    assert requested == [("centernet_candidate_scores", (2, tiles, 100), np.dtype(np.float32)),
+                         ("centernet_candidate_indices", (2, tiles, 100), np.dtype(np.int32))]
+
+
 def test_decode_tile_must_fit_the_shared_arrays():
     for tile in (0, cupy_centernet.DECODE_TILE + 1):
         with pytest.raises(ValueError, match="decode_tile"):
