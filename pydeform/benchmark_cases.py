@@ -11,8 +11,9 @@ The one source of truth shared by the asv suite (``asv_benchmarks/``) and
   ONNX Runtime on the CPU, the PyTorch CenterNet decode (written here) on both;
   :class:`PeerUnavailable` says why a peer cannot run on this machine;
 - timing helpers: :func:`alternating_medians` (CPU wall time, the functions interleaved),
-  :func:`cuda_median_ms` (CUDA events), :func:`copy_bandwidth` (the denominator of a bandwidth
-  floor, see :func:`floor_bytes`), and the peak extra device memory of a call.
+  :func:`cuda_median_ms` (CUDA events), :func:`floor_bytes` and :func:`copy_bandwidth` (the
+  bytes a forward must move and the device's bandwidth: its time floor), and the peak extra
+  device memory of a call.
 
 Importing this module needs NumPy only; CuPy, torch, torchvision and onnxruntime are imported
 when something that needs them is built.
@@ -82,7 +83,9 @@ class Case(NamedTuple):
     options: dict  # keyword arguments of the op (and of its backward) besides the arrays
     backward: bool  # the op has a ``<op>_backward``
     peer: Optional[str]  # what the peer is, e.g. "torchvision.ops.roi_align"; None: no peer
-    floor_arrays: tuple = ()  # arrays whose single read is the forward's bandwidth floor
+    # (host inputs, itemsize of the dtype) -> bytes the forward must move at least (its
+    # bandwidth floor, see floor_bytes); None: no floor defined
+    floor: Optional[Callable[[dict, int], int]] = None
 
     @property
     def id(self) -> str:
@@ -131,11 +134,57 @@ def device_inputs(host: dict, dtype: str, xp=np) -> dict:
     return converted
 
 
-def floor_bytes(case: Case, dtype: str) -> int:
-    """Bytes the forward must read at least (each of ``case.floor_arrays`` once) in ``dtype``;
-    0 when the case defines no bandwidth floor."""
-    shapes = {name: array.shape for name, array in host_inputs(case).items()}
-    return sum(int(np.prod(shapes[name])) for name in case.floor_arrays) * _dtype(dtype).itemsize
+def floor_bytes(case: Case, dtype: str, seed: int = 0) -> int:
+    """Bytes the forward of ``case`` must move at least in ``dtype`` on the inputs of ``seed``:
+    divided by the device bandwidth, the time no implementation can beat. Raises ValueError when
+    the case defines no floor."""
+    if case.floor is None:
+        raise ValueError(f"{case.id} defines no bandwidth floor")
+    return case.floor(host_inputs(case, seed), _dtype(dtype).itemsize)
+
+
+def _heat_read_once(host, itemsize):
+    """centernet_decode: the heatmap read once (wh, reg and the detections are K entries each)."""
+    return host["heat"].size * itemsize
+
+
+def _rule_b_lines(coordinates, size):
+    """The pixel lines (rows or columns) that rule-B bilinear samples at ``coordinates`` read
+    with a non-zero weight on an axis of ``size`` pixels (SPEC section 1)."""
+    coordinates = coordinates[(coordinates >= -1) & (coordinates <= size)]
+    clamped = np.maximum(coordinates, 0)
+    low = np.minimum(np.floor(clamped).astype(np.int64), size - 1)
+    high = (low + 1)[(low < size - 1) & (clamped > low)]
+    return np.unique(np.concatenate([low, high]))
+
+
+def _roi_align_floor(output_size, spatial_scale, sampling_ratio, aligned):
+    """roi_align (avg): every input pixel some sample reads, once, plus the output written once.
+
+    A roi's samples form a grid, so the pixels they read are the rows its sample rows read
+    times the columns its sample columns read; rois of one image share pixels.
+    """
+
+    def floor(host, itemsize):
+        input, rois = host["input"], host["rois"].astype(np.float64)
+        n, channels, height, width = input.shape
+        offset = 0.5 if aligned else 0.0
+        read = np.zeros((n, height, width), bool)
+        for batch, x1, y1, x2, y2 in rois:
+            x1, y1, x2, y2 = (value * spatial_scale - offset for value in (x1, y1, x2, y2))
+            lines = []
+            for start, length, size in ((y1, y2 - y1, height), (x1, x2 - x1, width)):
+                length = length if aligned else max(length, 1.0)
+                bin_size = length / output_size
+                grid = sampling_ratio if sampling_ratio > 0 else int(np.ceil(length / output_size))
+                cells = np.arange(output_size * grid)
+                lines.append(_rule_b_lines(start + (cells // grid) * bin_size + (cells % grid + 0.5) * bin_size / grid,
+                                           size))
+            read[int(batch)][np.ix_(*lines)] = True
+        output = len(rois) * channels * output_size**2
+        return (int(read.sum()) * channels + output) * itemsize
+
+    return floor
 
 
 def _normal(rng, shape):
@@ -310,7 +359,8 @@ def _roi_cases():
                 yield Case("roi_align", f"{pooled}x{pooled}-{sampling}", device,
                            f"{where}, C={channels}, {pooled}x{pooled}, aligned, {_SAMPLING_WORDS[sampling]}", dtypes,
                            _roi_inputs(map_shape, count, channels, pooled), dict(options, aligned=True), True,
-                           _TORCHVISION.format("roi_align") if device == "gpu" else _ONNXRUNTIME.format("RoiAlign"))
+                           _TORCHVISION.format("roi_align") if device == "gpu" else _ONNXRUNTIME.format("RoiAlign"),
+                           _roi_align_floor(pooled, 1 / STRIDE, ratio, True))
                 yield Case("ps_roi_align", f"{pooled}x{pooled}-{sampling}", device,
                            f"{where}, C={ps_map[1]} -> {ps_out}, {pooled}x{pooled}, {_SAMPLING_WORDS[sampling]}",
                            dtypes,
@@ -355,7 +405,7 @@ def _centernet_cases():
     for device, batch, dtypes in (("gpu", 8, _GPU_DTYPES), ("cpu", 2, _CPU_DTYPES)):
         shape = f"B={batch}, 80 classes, 128x128"
         yield Case("centernet_decode", f"B{batch}-C80-128x128-K100", device, f"{shape}, K=100, 3x3 peaks, reg",
-                   dtypes, _decode_inputs(batch, 80, 128, 128), {"K": 100}, False, _TORCH_DECODE, ("heat",))
+                   dtypes, _decode_inputs(batch, 80, 128, 128), {"K": 100}, False, _TORCH_DECODE, _heat_read_once)
         yield Case("centernet_targets", f"B{batch}-C80-128x128-M64", device,
                    f"{shape} targets, up to 64 boxes per image (8..256 px in 512x512)", ("float32",),
                    _targets_inputs(batch, 64, 512.0),

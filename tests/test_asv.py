@@ -89,6 +89,8 @@ def test_standard_shapes_of_perf_md():
     assert bc.host_inputs(decode)["heat"].shape == (8, 80, 128, 128) and decode.options == {"K": 100}
     assert bc.floor_bytes(decode, "float32") == 8 * 80 * 128 * 128 * 4
     assert bc.floor_bytes(decode, "bfloat16") == 8 * 80 * 128 * 128 * 2
+    with pytest.raises(ValueError, match="defines no bandwidth floor"):
+        bc.floor_bytes(gpu("roi_pool", "7x7"), "float32")
     cpu_layer = bc.host_inputs(bc.cases("deform_conv2d", "cpu")[0])
     assert cpu_layer["input"].shape == (2, 64, 64, 64)
     cpu_roi = bc.host_inputs(bc.cases("roi_align", "cpu")[0])
@@ -108,6 +110,38 @@ def test_cpu_inputs_are_deterministic_nonzero_and_fit_the_op(case):
             assert not np.array_equal(array, other[name]), name
     # The inputs are valid arguments of the op: the pydeform forward (Numba CPU) accepts them.
     assert bc.pydeform_calls(case, bc.device_inputs(first, "float32")).forward() is not None
+
+
+@pytest.mark.parametrize("case", bc.cases("roi_align"), ids=lambda case: case.id)
+def test_roi_align_floor_counts_the_pixels_the_op_reads(case):
+    """The floor's input pixels are those that get gradient from roi_align's backward with a
+    ones output gradient (every sample's corner weights are >= 0, summing to 1), on one channel."""
+    import pydeform
+
+    host = bc.host_inputs(case)
+    host = dict(host, input=np.ascontiguousarray(host["input"][:, :1], np.float64), rois=host["rois"].astype(np.float64))
+    count, pooled = len(host["rois"]), case.options["output_size"]
+    grad = pydeform.roi_align_backward(np.ones((count, 1, pooled, pooled)), host["input"], host["rois"],
+                                       **case.options).input
+    read = int(np.count_nonzero(grad))
+    assert 0 < read < grad.size
+    assert case.floor(host, 8) == (read + count * pooled * pooled) * 8
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, -1])
+def test_roi_align_floor_at_borders_and_on_pixel_centres(aligned, sampling_ratio):
+    """Rois reaching past the borders (samples beyond -1 and H are not read, those in [-1, 0)
+    read row 0) and samples exactly on pixels (the next pixel has weight 0 and is not read)."""
+    import pydeform
+
+    rois = np.array([[0, -30.0, -9.0, 14.0, 6.0], [0, 0.0, 0.0, 12.0, 6.0], [0, 10.0, 3.0, 40.0, 25.0],
+                     [1, 2.5, 1.0, 14.5, 13.0], [1, -4.0, -1.0, 3.0, 2.0]])
+    host = {"input": np.ones((2, 1, 9, 11)), "rois": rois}
+    options = dict(output_size=3, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned)
+    grad = pydeform.roi_align_backward(np.ones((len(rois), 1, 3, 3)), host["input"], rois, **options).input
+    floor = bc._roi_align_floor(3, 1.0, sampling_ratio, aligned)
+    assert floor(host, 8) == (np.count_nonzero(grad) + len(rois) * 9) * 8
 
 
 def test_roi_case_boxes_have_the_standard_sizes():
@@ -230,13 +264,15 @@ def test_gpu_benchmarks_skip_without_a_gpu(suite):
 
 @pytest.mark.gpu
 def test_gpu_benchmark_classes_track_time_memory_and_the_floor(suite):
-    centernet = suite("centernet")
-    benchmark = centernet.CenterNetDecodeGpu()
+    benchmark = suite("centernet").CenterNetDecodeGpu()
     params = ("B8-C80-128x128-K100", "float32", "forward", "pydeform-cupy")
     benchmark.setup(*params)
     assert benchmark.track_ms(*params) > 0
     assert benchmark.track_peak_extra_memory_mib(*params) >= 0
-    assert 0 < benchmark.track_fraction_of_bandwidth_floor(*params) <= 1.5
+    floor = suite("floors").BandwidthFloorGpu()
+    for case_id in floor.params[0]:
+        floor.setup(case_id, "float32", "pydeform-cupy")
+        assert 0 < floor.track_fraction(case_id, "float32", "pydeform-cupy") <= 1.5
 
 
 @pytest.mark.gpu
