@@ -1,0 +1,418 @@
+"""JAX integration: every pydeform op as a JAX function, differentiable ops with ``jax.custom_vjp``.
+
+The forward and backward passes launch pydeform's kernels inside
+``jax.experimental.buffer_callback`` on XLA's stream, so the functions work eagerly, under
+``jax.jit`` and with ``jax.grad``; ``jax.vmap`` maps them sequentially (one launch per element).
+XLA allocates everything: the results are XLA's output buffers, and the scratch the drivers
+need (column buffers, float32 accumulators of half-type results) is requested from XLA as
+extra outputs of the callback, sized by the op's workspace plan
+(:func:`pydeform.deform_conv.deform_conv2d_workspace`, :func:`pydeform.roi.roi_workspace`), the
+same plan the drivers take their buffers from. Inputs are never written (on the CPU the
+callback even hands them to the kernels as read-only NumPy views).
+
+JAX CPU arrays run the Numba CPU kernels; JAX GPU arrays run the CuPy kernels (``backend=None``
+or ``"cupy"``) or the Numba CUDA kernels (``backend="numba"``) on XLA's CUDA stream.
+
+On a JAX without ``buffer_callback`` the functions fall back, with a one-time warning, to the
+array-level API through DLPack when called eagerly and to ``jax.pure_callback`` under
+transformations (which runs the Numba CPU kernels on host copies of the arrays).
+
+Example::
+
+    import jax, jax.numpy as jnp
+    import pydeform.jax as pdj
+
+    def loss(weight, x, offset):
+        return pdj.deform_conv2d(x, offset, weight, padding=1).sum()
+
+    grad = jax.jit(jax.grad(loss))(weight, x, offset)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, int_pair
+from ._workspace import provided
+from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
+from . import deform_conv as _deform_conv
+from . import roi as _roi
+
+__all__ = [
+    "deform_conv2d",
+    "deform_psroi_pool",
+    "deform_roi_pool",
+    "ps_roi_align",
+    "ps_roi_pool",
+    "roi_align",
+    "roi_pool",
+]
+
+# DLPack device type of CUDA memory (dlpack.h).
+_DLPACK_CUDA = 2
+
+
+def buffer_callback_available() -> bool:
+    """Whether this JAX has ``jax.experimental.buffer_callback`` (else the fallback is used)."""
+    try:
+        from jax.experimental.buffer_callback import buffer_callback  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_fallback_warned = False
+
+
+def _warn_fallback():
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"pydeform.jax: this JAX ({jax.__version__}) has no jax.experimental.buffer_callback; "
+            "eager calls go through DLPack and traced calls through jax.pure_callback (host copies, "
+            "Numba CPU kernels)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a driver on XLA's buffers
+
+
+def _native(buffer, *, writeable: bool):
+    """A NumPy (CPU) or CuPy (GPU) view of an XLA buffer."""
+    if int(buffer.__dlpack_device__()[0]) == _DLPACK_CUDA:
+        import cupy
+
+        return cupy.asarray(buffer)
+    array = np.asarray(buffer)
+    if not writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
+
+
+@contextlib.contextmanager
+def _on_xla_stream(ctx, buffer):
+    """Make XLA's stream (and the buffer's GPU) CuPy's current ones; nothing to do on the CPU."""
+    device_type, device_id = (int(v) for v in buffer.__dlpack_device__())
+    if device_type != _DLPACK_CUDA:
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(ctx.stream, device_id):
+        yield
+
+
+def _pointer(array) -> int:
+    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    return interface["data"][0]
+
+
+@functools.lru_cache(maxsize=None)
+def _callback(run, names: tuple, backend):
+    """The buffer_callback body for ``run``; cached so that equal calls reuse XLA's compilation."""
+
+    def callback(ctx, out, *buffers):
+        with _on_xla_stream(ctx, (buffers + tuple(out.values()))[0]):
+            arrays = {name: _native(b, writeable=False) for name, b in zip(names, buffers)}
+            targets = {slot: _native(b, writeable=True) for slot, b in out.items()}
+            with provided(targets):
+                results = run(arrays, backend)
+            for name, value in results.items():
+                # The drivers write into the provided outputs; a result computed elsewhere
+                # (an op whose driver does not take provided outputs) is copied in.
+                if value is not None and _pointer(value) != _pointer(targets[name]):
+                    targets[name][...] = value
+
+    return callback
+
+
+def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
+    """Run ``run(native arrays, backend) -> {name: result}`` on ``arrays`` (JAX arrays or tracers).
+
+    ``outputs`` and ``plan`` map output and scratch slot names to ``(shape, dtype)``; XLA
+    allocates both and the drivers find them through :func:`pydeform._workspace.provided`.
+    Returns the outputs as JAX arrays.
+    """
+    names = tuple(arrays)
+    values = [arrays[name] for name in names]
+    if not buffer_callback_available():
+        return _fallback(run, names, values, outputs, backend)
+    from jax.experimental.buffer_callback import buffer_callback
+
+    results = {slot: jax.ShapeDtypeStruct(tuple(shape), dtype) for slot, (shape, dtype) in {**outputs, **plan}.items()}
+    flat = buffer_callback(_callback(run, names, backend), results, vmap_method="sequential")(*values)
+    return {name: flat[name] for name in outputs}
+
+
+def _fallback(run, names, values, outputs, backend) -> dict:
+    _warn_fallback()
+    if not any(isinstance(v, jax.core.Tracer) for v in values):
+        # The array-level API takes JAX arrays through DLPack and returns JAX arrays.
+        results = run(dict(zip(names, values)), backend)
+        return {name: results[name] for name in outputs}
+
+    def host(*arrays):
+        results = run(dict(zip(names, (np.asarray(a) for a in arrays))), None)
+        return {name: np.asarray(results[name]) for name in outputs}
+
+    shapes = {name: jax.ShapeDtypeStruct(tuple(shape), dtype) for name, (shape, dtype) in outputs.items()}
+    return jax.pure_callback(host, shapes, *values, vmap_method="sequential")
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable ops
+
+
+def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
+    """JAX-side twin of :func:`pydeform._arrays.check_arrays` on abstract values: one floating
+    dtype for all, the documented ranks. Returns the dtype."""
+    present = {name: value for name, value in arrays.items() if value is not None}
+    first_name, first = next(iter(present.items()))
+    allowed = _CPU_DTYPES if jax.default_backend() == "cpu" else _GPU_DTYPES
+    for name, value in present.items():
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{name}: expected a JAX array, got {type(value).__module__}.{type(value).__qualname__}")
+        dtype = np.dtype(value.dtype)
+        if dtype.name not in allowed:
+            raise TypeError(
+                f"{name}: expected a floating dtype among {', '.join(allowed)} on the {jax.default_backend()} "
+                f"backend, got {dtype.name}"
+            )
+        if dtype != np.dtype(first.dtype):
+            raise TypeError(f"{name}: expected dtype {np.dtype(first.dtype).name} like {first_name}, got {dtype.name}")
+        if value.ndim != ranks[name]:
+            raise ValueError(f"{name}: expected a {ranks[name]}-d array, got {value.ndim}-d with shape {value.shape}")
+    return np.dtype(first.dtype)
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class _Op:
+    """One array-level op and its backward as a family of ``custom_vjp`` functions.
+
+    ``forward(**arrays, **static, backend=)`` and ``backward(grad_output=, **arrays, **static,
+    backend=)`` are the array-level API functions; ``plan(shapes, dtype, static)`` checks the
+    shapes and static arguments and returns ``(output shape, forward plan, backward plan)``.
+    Gradients are returned for every array argument; ``no_grad`` ones (the boxes) get zeros.
+    """
+
+    def __init__(self, forward, backward, plan, no_grad=()):
+        self.forward, self.backward, self.plan, self.no_grad = forward, backward, plan, no_grad
+
+    def __call__(self, arrays: dict, static: dict, backend):
+        present = tuple(name for name, value in arrays.items() if value is not None)
+        key = tuple(sorted((name, _hashable(value)) for name, value in static.items()))
+        # Check everything at trace time, before a callback is built.
+        self.plan({name: tuple(arrays[name].shape) for name in present}, np.dtype(arrays[present[0]].dtype), static)
+        op = self._vjp(present, key, backend)
+        return op(*(arrays[name] for name in present))
+
+    @functools.lru_cache(maxsize=None)
+    def _vjp(self, present: tuple, key: tuple, backend):
+        static = dict(key)
+
+        def plan(arrays: dict):
+            shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+            return (*self.plan(shapes, np.dtype(arrays["input"].dtype), static), shapes)
+
+        def run_forward(arrays, backend):
+            return {"output": self.forward(**arrays, **static, backend=backend)}
+
+        def run_backward(arrays, backend):
+            grads = self.backward(**arrays, **static, backend=backend)
+            return {f"grad_{name}": value for name, value in grads._asdict().items() if value is not None}
+
+        def fwd(*values):
+            arrays = dict(zip(present, values))
+            output_shape, forward_plan, _, _ = plan(arrays)
+            dtype = arrays["input"].dtype
+            out = _launch(run_forward, arrays, {"output": (output_shape, dtype)}, forward_plan, backend)["output"]
+            return out, values
+
+        def bwd(values, grad_output):
+            arrays = dict(zip(present, values))
+            _, _, backward_plan, shapes = plan(arrays)
+            dtype = arrays["input"].dtype
+            grads = {f"grad_{name}": (shapes[name], dtype) for name in present if name not in self.no_grad}
+            results = _launch(run_backward, {"grad_output": grad_output, **arrays}, grads, backward_plan, backend)
+            return tuple(
+                jnp.zeros_like(arrays[name]) if name in self.no_grad else results[f"grad_{name}"] for name in present
+            )
+
+        @jax.custom_vjp
+        def op(*values):
+            return fwd(*values)[0]
+
+        op.defvjp(fwd, bwd)
+        return op
+
+
+def _deform_conv2d_plan(shapes, dtype, static):
+    geometry = deform_conv2d_geometry(shapes, static["stride"], static["padding"], static["dilation"])
+    n = shapes["input"][0]
+    return (
+        (n, geometry.out_channels, geometry.out_h, geometry.out_w),
+        deform_conv2d_workspace(n, geometry, dtype, backward=False),
+        deform_conv2d_workspace(n, geometry, dtype, backward=True),
+    )
+
+
+_DEFORM_CONV2D = _Op(_deform_conv.deform_conv2d, _deform_conv.deform_conv2d_backward, _deform_conv2d_plan)
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None):
+    """:func:`pydeform.deform_conv2d` on JAX arrays, differentiable in every array argument.
+
+    Args:
+        input: ``[N, C, H, W]``.
+        offset: ``[N, 2*Goff*kh*kw, Ho, Wo]``.
+        weight: ``[C_out, C/G, kh, kw]``.
+        bias: ``[C_out]`` or None.
+        stride, padding, dilation: an int or an ``(h, w)`` pair.
+        mask: ``[N, Goff*kh*kw, Ho, Wo]`` or None (DCNv1).
+        backend: None, ``"cupy"`` or ``"numba"`` (GPU arrays; CPU arrays always run Numba).
+
+    Returns:
+        ``[N, C_out, Ho, Wo]``, a JAX array of ``input``'s dtype.
+    """
+    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    for name in ("input", "offset", "weight"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    _check_arrays(arrays, {"input": 4, "offset": 4, "weight": 4, "bias": 1, "mask": 4})
+    static = {
+        "stride": int_pair("stride", stride, minimum=1),
+        "padding": int_pair("padding", padding, minimum=0),
+        "dilation": int_pair("dilation", dilation, minimum=1),
+    }
+    return _DEFORM_CONV2D(arrays, static, backend)
+
+
+def _rois(rois, dtype):
+    """``rois`` as one ``[K, 5]`` JAX array: per-image ``[L_i, 4]`` lists get their batch index."""
+    acc = accumulation_dtype(dtype)
+    if isinstance(rois, (list, tuple)):
+        parts = []
+        for i, boxes in enumerate(rois):
+            if getattr(boxes, "ndim", None) != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"rois[{i}]: expected shape [K, 4], got {getattr(boxes, 'shape', type(boxes))}")
+            index = jnp.full((boxes.shape[0], 1), i, dtype=acc)
+            parts.append(jnp.concatenate([index, boxes.astype(acc)], axis=1))
+        return jnp.concatenate(parts, axis=0) if parts else jnp.zeros((0, 5), dtype=acc)
+    if not hasattr(rois, "shape") or rois.ndim != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois: expected a [K, 5] array, got {getattr(rois, 'shape', type(rois))}")
+    if np.dtype(rois.dtype) not in (np.dtype(dtype), acc):
+        raise TypeError(f"rois: expected dtype {np.dtype(dtype).name} or {acc.name} like input, got {rois.dtype}")
+    # The kernels read boxes in the accumulation dtype; converting here keeps it out of the callback.
+    return rois.astype(acc)
+
+
+def _roi_family(forward, backward, params):
+    """An :class:`_Op` for a RoI op whose ``params(shapes, k, **static)`` checks its arguments."""
+
+    def plan(shapes, dtype, static):
+        k = shapes["rois"][0]
+        output_shape = _roi.roi_output_shape(params(shapes, k, **static), k)
+        grads = {f"grad_{name}": shape for name, shape in shapes.items() if name not in ("rois", "grad_output")}
+        return output_shape, {}, _roi.roi_workspace(grads, dtype)
+
+    return _Op(forward, backward, plan, no_grad=("rois",))
+
+
+def _roi_call(op, input, rois, static, backend, **optional):
+    if input is None:
+        raise TypeError("input: expected an array, got None")
+    dtype = _check_arrays({"input": input, **optional}, {"input": 4, **{name: 4 for name in optional}})
+    return op({"input": input, "rois": _rois(rois, dtype), **optional}, static, backend)
+
+
+_ROI_ALIGN = _roi_family(
+    _roi.roi_align, _roi.roi_align_backward,
+    lambda shapes, k, output_size, spatial_scale, sampling_ratio, aligned, mode: _roi.roi_align_params(
+        shapes, k, output_size, spatial_scale, sampling_ratio, aligned, mode, False),
+)
+_PS_ROI_ALIGN = _roi_family(
+    _roi.ps_roi_align, _roi.ps_roi_align_backward,
+    lambda shapes, k, output_size, spatial_scale, sampling_ratio: _roi.roi_align_params(
+        shapes, k, output_size, spatial_scale, sampling_ratio, True, "avg", True),
+)
+_ROI_POOL = _roi_family(
+    _roi.roi_pool, _roi.roi_pool_backward,
+    lambda shapes, k, output_size, spatial_scale: _roi.roi_pool_params(shapes, k, output_size, spatial_scale, False),
+)
+_PS_ROI_POOL = _roi_family(
+    _roi.ps_roi_pool, _roi.ps_roi_pool_backward,
+    lambda shapes, k, output_size, spatial_scale: _roi.roi_pool_params(shapes, k, output_size, spatial_scale, True),
+)
+_DEFORM_ROI_POOL = _roi_family(_roi.deform_roi_pool, _roi.deform_roi_pool_backward, _roi.deform_roi_pool_params)
+_DEFORM_PSROI_POOL = _roi_family(_roi.deform_psroi_pool, _roi.deform_psroi_pool_backward,
+                                 _roi.deform_psroi_pool_params)
+
+
+def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", *,
+              backend=None):
+    """:func:`pydeform.roi_align` on JAX arrays, differentiable in ``input`` (the boxes get a
+    zero gradient).
+
+    ``input [N, C, H, W]``; ``rois [K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of
+    per-image ``[L_i, 4]`` boxes. Returns ``[K, C, PH, PW]``.
+    """
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                  aligned=aligned, mode=mode)
+    return _roi_call(_ROI_ALIGN, input, rois, static, backend)
+
+
+def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None):
+    """:func:`pydeform.ps_roi_align` on JAX arrays: ``input [N, C_out*PH*PW, H, W]``, ``rois`` as
+    :func:`roi_align`; returns ``[K, C_out, PH, PW]``, differentiable in ``input``."""
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio)
+    return _roi_call(_PS_ROI_ALIGN, input, rois, static, backend)
+
+
+def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+    """:func:`pydeform.roi_pool` on JAX arrays: ``input [N, C, H, W]``, ``rois`` as
+    :func:`roi_align`; returns ``[K, C, PH, PW]``, differentiable in ``input``."""
+    return _roi_call(_ROI_POOL, input, rois, dict(output_size=output_size, spatial_scale=spatial_scale), backend)
+
+
+def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+    """:func:`pydeform.ps_roi_pool` on JAX arrays: ``input [N, C_out*PH*PW, H, W]``, ``rois`` as
+    :func:`roi_align`; returns ``[K, C_out, PH, PW]``, differentiable in ``input``."""
+    return _roi_call(_PS_ROI_POOL, input, rois, dict(output_size=output_size, spatial_scale=spatial_scale), backend)
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                    mask=None, *, backend=None):
+    """:func:`pydeform.deform_roi_pool` on JAX arrays, differentiable in ``input``, ``offset``, ``mask``.
+
+    ``input [N, C, H, W]``, ``rois`` as :func:`roi_align`, ``offset [K, 2, PH, PW]`` or None,
+    ``mask [K, 1, PH, PW]`` or None; returns ``[K, C, PH, PW]``.
+    """
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma)
+    return _roi_call(_DEFORM_ROI_POOL, input, rois, static, backend, offset=offset, mask=mask)
+
+
+def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7, part_size=None,
+                      sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *, backend=None):
+    """:func:`pydeform.deform_psroi_pool` on JAX arrays, differentiable in ``input`` and ``trans``.
+
+    ``input [N, output_dim*group_size^2, H, W]``, ``rois`` as :func:`roi_align`, ``trans
+    [K, 2*num_classes, part_size, part_size]`` or None; returns
+    ``[K, output_dim, pooled_size, pooled_size]``.
+    """
+    static = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size, part_size=part_size,
+                  sample_per_part=sample_per_part, trans_std=trans_std, spatial_scale=spatial_scale)
+    return _roi_call(_DEFORM_PSROI_POOL, input, rois, static, backend, trans=trans)
