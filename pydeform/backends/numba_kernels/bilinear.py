@@ -13,6 +13,8 @@ bit 3 (h0+1, w0+1).
 
 import math
 
+import numpy as np
+
 ALL_CORNERS = 15
 
 
@@ -47,14 +49,25 @@ def bilinear_weights(lh, lw, scale):
 
 
 def zero_padded_corners(image, plane, corner, inside, width):
-    """The four corner values around ``corner`` of the image at ``plane``; 0 outside it."""
+    """The four corner values around ``corner`` of the image at ``plane``; 0 outside it.
+
+    The index of a corner in ``inside`` is never negative and is converted to unsigned, so
+    Numba emits no negative-index wraparound for it (only those are converted: the top-left
+    index is -1 when that corner lies outside, left of (0, 0)). With ``inside`` the constant
+    ``ALL_CORNERS`` the values keep the image's dtype; otherwise they are float64 (the 0.0
+    literal; ``image.dtype.type(0)`` would make Numba CPU keep ``image`` alive with a
+    reference-count call on every use).
+    """
     at = plane + corner
     if inside == ALL_CORNERS:
-        return image[at], image[at + 1], image[at + width], image[at + width + 1]
-    v00 = image[at] if inside & 1 else 0.0
-    v01 = image[at + 1] if inside & 2 else 0.0
-    v10 = image[at + width] if inside & 4 else 0.0
-    v11 = image[at + width + 1] if inside & 8 else 0.0
+        at00 = np.uint64(at)
+        at10 = at00 + np.uint64(width)
+        one = np.uint64(1)
+        return image[at00], image[at00 + one], image[at10], image[at10 + one]
+    v00 = image[np.uint64(at)] if inside & 1 else 0.0
+    v01 = image[np.uint64(at + 1)] if inside & 2 else 0.0
+    v10 = image[np.uint64(at + width)] if inside & 4 else 0.0
+    v11 = image[np.uint64(at + width + 1)] if inside & 8 else 0.0
     return v00, v01, v10, v11
 
 

@@ -7,12 +7,17 @@ corners inside the image and the four bilinear weights with the mask folded in.
 
 - CUDA: one thread per sample keeps the plan in registers and loops over the group's channels
   (gather for im2col, atomic scatter for the input gradient).
-- CPU: the plans of a chunk are computed in parallel into arrays, then each task, owning a
-  few channels of one (image, offset group), walks every sample of the group, loading each
-  plan once for its channels. Its reads stay in a few image planes and its writes in a few
-  contiguous blocks of the column buffer (channel rows are multiples of 4 KiB apart, so
-  touching many channels per sample would thrash the cache sets), and since a task owns its
-  channels the input-gradient scatter needs no atomics.
+- CPU im2col: the input is copied channels-last once (:mod:`.layout`); a task takes a tile of
+  CPU_TILE_PIXELS output pixels of one kernel point (image, offset group, ij), sets up each
+  sample's plan once (stepping along the pixels without divisions) and reads its four corners
+  for all the group's channels as contiguous runs (SIMD loads) into a small L1-resident
+  buffer, which it then writes out transposed, as runs of pixels in each channel row of the
+  column buffer.
+- CPU col2im: the plans of a chunk are computed in parallel into arrays, then each task, owning
+  a few channels of one (image, offset group), walks every sample of the group, loading each
+  plan once for its channels. Its writes stay in a few image planes (channel planes are
+  multiples of 4 KiB apart, so touching many channels per sample would thrash the cache sets),
+  and since a task owns its channels the input-gradient scatter needs no atomics.
 
 Kernels take flat (1-d) views of C-contiguous arrays with the layouts of the kernel-set
 interface in :mod:`pydeform.deform_conv`; ``geometry`` is a plain tuple of ints in the field
@@ -26,7 +31,12 @@ import functools
 import numpy as np
 
 from .bilinear import ALL_CORNERS
+from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+
+# Output pixels per CPU im2col task (one kernel point of one image and offset group); the task's
+# values buffer is CPU_TILE_PIXELS x C/Goff (16 KiB at C/Goff = 64 in float32: L1-resident).
+CPU_TILE_PIXELS = 64
 
 # Channels per CPU task: the task loads a sample's plan once for all of them. Four measured best
 # on the CPU shape of PERF.md (2, 8 and 16 were slower: more planes in flight per sample).
@@ -42,24 +52,31 @@ def _sample_functions(t):
     combine, gradient_of, atomic_add = t.bilinear_combine, t.bilinear_gradient, t.atomic_add
 
     @t.device
-    def locate(item, offset, mask, has_mask, geometry):
-        """Sample ``item`` -> (b*Goff + g, index k = ij*Ho*Wo + p within the group's block,
-        h, w, mask value, flat index of its y offset; the x offset follows Ho*Wo later)."""
-        (_, _, _, _, kernel_h, kernel_w, stride_h, stride_w,
-         pad_h, pad_w, dil_h, dil_w, _, _, out_h, out_w) = geometry
+    def position(point_row, i, j, y, x, offset, geometry):
+        """Sampling position (h, w) of kernel point (i, j) at output pixel (y, x) for the point
+        row ``point_row = (b*Goff + g)*kh*kw + ij``, and the flat index of its y offset (the x
+        offset follows Ho*Wo later)."""
+        (_, _, _, _, _, _, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, _, _, out_h, out_w) = geometry
         pixels = out_h * out_w
-        p = item % pixels
-        y = p // out_w
-        x = p - y * out_w
-        point_row = item // pixels  # (b*Goff + g)*kh*kw + ij
-        points = kernel_h * kernel_w
-        ij = point_row % points
-        i = ij // kernel_w
-        j = ij - i * kernel_w
         # offset channel of dy: (b*Goff + g)*2*kh*kw + 2*ij = 2*point_row; dx is the next one
-        dy_index = 2 * point_row * pixels + p
+        dy_index = 2 * point_row * pixels + y * out_w + x
         h = y * stride_h - pad_h + i * dil_h + offset[dy_index]
         w = x * stride_w - pad_w + j * dil_w + offset[dy_index + pixels]
+        return h, w, dy_index
+
+    @t.device
+    def locate(item, offset, mask, has_mask, geometry):
+        """Sample ``item`` -> (b*Goff + g, index k = ij*Ho*Wo + p within the group's block,
+        h, w, mask value, flat index of its y offset)."""
+        kernel_w, out_w = geometry[5], geometry[15]
+        pixels = geometry[14] * out_w
+        p = item % pixels
+        y = p // out_w
+        point_row = item // pixels
+        points = geometry[4] * kernel_w
+        ij = point_row % points
+        i = ij // kernel_w
+        h, w, dy_index = position(point_row, i, ij - i * kernel_w, y, p - y * out_w, offset, geometry)
         m = mask[item] if has_mask else 1.0
         return point_row // points, ij * pixels + p, h, w, m, dy_index
 
@@ -140,16 +157,16 @@ def _sample_functions(t):
         if has_mask:
             grad_mask[item] = grad_m
 
-    return plan, channel_span, im2col_sample, col2im_sample, col2im_coord_sample
+    return plan, position, channel_span, im2col_sample, col2im_sample, col2im_coord_sample
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernels():
     from numba import prange
 
-    plan, channel_span, _, _, col2im_coord_sample = _sample_functions(cpu_target())
+    plan, position, _, _, _, col2im_coord_sample = _sample_functions(cpu_target())
     t = cpu_target()
-    corners, combine, atomic_add = t.zero_padded_corners, t.bilinear_combine, t.atomic_add
+    setup, weights_of, atomic_add = t.zero_padded_setup, t.bilinear_weights, t.atomic_add
 
     @cpu_kernel
     def make_plans(offset, mask, has_mask, geometry, n_items, corner, inside, weights):
@@ -175,28 +192,70 @@ def _cpu_kernels():
         return (group_row // offset_groups) * channels + c0, count, group_row * block
 
     @cpu_kernel
-    def apply_im2col(input, columns, geometry, n_tasks, corner, inside, weights):
-        block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
-        plane_size = geometry[1] * geometry[2]
-        for task in prange(n_tasks):
-            first_plane, count, first = task_span(task, geometry)
-            for k in range(block):
-                s = first + k
-                w00, w01, w10, w11 = weights[0, s], weights[1, s], weights[2, s], weights[3, s]
-                at, sample_inside = corner[s], inside[s]
-                # The test is hoisted out of the channel loop; with the constant ALL_CORNERS the
-                # inlined corner load needs no per-corner branches for interior samples.
-                if sample_inside == ALL_CORNERS:
-                    for bc in range(first_plane, first_plane + count):
-                        v00, v01, v10, v11 = corners(input, bc * plane_size, at, ALL_CORNERS, geometry[2])
-                        columns[bc * block + k] = combine(v00, v01, v10, v11, w00, w01, w10, w11)
-                elif sample_inside:
-                    for bc in range(first_plane, first_plane + count):
-                        v00, v01, v10, v11 = corners(input, bc * plane_size, at, sample_inside, geometry[2])
-                        columns[bc * block + k] = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+    def im2col_channels_last(input_hwc, offset, mask, has_mask, columns, geometry, n_tiles):
+        channels, height, width = geometry[0], geometry[1], geometry[2]
+        offset_groups = geometry[13]
+        per_group = channels // offset_groups
+        points = geometry[4] * geometry[5]
+        pixels = geometry[14] * geometry[15]
+        block = points * pixels
+        tiles_per_point = (pixels + CPU_TILE_PIXELS - 1) // CPU_TILE_PIXELS
+        for tile in prange(n_tiles):
+            point_row = tile // tiles_per_point  # (b*Goff + g)*kh*kw + ij
+            p_begin = (tile % tiles_per_point) * CPU_TILE_PIXELS
+            count = min(CPU_TILE_PIXELS, pixels - p_begin)
+            group_row = point_row // points
+            b = group_row // offset_groups
+            group_channel = (group_row - b * offset_groups) * per_group
+            ij = point_row - group_row * points
+            i = ij // geometry[5]
+            j = ij - i * geometry[5]
+            # output pixel (y, x) of the tile's sample t, stepped along without divisions
+            y = p_begin // geometry[15]
+            x = p_begin - y * geometry[15]
+            # values[t, c]: the tile's samples with the group's channels contiguous, as read from
+            # the channels-last input (SIMD over channels), written out transposed below.
+            values = np.empty((CPU_TILE_PIXELS, per_group), columns.dtype)
+            weight = np.empty(4, columns.dtype)  # the weights in the input's dtype
+            for t in range(count):
+                h, w, _ = position(point_row, i, j, y, x, offset, geometry)
+                x += 1
+                if x == geometry[15]:
+                    x = 0
+                    y += 1
+                inside, corner, lh, lw = setup(h, w, height, width)
+                w00, w01, w10, w11 = weights_of(lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
+                weight[0] = w00
+                weight[1] = w01
+                weight[2] = w10
+                weight[3] = w11
+                # element (corner pixel, first channel of the group) of input_hwc
+                at = (b * height * width + corner) * channels + group_channel
+                if inside == ALL_CORNERS:
+                    # Unsigned indices: no negative-index wraparound, so the loop vectorises.
+                    at00 = np.uint64(at)
+                    at01 = at00 + np.uint64(channels)
+                    at10 = at00 + np.uint64(width * channels)
+                    at11 = at10 + np.uint64(channels)
+                    for c in range(per_group):
+                        u = np.uint64(c)
+                        values[t, c] = (
+                            weight[0] * input_hwc[at00 + u] + weight[1] * input_hwc[at01 + u]
+                            + weight[2] * input_hwc[at10 + u] + weight[3] * input_hwc[at11 + u]
+                        )
                 else:
-                    for bc in range(first_plane, first_plane + count):
-                        columns[bc * block + k] = 0.0
+                    for c in range(per_group):
+                        values[t, c] = 0.0
+                    for k in range(4):  # corner k is bit k of inside: (h0 + k // 2, w0 + k % 2)
+                        if inside & (1 << k):
+                            at_k = np.uint64(at + (k & 1) * channels + (k >> 1) * width * channels)
+                            for c in range(per_group):
+                                values[t, c] += weight[k] * input_hwc[at_k + np.uint64(c)]
+            first = (b * channels + group_channel) * block + (point_row - group_row * points) * pixels + p_begin
+            for c in range(per_group):
+                row = first + c * block
+                for t in range(count):
+                    columns[row + t] = values[t, c]
 
     @cpu_kernel
     def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
@@ -225,7 +284,7 @@ def _cpu_kernels():
         for item in prange(n_items):
             col2im_coord_sample(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
 
-    return make_plans, apply_im2col, apply_col2im, col2im_coord
+    return make_plans, apply_col2im, col2im_coord, im2col_channels_last
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,7 +292,7 @@ def _cuda_kernels():
     global cuda
     cuda = bind_cuda()
 
-    _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target())
+    _, _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target())
 
     @cuda_kernel
     def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
@@ -264,6 +323,11 @@ def _cpu_task_count(batch: int, geometry) -> int:
     return batch * geometry.offset_groups * -(-per_group // CPU_TASK_CHANNELS)
 
 
+def _cpu_tile_count(batch: int, geometry) -> int:
+    pixels = geometry.out_h * geometry.out_w
+    return sample_count(batch, geometry) // pixels * -(-pixels // CPU_TILE_PIXELS)
+
+
 def _flat_mask(mask, like, xp):
     """Kernels always take a mask array: without one, a one-element stand-in of ``like``'s dtype
     and has_mask=False. The stand-in is never an argument array: for host arrays the CUDA
@@ -288,19 +352,21 @@ class NumbaCpuDeformConv2dKernels:
         return corner, inside, weights
 
     def im2col(self, input, offset, mask, columns, geometry):
-        plans = self._plans(offset, mask, geometry, columns.dtype)
-        tasks = _cpu_task_count(input.shape[0], geometry)
-        _cpu_kernels()[1](flat(input), flat(columns), tuple(geometry), tasks, *plans)
+        mask, has_mask = _flat_mask(mask, offset, np)
+        _cpu_kernels()[3](
+            channels_last(input), flat(offset), mask, has_mask, flat(columns), tuple(geometry),
+            _cpu_tile_count(input.shape[0], geometry),
+        )
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         plans = self._plans(offset, mask, geometry, grad_columns.dtype)
         tasks = _cpu_task_count(offset.shape[0], geometry)
-        _cpu_kernels()[2](flat(grad_columns), flat(grad_input), tuple(geometry), tasks, *plans)
+        _cpu_kernels()[1](flat(grad_columns), flat(grad_input), tuple(geometry), tasks, *plans)
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         mask, has_mask = _flat_mask(mask, offset, np)
         grad_mask = _flat_mask(grad_mask, grad_offset, np)[0]
-        _cpu_kernels()[3](
+        _cpu_kernels()[2](
             flat(input), flat(offset), mask, has_mask, flat(grad_columns), flat(grad_offset), grad_mask,
             tuple(geometry), sample_count(input.shape[0], geometry),
         )
