@@ -1,0 +1,648 @@
+"""PyTorch integration: every op as a ``torch.library`` custom op, functional wrappers and
+``nn.Module``\\ s with torchvision / mmcv constructor arguments and parameter names.
+
+Each op is a custom op in the ``pydeform`` namespace (``torch.ops.pydeform.<op>``) with a fake
+implementation (output shapes from the same argument checks the array API uses), and each
+differentiable op has its backward registered with ``register_autograd``, the backward itself a
+custom op (``torch.ops.pydeform.<op>_backward``) running the analytic backward kernels; so
+``torch.compile(..., fullgraph=True)`` traces them without graph breaks.
+
+CPU tensors run the Numba CPU kernels. CUDA tensors run the CuPy kernels on the tensor's device
+and on PyTorch's current stream, with every array the op allocates (outputs and scratch) taken
+from PyTorch's caching allocator; tensors cross to CuPy and back through DLPack without a copy
+or a synchronisation. Under ``torch.autocast("cuda")`` the ops run natively in the autocast
+dtype (float16 or bfloat16, float32 accumulation inside the kernels); boxes keep their dtype.
+
+Importing this module imports torch (never CuPy or Numba until an op runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import centernet as _centernet
+from . import deform_conv as _deform_conv
+from . import roi as _roi
+from ._arrays import int_pair
+from ._interop import to_native
+
+__all__ = [
+    "CenterNetDecoder",
+    "DeformConv2d",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "ModulatedDeformRoIPoolPack",
+    "PSRoIAlign",
+    "PSRoIPool",
+    "RoIAlign",
+    "RoIPool",
+    "centernet_decode",
+    "centernet_focal_loss",
+    "deform_conv2d",
+    "deform_psroi_pool",
+    "deform_roi_pool",
+    "ps_roi_align",
+    "ps_roi_pool",
+    "roi_align",
+    "roi_pool",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an array-level op on tensors
+
+
+def _cupy_stream(stream):
+    """PyTorch's stream as a CuPy stream (no new stream, no synchronisation)."""
+    import cupy
+
+    if hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    # PyTorch before 2.10 has no __cuda_stream__ protocol: wrap the raw handle.
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+
+
+def _torch_allocator(device: torch.device):
+    """A CuPy allocator handing out blocks of PyTorch's caching allocator on ``device``; each
+    block lives as long as the CuPy array (and any tensor made from it) that holds it."""
+    import cupy
+
+    def allocate(size: int):
+        block = torch.empty(size, dtype=torch.uint8, device=device)
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, block, device.index), 0)
+
+    return allocate
+
+
+@contextlib.contextmanager
+def _running_on(device: torch.device):
+    """CUDA: make CuPy use ``device``, PyTorch's current stream there and PyTorch's allocator."""
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device)), \
+            cupy.cuda.using_allocator(_torch_allocator(device)):
+        yield
+
+
+def _to_torch(result, device: torch.device):
+    if result is None:
+        return None
+    if isinstance(result, tuple):
+        return tuple(_to_torch(item, device) for item in result)
+    if device.type == "cpu":
+        # np.asarray: NumPy reductions of 0-d arrays give scalars.
+        return torch.from_numpy(np.asarray(result))
+    return torch.from_dlpack(result)
+
+
+def _call(function, names: list, args: tuple):
+    """``function`` (an array-level pydeform op) on a custom op's arguments, tensors exchanged
+    through DLPack; returns tensors (a tuple for a NamedTuple result)."""
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    with _running_on(device):
+        native = {n: (to_native(n, a.detach()) if isinstance(a, Tensor) else a) for n, a in zip(names, args)}
+        return _to_torch(function(**native), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+
+_AUTOCAST_LIBRARY = torch.library.Library("pydeform", "IMPL")
+
+#: Box arguments keep their dtype under autocast (coordinates of a few hundred pixels are not
+#: representable in bfloat16; the array API takes float32 boxes with half-precision images).
+_BOX_ARGUMENTS = ("rois",)
+
+
+def _argument_names(arguments: str) -> list:
+    return [a.split()[-1] for a in arguments.split(", ")]
+
+
+def _tensor_names(arguments: str) -> list:
+    return [a.split()[-1] for a in arguments.split(", ") if a.startswith("Tensor")]
+
+
+def _autocast_arguments(args: tuple, names: list, device_type: str, dtype: torch.dtype) -> tuple:
+    """The arguments as an op runs them under autocast: floating tensors of ``device_type``
+    other than float64 and boxes in the autocast ``dtype``."""
+    return tuple(
+        a.to(dtype)
+        if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
+        and a.dtype != torch.float64 and n not in _BOX_ARGUMENTS else a
+        for n, a in zip(names, args)
+    )
+
+
+def _register_autocast(op, names: list):
+    key = torch._C.DispatchKey.AutocastCUDA
+
+    def run_in_autocast_dtype(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*_autocast_arguments(args, names, "cuda", torch.get_autocast_dtype("cuda")))
+
+    _AUTOCAST_LIBRARY.impl(op._name, run_in_autocast_dtype, "AutocastCUDA", with_keyset=True)
+
+
+def _define(name: str, arguments: str, returns: str, impl, fake):
+    """``torch.ops.pydeform.<name>`` with the schema ``(<arguments>) -> <returns>``, ``impl`` and
+    ``fake`` (the output for shape propagation) taking the arguments positionally."""
+    op = torch.library.custom_op(f"pydeform::{name}", impl, mutates_args=(), schema=f"({arguments}) -> {returns}")
+    op.register_fake(fake)
+    _register_autocast(op, _argument_names(arguments))
+    return op
+
+
+def _shapes(values: dict, tensor_names: list) -> dict:
+    """The tensor arguments' shapes, None for absent optional ones (what the argument checks of
+    the array API take)."""
+    return {n: (None if values[n] is None else tuple(values[n].shape)) for n in tensor_names}
+
+
+def _define_differentiable(name: str, arguments: str, output_fake, forward, backward, grad_names: tuple):
+    """A forward op running ``forward`` (array level), its backward op
+    ``<name>_backward(grad_output, <arguments>)`` running ``backward`` and returning one tensor
+    per entry of ``grad_names`` (an empty one for an absent optional argument), and the
+    autograd formula connecting them. ``output_fake(shapes, values)`` gives the forward's output."""
+    names, tensor_names = _argument_names(arguments), _tensor_names(arguments)
+
+    def forward_fake(*args):
+        values = dict(zip(names, args))
+        return output_fake(_shapes(values, tensor_names), values)
+
+    forward_op = _define(name, arguments, "Tensor", lambda *args: _call(forward, names, args), forward_fake)
+
+    def slots(grads, grad_output):
+        """One tensor per gradient: empty where the argument (so its gradient) is absent."""
+        grads = tuple(grad_output.new_empty(0) if g is None else g for g in grads)
+        return grads[0] if len(grads) == 1 else grads
+
+    def backward_fake(grad_output, *args):
+        values = dict(zip(names, args))
+        return slots([None if values[g] is None else torch.empty_like(values[g], memory_format=torch.contiguous_format)
+                      for g in grad_names], grad_output)
+
+    def backward_impl(grad_output, *args):
+        grads = _call(backward, ["grad_output"] + names, (grad_output,) + args)
+        return slots(grads if isinstance(grads, tuple) else (grads,), grad_output)
+
+    returns = "Tensor" if len(grad_names) == 1 else "(" + ", ".join(["Tensor"] * len(grad_names)) + ")"
+    backward_op = _define(f"{name}_backward", f"Tensor grad_output, {arguments}", returns, backward_impl,
+                          backward_fake)
+    tensor_positions = [i for i, a in enumerate(arguments.split(", ")) if a.startswith("Tensor")]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in tensor_positions))
+        ctx.inputs = [None if i in tensor_positions else v for i, v in enumerate(inputs)]
+
+    def grad_formula(ctx, grad_output):
+        inputs = list(ctx.inputs)
+        for i, saved in zip(tensor_positions, ctx.saved_tensors):
+            inputs[i] = saved
+        grads = backward_op(grad_output, *inputs)
+        grads = dict(zip(grad_names, grads if isinstance(grads, tuple) else (grads,)))
+        return tuple(grads[n] if n in grads and inputs[i] is not None else None for i, n in enumerate(names))
+
+    forward_op.register_autograd(grad_formula, setup_context=setup_context)
+    return forward_op, backward_op
+
+
+def _deform_conv2d_fake(shapes, v):
+    g = _deform_conv.deform_conv2d_geometry(shapes, v["stride"], v["padding"], v["dilation"])
+    return v["input"].new_empty((v["input"].shape[0], g.out_channels, g.out_h, g.out_w))
+
+
+def _roi_fake(params_of):
+    """The fake of a RoI op whose parameters ``params_of(shapes, k, values)`` gives."""
+
+    def fake(shapes, v):
+        k = v["rois"].shape[0]
+        return v["input"].new_empty(_roi.roi_output_shape(params_of(shapes, k, v), k))
+
+    return fake
+
+
+_deform_conv2d_op, _ = _define_differentiable(
+    "deform_conv2d",
+    "Tensor input, Tensor offset, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+    "Tensor? mask",
+    _deform_conv2d_fake, _deform_conv.deform_conv2d, _deform_conv.deform_conv2d_backward,
+    ("input", "offset", "weight", "bias", "mask"),
+)
+_roi_align_op, _ = _define_differentiable(
+    "roi_align",
+    "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio, bool aligned, str mode",
+    _roi_fake(lambda s, k, v: _roi.roi_align_params(s, k, v["output_size"], v["spatial_scale"], v["sampling_ratio"],
+                                                    v["aligned"], v["mode"], False)),
+    _roi.roi_align, _roi.roi_align_backward, ("input",),
+)
+_ps_roi_align_op, _ = _define_differentiable(
+    "ps_roi_align",
+    "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio",
+    _roi_fake(lambda s, k, v: _roi.roi_align_params(s, k, v["output_size"], v["spatial_scale"], v["sampling_ratio"],
+                                                    True, "avg", True)),
+    _roi.ps_roi_align, _roi.ps_roi_align_backward, ("input",),
+)
+_roi_pool_op, _ = _define_differentiable(
+    "roi_pool",
+    "Tensor input, Tensor rois, int[] output_size, float spatial_scale",
+    _roi_fake(lambda s, k, v: _roi.roi_pool_params(s, k, v["output_size"], v["spatial_scale"], False)),
+    _roi.roi_pool, _roi.roi_pool_backward, ("input",),
+)
+_ps_roi_pool_op, _ = _define_differentiable(
+    "ps_roi_pool",
+    "Tensor input, Tensor rois, int[] output_size, float spatial_scale",
+    _roi_fake(lambda s, k, v: _roi.roi_pool_params(s, k, v["output_size"], v["spatial_scale"], True)),
+    _roi.ps_roi_pool, _roi.ps_roi_pool_backward, ("input",),
+)
+_deform_roi_pool_op, _ = _define_differentiable(
+    "deform_roi_pool",
+    "Tensor input, Tensor rois, Tensor? offset, int[] output_size, float spatial_scale, int sampling_ratio, "
+    "float gamma, Tensor? mask",
+    _roi_fake(lambda s, k, v: _roi.deform_roi_pool_params(s, k, v["output_size"], v["spatial_scale"],
+                                                          v["sampling_ratio"], v["gamma"])),
+    _roi.deform_roi_pool, _roi.deform_roi_pool_backward, ("input", "offset", "mask"),
+)
+_deform_psroi_pool_op, _ = _define_differentiable(
+    "deform_psroi_pool",
+    "Tensor input, Tensor rois, Tensor? trans, int? output_dim, int group_size, int pooled_size, int? part_size, "
+    "int sample_per_part, float trans_std, float spatial_scale",
+    _roi_fake(lambda s, k, v: _roi.deform_psroi_pool_params(
+        s, k, v["output_dim"], v["group_size"], v["pooled_size"], v["part_size"], v["sample_per_part"],
+        v["trans_std"], v["spatial_scale"])),
+    _roi.deform_psroi_pool, _roi.deform_psroi_pool_backward, ("input", "trans"),
+)
+
+
+def _focal_loss_fake(shapes, v):
+    return v["pred"].new_empty(())
+
+
+_centernet_focal_loss_op, _ = _define_differentiable(
+    "centernet_focal_loss",
+    "Tensor pred, Tensor target, float alpha, float beta",
+    _focal_loss_fake, _centernet.centernet_focal_loss, _centernet.centernet_focal_loss_backward, ("pred",),
+)
+
+
+def _decode_fake(heat, wh, reg, K, kernel, cat_spec_wh, down_ratio, threshold):
+    # Detections have heat's accumulation dtype (float64 stays, the rest accumulate in float32).
+    return heat.new_empty((heat.shape[0], K, 6), dtype=torch.float64 if heat.dtype == torch.float64 else torch.float32)
+
+
+_DECODE_ARGUMENTS = (
+    "Tensor heat, Tensor wh, Tensor? reg, int K, int kernel, bool cat_spec_wh, float down_ratio, float? threshold"
+)
+_centernet_decode_op = _define(
+    "centernet_decode", _DECODE_ARGUMENTS, "Tensor",
+    lambda *args: _call(_centernet.centernet_decode, _argument_names(_DECODE_ARGUMENTS), args), _decode_fake,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API
+
+
+def _pair_list(name: str, value, minimum: int) -> list:
+    return list(int_pair(name, value, minimum=minimum))
+
+
+def _rois(boxes, input: Tensor) -> Tensor:
+    """``[K, 5]`` rows from a ``[K, 5]`` tensor or a list of per-image ``[L_i, 4]`` tensors."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"rois: expected a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__qualname__}")
+    if not boxes:
+        return input.new_empty((0, 5))
+    rows = []
+    for i, part in enumerate(boxes):
+        if not isinstance(part, Tensor) or part.dim() != 2 or part.shape[1] != 4:
+            raise ValueError(f"rois[{i}]: expected a Tensor[L, 4], got {getattr(part, 'shape', type(part).__qualname__)}")
+        rows.append(torch.cat([part.new_full((part.shape[0], 1), i), part], dim=1))
+    return torch.cat(rows)
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                  dilation=1, mask: Optional[Tensor] = None) -> Tensor:
+    """Deformable convolution v1, or v2 (DCNv2) with ``mask``; torchvision's signature.
+
+    Args:
+        input (Tensor[N, C, H, W]), offset (Tensor[N, 2*Goff*kh*kw, Ho, Wo]),
+        weight (Tensor[C_out, C/G, kh, kw]), bias (Tensor[C_out], optional),
+        stride, padding, dilation (int or (int, int)), mask (Tensor[N, Goff*kh*kw, Ho, Wo], optional).
+
+    Returns:
+        Tensor[N, C_out, Ho, Wo]. Semantics: :func:`pydeform.deform_conv2d`.
+    """
+    return _deform_conv2d_op(input, offset, weight, bias, _pair_list("stride", stride, 1),
+                             _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mask)
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, mode: str = "avg") -> Tensor:
+    """RoI Align (torchvision's signature; ``mode="max"`` as ONNX / mmcv).
+
+    Args:
+        input (Tensor[N, C, H, W]); boxes (Tensor[K, 5] or list of Tensor[L, 4]); output_size
+        (int or (int, int)); spatial_scale, sampling_ratio, aligned, mode: as :func:`pydeform.roi_align`.
+
+    Returns:
+        Tensor[K, C, PH, PW].
+    """
+    return _roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1), float(spatial_scale),
+                         sampling_ratio, aligned, mode)
+
+
+def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
+    """Position-sensitive RoI Align: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
+    return _ps_roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
+                            float(spatial_scale), sampling_ratio)
+
+
+def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """RoI Pool: input Tensor[N, C, H, W] -> Tensor[K, C, PH, PW]."""
+    return _roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1), float(spatial_scale))
+
+
+def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
+    """Position-sensitive RoI Pool: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
+    return _ps_roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
+                           float(spatial_scale))
+
+
+def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output_size=7, spatial_scale: float = 1.0,
+                    sampling_ratio: int = 0, gamma: float = 0.1, mask: Optional[Tensor] = None) -> Tensor:
+    """Deformable RoI pooling (mmcv's signature, plus ``mask`` for the modulated variant).
+
+    Args:
+        input (Tensor[N, C, H, W]); rois (Tensor[K, 5] or list of Tensor[L, 4]);
+        offset (Tensor[K, 2, PH, PW], optional); mask (Tensor[K, 1, PH, PW], optional).
+
+    Returns:
+        Tensor[K, C, PH, PW]. Semantics: :func:`pydeform.deform_roi_pool`.
+    """
+    return _deform_roi_pool_op(input, _rois(rois, input), offset, _pair_list("output_size", output_size, 1),
+                               float(spatial_scale), sampling_ratio, float(gamma), mask)
+
+
+def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, output_dim: Optional[int] = None,
+                      group_size: int = 1, pooled_size: int = 7, part_size: Optional[int] = None,
+                      sample_per_part: int = 4, trans_std: float = 0.0, spatial_scale: float = 1.0) -> Tensor:
+    """Deformable position-sensitive RoI pooling: input Tensor[N, output_dim*group_size^2, H, W],
+    trans Tensor[K, 2*num_classes, part_size, part_size] (optional) ->
+    Tensor[K, output_dim, pooled_size, pooled_size]. Semantics: :func:`pydeform.deform_psroi_pool`."""
+    return _deform_psroi_pool_op(input, _rois(rois, input), trans, output_dim, group_size, pooled_size, part_size,
+                                 sample_per_part, float(trans_std), float(spatial_scale))
+
+
+def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: int = 100, *, kernel: int = 3,
+                     cat_spec_wh: bool = False, down_ratio: float = 1.0, threshold: Optional[float] = None) -> Tensor:
+    """Top-K CenterNet detections: heat Tensor[B, C, H, W], wh Tensor[B, 2 or 2C, H, W],
+    reg Tensor[B, 2, H, W] (optional) -> Tensor[B, K, 6] rows (x1, y1, x2, y2, score, class).
+    Not differentiable. Semantics: :func:`pydeform.centernet_decode`."""
+    return _centernet_decode_op(heat, wh, reg, K, kernel, cat_spec_wh, float(down_ratio),
+                                None if threshold is None else float(threshold))
+
+
+def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta: float = 4) -> Tensor:
+    """CenterNet's focal loss of pred / target Tensor[B, C, H, W]: a 0-d tensor, differentiable
+    in ``pred``. Semantics: :func:`pydeform.centernet_focal_loss`."""
+    return _centernet_focal_loss_op(pred, target, float(alpha), float(beta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class DeformConv2d(nn.Module):
+    """torchvision's ``DeformConv2d``: same constructor, parameters (``weight``, ``bias``) and
+    initialisation; ``forward(input, offset, mask=None)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = int_pair("stride", stride, minimum=1)
+        self.padding = int_pair("padding", padding, minimum=0)
+        self.dilation = int_pair("dilation", dilation, minimum=1)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """input Tensor[N, C_in, H, W], offset Tensor[N, 2*Goff*kh*kw, Ho, Wo], mask
+        Tensor[N, Goff*kh*kw, Ho, Wo] (optional) -> Tensor[N, C_out, Ho, Wo]."""
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+
+class ModulatedDeformConv2d(nn.Module):
+    """mmcv's ``ModulatedDeformConv2d`` (DCNv2): same constructor, parameters (``weight``,
+    ``bias``) and initialisation (uniform in +-1/sqrt(C_in*kh*kw), zero bias);
+    ``forward(x, offset, mask)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, deform_groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.groups, self.deform_groups = groups, deform_groups
+        self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = int_pair("stride", stride, minimum=1)
+        self.padding = int_pair("padding", padding, minimum=0)
+        self.dilation = int_pair("dilation", dilation, minimum=1)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        """x Tensor[N, C_in, H, W], offset Tensor[N, 2*deform_groups*kh*kw, Ho, Wo], mask
+        Tensor[N, deform_groups*kh*kw, Ho, Wo] -> Tensor[N, C_out, Ho, Wo]."""
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+    """mmcv's ``ModulatedDeformConv2dPack``: a :class:`ModulatedDeformConv2d` that computes its
+    offsets and mask with its own convolution ``conv_offset`` (3*deform_groups*kh*kw channels:
+    the y/x offsets, then the mask logits through a sigmoid), zero-initialised as in DCNv2 so
+    training starts from a plain convolution with mask 0.5; ``forward(x)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels, self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation, bias=True,
+        )
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x Tensor[N, C_in, H, W] -> Tensor[N, C_out, Ho, Wo]."""
+        points = self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset, mask_logits = torch.split(self.conv_offset(x), [2 * points, points], dim=1)
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             torch.sigmoid(mask_logits))
+
+
+class RoIAlign(nn.Module):
+    """torchvision's ``RoIAlign(output_size, spatial_scale, sampling_ratio, aligned=False)``;
+    ``forward(input, rois)``: input Tensor[N, C, H, W], rois Tensor[K, 5] or list of
+    Tensor[L, 4] -> Tensor[K, C, PH, PW]."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool = False):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+
+class PSRoIAlign(nn.Module):
+    """torchvision's ``PSRoIAlign(output_size, spatial_scale, sampling_ratio)``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+
+class RoIPool(nn.Module):
+    """torchvision's ``RoIPool(output_size, spatial_scale)``."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+
+class PSRoIPool(nn.Module):
+    """torchvision's ``PSRoIPool(output_size, spatial_scale)``."""
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+
+class DeformRoIPool(nn.Module):
+    """mmcv's ``DeformRoIPool(output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1)``;
+    ``forward(input, rois, offset=None)``."""
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__()
+        self.output_size = int_pair("output_size", output_size, minimum=1)
+        self.spatial_scale, self.sampling_ratio, self.gamma = float(spatial_scale), int(sampling_ratio), float(gamma)
+
+    def forward(self, input: Tensor, rois, offset: Optional[Tensor] = None) -> Tensor:
+        """input Tensor[N, C, H, W], rois Tensor[K, 5], offset Tensor[K, 2, PH, PW] (optional)
+        -> Tensor[K, C, PH, PW]."""
+        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+                               self.gamma)
+
+
+def _fc_head(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+    """mmcv's offset / mask heads: ``layers`` Linear layers with ReLU between them, the last
+    one zero-initialised (so training starts without deformation)."""
+    sizes = [in_features] + [hidden] * (layers - 1) + [out_features]
+    modules = []
+    for i in range(layers):
+        modules.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < layers - 1:
+            modules.append(nn.ReLU(inplace=True))
+    nn.init.zeros_(modules[-1].weight)
+    nn.init.zeros_(modules[-1].bias)
+    return nn.Sequential(*modules)
+
+
+class DeformRoIPoolPack(DeformRoIPool):
+    """mmcv's ``DeformRoIPoolPack(output_size, output_channels, deform_fc_channels=1024,
+    spatial_scale=1.0, sampling_ratio=0, gamma=0.1)``: the offsets come from ``offset_fc``
+    (three Linear layers) applied to a first, undeformed pooling; ``forward(input, rois)``."""
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024, spatial_scale: float = 1.0,
+                 sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_channels, self.deform_fc_channels = output_channels, deform_fc_channels
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = _fc_head(bins * output_channels, deform_fc_channels, bins * 2, layers=3)
+
+    def _offset(self, plain: Tensor) -> Tensor:
+        return self.offset_fc(plain.flatten(1)).view(plain.shape[0], 2, *self.output_size)
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        """input Tensor[N, output_channels, H, W], rois Tensor[K, 5] -> Tensor[K, output_channels, PH, PW]."""
+        plain = super().forward(input, rois)
+        return super().forward(input, rois, self._offset(plain))
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
+    """mmcv's ``ModulatedDeformRoIPoolPack``: :class:`DeformRoIPoolPack` plus a mask from
+    ``mask_fc`` (two Linear layers and a sigmoid, last Linear zero-initialised) multiplying each
+    deformed bin."""
+
+    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024, spatial_scale: float = 1.0,
+                 sampling_ratio: int = 0, gamma: float = 0.1):
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = nn.Sequential(*_fc_head(bins * output_channels, deform_fc_channels, bins, layers=2),
+                                     nn.Sigmoid())
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        plain = DeformRoIPool.forward(self, input, rois)
+        mask = self.mask_fc(plain.flatten(1)).view(plain.shape[0], 1, *self.output_size)
+        return deform_roi_pool(input, rois, self._offset(plain), self.output_size, self.spatial_scale,
+                               self.sampling_ratio, self.gamma, mask)
+
+
+class CenterNetDecoder(nn.Module):
+    """CenterNet's decoding as a module: ``forward(heat, wh, reg=None)`` -> Tensor[B, K, 6]
+    (see :func:`centernet_decode`)."""
+
+    def __init__(self, K: int = 100, kernel: int = 3, cat_spec_wh: bool = False, down_ratio: float = 1.0,
+                 threshold: Optional[float] = None):
+        super().__init__()
+        self.K, self.kernel, self.cat_spec_wh = K, kernel, cat_spec_wh
+        self.down_ratio, self.threshold = down_ratio, threshold
+
+    def forward(self, heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None) -> Tensor:
+        return centernet_decode(heat, wh, reg, self.K, kernel=self.kernel, cat_spec_wh=self.cat_spec_wh,
+                                down_ratio=self.down_ratio, threshold=self.threshold)
