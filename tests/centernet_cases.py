@@ -58,10 +58,12 @@ class DecodeCase:
 
 
 def build_decode_case(rng, dtype, batch=2, classes=3, size=(5, 6), K=10, *, with_reg=True, nan_fraction=0.0,
-                      **options) -> DecodeCase:
-    """A decode problem with heat values from :data:`HEAT_LEVELS` (NaN with ``nan_fraction``)."""
+                      heat_offset=0.0, **options) -> DecodeCase:
+    """A decode problem with heat values from :data:`HEAT_LEVELS` plus ``heat_offset`` (-1.5:
+    all negative, like logits, whose peaks rank below the zeros of non-peaks), NaN with
+    ``nan_fraction``."""
     height, width = size
-    heat = rng.choice(HEAT_LEVELS, size=(batch, classes, height, width))
+    heat = rng.choice(HEAT_LEVELS, size=(batch, classes, height, width)) + heat_offset
     heat[rng.random(heat.shape) < nan_fraction] = np.nan
     wh_channels = 2 * classes if options.get("cat_spec_wh") else 2
     wh = rng.uniform(0.5, 8.0, (batch, wh_channels, height, width))
@@ -88,7 +90,8 @@ def decode_cases(draw, dtype=np.float64) -> DecodeCase:
     )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     return build_decode_case(rng, dtype, batch, classes, size, K, with_reg=draw(st.booleans()),
-                             nan_fraction=draw(st.sampled_from([0.0, 0.1])), **options)
+                             nan_fraction=draw(st.sampled_from([0.0, 0.1])),
+                             heat_offset=draw(st.sampled_from([0.0, 0.0, -1.5])), **options)
 
 
 def assert_detections_match(got, expected: np.ndarray, dtype) -> None:

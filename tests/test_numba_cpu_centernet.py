@@ -63,6 +63,14 @@ def test_decode_kernel_writes_every_element(K, chunk):
     check_decode_kernel(NumbaCpuCenterNetKernels(chunk), case)
 
 
+@pytest.mark.parametrize("chunk", [4, 16384])
+def test_decode_of_negative_scores(chunk):
+    """Logits rather than probabilities: negative peaks rank below the zeros of non-peaks."""
+    case = build_decode_case(np.random.default_rng(12), np.float64, 2, 3, (5, 6), 40, nan_fraction=0.05,
+                             heat_offset=-1.5)
+    check_decode_kernel(NumbaCpuCenterNetKernels(chunk), case)
+
+
 def test_decode_of_a_large_map_uses_many_chunks_and_is_deterministic():
     # 80 classes x 24 x 24 (46080 scores, three CPU chunks per image); smooth random blobs.
     rng = np.random.default_rng(3)
@@ -130,3 +138,15 @@ def test_grad_output_may_be_a_one_element_array():
     case = build_focal_case(np.random.default_rng(11), np.float64)
     flat = pydeform.centernet_focal_loss_backward(case.grad_output.reshape(1), case.pred, case.target)
     np.testing.assert_array_equal(flat, case.grad(pydeform))
+
+
+def test_the_examples_of_docs_centernet_md():
+    heat = np.array([[[[0.1, 0.9, 0.2, 0.1], [0.3, 0.4, 0.2, 0.8], [0.1, 0.2, 0.7, 0.7]]]], dtype=np.float32)
+    wh = np.empty((1, 2, 3, 4), np.float32)
+    wh[:, 0], wh[:, 1] = 4, 2
+    np.testing.assert_allclose(pydeform.centernet_decode(heat, wh, K=3, down_ratio=4.0, threshold=0.5)[0], [
+        [-2, -2, 14, 6, 0.9, 0], [6, 2, 22, 10, 0.8, 0], [-6, -2, 10, 6, 0, -1]], rtol=1e-7)
+    targets = pydeform.centernet_targets(np.array([[[8.0, 4.0, 40.0, 28.0]]]), np.array([[0]]), 1, (8, 12))
+    assert (targets.wh[0, 0].tolist(), targets.reg[0, 0].tolist(), int(targets.ind[0, 0])) == ([8, 6], [0, 0], 54)
+    np.testing.assert_allclose(targets.heatmap[0, 0, 3:6, 5:8], np.exp(-np.array([[4, 2, 4], [2, 0, 2], [4, 2, 4]])))
+    assert np.count_nonzero(targets.heatmap) == 9

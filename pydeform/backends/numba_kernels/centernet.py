@@ -8,7 +8,9 @@ Decode, in two passes over flat scores (index ``i = c*H*W + y*W + x`` within an 
    reads each heat value and its window once (the peak test), and keeps the chunk's best
    ``min(K, chunk)`` (score, index) candidates in a bounded heap in scratch memory. "Better"
    is a strict total order: higher score, then lower index; the heap's root is its worst entry,
-   so a candidate costs one comparison unless it enters.
+   so a candidate costs one comparison unless it enters, and once the heap is full a pixel
+   whose value (and 0) cannot beat the root skips the peak test altogether: with sigmoid
+   heatmaps that is nearly every pixel (the CPU decode of PERF.md's shape ran 4x faster).
 2. One task per image merges its chunks' candidates into one heap of ``min(K, C*H*W)``
    entries, heap-sorts it best first, gathers wh / reg and writes the detections (empty slots
    past C*H*W). Every score is a candidate, so the K best of an image are among the candidates
@@ -134,6 +136,11 @@ def _decode_functions(t):
         first = chunk * chunk_size
         count = 0
         for i in range(first, min(first + chunk_size, per_image)):
+            # Once the heap is full, index i (above every index in it) enters only with a score
+            # above the root's; its score is its value or 0, so most pixels need no peak test.
+            value = heat[b * per_image + i]
+            if count == capacity and not value > scores[base] and not 0.0 > scores[base]:
+                continue
             score = peak_score(heat, b * per_image + i, height, width, kernel // 2)
             count = offer(scores, indices, base, count, capacity, score, i)
 
