@@ -267,3 +267,17 @@ def test_gpu_measurements_with_a_stand_in_for_cupy(monkeypatch):
     assert ratios[(case.id, "float32", "forward", "numba-cuda")] == 2.0
     assert ratios[(case.id, "bfloat16", "forward+backward", "cupy")] == 3.0
     assert report.notes == []
+
+
+@pytest.mark.gpu
+def test_bench_quick_roi_align_on_the_gpu(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--op", "roi_align", "--device", "gpu", "--rounds", "3",
+                 "--json", str(json_path)]) == 0
+    measurements = json.loads(json_path.read_text())["measurements"]
+    ours = {(m["dtype"], m["timed"], m["implementation"]) for m in measurements
+            if m["implementation"] != _bench.PEER and m["median_ms"] > 0}
+    assert ours == {(dtype, timed, backend) for dtype in ("float32", "bfloat16")
+                    for timed in ("forward", "forward+backward") for backend in ("cupy", "numba-cuda")}
+    out = capsys.readouterr().out
+    assert "roi_align/gpu/" in out and "FAILED" not in out
