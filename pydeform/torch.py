@@ -338,9 +338,12 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     """Deformable convolution v1, or v2 (DCNv2) with ``mask``; torchvision's signature.
 
     Args:
-        input (Tensor[N, C, H, W]), offset (Tensor[N, 2*Goff*kh*kw, Ho, Wo]),
-        weight (Tensor[C_out, C/G, kh, kw]), bias (Tensor[C_out], optional),
-        stride, padding, dilation (int or (int, int)), mask (Tensor[N, Goff*kh*kw, Ho, Wo], optional).
+        input (Tensor[N, C, H, W]): the input.
+        offset (Tensor[N, 2*Goff*kh*kw, Ho, Wo]): the (dy, dx) pair of each kernel point.
+        weight (Tensor[C_out, C/G, kh, kw]): the weight.
+        bias (Tensor[C_out], optional): the bias.
+        stride, padding, dilation (int or (int, int)): as for an ordinary convolution.
+        mask (Tensor[N, Goff*kh*kw, Ho, Wo], optional): the DCNv2 modulation scalars.
 
     Returns:
         Tensor[N, C_out, Ho, Wo]. Semantics: :func:`pydeform.deform_conv2d`.
@@ -354,8 +357,11 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     """RoI Align (torchvision's signature; ``mode="max"`` as ONNX / mmcv).
 
     Args:
-        input (Tensor[N, C, H, W]); boxes (Tensor[K, 5] or list of Tensor[L, 4]); output_size
-        (int or (int, int)); spatial_scale, sampling_ratio, aligned, mode: as :func:`pydeform.roi_align`.
+        input (Tensor[N, C, H, W]): the feature map.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): (batch index, x1, y1, x2, y2) rows, or
+            per-image (x1, y1, x2, y2) boxes.
+        output_size (int or (int, int)): (PH, PW).
+        spatial_scale, sampling_ratio, aligned, mode: as :func:`pydeform.roi_align`.
 
     Returns:
         Tensor[K, C, PH, PW].
@@ -386,8 +392,11 @@ def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output
     """Deformable RoI pooling (mmcv's signature, plus ``mask`` for the modulated variant).
 
     Args:
-        input (Tensor[N, C, H, W]); rois (Tensor[K, 5] or list of Tensor[L, 4]);
-        offset (Tensor[K, 2, PH, PW], optional); mask (Tensor[K, 1, PH, PW], optional).
+        input (Tensor[N, C, H, W]): the feature map.
+        rois (Tensor[K, 5] or list of Tensor[L, 4]): as ``boxes`` of :func:`roi_align`.
+        offset (Tensor[K, 2, PH, PW], optional): the (x, y) offset of each bin.
+        mask (Tensor[K, 1, PH, PW], optional): the modulation of each bin.
+        output_size, spatial_scale, sampling_ratio, gamma: as :func:`pydeform.deform_roi_pool`.
 
     Returns:
         Tensor[K, C, PH, PW]. Semantics: :func:`pydeform.deform_roi_pool`.
