@@ -145,6 +145,11 @@ def main(argv=None) -> int:
     demo.add_argument("--out", metavar="PATH", default="pydeform_demo.png",
                       help="where to write the PNG (default: pydeform_demo.png)")
     args = parser.parse_args(argv)
+    # Output folders are checked before minutes of timing, not after.
+    for option in ("json", "png", "out"):
+        path = getattr(args, option, None)
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"--{option}: the folder of {path} does not exist")
     if args.command == "info":
         return info()
     if args.command == "bench":

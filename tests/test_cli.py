@@ -111,7 +111,11 @@ def test_gpu_cases_are_named_as_not_run_without_a_gpu_backend():
     assert report.notes == ["GPU cases not run: no GPU backend is usable here (see python -m pydeform info)"]
 
 
-@pytest.mark.parametrize("argv", [["bench", "--op", "no_such_op"], ["bench", "--rounds", "0"], ["demo", "--bad"]])
+@pytest.mark.parametrize("argv", [
+    ["bench", "--op", "no_such_op"], ["bench", "--rounds", "0"], ["demo", "--bad"],
+    ["bench", "--json", "no/such/folder/bench.json"], ["bench", "--png", "no/such/folder/bench.png"],
+    ["demo", "--out", "no/such/folder/demo.png"],
+])
 def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
