@@ -207,6 +207,8 @@ def main(path, seed: int = 0) -> int:
     except ImportError:
         print("demo needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
+    print("running the ops (the first run on a machine compiles their kernels, which takes a while; "
+          "later runs load them from the disk cache)", file=sys.stderr, flush=True)
     demo = build(seed)
     for x1, y1, x2, y2, score, label in demo.detections:
         if label >= 0:
