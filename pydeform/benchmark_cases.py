@@ -627,12 +627,12 @@ def cuda_median_ms(cupy, call, repeats=50, warmup=5):
     return statistics.median(samples)
 
 
-def copy_bandwidth(cupy, megabytes=512):
+def copy_bandwidth(cupy, mebibytes=512):
     """Measured device memory bandwidth in bytes per second: a device-to-device copy of
-    ``megabytes`` reads and writes each byte once."""
-    source = cupy.ones(megabytes * 2**20, dtype=cupy.uint8)
+    ``mebibytes`` MiB reads and writes each byte once."""
+    source = cupy.ones(mebibytes * 2**20, dtype=cupy.uint8)
     target = cupy.empty_like(source)
-    milliseconds = cuda_median_ms(cupy, lambda index: target.__setitem__(Ellipsis, source), repeats=20)
+    milliseconds = cuda_median_ms(cupy, lambda index: cupy.copyto(target, source), repeats=20)
     return 2 * source.nbytes / (milliseconds * 1e-3)
 
 

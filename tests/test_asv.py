@@ -9,6 +9,7 @@ import importlib
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,44 @@ def test_alternating_medians_times_every_function():
     assert len(medians) == 2 and all(m >= 0 for m in medians)
     # Per round: one untimed call, then a block of timed ones, for each function in turn.
     assert calls == (["a"] * (bc.BLOCK + 1) + ["b"] * (bc.BLOCK + 1)) * 2
+
+
+class EventClock:
+    """A stand-in for the few CuPy calls the GPU timing helpers make: events whose elapsed time
+    is the number of calls timed between them, NumPy arrays for device arrays."""
+
+    def __init__(self):
+        self.calls = []
+        clock = self
+
+        class Event:
+            def record(self):
+                self.calls_so_far = len(clock.calls)
+
+            def synchronize(self):
+                pass
+
+        self.cuda = types.SimpleNamespace(
+            Event=Event, get_elapsed_time=lambda start, stop: float(stop.calls_so_far - start.calls_so_far))
+        self.uint8, self.ones, self.empty_like = np.uint8, np.ones, np.empty_like
+
+    def copyto(self, target, source):
+        self.calls.append("copy")
+        np.copyto(target, source)
+
+
+def test_cuda_median_ms_warms_up_then_times_each_call_between_events():
+    clock = EventClock()
+    median = bc.cuda_median_ms(clock, clock.calls.append, repeats=4, warmup=2)
+    assert clock.calls == [0, 1, 0, 1, 2, 3]  # indices to rotate input sets by
+    assert median == 1.0  # one call between the events of each sample
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written():
+    clock = EventClock()
+    # Each copy "takes" 1 ms: 2 * 1 MiB per millisecond.
+    assert bc.copy_bandwidth(clock, mebibytes=1) == 2 * 2**20 / 1e-3
+    assert clock.calls.count("copy") == 25  # 5 warm-up calls and 20 timed ones
 
 
 def test_cases_without_peer_say_so():
