@@ -205,6 +205,9 @@ def test_fingerprint_follows_everything_a_kernel_is_compiled_from(tmp_path):
     # Helper options are part of what is compiled.
     fast = numba.njit(fastmath=True)(double.py_func)
     assert fingerprint(kernel) != fingerprint(_scaled_kernel_factory(fast))
+    # So are the kernel's own options (Numba's key leaves them out).
+    assert fingerprint(numba.njit(kernel)) != fingerprint(numba.njit(parallel=True)(kernel))
+    assert fingerprint(numba.njit(kernel)) == fingerprint(numba.njit(_scaled_kernel_factory(_helpers()[0])))
 
     # Closure constants, and globals of a helper's module (a source file of its own).
     def scaled_by(factor):

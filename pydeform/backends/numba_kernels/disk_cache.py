@@ -7,8 +7,9 @@ process, so with plain ``cache=True`` the key never matches in a later process: 
 written and never read. :func:`cache_on_disk` keys a kernel instead by a fingerprint that is the
 same in every process and changes whenever anything the kernel is compiled from changes: the
 code, constants and referenced globals of the kernel and of every function it reaches through
-its closure and globals, the options of each dispatcher, and the size and modification time of
-each of their source files (Numba itself only checks the kernel's own file).
+its closure and globals, the options of the kernel and of each helper, and the size and
+modification time of each of their source files (Numba itself only checks the kernel's own
+file, and leaves the kernel's options out of its key).
 
 Where the files go is Numba's choice: ``NUMBA_CACHE_DIR`` if set, else ``__pycache__`` beside
 the source when writable, else a per-user cache folder.
@@ -32,15 +33,15 @@ def cache_on_disk(dispatcher):
     """
     if not hasattr(dispatcher, "_cache"):
         return dispatcher
-    py_func = dispatcher.py_func
     dispatcher._cache._py_func = types.SimpleNamespace(
-        __code__=py_func.__code__, __closure__=(types.CellType(fingerprint(py_func)),)
+        __code__=dispatcher.py_func.__code__, __closure__=(types.CellType(fingerprint(dispatcher)),)
     )
     return dispatcher
 
 
 def fingerprint(function) -> str:
-    """A hex digest of everything ``function`` is compiled from (see the module docstring)."""
+    """A hex digest of everything ``function`` (a plain function or a Numba dispatcher, whose
+    options count too) is compiled from (see the module docstring)."""
     digest = hashlib.sha256()
     _describe(function, digest, set())
     return digest.hexdigest()
