@@ -120,8 +120,8 @@ def main(argv=None) -> int:
             "on the CPU, the PyTorch CenterNet decode on both. CPU: wall-clock medians, pydeform and "
             "the peer timed in alternating blocks; GPU: CUDA-event medians after warm-up. Prints a "
             "table of medians and of peer / pydeform ratios (above 1: pydeform is faster), with a "
-            "progress bar on stderr. The first case of each op includes no compilation (an untimed "
-            "call comes first). Exit status 1 if a pydeform measurement failed."
+            "progress bar on stderr. No median includes compilation: untimed calls come first. Exit "
+            "status 1 if a pydeform measurement failed."
         ),
     )
     bench.add_argument("--op", choices=OPS, help="time this op only (default: every op)")
