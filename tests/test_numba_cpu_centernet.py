@@ -150,3 +150,23 @@ def test_the_examples_of_docs_centernet_md():
     assert (targets.wh[0, 0].tolist(), targets.reg[0, 0].tolist(), int(targets.ind[0, 0])) == ([8, 6], [0, 0], 54)
     np.testing.assert_allclose(targets.heatmap[0, 0, 3:6, 5:8], np.exp(-np.array([[4, 2, 4], [2, 0, 2], [4, 2, 4]])))
     assert np.count_nonzero(targets.heatmap) == 9
+
+
+def test_decode_and_focal_loss_take_their_planned_workspace():
+    """Inside ``provided`` (as pydeform.jax calls the drivers) the kernel set takes exactly the
+    buffers its plans name, and nothing else."""
+    from pydeform._workspace import provided
+
+    kernels = NumbaCpuCenterNetKernels(4)
+    case = build_decode_case(np.random.default_rng(13), np.float64, 2, 2, (3, 5), 7)
+    plan = kernels.decode_workspace(case.params(), np.dtype(np.float64))
+    buffers = {slot: np.full(shape, -7, dtype) for slot, (shape, dtype) in plan.items()}
+    with provided(buffers):
+        check_decode_kernel(kernels, case)
+    assert all((buffer != -7).any() for buffer in buffers.values())
+    focal = build_focal_case(np.random.default_rng(14), np.float64, (1, 2, 90, 100))
+    ((slot, (shape, dtype)),) = kernels.focal_loss_workspace(focal.pred.size, np.dtype(np.float64)).items()
+    with provided({slot: np.full(shape, np.nan, dtype)}):
+        check_focal_kernels(kernels, focal)
+    with provided({}), pytest.raises(RuntimeError, match="no buffer provided for slot 'centernet_chunk_scores'"):
+        check_decode_kernel(kernels, case)

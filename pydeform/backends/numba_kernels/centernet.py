@@ -443,25 +443,31 @@ class _CenterNetKernelSet:
     def __init__(self, chunk):
         self.chunk = chunk
 
+    def _decode_layout(self, params) -> tuple:
+        """(decode tasks, candidates per task, detections kept per image) of pass 1 / pass 2."""
+        per_image = params.classes * params.height * params.width
+        return params.batch * -(-per_image // self.chunk), min(params.k, self.chunk), min(params.k, per_image)
+
+    def decode_workspace(self, params, acc) -> dict:
+        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``acc``: the
+        detections' dtype): every task's candidates, then each image's merged top-K."""
+        n_tasks, capacity, kept = self._decode_layout(params)
+        candidates, merged = (n_tasks * capacity,), (params.batch * kept,)
+        return {"centernet_chunk_scores": (candidates, acc), "centernet_chunk_indices": (candidates, np.int64),
+                "centernet_top_scores": (merged, acc), "centernet_top_indices": (merged, np.int64)}
+
     def decode(self, heat, wh, reg, detections, params):
         heat, wh, reg = (_as_float(a) for a in (heat, wh, reg))
-        batch, per_image, k = params.batch, params.classes * params.height * params.width, params.k
-        capacity = min(k, self.chunk)
-        n_tasks = batch * -(-per_image // self.chunk)
-        acc = detections.dtype
         xp = self.xp
-        chunk_scores = scratch(xp, "centernet_chunk_scores", (n_tasks * capacity,), acc)
-        chunk_indices = scratch(xp, "centernet_chunk_indices", (n_tasks * capacity,), np.int64)
-        scores = scratch(xp, "centernet_top_scores", (batch * min(k, per_image),), acc)
-        indices = scratch(xp, "centernet_top_indices", (batch * min(k, per_image),), np.int64)
+        n_tasks, capacity, _ = self._decode_layout(params)
+        buffers = [scratch(xp, slot, shape, dtype)
+                   for slot, (shape, dtype) in self.decode_workspace(params, detections.dtype).items()]
         # A stand-in for an absent reg that is never read, not a view of another argument.
         reg = xp.zeros(1, heat.dtype) if reg is None else reg
         candidates, merge = self._kernels()[:2]
-        params = tuple(params)
-        self._run(candidates, n_tasks, flat(heat), chunk_scores, chunk_indices, self.chunk, capacity, params,
-                  n_tasks)
-        self._run(merge, batch, flat(wh), flat(reg), chunk_scores, chunk_indices, scores, indices, flat(detections),
-                  self.chunk, capacity, params)
+        batch, params = params.batch, tuple(params)
+        self._run(candidates, n_tasks, flat(heat), *buffers[:2], self.chunk, capacity, params, n_tasks)
+        self._run(merge, batch, flat(wh), flat(reg), *buffers, flat(detections), self.chunk, capacity, params)
 
     def targets(self, boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
         # The item count is the CUDA kernel's (one thread per object); the CPU kernel's tasks
@@ -469,11 +475,18 @@ class _CenterNetKernelSet:
         items = params.batch * min(params.max_boxes, params.max_objects)
         self._run(self._kernels()[2], items, *(flat(a) for a in (boxes, labels, heatmap, wh, reg, ind, reg_mask)), tuple(params))
 
+    @staticmethod
+    def focal_loss_workspace(size: int, acc) -> dict:
+        """The scratch one :meth:`focal_loss_sums` call takes for ``size`` pixels: the partial
+        sums of every chunk, ``{slot: (shape, dtype)}``."""
+        return {"centernet_focal_partials": ((3 * -(-size // FOCAL_CHUNK),), acc)}
+
     def focal_loss_sums(self, pred, target, sums, params):
         pred, target = _as_float(pred), _as_float(target)
         n = pred.size
         n_chunks = -(-n // FOCAL_CHUNK)
-        partials = scratch(self.xp, "centernet_focal_partials", (3 * n_chunks,), sums.dtype)
+        ((slot, (shape, dtype)),) = self.focal_loss_workspace(n, sums.dtype).items()
+        partials = scratch(self.xp, slot, shape, dtype)
         focal_partials, focal_total = self._kernels()[3:5]
         low, high = _clamp_bounds(sums.dtype)
         self._run(focal_partials, n_chunks, flat(pred), flat(target), partials, n, params.alpha, params.beta, low,
