@@ -14,7 +14,8 @@ sampling scheme (roi_align's regular grid, deform_psroi_pool's skipping and clam
   ``params_grad``, atomic adds into the accumulation-dtype gradients).
 - CPU: the forward likewise, one ``prange`` iteration per element, except plain roi_align's:
   its tasks are rows of bins of a roi, and each sample's set-up (position, clamps, corners,
-  weights) is computed once for all channels, which share it. In the backward, elements of
+  weights) is computed once for all channels, which share it, and applied to a channels-last
+  copy of the input, all channels of a corner at once. In the backward, elements of
   overlapping bins (neighbouring bins, rois that overlap) scatter into the same input pixels, so
   running elements in parallel would race without atomics. The backward therefore runs in two
   passes whose tasks own everything they write, and ``t.atomic_add`` is a plain add: pass 1
@@ -39,6 +40,7 @@ import math
 
 import numpy as np
 
+from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
@@ -50,9 +52,6 @@ _COORDINATE_LIMIT = float(2**40)
 # From 2**52 on every float64 is an integer: rounding leaves it alone (and math.floor, which
 # returns an int64 in Numba, never sees it).
 _INTEGRAL_FROM = float(2**52)
-# Samples whose set-ups roi_align's CPU forward holds at once (adaptive sampling can give a bin
-# any number of samples; the scratch stays small).
-SAMPLE_CHUNK = 64
 
 
 # Indices into the kernels' ``shape`` tuple.
@@ -173,8 +172,7 @@ def _element_functions(t):
     of ``(forward, input_grad, params_grad, source_channel)``, and under "roi_align_bin" the CPU
     forward of one roi_align bin for all channels."""
     atomic_add = t.atomic_add
-    setup, corners, weights_of = t.border_clamped_setup, t.border_clamped_corners, t.bilinear_weights
-    combine = t.bilinear_combine
+    setup, weights_of, combine = t.border_clamped_setup, t.bilinear_weights, t.bilinear_combine
     samplers = _sample_functions(t)
     scatter_sample = samplers[1]
 
@@ -264,59 +262,61 @@ def _element_functions(t):
         return value / max(count, 1)
 
     @t.device
-    def roi_align_bin_forward(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at, sample_weights):
-        """Bin (ph, pw) of roi k for every channel of plain roi_align (not position-sensitive).
+    def roi_align_bin_forward(k, ph, pw, input_hwc, rois, output, shape, params, per_channel):
+        """Bin (ph, pw) of roi k for every channel of plain roi_align (not position-sensitive),
+        from the channels-last copy ``input_hwc`` of the input (:mod:`.layout`).
 
-        The bin's samples are the same in every channel, so their set-ups are computed once, a
-        chunk of samples at a time (``sample_at`` rows (corner or -1 outside, row_step,
-        col_step) and ``sample_weights`` rows, both of SAMPLE_CHUNK rows), and then applied to
-        one channel plane after the other. ``per_channel`` (C_out floats) carries each channel's
-        sum or maximum across chunks; every channel sees the same samples in the same order as
-        :func:`roi_align_forward`, so the results are identical."""
+        The bin's samples are the same in every channel: each sample is set up once and its four
+        corners are read as runs of all C channels (SIMD loads). ``per_channel`` (C floats of the
+        accumulation) carries each channel's sum or maximum over the samples; every channel sees
+        the same samples in the same order and the same arithmetic as :func:`roi_align_forward`,
+        so the results are identical."""
         channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
         first_item = (k * channels * pooled_h + ph) * pooled_w + pw
         channel_stride = pooled_h * pooled_w
+        # Image b's element (0, 0, 0) is at b*C*H*W in both layouts.
         base = plane_of(k, 0, rois, shape)
         if base < 0:
             for c in range(channels):
                 output[first_item + c * channel_stride] = 0.0
             return
         height, width = shape[_H], shape[_W]
-        plane_size = height * width
         max_mode = params[9]
         grid = align_grid(k, ph, pw, rois, params)
         grid_w = grid[5]
         count = grid[4] * grid_w
         per_channel[:] = 0.0
-        for start in range(0, count, SAMPLE_CHUNK):
-            chunk = min(SAMPLE_CHUNK, count - start)
-            for j in range(chunk):
-                iy = (start + j) // grid_w
-                _, y, x = regular_position(grid, iy, start + j - iy * grid_w, height, width)
-                inside, corner, row_step, col_step, ly, lx, _, _ = setup(y, x, height, width)
-                sample_at[j, 0] = corner if inside else -1
-                sample_at[j, 1] = row_step
-                sample_at[j, 2] = col_step
-                w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
-                sample_weights[j, 0] = w00
-                sample_weights[j, 1] = w01
-                sample_weights[j, 2] = w10
-                sample_weights[j, 3] = w11
-            for c in range(channels):
-                plane = base + c * plane_size
-                result = per_channel[c]
-                for j in range(chunk):
-                    # An outside sample reads 0.0: it adds nothing, but takes part in the max.
-                    value = 0.0
-                    if sample_at[j, 0] >= 0:
-                        v00, v01, v10, v11 = corners(input, plane, sample_at[j, 0], sample_at[j, 1], sample_at[j, 2])
-                        value = combine(v00, v01, v10, v11, sample_weights[j, 0], sample_weights[j, 1],
-                                        sample_weights[j, 2], sample_weights[j, 3])
+        for j in range(count):
+            iy = j // grid_w
+            _, y, x = regular_position(grid, iy, j - iy * grid_w, height, width)
+            inside, corner, row_step, col_step, ly, lx, _, _ = setup(y, x, height, width)
+            if not inside:
+                # An outside sample reads 0.0: it adds nothing, but takes part in the max.
+                for c in range(channels):
                     if not max_mode:
-                        result += value
-                    elif start + j == 0 or value > result:
-                        result = value
-                per_channel[c] = result
+                        per_channel[c] += 0.0
+                    elif j == 0 or 0.0 > per_channel[c]:
+                        per_channel[c] = 0.0
+                continue
+            w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
+            # Unsigned indices (the corners are inside the image): no negative-index wraparound
+            # code, so the channel loops vectorise.
+            at00 = np.uint64(base + corner * channels)
+            at01 = at00 + np.uint64(col_step * channels)
+            at10 = at00 + np.uint64(row_step * channels)
+            at11 = at10 + np.uint64(col_step * channels)
+            if not max_mode:
+                for c in range(channels):
+                    u = np.uint64(c)
+                    per_channel[c] += combine(input_hwc[at00 + u], input_hwc[at01 + u], input_hwc[at10 + u],
+                                              input_hwc[at11 + u], w00, w01, w10, w11)
+            else:
+                for c in range(channels):
+                    u = np.uint64(c)
+                    value = combine(input_hwc[at00 + u], input_hwc[at01 + u], input_hwc[at10 + u],
+                                    input_hwc[at11 + u], w00, w01, w10, w11)
+                    if j == 0 or value > per_channel[c]:
+                        per_channel[c] = value
         for c in range(channels):
             output[first_item + c * channel_stride] = per_channel[c] if max_mode else per_channel[c] / max(count, 1)
 
@@ -622,17 +622,15 @@ class CpuKernels:
                 output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
 
         @cpu_kernel
-        def shared_sample_forward(input, rois, output, shape, params, n_rows):
+        def shared_sample_forward(input_hwc, rois, output, shape, params, n_rows):
             # One task per row of bins of a roi, each bin's sample set-ups shared by all channels.
             pooled_h, pooled_w = shape[_PH], shape[_PW]
             for task in prange(n_rows):
                 k = task // pooled_h
                 ph = task - k * pooled_h
                 per_channel = np.empty(shape[_C_OUT])
-                sample_at = np.empty((SAMPLE_CHUNK, 3), np.int64)
-                sample_weights = np.empty((SAMPLE_CHUNK, 4))
                 for pw in range(pooled_w):
-                    align_bin(k, ph, pw, input, rois, output, shape, params, per_channel, sample_at, sample_weights)
+                    align_bin(k, ph, pw, input_hwc, rois, output, shape, params, per_channel)
 
         @cpu_kernel
         def input_pass(grad_output, input, rois, first, second, grad_input, shape, params, n_rois):
@@ -752,7 +750,7 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
         kernels, shape = cpu_kernels(family), _shape(input, output)
         if kernels.shared_sample_forward is not None and not params.position_sensitive:
             rows = rois.shape[0] * params.pooled_h
-            kernels.shared_sample_forward(flat(input), flat(rois), flat(output), shape, tuple(params), rows)
+            kernels.shared_sample_forward(channels_last(input), flat(rois), flat(output), shape, tuple(params), rows)
             return
         first, second = self._stand_ins((first, second), input)
         kernels.forward(flat(input), flat(rois), first, second, flat(output), shape, tuple(params), output.size)
