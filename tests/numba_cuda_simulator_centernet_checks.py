@@ -40,6 +40,7 @@ DECODE_PROBLEMS = {
     "cat-spec-wh-no-reg-chunk3": dict(K=4, chunk=3, with_reg=False, cat_spec_wh=True, kernel=1),
     "K-beyond-scores-chunk7": dict(K=27, chunk=7, kernel=5, down_ratio=4.0),
     "one-chunk": dict(K=5, chunk=1024),
+    "default-chunk": dict(K=5, chunk=None),
 }
 
 

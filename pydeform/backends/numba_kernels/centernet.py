@@ -4,7 +4,8 @@ sections 4 and 4b; the kernel-set interface is described in :mod:`pydeform.cente
 
 Decode, in two passes over flat scores (index ``i = c*H*W + y*W + x`` within an image):
 
-1. One task per chunk of :data:`CPU_CHUNK` / :data:`CUDA_CHUNK` consecutive indices of an image
+1. One task per chunk of consecutive indices of an image (:data:`CPU_CHUNK`; on CUDA see
+   :func:`cuda_chunk`)
    reads each heat value and its window once (the peak test), and keeps the chunk's best
    ``min(K, chunk)`` (score, index) candidates in a bounded heap in scratch memory. "Better"
    is a strict total order: higher score, then lower index; the heap's root is its worst entry,
@@ -38,10 +39,10 @@ import numpy as np
 from ..._workspace import scratch
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
-# Flat scores per decode task (pass 1). A CPU task's heap of K candidates stays in cache; a
-# CUDA thread walks its chunk alone, so smaller chunks give more threads.
+# Flat scores per CPU decode task (pass 1); its heap of K candidates stays in cache.
 CPU_CHUNK = 16384
-CUDA_CHUNK = 1024
+# The smallest CUDA decode chunk.
+MIN_CUDA_CHUNK = 256
 # Pixels per focal-loss partial sum.
 FOCAL_CHUNK = 8192
 # The float64 eps below which the original code zeroes Gaussian entries (relative to the peak 1).
@@ -425,6 +426,14 @@ def cuda_kernels():
     return candidates, merge, targets, focal_partials, focal_total, grad
 
 
+def cuda_chunk(per_image: int, k: int) -> int:
+    """Scores per CUDA decode thread: a thread walks its chunk serially (pass 1) and one thread
+    per image walks every chunk's candidates (pass 2), so their serial lengths, ``chunk`` and
+    ``per_image / chunk * min(k, chunk)``, are balanced: ``chunk = sqrt(per_image * k)``, at least
+    :data:`MIN_CUDA_CHUNK` (PERF.md's shape: 11448 scores, 115 threads per image)."""
+    return max(MIN_CUDA_CHUNK, math.isqrt(per_image * min(k, per_image)))
+
+
 def _clamp_bounds(dtype):
     """The focal loss clamp bounds rounded to the accumulation dtype ``dtype``, as floats."""
     return float(dtype.type(CLAMP_LOW)), float(dtype.type(CLAMP_HIGH))
@@ -437,21 +446,19 @@ def _as_float(array):
 
 class _CenterNetKernelSet:
     """The kernel-set interface of :mod:`pydeform.centernet` over the kernels of one target;
-    subclasses give ``xp``, ``_kernels()`` and ``_run(kernel, n_items, *args)``. ``chunk`` is
-    the number of flat scores per decode task (pass 1)."""
-
-    def __init__(self, chunk):
-        self.chunk = chunk
+    subclasses give ``xp``, ``_kernels()``, ``_run(kernel, n_items, *args)`` and
+    ``_chunk(per_image, k)``, the number of flat scores per decode task (pass 1)."""
 
     def _decode_layout(self, params) -> tuple:
-        """(decode tasks, candidates per task, detections kept per image) of pass 1 / pass 2."""
+        """(decode tasks, scores per task, candidates per task, detections kept per image)."""
         per_image = params.classes * params.height * params.width
-        return params.batch * -(-per_image // self.chunk), min(params.k, self.chunk), min(params.k, per_image)
+        chunk = self._chunk(per_image, params.k)
+        return params.batch * -(-per_image // chunk), chunk, min(params.k, chunk), min(params.k, per_image)
 
     def decode_workspace(self, params, acc) -> dict:
         """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``acc``: the
         detections' dtype): every task's candidates, then each image's merged top-K."""
-        n_tasks, capacity, kept = self._decode_layout(params)
+        n_tasks, _, capacity, kept = self._decode_layout(params)
         candidates, merged = (n_tasks * capacity,), (params.batch * kept,)
         return {"centernet_chunk_scores": (candidates, acc), "centernet_chunk_indices": (candidates, np.int64),
                 "centernet_top_scores": (merged, acc), "centernet_top_indices": (merged, np.int64)}
@@ -459,15 +466,15 @@ class _CenterNetKernelSet:
     def decode(self, heat, wh, reg, detections, params):
         heat, wh, reg = (_as_float(a) for a in (heat, wh, reg))
         xp = self.xp
-        n_tasks, capacity, _ = self._decode_layout(params)
+        n_tasks, chunk, capacity, _ = self._decode_layout(params)
         buffers = [scratch(xp, slot, shape, dtype)
                    for slot, (shape, dtype) in self.decode_workspace(params, detections.dtype).items()]
         # A stand-in for an absent reg that is never read, not a view of another argument.
         reg = xp.zeros(1, heat.dtype) if reg is None else reg
         candidates, merge = self._kernels()[:2]
         batch, params = params.batch, tuple(params)
-        self._run(candidates, n_tasks, flat(heat), *buffers[:2], self.chunk, capacity, params, n_tasks)
-        self._run(merge, batch, flat(wh), flat(reg), *buffers, flat(detections), self.chunk, capacity, params)
+        self._run(candidates, n_tasks, flat(heat), *buffers[:2], chunk, capacity, params, n_tasks)
+        self._run(merge, batch, flat(wh), flat(reg), *buffers, flat(detections), chunk, capacity, params)
 
     def targets(self, boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
         # The item count is the CUDA kernel's (one thread per object); the CPU kernel's tasks
@@ -509,7 +516,10 @@ class NumbaCpuCenterNetKernels(_CenterNetKernelSet):
     xp = np
 
     def __init__(self, chunk=CPU_CHUNK):
-        super().__init__(chunk)
+        self.chunk = chunk
+
+    def _chunk(self, per_image, k):
+        return self.chunk
 
     @staticmethod
     def _kernels():
@@ -528,11 +538,15 @@ class NumbaCudaCenterNetKernels(_CenterNetKernelSet):
     host arrays under the CUDA simulator.
     """
 
-    def __init__(self, xp=None, chunk=CUDA_CHUNK):
-        super().__init__(chunk)
+    def __init__(self, xp=None, chunk=None):
+        """``chunk``: scores per decode task, or None for :func:`cuda_chunk`."""
         if xp is None:
             import cupy as xp
         self.xp = xp
+        self.chunk = chunk
+
+    def _chunk(self, per_image, k):
+        return cuda_chunk(per_image, k) if self.chunk is None else self.chunk
 
     @staticmethod
     def _kernels():
