@@ -7,7 +7,9 @@ NumPy computes directly: zero offsets and a unit mask give an ordinary convoluti
 an affine image is the affine function at the bin centres (bilinear interpolation is exact on
 it); RoI Pool of a ramp is the last pixel of each bin; position-sensitive pooling of a
 channel-constant input returns each bin's channel; deformable RoI pooling with zero offsets is
-aligned RoI Align, and its mask multiplies the output.
+aligned RoI Align, and its mask multiplies the output; CenterNet's decode of planted peaks
+returns them in order with their boxes, its targets of hand-worked boxes fill the slots and put
+1 at the centres, and its focal loss equals the formula.
 
 Each op adds its checks with the :func:`check` decorator; the runner crosses every registered
 check with every available backend and dtype it applies to and prints one table row per run.
