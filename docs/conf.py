@@ -5,6 +5,7 @@ Build from the repository root, warnings as errors:
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 """
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -31,6 +32,15 @@ exclude_patterns = ["_build", "**/__pycache__"]
 myst_enable_extensions = ["dollarmath"]
 # Headings become link targets (`page.md#heading`) down to level 3.
 myst_heading_anchors = 3
+
+# The API reference documents pydeform.torch and pydeform.jax. The docs extra does not install
+# torch or jax (gigabytes); where one is missing, autodoc stands in a mock for it.
+autodoc_mock_imports = []
+for framework in ("torch", "jax"):
+    try:
+        importlib.import_module(framework)
+    except ImportError:
+        autodoc_mock_imports.append(framework)
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -2,7 +2,8 @@
 
 In the pages, a ```` ```python ```` fence is a runnable example and a ```` ```{code-block} python ````
 directive an illustration (signatures). The examples of a page run in order in one namespace,
-as a reader would paste them. A ``print(...)`` whose line ends in a comment must print exactly
+as a reader would paste them (a CuPy, PyTorch or JAX example in a copy of it, see
+``uses_a_framework``). A ``print(...)`` whose line ends in a comment must print exactly
 that comment. Examples that import CuPy need a GPU: without one the page's other examples run
 here, and the gpu-marked run of the whole page is skipped (conftest.py).
 """
@@ -27,6 +28,12 @@ def examples(page):
 
 def needs_gpu(code):
     return re.search(r"^import cupy", code, re.MULTILINE) is not None
+
+
+def uses_a_framework(code):
+    """A CuPy, PyTorch or JAX example: it runs in a copy of the page's namespace, so its arrays
+    do not replace the NumPy ones of the examples after it."""
+    return re.search(r"^(import (cupy|torch|jax)|from pydeform\.(torch|jax) )", code, re.MULTILINE) is not None
 
 
 def expected_prints(code):
@@ -55,7 +62,7 @@ def expected_prints(code):
 def run_example(code, namespace, page):
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        exec(compile(code, f"docs/{page}", "exec"), namespace)
+        exec(compile(code, f"docs/{page}", "exec"), dict(namespace) if uses_a_framework(code) else namespace)
     printed = output.getvalue().splitlines()
     expected = expected_prints(code)
     assert len(printed) == len(expected), (code, printed)
