@@ -235,10 +235,11 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
     boxes = xp.ascontiguousarray(boxes)
-    labels = xp.ascontiguousarray(labels).astype(np.int64, copy=False)
+    labels = xp.ascontiguousarray(labels)
     batch, max_boxes = shape_of(labels)
     if labels.size:
-        # One device-to-host transfer of a flag on the GPU.
+        # One device-to-host transfer of a flag on the GPU. Checked before the int64 conversion,
+        # which would wrap unsigned labels of 2**63 and more to negative (padding) values.
         bad_label = (labels < -1) | (labels >= num_classes)
         bad_box = (labels >= 0) & ~xp.isfinite(boxes).all(axis=2)
         if bool((bad_label | bad_box).any()):
@@ -248,6 +249,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
                 f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
                 f"and, unless the label is -1, finite coordinates"
             )
+    labels = labels.astype(np.int64, copy=False)
     acc = boxes.dtype
     targets = CenterNetTargets(
         xp.zeros((batch, num_classes, out_h, out_w), dtype=acc),

@@ -97,6 +97,8 @@ TARGETS_RULES = {
     "labels-on-gpu": (gpu_array("labels"), TypeError, "labels", "numpy array like boxes, got a cupy array"),
     "label-too-large": (label_at(1, 0, 3), ValueError, "labels / boxes", r"object \[1, 0\] has label 3.*\[-1, 3\)"),
     "label-below-padding": (label_at(0, 1, -2), ValueError, "labels / boxes", "label -2"),
+    "label-uint64-huge": (lambda a: a.update(labels=np.array([[0, 2**64 - 1], [1, 0]], dtype=np.uint64)), ValueError,
+                          "labels / boxes", r"object \[0, 1\] has label"),
     "box-not-finite": (box_at(0, 1, np.inf), ValueError, "labels / boxes", r"object \[0, 1\].*finite coordinates"),
     "num_classes-zero": (setter(num_classes=0), ValueError, "num_classes", "expected an int >= 1, got 0"),
     "num_classes-float": (setter(num_classes=3.0), TypeError, "num_classes", "expected an int"),
