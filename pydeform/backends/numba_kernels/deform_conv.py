@@ -253,9 +253,9 @@ def _cpu_kernels():
                                 values[t, c] += weight[k] * input_hwc[at_k + np.uint64(c)]
             first = (b * channels + group_channel) * block + (point_row - group_row * points) * pixels + p_begin
             for c in range(per_group):
-                row = first + c * block
+                row = np.uint64(first + c * block)
                 for t in range(count):
-                    columns[row + t] = values[t, c]
+                    columns[row + np.uint64(t)] = values[t, c]
 
     @cpu_kernel
     def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
