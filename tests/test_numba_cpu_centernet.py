@@ -34,7 +34,8 @@ DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float3
 
 def with_chunk(chunk):
     """Patch the public ops to a CPU kernel set with ``chunk`` scores per decode task."""
-    return mock.patch.object(centernet_module, "centernet_kernels", lambda library, backend: NumbaCpuCenterNetKernels(chunk))
+    kernels = NumbaCpuCenterNetKernels(chunk)
+    return mock.patch.object(centernet_module, "centernet_kernels", lambda library, backend: kernels)
 
 
 @DTYPES

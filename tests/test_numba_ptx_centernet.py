@@ -52,8 +52,8 @@ def record_launches(dtype_name: str) -> list:
     targets = build_targets_case(rng, acc)
     batch, slots = targets.labels.shape[0], targets.max_objects
     kernels.targets(targets.boxes, targets.labels.astype(np.int64), np.zeros((batch, 3, 8, 10), acc),
-                    np.zeros((batch, slots, 2), acc), np.zeros((batch, slots, 2), acc), np.zeros((batch, slots), np.int64),
-                    np.zeros((batch, slots), np.uint8), targets.params())
+                    np.zeros((batch, slots, 2), acc), np.zeros((batch, slots, 2), acc),
+                    np.zeros((batch, slots), np.int64), np.zeros((batch, slots), np.uint8), targets.params())
     focal = build_focal_case(rng, acc).map_arrays(lambda a: a.astype(dtype))
     sums = np.zeros(3, acc)
     kernels.focal_loss_sums(focal.pred, focal.target, sums, focal.params())

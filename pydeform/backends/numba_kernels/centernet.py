@@ -5,9 +5,8 @@ sections 4 and 4b; the kernel-set interface is described in :mod:`pydeform.cente
 Decode, in two passes over flat scores (index ``i = c*H*W + y*W + x`` within an image):
 
 1. One task per chunk of consecutive indices of an image (:data:`CPU_CHUNK`; on CUDA see
-   :func:`cuda_chunk`)
-   reads each heat value and its window once (the peak test), and keeps the chunk's best
-   ``min(K, chunk)`` (score, index) candidates in a bounded heap in scratch memory. "Better"
+   :func:`cuda_chunk`) reads each heat value and its window once (the peak test), keeping the
+   chunk's best ``min(K, chunk)`` (score, index) candidates in a bounded heap in scratch. "Better"
    is a strict total order: higher score, then lower index; the heap's root is its worst entry,
    so a candidate costs one comparison unless it enters, and once the heap is full a pixel
    whose value (and 0) cannot beat the root skips the peak test altogether: with sigmoid
@@ -480,7 +479,8 @@ class _CenterNetKernelSet:
         # The item count is the CUDA kernel's (one thread per object); the CPU kernel's tasks
         # are heatmap planes.
         items = params.batch * min(params.max_boxes, params.max_objects)
-        self._run(self._kernels()[2], items, *(flat(a) for a in (boxes, labels, heatmap, wh, reg, ind, reg_mask)), tuple(params))
+        arrays = (boxes, labels, heatmap, wh, reg, ind, reg_mask)
+        self._run(self._kernels()[2], items, *(flat(a) for a in arrays), tuple(params))
 
     @staticmethod
     def focal_loss_workspace(size: int, acc) -> dict:
