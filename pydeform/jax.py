@@ -32,19 +32,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, int_pair
-from ._workspace import provided
-from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
+from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
+from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair
+from ._workspace import provided
+from .backends import centernet_kernels
+from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
 
 __all__ = [
+    "centernet_decode",
+    "centernet_focal_loss",
     "deform_conv2d",
     "deform_psroi_pool",
     "deform_roi_pool",
@@ -119,14 +124,15 @@ def _pointer(array) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _callback(run, names: tuple, backend):
-    """The buffer_callback body for ``run``; cached so that equal calls reuse XLA's compilation."""
+def _callback(run, names: tuple, backend, planned: bool):
+    """The buffer_callback body for ``run``; cached so that equal calls reuse XLA's compilation.
+    Unless ``planned``, the driver allocates its scratch itself."""
 
     def callback(ctx, out, *buffers):
         with _on_xla_stream(ctx, (buffers + tuple(out.values()))[0]):
             arrays = {name: _native(b, writeable=False) for name, b in zip(names, buffers)}
             targets = {slot: _native(b, writeable=True) for slot, b in out.items()}
-            with provided(targets):
+            with provided(targets) if planned else contextlib.nullcontext():
                 results = run(arrays, backend)
             for name, value in results.items():
                 # The drivers write into the provided outputs; a result computed elsewhere
@@ -142,7 +148,8 @@ def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
 
     ``outputs`` and ``plan`` map output and scratch slot names to ``(shape, dtype)``; XLA
     allocates both and the drivers find them through :func:`pydeform._workspace.provided`.
-    Returns the outputs as JAX arrays.
+    ``plan=None``: the op has no workspace plan; its driver allocates its own scratch and its
+    results are copied into XLA's outputs. Returns the outputs as JAX arrays.
     """
     names = tuple(arrays)
     values = [arrays[name] for name in names]
@@ -150,8 +157,9 @@ def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
         return _fallback(run, names, values, outputs, backend)
     from jax.experimental.buffer_callback import buffer_callback
 
-    results = {slot: jax.ShapeDtypeStruct(tuple(shape), dtype) for slot, (shape, dtype) in {**outputs, **plan}.items()}
-    flat = buffer_callback(_callback(run, names, backend), results, vmap_method="sequential")(*values)
+    slots = {**outputs, **(plan or {})}
+    results = {slot: jax.ShapeDtypeStruct(tuple(shape), dtype) for slot, (shape, dtype) in slots.items()}
+    flat = buffer_callback(_callback(run, names, backend, plan is not None), results, vmap_method="sequential")(*values)
     return {name: flat[name] for name in outputs}
 
 
@@ -204,9 +212,11 @@ class _Op:
     """One array-level op and its backward as a family of ``custom_vjp`` functions.
 
     ``forward(**arrays, **static, backend=)`` and ``backward(grad_output=, **arrays, **static,
-    backend=)`` are the array-level API functions; ``plan(shapes, dtype, static)`` checks the
-    shapes and static arguments and returns ``(output shape, forward plan, backward plan)``.
-    Gradients are returned for every array argument; ``no_grad`` ones (the boxes) get zeros.
+    backend=)`` are the array-level API functions; ``plan(shapes, dtype, static, backend)`` checks the
+    shapes and static arguments and returns ``(output shape, output dtype, forward plan,
+    backward plan)`` (a plan None: see :func:`_launch`); ``dtype`` is the first array's.
+    Gradients are returned for every array argument; ``no_grad`` ones (the boxes, a target) get
+    zeros. A backward returning one array (not a NamedTuple) gives the first argument's gradient.
     """
 
     def __init__(self, forward, backward, plan, no_grad=()):
@@ -216,7 +226,8 @@ class _Op:
         present = tuple(name for name, value in arrays.items() if value is not None)
         key = tuple(sorted((name, _hashable(value)) for name, value in static.items()))
         # Check everything at trace time, before a callback is built.
-        self.plan({name: tuple(arrays[name].shape) for name in present}, np.dtype(arrays[present[0]].dtype), static)
+        self.plan({name: tuple(arrays[name].shape) for name in present}, np.dtype(arrays[present[0]].dtype),
+                  dict(static), backend)
         op = self._vjp(present, key, backend)
         return op(*(arrays[name] for name in present))
 
@@ -226,26 +237,27 @@ class _Op:
 
         def plan(arrays: dict):
             shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-            return (*self.plan(shapes, np.dtype(arrays["input"].dtype), static), shapes)
+            return (*self.plan(shapes, np.dtype(arrays[present[0]].dtype), static, backend), shapes)
 
         def run_forward(arrays, backend):
             return {"output": self.forward(**arrays, **static, backend=backend)}
 
         def run_backward(arrays, backend):
             grads = self.backward(**arrays, **static, backend=backend)
+            if not isinstance(grads, tuple):
+                return {f"grad_{present[0]}": grads}
             return {f"grad_{name}": value for name, value in grads._asdict().items() if value is not None}
 
         def fwd(*values):
             arrays = dict(zip(present, values))
-            output_shape, forward_plan, _, _ = plan(arrays)
-            dtype = arrays["input"].dtype
-            out = _launch(run_forward, arrays, {"output": (output_shape, dtype)}, forward_plan, backend)["output"]
-            return out, values
+            output_shape, output_dtype, forward_plan, _, _ = plan(arrays)
+            out = _launch(run_forward, arrays, {"output": (output_shape, output_dtype)}, forward_plan, backend)
+            return out["output"], values
 
         def bwd(values, grad_output):
             arrays = dict(zip(present, values))
-            _, _, backward_plan, shapes = plan(arrays)
-            dtype = arrays["input"].dtype
+            _, _, _, backward_plan, shapes = plan(arrays)
+            dtype = arrays[present[0]].dtype
             grads = {f"grad_{name}": (shapes[name], dtype) for name in present if name not in self.no_grad}
             results = _launch(run_backward, {"grad_output": grad_output, **arrays}, grads, backward_plan, backend)
             return tuple(
@@ -260,11 +272,12 @@ class _Op:
         return op
 
 
-def _deform_conv2d_plan(shapes, dtype, static):
+def _deform_conv2d_plan(shapes, dtype, static, backend):  # the plan is the same for every backend
     geometry = deform_conv2d_geometry(shapes, static["stride"], static["padding"], static["dilation"])
     n = shapes["input"][0]
     return (
         (n, geometry.out_channels, geometry.out_h, geometry.out_w),
+        dtype,
         deform_conv2d_workspace(n, geometry, dtype, backward=False),
         deform_conv2d_workspace(n, geometry, dtype, backward=True),
     )
@@ -323,11 +336,11 @@ def _rois(rois, dtype):
 def _roi_family(forward, backward, params):
     """An :class:`_Op` for a RoI op whose ``params(shapes, k, **static)`` checks its arguments."""
 
-    def plan(shapes, dtype, static):
+    def plan(shapes, dtype, static, backend):  # the plan is the same for every backend
         k = shapes["rois"][0]
         output_shape = _roi.roi_output_shape(params(shapes, k, **static), k)
         grads = {f"grad_{name}": shape for name, shape in shapes.items() if name not in ("rois", "grad_output")}
-        return output_shape, {}, _roi.roi_workspace(grads, dtype)
+        return output_shape, dtype, {}, _roi.roi_workspace(grads, dtype)
 
     return _Op(forward, backward, plan, no_grad=("rois",))
 
@@ -416,3 +429,112 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
     static = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size, part_size=part_size,
                   sample_per_part=sample_per_part, trans_std=trans_std, spatial_scale=spatial_scale)
     return _roi_call(_DEFORM_PSROI_POOL, input, rois, static, backend, trans=trans)
+
+
+# ----------------------------------------------------------------------------------------------
+# CenterNet
+
+
+def _centernet_kernels(backend):
+    """The CenterNet kernel set the callbacks will run on this JAX's default platform."""
+    library = "numpy" if jax.default_backend() == "cpu" else "cupy"
+    return centernet_kernels(library, check_backend(backend, library))
+
+
+def _kernel_plan(kernels, method, *args):
+    """A kernel set's workspace plan, or None for a kernel set that does not publish one."""
+    planner = getattr(kernels, method, None)
+    return None if planner is None else planner(*args)
+
+
+def _check_on_empty_batch(function, arrays: dict, **static):
+    """Run the array-level ``function``'s checks at trace time on NumPy stand-ins with batch 0
+    (every check but the batch size, which all arrays must share; nothing is computed)."""
+    present = {name: value for name, value in arrays.items() if value is not None}
+    first_name, first = next(iter(present.items()))
+    for name, value in present.items():
+        if value.ndim and first.ndim and value.shape[0] != first.shape[0]:
+            raise ValueError(f"{name}: expected batch size {first.shape[0]} like {first_name}, got shape {value.shape}")
+    # Half types exist on the GPU only; the checks are the same for float32 stand-ins.
+    dtype = np.dtype(first.dtype) if np.dtype(first.dtype).name in _CPU_DTYPES else np.float32
+    stand_ins = {name: np.empty((0,) + tuple(v.shape[1:]), dtype) for name, v in arrays.items() if v is not None}
+    try:
+        function(**stand_ins, **static)
+    except (TypeError, ValueError) as error:
+        # Report the caller's batch size, not the stand-ins'.
+        raise type(error)(str(error).replace("(0, ", f"({first.shape[0]}, ")) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _centernet_decode_run(key: tuple):
+    static = dict(key)
+
+    def run(arrays, backend):
+        return {"output": _centernet.centernet_decode(**arrays, **static, backend=backend)}
+
+    return run
+
+
+def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, down_ratio=1.0, threshold=None,
+                     backend=None):
+    """:func:`pydeform.centernet_decode` on JAX arrays (no gradient: the inputs are
+    ``stop_gradient``-ed).
+
+    Args:
+        heat: ``[B, C, H, W]`` class scores (after the sigmoid).
+        wh: ``[B, 2, H, W]``, or ``[B, 2C, H, W]`` with ``cat_spec_wh``.
+        reg: ``[B, 2, H, W]`` or None.
+        K, kernel, cat_spec_wh, down_ratio, threshold, backend: as :func:`pydeform.centernet_decode`.
+
+    Returns:
+        ``[B, K, 6]`` rows ``(x1, y1, x2, y2, score, class)`` in heat's accumulation dtype.
+    """
+    arrays = {"heat": heat, "wh": wh, "reg": reg}
+    for name in ("heat", "wh"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    dtype = _check_arrays(arrays, {"heat": 4, "wh": 4, "reg": 4})
+    static = dict(K=K, kernel=kernel, cat_spec_wh=cat_spec_wh, down_ratio=down_ratio, threshold=threshold)
+    _check_on_empty_batch(_centernet.centernet_decode, arrays, **static)
+    batch, classes, height, width = heat.shape
+    acc = accumulation_dtype(dtype)
+    plan = {}
+    if batch and K:
+        params = _centernet.CenterNetDecodeParams(
+            batch, classes, height, width, int(K), int(kernel), bool(cat_spec_wh), reg is not None,
+            float(down_ratio), threshold is not None, 0.0 if threshold is None else float(threshold))
+        plan = _kernel_plan(_centernet_kernels(backend), "decode_workspace", params, acc)
+    present = {name: jax.lax.stop_gradient(value) for name, value in arrays.items() if value is not None}
+    run = _centernet_decode_run(tuple(sorted(static.items())))
+    return _launch(run, present, {"output": ((batch, int(K), 6), acc)}, plan, backend)["output"]
+
+
+def _focal_loss_plan(shapes, dtype, static, backend):
+    size = math.prod(shapes["pred"])
+    plan = _kernel_plan(_centernet_kernels(backend), "focal_loss_workspace", size, accumulation_dtype(dtype)) if size else {}
+    return (), dtype, plan, plan
+
+
+_FOCAL_LOSS = _Op(_centernet.centernet_focal_loss, _centernet.centernet_focal_loss_backward, _focal_loss_plan,
+                  no_grad=("target",))
+
+
+def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
+    """:func:`pydeform.centernet_focal_loss` on JAX arrays, differentiable in ``pred`` (the
+    target gets a zero gradient).
+
+    Args:
+        pred: ``[B, C, H, W]`` predicted heatmap.
+        target: ``[B, C, H, W]`` target heatmap, pred's dtype.
+        alpha, beta: finite exponents >= 0.
+
+    Returns:
+        The loss, a 0-d JAX array of pred's dtype.
+    """
+    arrays = {"pred": pred, "target": target}
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    _check_arrays(arrays, {"pred": 4, "target": 4})
+    _check_on_empty_batch(_centernet.centernet_focal_loss, arrays, alpha=alpha, beta=beta)
+    return _FOCAL_LOSS(arrays, dict(alpha=alpha, beta=beta), backend)
