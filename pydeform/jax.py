@@ -43,6 +43,7 @@ from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
 from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair
+from ._interop import _DLPACK_CUDA
 from ._workspace import provided
 from .backends import centernet_kernels
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
@@ -58,9 +59,6 @@ __all__ = [
     "roi_align",
     "roi_pool",
 ]
-
-# DLPack device type of CUDA memory (dlpack.h).
-_DLPACK_CUDA = 2
 
 
 def buffer_callback_available() -> bool:

@@ -1,0 +1,87 @@
+"""pydeform.jax on JAX GPU arrays (needs a GPU and a CUDA build of jaxlib): the cases of
+tests/test_jax_ops.py eagerly, under jit and grad under jit, on both GPU backends, against the
+NumPy API; float16 / bfloat16 against the CuPy API; CenterNet. CPU-side twins:
+tests/test_jax_ops.py, tests/test_jax_centernet.py and tests/test_jax_gpu_glue.py."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import pydeform  # noqa: E402
+import pydeform.jax as pdj  # noqa: E402
+from tests.test_jax_ops import CASES, IDS, off_integer  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("this jaxlib has no GPU backend (install jax[cuda12])")
+
+
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_float64_ops_and_gradients_match_the_numpy_api(gpu, case, backend):
+    expected = case.numpy()
+    names = list(case.arrays)
+    values = [jax.device_put(a, gpu) for a in case.arrays.values()]
+    op = getattr(pdj, case.name)
+
+    def function(*args):
+        return op(**dict(zip(names, args)), **case.static, backend=backend)
+
+    out = function(*values)
+    assert out.devices() == {gpu}
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.jit(function)(*values)), expected, rtol=1e-10, atol=1e-12)
+    cotangent = np.random.default_rng(5).standard_normal(expected.shape)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(function(*a) * cotangent), argnums=tuple(range(len(names)))))(*values)
+    expected_grads = case.numpy_grads(cotangent)
+    for name, grad in zip(names, grads):
+        if name in expected_grads:
+            np.testing.assert_allclose(np.asarray(grad), expected_grads[name], rtol=1e-9, atol=1e-10)
+    for value, original in zip(values, case.arrays.values()):
+        np.testing.assert_array_equal(np.asarray(value), original)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_types_match_the_cupy_api(gpu, dtype):
+    import cupy as cp
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 9, 9))
+    offset = off_integer(rng, (2, 18, 9, 9))
+    weight = 0.3 * rng.standard_normal((6, 4, 3, 3))
+    bias = rng.standard_normal(6)
+    arrays = [jax.device_put(jnp.asarray(a, dtype=dtype), gpu) for a in (x, offset, weight, bias)]
+    out = pdj.deform_conv2d(*arrays, padding=1)
+    assert out.dtype == jnp.dtype(dtype)
+    cupy_arrays = [cp.from_dlpack(a) for a in arrays]
+    expected = pydeform.deform_conv2d(*cupy_arrays, padding=1)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), cp.asnumpy(expected.astype(cp.float32)),
+                               rtol=2e-2, atol=2e-2)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(pdj.deform_conv2d(*a, padding=1).astype(jnp.float32)),
+                             argnums=(0, 1, 2, 3)))(*arrays)
+    expected_grads = pydeform.deform_conv2d_backward(cp.ones_like(expected), *cupy_arrays, padding=1)
+    for grad, want in zip(grads, expected_grads[:4]):
+        assert grad.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), cp.asnumpy(want.astype(cp.float32)),
+                                   rtol=5e-2, atol=5e-2)
+
+
+def test_centernet_on_the_gpu(gpu):
+    rng = np.random.default_rng(9)
+    heat, wh = rng.uniform(0, 1, (2, 3, 16, 16)), rng.uniform(1, 5, (2, 2, 16, 16))
+    expected = pydeform.centernet_decode(heat, wh, K=20)
+    out = jax.jit(lambda h, w: pdj.centernet_decode(h, w, K=20))(jax.device_put(heat, gpu), jax.device_put(wh, gpu))
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12)
+    pred = rng.uniform(0.05, 0.95, heat.shape)
+    target = np.where(rng.uniform(size=heat.shape) > 0.9, 1.0, 0.5 * heat)
+    grad = jax.jit(jax.grad(pdj.centernet_focal_loss))(jax.device_put(pred, gpu), jax.device_put(target, gpu))
+    np.testing.assert_allclose(np.asarray(grad), pydeform.centernet_focal_loss_backward(np.array(1.0), pred, target),
+                               rtol=1e-10, atol=1e-14)

@@ -1,0 +1,100 @@
+"""CPU-side twin of the JAX GPU path: what the buffer_callback body does with CUDA buffers
+(CuPy views, XLA's stream and the buffer's device made current), checked with stand-ins for
+XLA's buffers and for CuPy; tests/test_gpu_jax.py runs the real thing."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+import pydeform.jax as pdj  # noqa: E402
+
+
+class FakeCudaBuffer:
+    """An XLA buffer on CUDA device ``device``, backed by a NumPy array."""
+
+    def __init__(self, array, device):
+        self.array, self.device = array, device
+
+    def __dlpack_device__(self):
+        return (2, self.device)
+
+
+class FakeCupy(types.ModuleType):
+    def __init__(self):
+        super().__init__("cupy")
+        self.events = []
+        fake = self
+
+        class Device:
+            def __init__(self, device_id):
+                self.device_id = device_id
+
+            def __enter__(self):
+                fake.events.append(("device", self.device_id))
+
+            def __exit__(self, *exc):
+                fake.events.append(("device exit", self.device_id))
+
+        class ExternalStream:
+            def __init__(self, ptr, device_id):
+                self.ptr, self.device_id = ptr, device_id
+
+            def __enter__(self):
+                fake.events.append(("stream", self.ptr, self.device_id))
+
+            def __exit__(self, *exc):
+                fake.events.append(("stream exit", self.ptr))
+
+        self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream)
+
+    def asarray(self, buffer):
+        self.events.append(("asarray", buffer.device))
+        return buffer.array
+
+
+def test_cuda_buffers_become_cupy_views_on_xlas_stream_and_device(monkeypatch):
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    seen = {}
+
+    def run(arrays, backend):
+        seen["arrays"], seen["backend"] = arrays, backend
+        seen["events at run"] = list(fake.events)
+        return {"output": arrays["x"] * 2}
+
+    callback = pdj._callback(run, ("x",), "cupy", False)
+    x = FakeCudaBuffer(np.arange(4.0), device=1)
+    out = FakeCudaBuffer(np.zeros(4), device=1)
+    ctx = types.SimpleNamespace(stream=0xABC)
+    callback(ctx, {"output": out}, x)
+    assert seen["backend"] == "cupy"
+    assert seen["events at run"][:2] == [("device", 1), ("stream", 0xABC, 1)]
+    assert ("asarray", 1) in seen["events at run"]
+    assert fake.events[-2:] == [("stream exit", 0xABC), ("device exit", 1)]
+    # The result was computed out of place, so it was copied into XLA's output buffer.
+    np.testing.assert_array_equal(out.array, [0.0, 2.0, 4.0, 6.0])
+
+
+def test_cpu_buffers_skip_the_stream_and_inputs_are_read_only():
+    class CpuBuffer:
+        def __init__(self, array):
+            self.array = array
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __array__(self, dtype=None, copy=None):
+            return self.array
+
+    def run(arrays, backend):
+        with pytest.raises(ValueError, match="read-only"):
+            arrays["x"][0] = 1.0
+        return {"output": arrays["x"] + 1}
+
+    x, out = CpuBuffer(np.zeros(3)), CpuBuffer(np.zeros(3))
+    pdj._callback(run, ("x",), None, True)(types.SimpleNamespace(), {"output": out}, x)
+    np.testing.assert_array_equal(out.array, 1.0)
+    np.testing.assert_array_equal(x.array, 0.0)
