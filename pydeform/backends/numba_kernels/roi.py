@@ -12,10 +12,11 @@ sampling scheme (roi_align's regular grid, deform_psroi_pool's skipping and clam
 
 - CUDA: one thread per output element in the forward and in the backward (``input_grad`` then
   ``params_grad``, atomic adds into the accumulation-dtype gradients).
-- CPU: the forward likewise, one ``prange`` iteration per element, except plain roi_align's:
-  its tasks are rows of bins of a roi, and each sample's set-up (position, clamps, corners,
-  weights) is computed once for all channels, which share it, and applied to a channels-last
-  copy of the input, all channels of a corner at once. In the backward, elements of
+- CPU: the forward likewise, one ``prange`` iteration per element, except plain roi_align's and
+  roi_pool's: their tasks are rows of bins of a roi, and each bin's set-up (roi_align: each
+  sample's position, clamps, corners, weights; roi_pool: the window) is computed once for all
+  channels, which share it, and applied to a channels-last copy of the input, all channels of
+  a pixel at once. In the backward, elements of
   overlapping bins (neighbouring bins, rois that overlap) scatter into the same input pixels, so
   running elements in parallel would race without atomics. The backward therefore runs in two
   passes whose tasks own everything they write, and ``t.atomic_add`` is a plain add: pass 1
@@ -169,8 +170,8 @@ def _grid_loops(t, samplers, position):
 
 def _element_functions(t):
     """Compile every family's element functions for ``t``; returns a dict keyed by family name
-    of ``(forward, input_grad, params_grad, source_channel)``, and under "roi_align_bin" the CPU
-    forward of one roi_align bin for all channels."""
+    of ``(forward, input_grad, params_grad, source_channel)``, and under "shared_bins", by
+    family, the CPU forward of one bin for all channels from a channels-last input."""
     atomic_add = t.atomic_add
     setup, weights_of, combine = t.border_clamped_setup, t.bilinear_weights, t.bilinear_combine
     samplers = _sample_functions(t)
@@ -397,6 +398,37 @@ def _element_functions(t):
         return value / ((h1 - h0) * (w1 - w0))
 
     @t.device
+    def roi_pool_bin_forward(k, ph, pw, input_hwc, rois, output, shape, params, per_channel):
+        """Bin (ph, pw) of roi k for every channel of plain roi_pool (not position-sensitive),
+        from the channels-last copy ``input_hwc``: each window pixel's channels are one run
+        (SIMD loads) compared with every channel's running maximum in ``per_channel`` at once.
+        The same pixels in the same order and the same comparisons as :func:`roi_pool_forward`
+        (first pixel, then strictly greater), so the results are identical."""
+        channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
+        first_item = (k * channels * pooled_h + ph) * pooled_w + pw
+        channel_stride = pooled_h * pooled_w
+        base = plane_of(k, 0, rois, shape)  # image b's element (0, 0, 0), as for roi_align
+        h0, h1, w0, w1 = pool_window(k, ph, pw, rois, params)
+        if base < 0 or h1 <= h0 or w1 <= w0:
+            for c in range(channels):
+                output[first_item + c * channel_stride] = 0.0
+            return
+        width = shape[_W]
+        for h in range(h0, h1):
+            for w in range(w0, w1):
+                at = np.uint64(base + (h * width + w) * channels)
+                if h == h0 and w == w0:
+                    for c in range(channels):
+                        per_channel[c] = input_hwc[at + np.uint64(c)]
+                else:
+                    for c in range(channels):
+                        value = input_hwc[at + np.uint64(c)]
+                        if value > per_channel[c]:
+                            per_channel[c] = value
+        for c in range(channels):
+            output[first_item + c * channel_stride] = per_channel[c]
+
+    @t.device
     def roi_pool_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
         plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape)
         if plane < 0:
@@ -569,7 +601,7 @@ def _element_functions(t):
         atomic_add(grad_trans, at + part_size * part_size, trans_std * roi_h * grad_sample * sum_dy)
 
     return {
-        "roi_align_bin": roi_align_bin_forward,
+        "shared_bins": {"roi_align": roi_align_bin_forward, "roi_pool": roi_pool_bin_forward},
         "roi_align": (roi_align_forward, roi_align_input_grad, no_params_grad, align_channel),
         "roi_pool": (roi_pool_forward, roi_pool_input_grad, no_params_grad, pool_channel),
         "deform_roi_pool": (deform_roi_pool_forward, deform_roi_pool_input_grad, deform_roi_pool_params_grad,
@@ -613,7 +645,7 @@ class CpuKernels:
 
         elements, split = _cpu_functions()
         forward, input_grad, params_grad, source_channel = elements[family]
-        align_bin = elements["roi_align_bin"]
+        shared_bin = elements["shared_bins"].get(family)
 
         @cpu_kernel
         def forward_kernel(input, rois, first, second, output, shape, params, n_items):
@@ -622,15 +654,15 @@ class CpuKernels:
                 output[item] = forward(k, c, ph, pw, input, rois, first, second, shape, params)
 
         @cpu_kernel
-        def shared_sample_forward(input_hwc, rois, output, shape, params, n_rows):
-            # One task per row of bins of a roi, each bin's sample set-ups shared by all channels.
+        def shared_bin_forward(input_hwc, rois, output, shape, params, n_rows):
+            # One task per row of bins of a roi, each bin's set-up shared by all channels.
             pooled_h, pooled_w = shape[_PH], shape[_PW]
             for task in prange(n_rows):
                 k = task // pooled_h
                 ph = task - k * pooled_h
                 per_channel = np.empty(shape[_C_OUT])
                 for pw in range(pooled_w):
-                    align_bin(k, ph, pw, input_hwc, rois, output, shape, params, per_channel)
+                    shared_bin(k, ph, pw, input_hwc, rois, output, shape, params, per_channel)
 
         @cpu_kernel
         def input_pass(grad_output, input, rois, first, second, grad_input, shape, params, n_rois):
@@ -661,9 +693,9 @@ class CpuKernels:
                                 shape, params)
 
         self.forward, self.input_pass, self.params_pass = forward_kernel, input_pass, params_pass
-        # Plain roi_align (not position-sensitive: those bins read one channel each, nothing to
-        # share) runs the forward that shares each bin's sample set-ups across channels.
-        self.shared_sample_forward = shared_sample_forward if family == "roi_align" else None
+        # Plain roi_align and roi_pool (not position-sensitive: those bins read one channel each,
+        # nothing to share) run the forward that shares each bin's set-up across channels.
+        self.shared_bin_forward = None if shared_bin is None else shared_bin_forward
 
 
 @functools.lru_cache(maxsize=None)
@@ -748,9 +780,9 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
 
     def _forward(self, family, input, rois, first, second, output, params):
         kernels, shape = cpu_kernels(family), _shape(input, output)
-        if kernels.shared_sample_forward is not None and not params.position_sensitive:
+        if kernels.shared_bin_forward is not None and not params.position_sensitive:
             rows = rois.shape[0] * params.pooled_h
-            kernels.shared_sample_forward(channels_last(input), flat(rois), flat(output), shape, tuple(params), rows)
+            kernels.shared_bin_forward(channels_last(input), flat(rois), flat(output), shape, tuple(params), rows)
             return
         first, second = self._stand_ins((first, second), input)
         kernels.forward(flat(input), flat(rois), first, second, flat(output), shape, tuple(params), output.size)
