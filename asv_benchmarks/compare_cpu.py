@@ -70,10 +70,12 @@ def main():
         ours = benchmark_cases.pydeform_calls(case, benchmark_cases.device_inputs(host, "float32")).forward
         peer = benchmark_cases.peer_calls(case, host, "float32").forward
         pydeform_seconds, peer_seconds = benchmark_cases.alternating_medians([ours, peer], args.rounds)
+        labels = ("pydeform (numba-cpu):", case.peer + ":", "ratio peer / pydeform:")
+        width = max(map(len, labels))
         print(f"{case.op} forward, {case.workload}:")
-        print(f"  {'pydeform (numba-cpu):':<28} {pydeform_seconds * 1e3:9.2f} ms  (median of {calls})")
-        print(f"  {case.peer + ':':<28} {peer_seconds * 1e3:9.2f} ms  (median of {calls})")
-        print(f"  ratio peer / pydeform: {peer_seconds / pydeform_seconds:8.2f}  (>= 1: pydeform is faster)")
+        print(f"  {labels[0]:<{width}} {pydeform_seconds * 1e3:9.2f} ms  (median of {calls})")
+        print(f"  {labels[1]:<{width}} {peer_seconds * 1e3:9.2f} ms  (median of {calls})")
+        print(f"  {labels[2]:<{width}} {peer_seconds / pydeform_seconds:9.2f}     (>= 1: pydeform is faster)")
     print("load average at the end (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
 
 
