@@ -124,53 +124,67 @@ def record_roi_launches(dtype_name: str) -> list:
     return launches
 
 
-def compile_all(cc: tuple) -> dict:
-    """Child process: compile every recorded launch for ``cc``; returns
-    ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
+def target_compute_capability(cc: tuple) -> None:
+    """Child process: make numba-cuda compile device functions for ``cc`` (see the docstring)."""
     import types as pytypes
 
-    import numba
     import numba.cuda.dispatcher
 
     numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
+
+
+def compile_kernel(kernel, signature, cc: tuple) -> dict:
+    """Child process: ``{"signature", "return", "target", "atomics"}`` of ``kernel`` compiled to
+    PTX for ``cc``, or ``{"signature", "error"}``."""
     from pydeform.backends.numba_cuda import cuda
 
-    def compile_kernel(kernel, signature):
-        try:
-            ptx, return_type = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
-        except Exception:
-            return {"signature": str(signature), "error": traceback.format_exc()}
-        return {
-            "signature": str(signature),
-            "return": str(return_type),
-            "target": re.findall(r"^\.target\s+(\S+)", ptx, re.M),
-            "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
-        }
+    try:
+        ptx, return_type = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
+    except Exception:
+        return {"signature": str(signature), "error": traceback.format_exc()}
+    return {
+        "signature": str(signature),
+        "return": str(return_type),
+        "target": re.findall(r"^\.target\s+(\S+)", ptx, re.M),
+        "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
+    }
 
+
+def compile_all(cc: tuple) -> dict:
+    """Child process: compile every recorded launch for ``cc``; returns
+    ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
+    import numba
+
+    target_compute_capability(cc)
     results, compiled = {}, {}
     for dtype_name in DTYPES:
         per_kernel = results.setdefault(dtype_name, {})
         for name, kernel, args in record_launches(dtype_name) + record_roi_launches(dtype_name):
             signature = tuple(numba.typeof(arg) for arg in args)
             if (name, signature) not in compiled:
-                compiled[name, signature] = compile_kernel(kernel, signature)
+                compiled[name, signature] = compile_kernel(kernel, signature, cc)
             entry = compiled[name, signature]
             previous = per_kernel.setdefault(name, entry)
             assert previous == entry, f"{dtype_name} {name}: two launches with different signatures"
     return results
 
 
-@pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
-def compiled(request):
-    cc = request.param
+def child_results(script, cc: tuple) -> dict:
+    """Run ``script`` with the argument ``major.minor`` in a child process without the CUDA
+    simulator; its last line of output, read as JSON."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep))
     result = subprocess.run(
-        [sys.executable, __file__, f"{cc[0]}.{cc[1]}"], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, str(script), f"{cc[0]}.{cc[1]}"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300,
     )
     assert result.returncode == 0, f"PTX child for sm_{cc[0]}{cc[1]} failed:\n{result.stdout}\n{result.stderr}"
-    return cc, json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def compiled(request):
+    return request.param, child_results(__file__, request.param)
 
 
 def check_compiled(compiled, dtype, kernel, tuples, scatters):

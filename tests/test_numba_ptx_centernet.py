@@ -1,27 +1,29 @@
 """Type-check and compile the Numba CUDA CenterNet kernels to PTX, without a GPU.
 
-As in tests/test_numba_ptx.py: ``NumbaCudaCenterNetKernels`` is driven on small NumPy arrays of
-every GPU dtype with its launcher replaced by a recorder, and ``numba.typeof`` of the recorded
-arguments is the signature given to ``numba.cuda.compile_ptx`` for sm_70, sm_80 and sm_90, in a
-child process (this file run as a script) where the current device's compute capability is the
-target's; the tests here judge what the child reports.
+As in tests/test_numba_ptx.py, whose child-process helpers it uses: ``NumbaCudaCenterNetKernels``
+is driven on small NumPy arrays of every GPU dtype with its launcher replaced by a recorder, and
+``numba.typeof`` of the recorded arguments is the signature given to ``numba.cuda.compile_ptx``
+for sm_70, sm_80 and sm_90, in a child process (this file run as a script) where the current
+device's compute capability is the target's; the tests here judge what the child reports.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 
-from tests.test_numba_ptx import ARITHMETIC, COMPUTE_CAPABILITIES, DTYPES
+from tests.test_numba_ptx import (
+    ARITHMETIC,
+    COMPUTE_CAPABILITIES,
+    DTYPES,
+    child_results,
+    compile_kernel,
+    target_compute_capability,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("candidates", "merge", "targets", "focal_partials", "focal_total", "grad")
 
 
@@ -64,30 +66,14 @@ def record_launches(dtype_name: str) -> list:
 
 def compile_all(cc: tuple) -> dict:
     """Child process: ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
-    import types as pytypes
-
     import numba
-    import numba.cuda.dispatcher
 
-    numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
-    from pydeform.backends.numba_cuda import cuda
-
+    target_compute_capability(cc)
     results = {}
     for dtype_name in DTYPES:
         per_kernel = results.setdefault(dtype_name, {})
         for name, kernel, args in record_launches(dtype_name):
-            signature = tuple(numba.typeof(arg) for arg in args)
-            try:
-                ptx, return_type = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
-            except Exception:
-                per_kernel[name] = {"signature": str(signature), "error": traceback.format_exc()}
-                continue
-            entry = {
-                "signature": str(signature),
-                "return": str(return_type),
-                "target": re.findall(r"^\.target\s+(\S+)", ptx, re.M),
-                "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
-            }
+            entry = compile_kernel(kernel, tuple(numba.typeof(arg) for arg in args), cc)
             previous = per_kernel.setdefault(name, entry)
             assert previous["signature"] == entry["signature"], f"{dtype_name} {name}: two signatures"
     return results
@@ -95,13 +81,7 @@ def compile_all(cc: tuple) -> dict:
 
 @pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
 def compiled(request):
-    cc = request.param
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep))
-    result = subprocess.run([sys.executable, __file__, f"{cc[0]}.{cc[1]}"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, f"PTX child for sm_{cc[0]}{cc[1]} failed:\n{result.stdout}\n{result.stderr}"
-    return cc, json.loads(result.stdout.strip().splitlines()[-1])
+    return request.param, child_results(__file__, request.param)
 
 
 @pytest.mark.slow
