@@ -276,6 +276,19 @@ def test_torch_decode_on_a_planted_heatmap():
     assert detections[0, 3, 4] == 0
 
 
+def test_the_suite_has_a_gpu_and_a_cpu_class_for_every_op(suite):
+    common = suite("common")
+    covered = {"gpu": set(), "cpu": set()}
+    for module in ("deform_conv", "roi", "centernet"):
+        for name, value in vars(suite(module)).items():
+            if isinstance(value, type) and not name.startswith("_") and getattr(value, "op", None):
+                bases = [device for device, base in (("gpu", common._GpuOp), ("cpu", common._CpuOp))
+                         if issubclass(value, base)]
+                assert len(bases) == 1, name
+                covered[bases[0]].add(value.op)
+    assert covered == {"gpu": set(bc.OPS), "cpu": set(bc.OPS)}
+
+
 def test_cpu_benchmark_classes_run(suite):
     """asv's calls of a CPU benchmark class: setup, then the timed call (small: the targets)."""
     centernet = suite("centernet")
