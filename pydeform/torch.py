@@ -31,6 +31,7 @@ from . import deform_conv as _deform_conv
 from . import roi as _roi
 from ._arrays import int_pair
 from ._interop import to_native
+from .roi import _float
 
 __all__ = [
     "CenterNetDecoder",
@@ -46,6 +47,7 @@ __all__ = [
     "RoIPool",
     "centernet_decode",
     "centernet_focal_loss",
+    "centernet_targets",
     "deform_conv2d",
     "deform_psroi_pool",
     "deform_roi_pool",
@@ -122,7 +124,7 @@ _AUTOCAST_LIBRARY = torch.library.Library("pydeform", "IMPL")
 
 #: Box arguments keep their dtype under autocast (coordinates of a few hundred pixels are not
 #: representable in bfloat16; the array API takes float32 boxes with half-precision images).
-_BOX_ARGUMENTS = ("rois",)
+_BOX_ARGUMENTS = ("rois", "boxes")
 
 
 def _argument_names(arguments: str) -> list:
@@ -144,14 +146,16 @@ def _autocast_arguments(args: tuple, names: list, device_type: str, dtype: torch
     )
 
 
-def _register_autocast(op, names: list):
+def _register_autocast(name: str, op, names: list):
+    """``torch.library.register_autocast`` casts to one fixed dtype and casts boxes too; this
+    rule casts to the dtype of the enclosing autocast region (float16 or bfloat16)."""
     key = torch._C.DispatchKey.AutocastCUDA
 
     def run_in_autocast_dtype(_keyset, *args):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return op(*_autocast_arguments(args, names, "cuda", torch.get_autocast_dtype("cuda")))
 
-    _AUTOCAST_LIBRARY.impl(op._name, run_in_autocast_dtype, "AutocastCUDA", with_keyset=True)
+    _AUTOCAST_LIBRARY.impl(name, run_in_autocast_dtype, "AutocastCUDA", with_keyset=True)
 
 
 def _define(name: str, arguments: str, returns: str, impl, fake):
@@ -159,7 +163,7 @@ def _define(name: str, arguments: str, returns: str, impl, fake):
     ``fake`` (the output for shape propagation) taking the arguments positionally."""
     op = torch.library.custom_op(f"pydeform::{name}", impl, mutates_args=(), schema=f"({arguments}) -> {returns}")
     op.register_fake(fake)
-    _register_autocast(op, _argument_names(arguments))
+    _register_autocast(name, op, _argument_names(arguments))
     return op
 
 
@@ -309,6 +313,24 @@ _centernet_decode_op = _define(
 )
 
 
+def _targets_fake(boxes, labels, num_classes, output_size, down_ratio, min_overlap, max_objects):
+    batch = boxes.shape[0]
+    per_object = boxes.new_empty((batch, max_objects, 2))
+    return (boxes.new_empty((batch, num_classes, *output_size)), per_object, torch.empty_like(per_object),
+            labels.new_empty((batch, max_objects), dtype=torch.int64),
+            labels.new_empty((batch, max_objects), dtype=torch.uint8))
+
+
+_TARGETS_ARGUMENTS = (
+    "Tensor boxes, Tensor labels, int num_classes, int[] output_size, float down_ratio, float min_overlap, "
+    "int max_objects"
+)
+_centernet_targets_op = _define(
+    "centernet_targets", _TARGETS_ARGUMENTS, "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    lambda *args: _call(_centernet.centernet_targets, _argument_names(_TARGETS_ARGUMENTS), args), _targets_fake,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Functional API
 
@@ -328,7 +350,8 @@ def _rois(boxes, input: Tensor) -> Tensor:
     rows = []
     for i, part in enumerate(boxes):
         if not isinstance(part, Tensor) or part.dim() != 2 or part.shape[1] != 4:
-            raise ValueError(f"rois[{i}]: expected a Tensor[L, 4], got {getattr(part, 'shape', type(part).__qualname__)}")
+            got = tuple(part.shape) if isinstance(part, Tensor) else type(part).__qualname__
+            raise ValueError(f"rois[{i}]: expected a Tensor[L, 4], got {got}")
         rows.append(torch.cat([part.new_full((part.shape[0], 1), i), part], dim=1))
     return torch.cat(rows)
 
@@ -366,25 +389,26 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
     Returns:
         Tensor[K, C, PH, PW].
     """
-    return _roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1), float(spatial_scale),
-                         sampling_ratio, aligned, mode)
+    return _roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
+                         _float("spatial_scale", spatial_scale), sampling_ratio, aligned, mode)
 
 
 def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
     """Position-sensitive RoI Align: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                            float(spatial_scale), sampling_ratio)
+                            _float("spatial_scale", spatial_scale), sampling_ratio)
 
 
 def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """RoI Pool: input Tensor[N, C, H, W] -> Tensor[K, C, PH, PW]."""
-    return _roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1), float(spatial_scale))
+    return _roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
+                        _float("spatial_scale", spatial_scale))
 
 
 def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """Position-sensitive RoI Pool: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                           float(spatial_scale))
+                           _float("spatial_scale", spatial_scale))
 
 
 def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output_size=7, spatial_scale: float = 1.0,
@@ -402,7 +426,7 @@ def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output
         Tensor[K, C, PH, PW]. Semantics: :func:`pydeform.deform_roi_pool`.
     """
     return _deform_roi_pool_op(input, _rois(rois, input), offset, _pair_list("output_size", output_size, 1),
-                               float(spatial_scale), sampling_ratio, float(gamma), mask)
+                               _float("spatial_scale", spatial_scale), sampling_ratio, _float("gamma", gamma), mask)
 
 
 def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, output_dim: Optional[int] = None,
@@ -412,7 +436,8 @@ def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, outpu
     trans Tensor[K, 2*num_classes, part_size, part_size] (optional) ->
     Tensor[K, output_dim, pooled_size, pooled_size]. Semantics: :func:`pydeform.deform_psroi_pool`."""
     return _deform_psroi_pool_op(input, _rois(rois, input), trans, output_dim, group_size, pooled_size, part_size,
-                                 sample_per_part, float(trans_std), float(spatial_scale))
+                                 sample_per_part, _float("trans_std", trans_std),
+                                 _float("spatial_scale", spatial_scale))
 
 
 def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: int = 100, *, kernel: int = 3,
@@ -420,29 +445,42 @@ def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: 
     """Top-K CenterNet detections: heat Tensor[B, C, H, W], wh Tensor[B, 2 or 2C, H, W],
     reg Tensor[B, 2, H, W] (optional) -> Tensor[B, K, 6] rows (x1, y1, x2, y2, score, class).
     Not differentiable. Semantics: :func:`pydeform.centernet_decode`."""
-    return _centernet_decode_op(heat, wh, reg, K, kernel, cat_spec_wh, float(down_ratio),
-                                None if threshold is None else float(threshold))
+    return _centernet_decode_op(heat, wh, reg, K, kernel, cat_spec_wh, _float("down_ratio", down_ratio),
+                                None if threshold is None else _float("threshold", threshold))
+
+
+def centernet_targets(boxes: Tensor, labels: Tensor, num_classes: int, output_size, *, down_ratio: float = 4,
+                      min_overlap: float = 0.7, max_objects: int = 128) -> _centernet.CenterNetTargets:
+    """CenterNet training targets of boxes Tensor[B, M, 4] and labels Tensor[B, M] (-1 pads):
+    :class:`pydeform.CenterNetTargets` of tensors (heatmap [B, num_classes, out_h, out_w], wh,
+    reg [B, max_objects, 2], ind int64 and reg_mask uint8 [B, max_objects]). Not differentiable.
+    Semantics: :func:`pydeform.centernet_targets`."""
+    return _centernet.CenterNetTargets(*_centernet_targets_op(
+        boxes, labels, num_classes, _pair_list("output_size", output_size, 1), _float("down_ratio", down_ratio),
+        _float("min_overlap", min_overlap), max_objects))
 
 
 def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta: float = 4) -> Tensor:
     """CenterNet's focal loss of pred / target Tensor[B, C, H, W]: a 0-d tensor, differentiable
     in ``pred``. Semantics: :func:`pydeform.centernet_focal_loss`."""
-    return _centernet_focal_loss_op(pred, target, float(alpha), float(beta))
+    return _centernet_focal_loss_op(pred, target, _float("alpha", alpha), _float("beta", beta))
 
 
 # ---------------------------------------------------------------------------------------------
 # Modules
 
 
-class DeformConv2d(nn.Module):
-    """torchvision's ``DeformConv2d``: same constructor, parameters (``weight``, ``bias``) and
-    initialisation; ``forward(input, offset, mask=None)``."""
+class _DeformableConvolution(nn.Module):
+    """What torchvision's and mmcv's deformable convolution modules share: the geometry
+    attributes and the ``weight`` [C_out, C_in/groups, kh, kw] and ``bias`` [C_out] parameters."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+                 bias: bool):
         super().__init__()
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+            raise ValueError(
+                f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
         self.stride = int_pair("stride", stride, minimum=1)
@@ -453,6 +491,18 @@ class DeformConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter("bias", None)
+
+    def _convolve(self, input: Tensor, offset: Tensor, mask: Optional[Tensor]) -> Tensor:
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+
+class DeformConv2d(_DeformableConvolution):
+    """torchvision's ``DeformConv2d``: same constructor, parameters (``weight``, ``bias``) and
+    initialisation; ``forward(input, offset, mask=None)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -464,30 +514,18 @@ class DeformConv2d(nn.Module):
     def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """input Tensor[N, C_in, H, W], offset Tensor[N, 2*Goff*kh*kw, Ho, Wo], mask
         Tensor[N, Goff*kh*kw, Ho, Wo] (optional) -> Tensor[N, C_out, Ho, Wo]."""
-        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return self._convolve(input, offset, mask)
 
 
-class ModulatedDeformConv2d(nn.Module):
+class ModulatedDeformConv2d(_DeformableConvolution):
     """mmcv's ``ModulatedDeformConv2d`` (DCNv2): same constructor, parameters (``weight``,
     ``bias``) and initialisation (uniform in +-1/sqrt(C_in*kh*kw), zero bias);
     ``forward(x, offset, mask)``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, deform_groups: int = 1, bias: bool = True):
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.groups, self.deform_groups = groups, deform_groups
-        self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
-        self.stride = int_pair("stride", stride, minimum=1)
-        self.padding = int_pair("padding", padding, minimum=0)
-        self.dilation = int_pair("dilation", dilation, minimum=1)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.deform_groups = deform_groups
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -499,7 +537,7 @@ class ModulatedDeformConv2d(nn.Module):
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         """x Tensor[N, C_in, H, W], offset Tensor[N, 2*deform_groups*kh*kw, Ho, Wo], mask
         Tensor[N, deform_groups*kh*kw, Ho, Wo] -> Tensor[N, C_out, Ho, Wo]."""
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return self._convolve(x, offset, mask)
 
 
 class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
@@ -521,8 +559,7 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         """x Tensor[N, C_in, H, W] -> Tensor[N, C_out, Ho, Wo]."""
         points = self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         offset, mask_logits = torch.split(self.conv_offset(x), [2 * points, points], dim=1)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             torch.sigmoid(mask_logits))
+        return self._convolve(x, offset, torch.sigmoid(mask_logits))
 
 
 class RoIAlign(nn.Module):
@@ -550,26 +587,29 @@ class PSRoIAlign(nn.Module):
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
-class RoIPool(nn.Module):
+class _RoIPoolModule(nn.Module):
+    """RoIPool and PSRoIPool: ``pool(input, rois, output_size, spatial_scale)``."""
+
+    pool = None
+
+    def __init__(self, output_size, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return self.pool(input, rois, self.output_size, self.spatial_scale)
+
+
+class RoIPool(_RoIPoolModule):
     """torchvision's ``RoIPool(output_size, spatial_scale)``."""
 
-    def __init__(self, output_size, spatial_scale: float):
-        super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
-
-    def forward(self, input: Tensor, rois) -> Tensor:
-        return roi_pool(input, rois, self.output_size, self.spatial_scale)
+    pool = staticmethod(roi_pool)
 
 
-class PSRoIPool(nn.Module):
+class PSRoIPool(_RoIPoolModule):
     """torchvision's ``PSRoIPool(output_size, spatial_scale)``."""
 
-    def __init__(self, output_size, spatial_scale: float):
-        super().__init__()
-        self.output_size, self.spatial_scale = output_size, spatial_scale
-
-    def forward(self, input: Tensor, rois) -> Tensor:
-        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
+    pool = staticmethod(ps_roi_pool)
 
 
 class DeformRoIPool(nn.Module):
@@ -579,7 +619,8 @@ class DeformRoIPool(nn.Module):
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
         super().__init__()
         self.output_size = int_pair("output_size", output_size, minimum=1)
-        self.spatial_scale, self.sampling_ratio, self.gamma = float(spatial_scale), int(sampling_ratio), float(gamma)
+        self.spatial_scale, self.gamma = _float("spatial_scale", spatial_scale), _float("gamma", gamma)
+        self.sampling_ratio = sampling_ratio
 
     def forward(self, input: Tensor, rois, offset: Optional[Tensor] = None) -> Tensor:
         """input Tensor[N, C, H, W], rois Tensor[K, 5], offset Tensor[K, 2, PH, PW] (optional)

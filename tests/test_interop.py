@@ -4,6 +4,9 @@ sharing memory where DLPack allows; bad arrays get errors naming the argument.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -25,6 +28,12 @@ def test_every_public_function_is_wrapped():
                  if callable(getattr(pydeform, name)) and not isinstance(getattr(pydeform, name), type)]
     assert len(functions) >= 14
     assert [f.__name__ for f in functions if not _is_entry(f)] == []
+
+
+def test_import_pydeform_imports_no_framework():
+    code = "import sys, pydeform; print(sorted({'torch', 'jax', 'cupy', 'numba'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def _torch(array, requires_grad=False):

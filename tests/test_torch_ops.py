@@ -118,8 +118,14 @@ def test_opcheck_forward_and_backward(name, args):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_opcheck_centernet_decode():
+def _centernet_targets_args():
+    boxes = torch.tensor([[[4.0, 6.0, 30.0, 22.0], [10.5, 2.0, 18.0, 40.0], [0, 0, 0, 0]]], dtype=torch.float64)
+    return (boxes, torch.tensor([[1, 0, -1]]), 2, [12, 10], 4.0, 0.7, 4)
+
+
+def test_opcheck_ops_without_gradient():
     torch.library.opcheck(ops.centernet_decode.default, _centernet_decode_args())
+    torch.library.opcheck(ops.centernet_targets.default, _centernet_targets_args())
 
 
 @pytest.mark.parametrize("name, args", DIFFERENTIABLE, ids=IDS)
@@ -172,6 +178,14 @@ def test_centernet_ops_match_array_api():
     expected = pydeform.centernet_decode(*(a.numpy() for a in args[:3]), K=7, down_ratio=4.0)
     assert detections.dtype == torch.float64 and detections.shape == (2, 7, 6)
     np.testing.assert_array_equal(detections.numpy(), expected)
+    boxes, labels, classes, size, down_ratio, overlap, objects = _centernet_targets_args()
+    targets = pt.centernet_targets(boxes, labels, classes, size, down_ratio=down_ratio, max_objects=objects)
+    expected = pydeform.centernet_targets(boxes.numpy(), labels.numpy(), classes, size, down_ratio=down_ratio,
+                                          max_objects=objects)
+    assert type(targets) is pydeform.CenterNetTargets
+    for got, want in zip(targets, expected):
+        assert isinstance(got, torch.Tensor)
+        np.testing.assert_array_equal(got.numpy(), want)
     pred, target, alpha, beta = _focal_loss_args()
     loss = pt.centernet_focal_loss(pred, target)
     loss.backward()
