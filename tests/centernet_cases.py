@@ -107,14 +107,28 @@ def assert_detections_match(got, expected: np.ndarray, dtype) -> None:
     assert_close("boxes", got[..., :4], expected[..., :4], dtype)
 
 
-def assert_centres_match(got, expected: np.ndarray, down_ratio: float) -> None:
-    """Without reg, each box centre is (x + 0.5, y + 0.5) * down_ratio: the pixels agree."""
+def assert_centres_match(got, expected: np.ndarray, down_ratio: float, reg=None) -> None:
+    """The detections sit at the reference's pixels. A box centre is (x + 0.5, y + 0.5) *
+    down_ratio without ``reg``; with it, (x + reg[b, 0, y, x], y + reg[b, 1, y, x]) * down_ratio,
+    whose pixel is the one with the nearest such centre (random offsets keep them apart)."""
     got = to_numpy(got).astype(np.float64)
 
-    def pixels(d):
-        return np.floor((d[..., 0:2] + d[..., 2:4]) / 2 / down_ratio)
+    def centres(d):
+        return (d[..., 0:2] + d[..., 2:4]) / 2 / down_ratio  # [B, K, 2] (x, y)
 
-    np.testing.assert_array_equal(pixels(got), pixels(expected), err_msg="positions differ")
+    if reg is None:
+        np.testing.assert_array_equal(np.floor(centres(got)), np.floor(centres(expected)), err_msg="positions differ")
+        return
+    reg = to_numpy(reg).astype(np.float64)
+    height, width = reg.shape[2:]
+    ys, xs = np.mgrid[0:height, 0:width]
+    for b in range(reg.shape[0]):
+        pixel_centres = np.stack([xs + reg[b, 0], ys + reg[b, 1]], axis=-1).reshape(-1, 2)  # [H*W, 2]
+
+        def pixels(d):
+            return np.abs(centres(d)[b][:, None, :] - pixel_centres[None]).max(axis=-1).argmin(axis=-1)
+
+        np.testing.assert_array_equal(pixels(got), pixels(expected), err_msg=f"positions differ in image {b}")
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,9 @@ def check_decode_kernel(kernels, case: DecodeCase) -> None:
     device = case.map_arrays(xp.asarray)
     detections = xp.full((case.heat.shape[0], case.K, 6), np.nan, dtype=acc)
     kernels.decode(device.heat, device.wh, device.reg, detections, case.params())
-    assert_detections_match(detections, case.reference(), dtype)
+    expected = case.reference()
+    assert_detections_match(detections, expected, dtype)
+    assert_centres_match(detections, expected, case.down_ratio, case.reg)
 
 
 def check_targets_kernel(kernels, case: TargetsCase) -> None:
