@@ -170,3 +170,22 @@ def test_decode_and_focal_loss_take_their_planned_workspace():
         check_focal_kernels(kernels, focal)
     with provided({}), pytest.raises(RuntimeError, match="no buffer provided for slot 'centernet_chunk_scores'"):
         check_decode_kernel(kernels, case)
+
+
+def test_non_contiguous_inputs():
+    case = build_decode_case(np.random.default_rng(15), np.float32, 2, 3, (5, 6), 9, cat_spec_wh=True)
+
+    def strided(a):  # the same values in a non-contiguous view (every other element of a copy)
+        return np.repeat(a, 2, axis=-1)[..., ::2]
+
+    assert not strided(case.heat).flags.c_contiguous
+    np.testing.assert_array_equal(case.map_arrays(strided).run(pydeform), case.run(pydeform))
+    focal = build_focal_case(np.random.default_rng(16), np.float32)
+    strided_focal = focal.map_arrays(lambda a: strided(a) if a.ndim == 4 else a)
+    np.testing.assert_array_equal(strided_focal.grad(pydeform), focal.grad(pydeform))
+    assert strided_focal.loss(pydeform) == focal.loss(pydeform)
+    targets = build_targets_case(np.random.default_rng(17), np.float64)
+    strided_boxes = np.repeat(targets.boxes, 2, axis=1)[:, ::2]
+    got = pydeform.centernet_targets(strided_boxes, targets.labels.T.copy().T, targets.num_classes,
+                                     targets.output_size, **targets.options())
+    assert_targets_match(got, targets.reference(), np.float64)
