@@ -67,9 +67,11 @@ def _dlpack_device(name: str, value) -> tuple[int, int]:
     try:
         device_type, device_id = value.__dlpack_device__()
     except Exception as error:  # e.g. torch's meta tensors: "Unknown device type meta for Dlpack"
+        # JAX tracers (under jit / grad / vmap) hold no memory to exchange.
+        hint = "; under jax.jit, jax.grad or jax.vmap use pydeform.jax" if _framework(value) == "jax" else ""
         raise ValueError(
             f"{name}: expected an array on the CPU or a CUDA GPU, got a {_describe(value)} whose device "
-            f"DLPack cannot describe ({error})"
+            f"DLPack cannot describe ({error}){hint}"
         ) from None
     device_type, device_id = int(device_type), int(device_id)
     if device_type not in (_DLPACK_CPU, _DLPACK_CUDA):

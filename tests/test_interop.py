@@ -151,6 +151,14 @@ def test_errors_name_the_argument():
         pydeform.roi_pool(image.half(), torch.zeros(1, 5, dtype=torch.float16), 2)
 
 
+def test_jax_tracers_are_pointed_to_pydeform_jax():
+    import jax
+
+    traced = jax.jit(lambda image: pydeform.roi_pool(image, jnp.zeros((1, 5)), 2))
+    with pytest.raises(ValueError, match=r"input: .*Tracer.*use pydeform\.jax"):
+        traced(jnp.ones((1, 1, 3, 3)))
+
+
 class _Foreign:
     """An array of a framework pydeform does not know, with no ``from_dlpack`` to answer in."""
 
