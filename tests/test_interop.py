@@ -40,8 +40,10 @@ def _torch(array, requires_grad=False):
     return torch.from_numpy(array.copy()).requires_grad_(requires_grad)
 
 
-def _assert_same(got, expected, rtol=1e-13):
-    """``got`` (torch / JAX, or a NamedTuple of them) holds the values of ``expected`` (NumPy)."""
+def _assert_same(got, expected, rtol=None):
+    """``got`` (torch / JAX, or a NamedTuple of them) holds the values of ``expected`` (NumPy):
+    the same kernels ran on the same values, so only the BLAS's blocking (which may depend on
+    the buffers' alignment) can move the last bits."""
     if expected is None:
         assert got is None
         return
@@ -53,7 +55,9 @@ def _assert_same(got, expected, rtol=1e-13):
     assert not isinstance(got, np.ndarray)
     values = got.detach().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
     assert values.dtype == expected.dtype and values.shape == expected.shape
-    np.testing.assert_allclose(values, expected, rtol=rtol, atol=0)
+    rtol = rtol or (1e-12 if expected.dtype == np.float64 else 1e-5)
+    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
+    np.testing.assert_allclose(values, expected, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.parametrize("with_mask, with_bias", [(True, True), (False, False)])
