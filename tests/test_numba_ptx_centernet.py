@@ -65,14 +65,17 @@ def record_launches(dtype_name: str) -> list:
 
 
 def compile_all(cc: tuple) -> dict:
-    """Child process: ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or {"error"}}}``."""
+    """Child process: ``{dtype: {kernel: {"signature", "return", "target", "atomics"} or
+    {"error"}}}``, and under ``"launches"`` each dtype's launched kernels in order."""
     import numba
 
     target_compute_capability(cc)
-    results = {}
+    results = {"launches": {}}
     for dtype_name in DTYPES:
         per_kernel = results.setdefault(dtype_name, {})
-        for name, kernel, args in record_launches(dtype_name):
+        launches = record_launches(dtype_name)
+        results["launches"][dtype_name] = [name for name, _, _ in launches]
+        for name, kernel, args in launches:
             entry = compile_kernel(kernel, tuple(numba.typeof(arg) for arg in args), cc)
             previous = per_kernel.setdefault(name, entry)
             assert previous["signature"] == entry["signature"], f"{dtype_name} {name}: two signatures"
@@ -82,6 +85,15 @@ def compile_all(cc: tuple) -> dict:
 @pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
 def compiled(request):
     return request.param, child_results(__file__, request.param)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_call_is_at_most_two_launches(compiled, dtype):
+    """Two decodes (two launches each: candidates, then merge with gather and boxes), targets (one),
+    focal loss sums (two) and gradient (one): nothing else is launched by the kernel set."""
+    assert compiled[1]["launches"][dtype] == ["candidates", "merge", "candidates", "merge", "targets",
+                                              "focal_partials", "focal_total", "grad"]
 
 
 @pytest.mark.slow
