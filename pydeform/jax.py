@@ -180,6 +180,11 @@ def _fallback(run, names, values, outputs, backend) -> dict:
 # Differentiable ops
 
 
+def _library() -> str:
+    """The array library the callbacks see on this JAX's default platform."""
+    return "numpy" if jax.default_backend() == "cpu" else "cupy"
+
+
 def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
     """JAX-side twin of :func:`pydeform._arrays.check_arrays` on abstract values: one floating
     dtype for all, the documented ranks. Returns the dtype."""
@@ -221,6 +226,7 @@ class _Op:
         self.forward, self.backward, self.plan, self.no_grad = forward, backward, plan, no_grad
 
     def __call__(self, arrays: dict, static: dict, backend):
+        check_backend(backend, _library())
         present = tuple(name for name, value in arrays.items() if value is not None)
         key = tuple(sorted((name, _hashable(value)) for name, value in static.items()))
         # Check everything at trace time, before a callback is built.
@@ -435,8 +441,7 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
 
 def _centernet_kernels(backend):
     """The CenterNet kernel set the callbacks will run on this JAX's default platform."""
-    library = "numpy" if jax.default_backend() == "cpu" else "cupy"
-    return centernet_kernels(library, check_backend(backend, library))
+    return centernet_kernels(_library(), check_backend(backend, _library()))
 
 
 def _kernel_plan(kernels, method, *args):
@@ -502,6 +507,7 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
             batch, classes, height, width, int(K), int(kernel), bool(cat_spec_wh), reg is not None,
             float(down_ratio), threshold is not None, 0.0 if threshold is None else float(threshold))
         plan = _kernel_plan(_centernet_kernels(backend), "decode_workspace", params, acc)
+    check_backend(backend, _library())
     present = {name: jax.lax.stop_gradient(value) for name, value in arrays.items() if value is not None}
     run = _centernet_decode_run(tuple(sorted(static.items())))
     return _launch(run, present, {"output": ((batch, int(K), 6), acc)}, plan, backend)["output"]

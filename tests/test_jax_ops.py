@@ -184,6 +184,8 @@ def test_float32_and_empty_batches():
         (lambda x, o, w: pdj.deform_conv2d(x, o.astype(jnp.float32), w), TypeError, "offset: expected dtype float64"),
         (lambda x, o, w: pdj.deform_conv2d(x.astype(jnp.int32), o, w), TypeError, "input: expected a floating"),
         (lambda x, o, w: pdj.deform_conv2d(None, o, w), TypeError, "input: expected an array, got None"),
+        (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cuda"), ValueError, "backend: expected None"),
+        (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cupy"), ValueError, "backend: 'cupy' runs on CuPy"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 4)), 2), ValueError, "rois: expected a [K, 5] array"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 5)), 2, mode="sum"), ValueError, "mode"),
         (lambda x, o, w: pdj.deform_roi_pool(x, jnp.zeros((2, 5)), offset=jnp.zeros((2, 2, 3, 3))), ValueError,
