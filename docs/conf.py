@@ -24,12 +24,11 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # the docstrings' Args: / Returns: sections
-    "sphinx.ext.mathjax",
+    "sphinx.ext.mathjax",  # the formulas of the docstrings (.. math::)
 ]
 source_suffix = {".md": "markdown"}
 # Figure scripts (*.py) and their outputs live beside the pages; only the pages are sources.
 exclude_patterns = ["_build", "**/__pycache__"]
-myst_enable_extensions = ["dollarmath"]
 # Headings become link targets (`page.md#heading`) down to level 3.
 myst_heading_anchors = 3
 
@@ -50,4 +49,3 @@ napoleon_use_rtype = False
 
 html_theme = "alabaster"
 html_title = f"pydeform {release}"
-html_static_path = []
