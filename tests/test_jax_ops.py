@@ -38,6 +38,13 @@ class Case:
         return [jnp.asarray(a) for a in self.arrays.values()]
 
 
+def assert_matches(actual, expected):
+    """Equal up to the last bits: the BLAS GEMM of deform_conv2d may block differently for XLA's
+    buffers than for NumPy's (alignment), so sums can round differently."""
+    tolerance = 1e-12 if np.dtype(expected.dtype) == np.float64 else 1e-5
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=tolerance, atol=tolerance)
+
+
 def off_integer(rng, shape, low=-2, high=2):
     """Values whose fractional part lies in [0.2, 0.8]: samples stay away from the bilinear kinks."""
     return rng.integers(low, high, shape) + rng.uniform(0.2, 0.8, shape)
@@ -90,8 +97,8 @@ def test_eager_and_jit_equal_the_numpy_api(case):
     function = case.jax_function()
     eager = function(*values)
     assert isinstance(eager, jax.Array) and eager.dtype == jnp.float64
-    np.testing.assert_array_equal(np.asarray(eager), expected)
-    np.testing.assert_array_equal(np.asarray(jax.jit(function)(*values)), expected)
+    assert_matches(eager, expected)
+    assert_matches(jax.jit(function)(*values), expected)
     for value, original in zip(values, originals):
         np.testing.assert_array_equal(np.asarray(value), original)
     for value, original in zip(case.arrays.values(), originals):
@@ -144,7 +151,7 @@ def test_vmap_maps_sequentially(case):
     mapped = jax.jit(jax.vmap(lambda first: function(first, *values[1:])))(stacked)
     for i in range(2):
         arrays = dict(case.arrays, **{names[0]: np.asarray(stacked[i])})
-        np.testing.assert_array_equal(np.asarray(mapped[i]), case.forward(**arrays, **case.static))
+        assert_matches(mapped[i], case.forward(**arrays, **case.static))
     grads = jax.vmap(jax.grad(lambda first: jnp.sum(function(first, *values[1:]))))(stacked)
     for i in range(2):
         arrays = dict(case.arrays, **{names[0]: np.asarray(stacked[i])})
@@ -168,7 +175,7 @@ def test_float32_and_empty_batches():
     weight = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
     out = pdj.deform_conv2d(jnp.asarray(x), jnp.asarray(offset), jnp.asarray(weight), padding=1)
     assert out.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(out), pydeform.deform_conv2d(x, offset, weight, padding=1))
+    assert_matches(out, pydeform.deform_conv2d(x, offset, weight, padding=1))
     empty = pdj.roi_align(jnp.asarray(x), jnp.zeros((0, 5), jnp.float32), 2)
     assert empty.shape == (0, 2, 2, 2)
     grad = jax.grad(lambda a: pdj.roi_align(a, jnp.zeros((0, 5), jnp.float32), 2).sum())(jnp.asarray(x))

@@ -38,7 +38,8 @@ def test_deform_conv2d_writes_into_the_provided_buffers(monkeypatch, column_byte
     with provided(buffers):
         out = pydeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
     assert np.shares_memory(out, buffers["output"])
-    np.testing.assert_array_equal(buffers["output"], expected)
+    # Last bits may differ: the BLAS GEMM can block differently for differently aligned buffers.
+    np.testing.assert_allclose(buffers["output"], expected, rtol=1e-12, atol=1e-12)
 
     grad_output = np.random.default_rng(1).standard_normal(expected.shape)
     expected_grads = pydeform.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
