@@ -76,3 +76,21 @@ def test_focal_loss_eager_jit_and_grad_under_jit():
 def test_focal_loss_check_grads():
     target = jnp.asarray(TARGET)
     check_grads(lambda p: pdj.centernet_focal_loss(p, target, beta=3), (jnp.asarray(PRED),), order=1, modes=["rev"])
+
+
+def test_cpu_centernet_scratch_is_planned_and_served_by_xla(monkeypatch):
+    """On the CPU the kernel set publishes its decode / focal-loss plans, so the callbacks run
+    with the strict provided-buffer block (an unplanned scratch request would raise)."""
+    planned = []
+    original = pdj._callback.__wrapped__
+
+    def spy(run, names, backend, is_planned):
+        planned.append(is_planned)
+        return original(run, names, backend, is_planned)
+
+    monkeypatch.setattr(pdj, "_callback", spy)
+    heat, wh, pred, target = (jnp.asarray(a) for a in (HEAT, WH[:, :2], PRED, TARGET))
+    np.testing.assert_array_equal(np.asarray(pdj.centernet_decode(heat, wh, K=6)),
+                                  pydeform.centernet_decode(HEAT, WH[:, :2], K=6))
+    jax.grad(pdj.centernet_focal_loss)(pred, target)
+    assert planned == [True, True, True]
