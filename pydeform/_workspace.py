@@ -5,6 +5,12 @@ every new page on first touch) than the im2col that fills it, so NumPy scratch b
 kept per thread and reused; concurrent calls from different threads never share one. CuPy's
 memory pool already reuses device blocks, so CuPy buffers are plain ``empty`` arrays. Every
 element of a scratch buffer is written by a kernel before it is read.
+
+A caller that owns the memory (:mod:`pydeform.jax`: XLA's buffers) runs a driver inside
+:func:`provided`; every :func:`scratch` and :func:`output` request is then served from its
+buffers, which it sized with the op's workspace plan (``deform_conv2d_workspace``,
+``roi_workspace``: ``{slot: (shape, dtype)}``, the plan the driver itself requests from).
+Results accumulated in float32 for half types go through :func:`accumulator` / :func:`finish`.
 """
 
 from __future__ import annotations
