@@ -6,6 +6,7 @@ once and every error names the argument, what was expected and what was received
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -15,6 +16,8 @@ __all__ = [
     "array_library",
     "check_arrays",
     "check_backend",
+    "check_finite_float",
+    "check_int",
     "int_pair",
     "shape_of",
 ]
@@ -105,6 +108,24 @@ def shape_of(array) -> tuple:
 def accumulation_dtype(dtype) -> np.dtype:
     """float64 accumulates in float64; float32, float16 and bfloat16 in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_int(name: str, value, minimum=None) -> int:
+    """An int argument (not a bool), >= ``minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_finite_float(name: str, value) -> float:
+    """A finite real argument (not a bool) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def int_pair(name: str, value, *, minimum: int) -> tuple[int, int]:

@@ -1,9 +1,11 @@
 """CenterNet ("Objects as Points"): fused heatmap decoding, training targets, focal loss.
 
 Semantics are SPEC sections 4 and 4b; docs/centernet.md explains them with an example. This
-module checks every argument once, allocates the outputs and calls the CenterNet kernel set of
-the backend (:func:`pydeform.backends.centernet_kernels`), whose methods are (all arrays
-C-contiguous, on the kernel set's device; T = the input dtype, A = its accumulation dtype):
+module checks every argument once, takes the outputs and its own scratch as
+:func:`centernet_workspace` plans them (from :mod:`pydeform._workspace`, so that a caller such
+as :mod:`pydeform.jax` can provide them) and calls the CenterNet kernel set of the backend
+(:func:`pydeform.backends.centernet_kernels`), whose methods are (all arrays C-contiguous, on
+the kernel set's device; T = the input dtype, A = its accumulation dtype):
 
 ``decode(heat, wh, reg, detections, params)`` with :class:`CenterNetDecodeParams`: heat
 ``[B, C, H, W]`` T, wh ``[B, 2, H, W]`` or ``[B, 2C, H, W]`` T, reg ``[B, 2, H, W]`` T or None,
@@ -21,6 +23,9 @@ number of positives), deterministically. ``focal_loss_grad(grad_output, pred, ta
 grad_pred, params)``: grad_output 0-d T, sums from ``focal_loss_sums``, grad_pred
 ``[B, C, H, W]`` T written entirely.
 
+``decode_workspace(params, A)`` and ``focal_loss_workspace(size, A)``: the scratch ``decode`` and
+``focal_loss_sums`` (over ``size`` elements) request, ``{slot: (shape, dtype)}``.
+
 Decisions SPEC leaves open:
 
 - detections have the accumulation dtype of heat (float64 for float64, float32 for float32,
@@ -33,16 +38,25 @@ Decisions SPEC leaves open:
 
 from __future__ import annotations
 
-import numbers
+import math
 from typing import NamedTuple
 
 import numpy as np
 
-from ._arrays import accumulation_dtype, array_library, check_arrays, check_backend, int_pair, shape_of
+from ._arrays import (
+    accumulation_dtype,
+    array_library,
+    check_arrays,
+    check_backend,
+    check_finite_float,
+    check_int,
+    int_pair,
+    shape_of,
+)
 from ._interop import dlpack_entry
 from ._rois import check_positive_float
+from ._workspace import output, scratch
 from .backends import centernet_kernels
-from .roi import _float, _int
 
 __all__ = [
     "CenterNetDecodeParams",
@@ -53,7 +67,13 @@ __all__ = [
     "centernet_focal_loss",
     "centernet_focal_loss_backward",
     "centernet_targets",
+    "centernet_workspace",
 ]
+
+#: Scratch slot of the focal loss's sums [3] (positive terms, negative terms, positives), in A.
+FOCAL_SUMS_SLOT = "centernet_focal_sums"
+#: Scratch slot of centernet_targets' labels as int64 (for labels of another integer dtype).
+TARGETS_LABELS_SLOT = "centernet_labels"
 
 
 class CenterNetDecodeParams(NamedTuple):
@@ -99,6 +119,45 @@ class CenterNetTargets(NamedTuple):
     reg: object
     ind: object
     reg_mask: object
+
+
+def centernet_workspace(kernels, params, dtype, *, labels_dtype=None, shape=None, backward=False):
+    """The buffers one CenterNet driver call takes, ``(outputs, scratch)``, each
+    ``{slot: (shape, dtype)}``: the drivers request theirs from this plan, and a caller that owns
+    the memory (:mod:`pydeform.jax`) sizes its buffers with it. ``params`` picks the op:
+
+    - :class:`CenterNetDecodeParams` (``dtype``: heat's): output ``"output"`` [B, K, 6] A; scratch
+      the kernel set's ``decode_workspace`` (none when B or K is 0).
+    - :class:`CenterNetTargetsParams` (``dtype``: the boxes', ``labels_dtype``: the labels'):
+      outputs ``"heatmap"``, ``"wh"``, ``"reg"``, ``"ind"``, ``"reg_mask"`` (the fields of
+      :class:`CenterNetTargets`); scratch the labels as int64 unless they are int64.
+    - :class:`FocalLossParams` (``dtype``: pred's, ``shape``: pred's): output ``"output"`` (the
+      0-d loss), or ``"grad_pred"`` ``shape`` with ``backward``; scratch the sums [3] A (the
+      gradient of an empty pred needs none) and the kernel set's ``focal_loss_workspace``.
+    """
+    acc = accumulation_dtype(dtype)
+    if isinstance(params, CenterNetDecodeParams):
+        outputs = {"output": ((params.batch, params.k, 6), acc)}
+        work = kernels.decode_workspace(params, acc) if params.batch and params.k else {}
+        return outputs, work
+    if isinstance(params, CenterNetTargetsParams):
+        batch, objects = params.batch, params.max_objects
+        outputs = {
+            "heatmap": ((batch, params.num_classes, params.out_h, params.out_w), np.dtype(dtype)),
+            "wh": ((batch, objects, 2), np.dtype(dtype)),
+            "reg": ((batch, objects, 2), np.dtype(dtype)),
+            "ind": ((batch, objects), np.dtype(np.int64)),
+            "reg_mask": ((batch, objects), np.dtype(np.uint8)),
+        }
+        converted = np.dtype(labels_dtype) != np.int64
+        work = {TARGETS_LABELS_SLOT: ((batch, params.max_boxes), np.dtype(np.int64))} if converted else {}
+        return outputs, work
+    size = math.prod(shape)
+    outputs = {"grad_pred": (tuple(shape), np.dtype(dtype))} if backward else {"output": ((), np.dtype(dtype))}
+    work = {FOCAL_SUMS_SLOT: ((3,), acc)} if size or not backward else {}
+    if size:
+        work.update(kernels.focal_loss_workspace(size, acc))
+    return outputs, work
 
 
 def _bool(name, value):
@@ -155,24 +214,23 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
     _check_shape("wh", wh, (batch, 2 * classes if cat_spec_wh else 2, height, width))
     if reg is not None:
         _check_shape("reg", reg, (batch, 2, height, width))
-    K = _int("K", K, minimum=0)
-    kernel = _int("kernel", kernel, minimum=1)
+    K = check_int("K", K, minimum=0)
+    kernel = check_int("kernel", kernel, minimum=1)
     if kernel % 2 == 0:
         raise ValueError(f"kernel: expected an odd window size, got {kernel}")
     down_ratio = check_positive_float("down_ratio", down_ratio)
     has_threshold = threshold is not None
-    threshold = _float("threshold", threshold) if has_threshold else 0.0
+    threshold = check_finite_float("threshold", threshold) if has_threshold else 0.0
 
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
-    acc = accumulation_dtype(dtype)
-    if batch == 0 or K == 0:
-        return xp.zeros((batch, K, 6), dtype=acc)
     params = CenterNetDecodeParams(batch, classes, height, width, K, kernel, cat_spec_wh, reg is not None,
                                    down_ratio, has_threshold, threshold)
-    detections = xp.empty((batch, K, 6), dtype=acc)
-    kernels.decode(xp.ascontiguousarray(heat), xp.ascontiguousarray(wh),
-                   None if reg is None else xp.ascontiguousarray(reg), detections, params)
+    outputs, _ = centernet_workspace(kernels, params, dtype)
+    detections = output(xp, "output", *outputs["output"])
+    if detections.size:
+        kernels.decode(xp.ascontiguousarray(heat), xp.ascontiguousarray(wh),
+                       None if reg is None else xp.ascontiguousarray(reg), detections, params)
     return detections
 
 
@@ -224,13 +282,13 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     _check_labels(labels, library, boxes)
     _check_shape("labels", labels, shape_of(boxes)[:2])
     kind = check_backend(backend, library)
-    num_classes = _int("num_classes", num_classes, minimum=1)
+    num_classes = check_int("num_classes", num_classes, minimum=1)
     out_h, out_w = int_pair("output_size", output_size, minimum=1)
     down_ratio = check_positive_float("down_ratio", down_ratio)
-    min_overlap = _float("min_overlap", min_overlap)
+    min_overlap = check_finite_float("min_overlap", min_overlap)
     if not 0 < min_overlap < 1:
         raise ValueError(f"min_overlap: expected a number in (0, 1), got {min_overlap!r}")
-    max_objects = _int("max_objects", max_objects, minimum=1)
+    max_objects = check_int("max_objects", max_objects, minimum=1)
 
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
@@ -249,18 +307,15 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
                 f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
                 f"and, unless the label is -1, finite coordinates"
             )
-    labels = labels.astype(np.int64, copy=False)
-    acc = boxes.dtype
-    targets = CenterNetTargets(
-        xp.zeros((batch, num_classes, out_h, out_w), dtype=acc),
-        xp.zeros((batch, max_objects, 2), dtype=acc),
-        xp.zeros((batch, max_objects, 2), dtype=acc),
-        xp.zeros((batch, max_objects), dtype=np.int64),
-        xp.zeros((batch, max_objects), dtype=np.uint8),
-    )
+    params = CenterNetTargetsParams(batch, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap,
+                                    max_objects)
+    outputs, work = centernet_workspace(kernels, params, boxes.dtype, labels_dtype=labels.dtype)
+    if TARGETS_LABELS_SLOT in work:
+        converted = scratch(xp, TARGETS_LABELS_SLOT, *work[TARGETS_LABELS_SLOT])
+        converted[...] = labels
+        labels = converted
+    targets = CenterNetTargets(**{slot: output(xp, slot, *spec, zero=True) for slot, spec in outputs.items()})
     if batch and max_boxes:
-        params = CenterNetTargetsParams(batch, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap,
-                                        max_objects)
         kernels.targets(boxes, labels, *targets, params)
     return targets
 
@@ -281,17 +336,19 @@ def _focal_call(pred, target, alpha, beta, backend, grad_output=None):
 
 
 def _non_negative(name, value):
-    value = _float(name, value)
+    value = check_finite_float(name, value)
     if value < 0:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     return value
 
 
-def _focal_sums(kernels, pred, target, params):
-    xp = kernels.xp
-    sums = xp.zeros(3, dtype=accumulation_dtype(pred.dtype))
+def _focal_sums(kernels, pred, target, params, work):
+    """The focal loss's sums in their planned scratch slot (``work`` from centernet_workspace)."""
+    sums = scratch(kernels.xp, FOCAL_SUMS_SLOT, *work[FOCAL_SUMS_SLOT])
     if pred.size:
         kernels.focal_loss_sums(pred, target, sums, params)
+    else:
+        sums.fill(0)
     return sums
 
 
@@ -313,9 +370,17 @@ def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
     """
     kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend)
     xp = kernels.xp
-    sums = _focal_sums(kernels, pred, target, params)
-    # Slices, not elements: NumPy would give a scalar, and a 0-d array is the contract.
-    return ((sums[0:1] + sums[1:2]) / xp.maximum(sums[2:3], 1)).astype(pred.dtype).reshape(())
+    outputs, work = centernet_workspace(kernels, params, pred.dtype, shape=pred.shape)
+    sums = _focal_sums(kernels, pred, target, params, work)
+    # (positive + negative terms) / max(positives, 1) in A, in place in the sums (slices, not
+    # elements: NumPy would give scalars), then cast into the 0-d output.
+    total, positives = sums[0:1], sums[2:3]
+    xp.add(total, sums[1:2], out=total)
+    xp.maximum(positives, 1, out=positives)
+    xp.divide(total, positives, out=total)
+    loss = output(xp, "output", *outputs["output"])
+    loss[...] = total.reshape(())
+    return loss
 
 
 @dlpack_entry
@@ -337,9 +402,10 @@ def centernet_focal_loss_backward(grad_output, pred, target, *, alpha=2, beta=4,
     if shape_of(grad_output) not in ((), (1,)):
         raise ValueError(f"grad_output: expected shape () or (1,), got {shape_of(grad_output)}")
     xp = kernels.xp
-    grad_pred = xp.empty(pred.shape, dtype=pred.dtype)
+    outputs, work = centernet_workspace(kernels, params, pred.dtype, shape=pred.shape, backward=True)
+    grad_pred = output(xp, "grad_pred", *outputs["grad_pred"])
     if pred.size:
-        sums = _focal_sums(kernels, pred, target, params)
+        sums = _focal_sums(kernels, pred, target, params, work)
         kernels.focal_loss_grad(xp.ascontiguousarray(grad_output).reshape(()), pred, target, sums, grad_pred,
                                 params)
     return grad_pred

@@ -6,8 +6,9 @@ The forward and backward passes launch pydeform's kernels inside
 XLA allocates everything: the results are XLA's output buffers, and the scratch the drivers
 need (column buffers, float32 accumulators of half-type results) is requested from XLA as
 extra outputs of the callback, sized by the op's workspace plan
-(:func:`pydeform.deform_conv.deform_conv2d_workspace`, :func:`pydeform.roi.roi_workspace`), the
-same plan the drivers take their buffers from. Inputs are never written (on the CPU the
+(:func:`pydeform.deform_conv.deform_conv2d_workspace`, :func:`pydeform.roi.roi_workspace`,
+:func:`pydeform.centernet.centernet_workspace`), the same plan the drivers take their buffers
+from. Inputs are never written (on the CPU the
 callback even hands them to the kernels as read-only NumPy views).
 
 JAX CPU arrays run the Numba CPU kernels; JAX GPU arrays run the CuPy kernels (``backend=None``
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 
 import jax
@@ -51,6 +51,7 @@ from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
 __all__ = [
     "centernet_decode",
     "centernet_focal_loss",
+    "centernet_targets",
     "deform_conv2d",
     "deform_psroi_pool",
     "deform_roi_pool",
@@ -122,21 +123,20 @@ def _pointer(array) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _callback(run, names: tuple, backend, planned: bool):
+def _callback(run, names: tuple, backend):
     """The buffer_callback body for ``run``; cached so that equal calls reuse XLA's compilation.
-    Unless ``planned``, the driver allocates its scratch itself."""
+    The driver gets XLA's buffers for its outputs and scratch and nothing else."""
 
     def callback(ctx, out, *buffers):
         with _on_xla_stream(ctx, (buffers + tuple(out.values()))[0]):
             arrays = {name: _native(b, writeable=False) for name, b in zip(names, buffers)}
             targets = {slot: _native(b, writeable=True) for slot, b in out.items()}
-            with provided(targets) if planned else contextlib.nullcontext():
+            with provided(targets):
                 results = run(arrays, backend)
             for name, value in results.items():
-                # The drivers write into the provided outputs; a result computed elsewhere
-                # (an op whose driver does not take provided outputs) is copied in.
-                if value is not None and _pointer(value) != _pointer(targets[name]):
-                    targets[name][...] = value
+                # Every result must be written in XLA's output buffer itself, never copied in.
+                if value is not None and value.size and _pointer(value) != _pointer(targets[name]):
+                    raise RuntimeError(f"pydeform.jax: result {name!r} was not written into XLA's output buffer")
 
     return callback
 
@@ -146,8 +146,7 @@ def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
 
     ``outputs`` and ``plan`` map output and scratch slot names to ``(shape, dtype)``; XLA
     allocates both and the drivers find them through :func:`pydeform._workspace.provided`.
-    ``plan=None``: the op has no workspace plan; its driver allocates its own scratch and its
-    results are copied into XLA's outputs. Returns the outputs as JAX arrays.
+    Returns the outputs as JAX arrays.
     """
     names = tuple(arrays)
     values = [arrays[name] for name in names]
@@ -155,9 +154,9 @@ def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
         return _fallback(run, names, values, outputs, backend)
     from jax.experimental.buffer_callback import buffer_callback
 
-    slots = {**outputs, **(plan or {})}
+    slots = {**outputs, **plan}
     results = {slot: jax.ShapeDtypeStruct(tuple(shape), dtype) for slot, (shape, dtype) in slots.items()}
-    flat = buffer_callback(_callback(run, names, backend, plan is not None), results, vmap_method="sequential")(*values)
+    flat = buffer_callback(_callback(run, names, backend), results, vmap_method="sequential")(*values)
     return {name: flat[name] for name in outputs}
 
 
@@ -217,7 +216,7 @@ class _Op:
     ``forward(**arrays, **static, backend=)`` and ``backward(grad_output=, **arrays, **static,
     backend=)`` are the array-level API functions; ``plan(shapes, dtype, static, backend)`` checks the
     shapes and static arguments and returns ``(output shape, output dtype, forward plan,
-    backward plan)`` (a plan None: see :func:`_launch`); ``dtype`` is the first array's.
+    backward plan)`` (scratch plans, see :func:`_launch`); ``dtype`` is the first array's.
     Gradients are returned for every array argument; ``no_grad`` ones (the boxes, a target) get
     zeros. A backward returning one array (not a NamedTuple) gives the first argument's gradient.
     """
@@ -444,23 +443,17 @@ def _centernet_kernels(backend):
     return centernet_kernels(_library(), check_backend(backend, _library()))
 
 
-def _kernel_plan(kernels, method, *args):
-    """A kernel set's workspace plan, or None for a kernel set that does not publish one."""
-    planner = getattr(kernels, method, None)
-    return None if planner is None else planner(*args)
-
-
 def _check_on_empty_batch(function, arrays: dict, **static):
     """Run the array-level ``function``'s checks at trace time on NumPy stand-ins with batch 0
     (every check but the batch size, which all arrays must share; nothing is computed)."""
     present = {name: value for name, value in arrays.items() if value is not None}
     first_name, first = next(iter(present.items()))
     for name, value in present.items():
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{name}: expected a JAX array, got {type(value).__module__}.{type(value).__qualname__}")
         if value.ndim and first.ndim and value.shape[0] != first.shape[0]:
             raise ValueError(f"{name}: expected batch size {first.shape[0]} like {first_name}, got shape {value.shape}")
-    # Half types exist on the GPU only; the checks are the same for float32 stand-ins.
-    dtype = np.dtype(first.dtype) if np.dtype(first.dtype).name in _CPU_DTYPES else np.float32
-    stand_ins = {name: np.empty((0,) + tuple(v.shape[1:]), dtype) for name, v in arrays.items() if v is not None}
+    stand_ins = {name: np.empty((0,) + tuple(v.shape[1:]), _stand_in_dtype(v.dtype)) for name, v in present.items()}
     try:
         function(**stand_ins, **static)
     except (TypeError, ValueError) as error:
@@ -468,12 +461,20 @@ def _check_on_empty_batch(function, arrays: dict, **static):
         raise type(error)(str(error).replace("(0, ", f"({first.shape[0]}, ")) from None
 
 
+def _stand_in_dtype(dtype) -> np.dtype:
+    """Half types exist on the GPU only; the checks are the same for float32 stand-ins."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.kind not in "iub" and dtype.name not in _CPU_DTYPES else dtype
+
+
 @functools.lru_cache(maxsize=None)
-def _centernet_decode_run(key: tuple):
+def _centernet_run(function, key: tuple):
+    """The callback's ``run`` of the array-level ``function`` with static arguments ``key``."""
     static = dict(key)
 
     def run(arrays, backend):
-        return {"output": _centernet.centernet_decode(**arrays, **static, backend=backend)}
+        result = function(**arrays, **static, backend=backend)
+        return result._asdict() if isinstance(result, tuple) else {"output": result}
 
     return run
 
@@ -500,23 +501,57 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
     static = dict(K=K, kernel=kernel, cat_spec_wh=cat_spec_wh, down_ratio=down_ratio, threshold=threshold)
     _check_on_empty_batch(_centernet.centernet_decode, arrays, **static)
     batch, classes, height, width = heat.shape
-    acc = accumulation_dtype(dtype)
-    plan = {}
-    if batch and K:
-        params = _centernet.CenterNetDecodeParams(
-            batch, classes, height, width, int(K), int(kernel), bool(cat_spec_wh), reg is not None,
-            float(down_ratio), threshold is not None, 0.0 if threshold is None else float(threshold))
-        plan = _kernel_plan(_centernet_kernels(backend), "decode_workspace", params, acc)
-    check_backend(backend, _library())
+    params = _centernet.CenterNetDecodeParams(
+        batch, classes, height, width, int(K), int(kernel), bool(cat_spec_wh), reg is not None,
+        float(down_ratio), threshold is not None, 0.0 if threshold is None else float(threshold))
+    outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, dtype)
     present = {name: jax.lax.stop_gradient(value) for name, value in arrays.items() if value is not None}
-    run = _centernet_decode_run(tuple(sorted(static.items())))
-    return _launch(run, present, {"output": ((batch, int(K), 6), acc)}, plan, backend)["output"]
+    run = _centernet_run(_centernet.centernet_decode, tuple(sorted(static.items())))
+    return _launch(run, present, outputs, plan, backend)["output"]
+
+
+def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, min_overlap=0.7, max_objects=128,
+                      backend=None):
+    """:func:`pydeform.centernet_targets` on JAX arrays (no gradient: the boxes are
+    ``stop_gradient``-ed).
+
+    Args:
+        boxes: ``[B, M, 4]`` float32 or float64 ``(x1, y1, x2, y2)`` in input-image pixels.
+        labels: ``[B, M]`` integer class ids in ``[0, num_classes)``, -1 for padding.
+        num_classes, output_size, down_ratio, min_overlap, max_objects, backend: as
+            :func:`pydeform.centernet_targets`.
+
+    Returns:
+        :class:`pydeform.centernet.CenterNetTargets` of JAX arrays: heatmap
+        ``[B, num_classes, out_h, out_w]``, wh and reg ``[B, max_objects, 2]`` (the boxes' dtype),
+        ind ``[B, max_objects]`` int64, reg_mask ``[B, max_objects]`` uint8.
+    """
+    arrays = {"boxes": boxes, "labels": labels}
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    static = dict(num_classes=num_classes, output_size=_hashable(output_size), down_ratio=down_ratio,
+                  min_overlap=min_overlap, max_objects=max_objects)
+    _check_on_empty_batch(_centernet.centernet_targets, arrays, **static)
+    check_backend(backend, _library())
+    out_h, out_w = int_pair("output_size", output_size, minimum=1)
+    batch, max_boxes = labels.shape
+    params = _centernet.CenterNetTargetsParams(batch, max_boxes, int(num_classes), out_h, out_w, float(down_ratio),
+                                               float(min_overlap), int(max_objects))
+    outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, boxes.dtype,
+                                                   labels_dtype=labels.dtype)
+    run = _centernet_run(_centernet.centernet_targets, tuple(sorted(static.items())))
+    results = _launch(run, {"boxes": jax.lax.stop_gradient(boxes), "labels": labels}, outputs, plan, backend)
+    return _centernet.CenterNetTargets(**results)
 
 
 def _focal_loss_plan(shapes, dtype, static, backend):
-    size = math.prod(shapes["pred"])
-    plan = _kernel_plan(_centernet_kernels(backend), "focal_loss_workspace", size, accumulation_dtype(dtype)) if size else {}
-    return (), dtype, plan, plan
+    kernels = _centernet_kernels(backend)
+    params = _centernet.FocalLossParams(float(static["alpha"]), float(static["beta"]))
+    shape = shapes["pred"]
+    forward_outputs, forward_plan = _centernet.centernet_workspace(kernels, params, dtype, shape=shape)
+    _, backward_plan = _centernet.centernet_workspace(kernels, params, dtype, shape=shape, backward=True)
+    return forward_outputs["output"][0], dtype, forward_plan, backward_plan
 
 
 _FOCAL_LOSS = _Op(_centernet.centernet_focal_loss, _centernet.centernet_focal_loss_backward, _focal_loss_plan,

@@ -28,11 +28,9 @@ written by the forward kernel.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple, Optional
 
-from ._arrays import check_arrays, check_backend, int_pair, shape_of
+from ._arrays import check_arrays, check_backend, check_finite_float, check_int, int_pair, shape_of
 from ._interop import dlpack_entry
 from ._rois import check_positive_float, normalize_rois
 from ._workspace import accumulator, accumulator_plan, finish, output
@@ -133,23 +131,6 @@ class DeformPSRoIPoolGrads(NamedTuple):
     trans: Optional[object]
 
 
-def _int(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _float(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-
 class _Call(NamedTuple):
     kernels: object
     xp: object
@@ -215,7 +196,7 @@ def roi_align_params(shapes, k, output_size, spatial_scale, sampling_ratio, alig
     channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
     params = RoIAlignParams(
         channels, height, width, pooled_h, pooled_w, channels_out,
-        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
+        check_positive_float("spatial_scale", spatial_scale), check_int("sampling_ratio", sampling_ratio),
         aligned, mode == "max", position_sensitive,
     )
     _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
@@ -405,8 +386,8 @@ def deform_roi_pool_params(shapes, k, output_size, spatial_scale, sampling_ratio
     _check_shape("mask", shapes.get("mask"), (k, 1, pooled_h, pooled_w))
     params = DeformRoIPoolParams(
         channels, height, width, pooled_h, pooled_w,
-        check_positive_float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio),
-        _float("gamma", gamma), shapes.get("offset") is not None, shapes.get("mask") is not None,
+        check_positive_float("spatial_scale", spatial_scale), check_int("sampling_ratio", sampling_ratio),
+        check_finite_float("gamma", gamma), shapes.get("offset") is not None, shapes.get("mask") is not None,
     )
     _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
     return params
@@ -474,17 +455,17 @@ def deform_psroi_pool_params(shapes, k, output_dim, group_size, pooled_size, par
     """Check deform_psroi_pool arguments given the array shapes (``input``, optional ``trans``,
     ``grad_output``) and the roi count ``k``."""
     n, channels, height, width = _image(shapes["input"])
-    group_size = _int("group_size", group_size, 1)
-    pooled_size = _int("pooled_size", pooled_size, 1)
-    part_size = pooled_size if part_size is None or part_size == 0 else _int("part_size", part_size, 1)
-    sample_per_part = _int("sample_per_part", sample_per_part, 1)
+    group_size = check_int("group_size", group_size, 1)
+    pooled_size = check_int("pooled_size", pooled_size, 1)
+    part_size = pooled_size if part_size is None or part_size == 0 else check_int("part_size", part_size, 1)
+    sample_per_part = check_int("sample_per_part", sample_per_part, 1)
     if output_dim is None:
         if channels % (group_size * group_size):
             raise ValueError(
                 f"input: channels ({channels}) must be output_dim * group_size^2 = output_dim * {group_size**2}"
             )
         output_dim = channels // (group_size * group_size)
-    output_dim = _int("output_dim", output_dim, 1)
+    output_dim = check_int("output_dim", output_dim, 1)
     if channels != output_dim * group_size * group_size:
         raise ValueError(
             f"input: expected output_dim * group_size^2 = {output_dim * group_size * group_size} channels, "
@@ -502,7 +483,7 @@ def deform_psroi_pool_params(shapes, k, output_dim, group_size, pooled_size, par
         _check_shape("trans", t, (k, 2 * num_classes, part_size, part_size))
     params = DeformPSRoIPoolParams(
         channels, height, width, output_dim, group_size, pooled_size, part_size, sample_per_part,
-        _float("trans_std", trans_std), check_positive_float("spatial_scale", spatial_scale), num_classes,
+        check_finite_float("trans_std", trans_std), check_positive_float("spatial_scale", spatial_scale), num_classes,
         t is not None,
     )
     _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
-from ._arrays import int_pair
+from ._arrays import check_finite_float, int_pair
 from ._interop import to_native
-from .roi import _float
 
 __all__ = [
     "CenterNetDecoder",
@@ -390,25 +389,25 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
         Tensor[K, C, PH, PW].
     """
     return _roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                         _float("spatial_scale", spatial_scale), sampling_ratio, aligned, mode)
+                         check_finite_float("spatial_scale", spatial_scale), sampling_ratio, aligned, mode)
 
 
 def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
     """Position-sensitive RoI Align: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                            _float("spatial_scale", spatial_scale), sampling_ratio)
+                            check_finite_float("spatial_scale", spatial_scale), sampling_ratio)
 
 
 def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """RoI Pool: input Tensor[N, C, H, W] -> Tensor[K, C, PH, PW]."""
     return _roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                        _float("spatial_scale", spatial_scale))
+                        check_finite_float("spatial_scale", spatial_scale))
 
 
 def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """Position-sensitive RoI Pool: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
-                           _float("spatial_scale", spatial_scale))
+                           check_finite_float("spatial_scale", spatial_scale))
 
 
 def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output_size=7, spatial_scale: float = 1.0,
@@ -426,7 +425,8 @@ def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output
         Tensor[K, C, PH, PW]. Semantics: :func:`pydeform.deform_roi_pool`.
     """
     return _deform_roi_pool_op(input, _rois(rois, input), offset, _pair_list("output_size", output_size, 1),
-                               _float("spatial_scale", spatial_scale), sampling_ratio, _float("gamma", gamma), mask)
+                               check_finite_float("spatial_scale", spatial_scale), sampling_ratio,
+                               check_finite_float("gamma", gamma), mask)
 
 
 def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, output_dim: Optional[int] = None,
@@ -436,8 +436,8 @@ def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, outpu
     trans Tensor[K, 2*num_classes, part_size, part_size] (optional) ->
     Tensor[K, output_dim, pooled_size, pooled_size]. Semantics: :func:`pydeform.deform_psroi_pool`."""
     return _deform_psroi_pool_op(input, _rois(rois, input), trans, output_dim, group_size, pooled_size, part_size,
-                                 sample_per_part, _float("trans_std", trans_std),
-                                 _float("spatial_scale", spatial_scale))
+                                 sample_per_part, check_finite_float("trans_std", trans_std),
+                                 check_finite_float("spatial_scale", spatial_scale))
 
 
 def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: int = 100, *, kernel: int = 3,
@@ -445,8 +445,8 @@ def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: 
     """Top-K CenterNet detections: heat Tensor[B, C, H, W], wh Tensor[B, 2 or 2C, H, W],
     reg Tensor[B, 2, H, W] (optional) -> Tensor[B, K, 6] rows (x1, y1, x2, y2, score, class).
     Not differentiable. Semantics: :func:`pydeform.centernet_decode`."""
-    return _centernet_decode_op(heat, wh, reg, K, kernel, cat_spec_wh, _float("down_ratio", down_ratio),
-                                None if threshold is None else _float("threshold", threshold))
+    return _centernet_decode_op(heat, wh, reg, K, kernel, cat_spec_wh, check_finite_float("down_ratio", down_ratio),
+                                None if threshold is None else check_finite_float("threshold", threshold))
 
 
 def centernet_targets(boxes: Tensor, labels: Tensor, num_classes: int, output_size, *, down_ratio: float = 4,
@@ -456,14 +456,14 @@ def centernet_targets(boxes: Tensor, labels: Tensor, num_classes: int, output_si
     reg [B, max_objects, 2], ind int64 and reg_mask uint8 [B, max_objects]). Not differentiable.
     Semantics: :func:`pydeform.centernet_targets`."""
     return _centernet.CenterNetTargets(*_centernet_targets_op(
-        boxes, labels, num_classes, _pair_list("output_size", output_size, 1), _float("down_ratio", down_ratio),
-        _float("min_overlap", min_overlap), max_objects))
+        boxes, labels, num_classes, _pair_list("output_size", output_size, 1),
+        check_finite_float("down_ratio", down_ratio), check_finite_float("min_overlap", min_overlap), max_objects))
 
 
 def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta: float = 4) -> Tensor:
     """CenterNet's focal loss of pred / target Tensor[B, C, H, W]: a 0-d tensor, differentiable
     in ``pred``. Semantics: :func:`pydeform.centernet_focal_loss`."""
-    return _centernet_focal_loss_op(pred, target, _float("alpha", alpha), _float("beta", beta))
+    return _centernet_focal_loss_op(pred, target, check_finite_float("alpha", alpha), check_finite_float("beta", beta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +619,8 @@ class DeformRoIPool(nn.Module):
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
         super().__init__()
         self.output_size = int_pair("output_size", output_size, minimum=1)
-        self.spatial_scale, self.gamma = _float("spatial_scale", spatial_scale), _float("gamma", gamma)
+        self.spatial_scale = check_finite_float("spatial_scale", spatial_scale)
+        self.gamma = check_finite_float("gamma", gamma)
         self.sampling_ratio = sampling_ratio
 
     def forward(self, input: Tensor, rois, offset: Optional[Tensor] = None) -> Tensor:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydeform
+from pydeform import _workspace
 from pydeform import centernet as centernet_module
 from pydeform.backends.cupy_kernels import centernet as cupy_centernet
 from tests import host_shim
@@ -288,3 +289,64 @@ def test_focal_loss_of_a_nan_prediction_is_nan(dtype):
         loss, grad = case.loss(pydeform), case.grad(pydeform)
     assert np.isnan(loss)
     assert grad.reshape(-1)[5] == 0 and np.isfinite(grad).all()
+
+
+def _planned_buffers(kernels, params, dtype, **options):
+    """NaN-filled buffers for centernet_workspace's outputs and scratch (NaN: an unwritten element shows)."""
+    outputs, work = centernet_module.centernet_workspace(kernels, params, dtype, **options)
+    return outputs, work, {slot: np.full(shape, np.nan if np.dtype(kind).kind == "f" else 7, kind)
+                           for slot, (shape, kind) in {**outputs, **work}.items()}
+
+
+def _recording_scratch(requested):
+    real_scratch = cupy_centernet.scratch
+
+    def recording_scratch(xp, slot, shape, dtype):
+        requested[slot] = (tuple(shape), np.dtype(dtype))
+        return real_scratch(xp, slot, shape, dtype)
+
+    return mock.patch.object(cupy_centernet, "scratch", recording_scratch)
+
+
+@pytest.mark.parametrize("tile, K, size", [(1, 3, (2, 3)), (5, 40, (5, 8)), (16, 7, (6, 7)), (2048, 100, (30, 40))])
+def test_decode_runs_on_exactly_the_planned_buffers(tile, K, size):
+    """Under provided buffers (an unplanned or too small slot raises) the CuPy decode requests
+    exactly its kernel set's decode_workspace and writes the detections into the provided output."""
+    case = build_decode_case(np.random.default_rng(K), np.float32, 2, 3, size, K)
+    kernels = one_thread(tile)
+    with shim_ops(kernels):
+        expected = case.run(pydeform)
+    _, work, buffers = _planned_buffers(kernels, case.params(), np.float32)
+    requested = {}
+    with shim_ops(kernels), _recording_scratch(requested), _workspace.provided(buffers):
+        got = case.run(pydeform)
+    assert requested == {slot: (shape, np.dtype(kind)) for slot, (shape, kind) in work.items()}
+    assert np.shares_memory(got, buffers["output"])
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 70, 90)], ids=["one part", "several parts"])
+def test_focal_loss_runs_on_exactly_the_planned_buffers(shape):
+    case = build_focal_case(np.random.default_rng(15), np.float32, shape)
+    kernels = one_thread()
+    with shim_ops(kernels):
+        expected_loss, expected_grad = case.loss(pydeform), case.grad(pydeform)
+    for backward, expected in ((False, expected_loss), (True, expected_grad)):
+        _, work, buffers = _planned_buffers(kernels, case.params(), np.float32, shape=shape, backward=backward)
+        requested = {}
+        with shim_ops(kernels), _recording_scratch(requested), _workspace.provided(buffers):
+            got = (case.grad if backward else case.loss)(pydeform)
+        assert requested == {slot: (tuple(s), np.dtype(kind)) for slot, (s, kind) in work.items()
+                             if slot != centernet_module.FOCAL_SUMS_SLOT}
+        assert np.shares_memory(got, buffers["grad_pred" if backward else "output"])
+        np.testing.assert_array_equal(got, expected)
+    assert work["centernet_focal_partials"][0] == (cupy_centernet.focal_loss_parts(case.pred.size), 3)
+
+
+def test_an_unplanned_candidate_list_is_refused():
+    case = build_decode_case(np.random.default_rng(16), np.float32, 1, 2, (4, 4), 5)
+    _, _, buffers = _planned_buffers(one_thread(4), case.params(), np.float32)
+    del buffers["centernet_candidate_indices"]
+    with shim_ops(one_thread(4)), _workspace.provided(buffers):
+        with pytest.raises(RuntimeError, match="no buffer provided for slot 'centernet_candidate_indices'"):
+            case.run(pydeform)

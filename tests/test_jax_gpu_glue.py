@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("jax")
 import pydeform.jax as pdj  # noqa: E402
+from pydeform._workspace import output  # noqa: E402
 
 
 class FakeCudaBuffer:
@@ -63,9 +64,11 @@ def test_cuda_buffers_become_cupy_views_on_xlas_stream_and_device(monkeypatch):
     def run(arrays, backend):
         seen["arrays"], seen["backend"] = arrays, backend
         seen["events at run"] = list(fake.events)
-        return {"output": arrays["x"] * 2}
+        out = output(np, "output", arrays["x"].shape, arrays["x"].dtype)
+        np.multiply(arrays["x"], 2, out=out)
+        return {"output": out}
 
-    callback = pdj._callback(run, ("x",), "cupy", False)
+    callback = pdj._callback(run, ("x",), "cupy")
     x = FakeCudaBuffer(np.arange(4.0), device=1)
     out = FakeCudaBuffer(np.zeros(4), device=1)
     ctx = types.SimpleNamespace(stream=0xABC)
@@ -74,8 +77,17 @@ def test_cuda_buffers_become_cupy_views_on_xlas_stream_and_device(monkeypatch):
     assert seen["events at run"][:2] == [("device", 1), ("stream", 0xABC, 1)]
     assert ("asarray", 1) in seen["events at run"]
     assert fake.events[-2:] == [("stream exit", 0xABC), ("device exit", 1)]
-    # The result was computed out of place, so it was copied into XLA's output buffer.
+    # The driver wrote its result into XLA's output buffer.
     np.testing.assert_array_equal(out.array, [0.0, 2.0, 4.0, 6.0])
+
+
+def test_a_result_outside_xlas_buffer_is_an_error(monkeypatch):
+    """No silent copy: a driver that returns an array of its own (not the provided output) fails."""
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
+    x, out = FakeCudaBuffer(np.arange(4.0), device=0), FakeCudaBuffer(np.zeros(4), device=0)
+    callback = pdj._callback(lambda arrays, backend: {"output": arrays["x"] * 2}, ("x",), "cupy")
+    with pytest.raises(RuntimeError, match="result 'output' was not written into XLA's output buffer"):
+        callback(types.SimpleNamespace(stream=1), {"output": out}, x)
 
 
 def test_cpu_buffers_skip_the_stream_and_inputs_are_read_only():
@@ -92,9 +104,9 @@ def test_cpu_buffers_skip_the_stream_and_inputs_are_read_only():
     def run(arrays, backend):
         with pytest.raises(ValueError, match="read-only"):
             arrays["x"][0] = 1.0
-        return {"output": arrays["x"] + 1}
+        return {"output": np.add(arrays["x"], 1, out=output(np, "output", (3,), np.float64))}
 
     x, out = CpuBuffer(np.zeros(3)), CpuBuffer(np.zeros(3))
-    pdj._callback(run, ("x",), None, True)(types.SimpleNamespace(), {"output": out}, x)
+    pdj._callback(run, ("x",), None)(types.SimpleNamespace(), {"output": out}, x)
     np.testing.assert_array_equal(out.array, 1.0)
     np.testing.assert_array_equal(x.array, 0.0)

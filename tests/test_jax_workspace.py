@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import pydeform
-from pydeform import _workspace, deform_conv, roi
+from pydeform import _workspace, centernet, deform_conv, roi
 from pydeform._workspace import provided
+from pydeform.backends import centernet_kernels
 
 
 def buffers_for(outputs: dict, plan: dict):
@@ -124,3 +125,61 @@ def test_provided_blocks_are_per_thread_and_restore_the_previous_one():
             assert _workspace._local.arena == {}
         assert _workspace._local.arena is outer
     assert _workspace._local.arena is None
+
+
+def centernet_buffers(kernels, params, dtype, **options):
+    outputs, work = centernet.centernet_workspace(kernels, params, dtype, **options)
+    # NaN (an unwritten element shows) or 7 in integer slots (the targets must come back zero-filled).
+    return {slot: np.full(shape, np.nan if np.dtype(kind).kind == "f" else 7, kind)
+            for slot, (shape, kind) in {**outputs, **work}.items()}
+
+
+@pytest.mark.parametrize("batch, K", [(2, 7), (2, 0), (0, 5)])
+def test_centernet_decode_writes_into_the_provided_buffers(batch, K):
+    rng = np.random.default_rng(4)
+    heat, wh = rng.uniform(0, 1, (batch, 3, 6, 5)), rng.uniform(1, 4, (batch, 2, 6, 5))
+    expected = pydeform.centernet_decode(heat, wh, K=K)
+    kernels = centernet_kernels("numpy", "numba")
+    params = centernet.CenterNetDecodeParams(batch, 3, 6, 5, K, 3, False, False, 1.0, False, 0.0)
+    buffers = centernet_buffers(kernels, params, np.float64)
+    assert set(buffers) == {"output"} | (set(kernels.decode_workspace(params, np.float64)) if batch and K else set())
+    with provided(buffers):
+        got = pydeform.centernet_decode(heat, wh, K=K)
+    assert np.shares_memory(got, buffers["output"]) or got.size == 0
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("labels_dtype", [np.int64, np.int16])
+def test_centernet_targets_write_into_the_provided_buffers(labels_dtype):
+    boxes = np.array([[[2.0, 3.0, 14.5, 11.0], [10.0, 8.0, 30.0, 20.0], [0, 0, 0, 0]]])
+    labels = np.array([[1, 0, -1]], dtype=labels_dtype)
+    expected = pydeform.centernet_targets(boxes, labels, 2, (8, 9), max_objects=2)
+    params = centernet.CenterNetTargetsParams(1, 3, 2, 8, 9, 4.0, 0.7, 2)
+    buffers = centernet_buffers(centernet_kernels("numpy", "numba"), params, np.float64, labels_dtype=labels_dtype)
+    assert ("centernet_labels" in buffers) == (labels_dtype != np.int64)
+    with provided(buffers):
+        got = pydeform.centernet_targets(boxes, labels, 2, (8, 9), max_objects=2)
+    for name, value in expected._asdict().items():
+        assert np.shares_memory(getattr(got, name), buffers[name]), name
+        np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
+    np.testing.assert_array_equal(labels, [[1, 0, -1]])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (0, 3, 5, 4)])
+def test_centernet_focal_loss_writes_into_the_provided_buffers(shape):
+    rng = np.random.default_rng(5)
+    pred, target = rng.uniform(0.05, 0.95, shape), np.where(rng.uniform(size=shape) > 0.9, 1.0, 0.3)
+    grad_output = np.array(1.5)
+    kernels = centernet_kernels("numpy", "numba")
+    params = centernet.FocalLossParams(2.0, 4.0)
+    for backward in (False, True):
+        expected = (pydeform.centernet_focal_loss_backward(grad_output, pred, target) if backward
+                    else pydeform.centernet_focal_loss(pred, target))
+        buffers = centernet_buffers(kernels, params, np.float64, shape=shape, backward=backward)
+        with provided(buffers):
+            got = (pydeform.centernet_focal_loss_backward(grad_output, pred, target) if backward
+                   else pydeform.centernet_focal_loss(pred, target))
+        slot = "grad_pred" if backward else "output"
+        assert got.shape == expected.shape and (np.shares_memory(got, buffers[slot]) or got.size == 0)
+        np.testing.assert_array_equal(got, expected)
+    assert ("centernet_focal_sums" in buffers) == bool(pred.size)

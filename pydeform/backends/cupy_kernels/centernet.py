@@ -9,10 +9,12 @@ element-wise kernels get enough blocks for one thread per work item, the block-c
 kernels one block per job (a decode tile, an image's selection, a focal-loss part). The kernel
 set and the tests' CPU host shim both launch through them.
 
-Decode scratch (from :func:`pydeform._workspace.scratch`): the candidate lists of every tile,
-scores ``[B, tiles, capacity]`` in the accumulation type and tile-local indices
-``[B, tiles, capacity]`` int32, tiles = ceil(C*H*W / tile), capacity = min(K, tile), where the
-tile is DECODE_TILE unless a test asks for a smaller one.
+Scratch (from :func:`pydeform._workspace.scratch`, sized by the kernel set's plans
+``decode_workspace`` / ``focal_loss_workspace``, from which the launches request it): the
+decode's candidate lists of every tile, scores ``[B, tiles, capacity]`` in the accumulation
+type and tile-local indices ``[B, tiles, capacity]`` int32, tiles = ceil(C*H*W / tile),
+capacity = min(K, tile), where the tile is DECODE_TILE unless a test asks for a smaller one;
+the focal loss's block partial sums ``[parts, 3]`` in the accumulation type.
 """
 
 from typing import NamedTuple
@@ -147,12 +149,19 @@ class CupyCenterNetKernels:
 
         return cupy
 
+    def decode_workspace(self, params, acc) -> dict:
+        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``acc``: the
+        detections' dtype): the candidate lists of every tile."""
+        tiles = decode_tiles(params, self.decode_tile)
+        shape = (params.batch, tiles.tiles, tiles.capacity)
+        return {"centernet_candidate_scores": (shape, acc), "centernet_candidate_indices": (shape, np.int32)}
+
     def decode(self, heat, wh, reg, detections, params):
         """Two launches: the tiles' candidate lists, then per image the selection, gathers and boxes."""
         tiles = decode_tiles(params, self.decode_tile)
-        shape = (params.batch, tiles.tiles, tiles.capacity)
-        candidate_scores = scratch(self.xp, "centernet_candidate_scores", shape, detections.dtype)
-        candidate_indices = scratch(self.xp, "centernet_candidate_indices", shape, np.int32)
+        candidate_scores, candidate_indices = (
+            scratch(self.xp, slot, shape, dtype)
+            for slot, (shape, dtype) in self.decode_workspace(params, detections.dtype).items())
         self._launch(heat.dtype, *decode_candidates_launch(heat, candidate_scores, candidate_indices, params, tiles))
         self._launch(heat.dtype, *decode_detections_launch(wh, reg, candidate_scores, candidate_indices,
                                                            detections, params, tiles))
@@ -160,8 +169,15 @@ class CupyCenterNetKernels:
     def targets(self, boxes, labels, heatmap, wh, reg, ind, reg_mask, params):
         self._launch(boxes.dtype, *targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params))
 
+    @staticmethod
+    def focal_loss_workspace(size: int, acc) -> dict:
+        """The scratch one :meth:`focal_loss_sums` call takes for ``size`` pixels: the partial
+        sums of every part, ``{slot: (shape, dtype)}``."""
+        return {"centernet_focal_partials": ((focal_loss_parts(size), 3), acc)}
+
     def focal_loss_sums(self, pred, target, sums, params):
-        partials = scratch(self.xp, "centernet_focal_partials", (focal_loss_parts(pred.size), 3), sums.dtype)
+        ((slot, (shape, dtype)),) = self.focal_loss_workspace(pred.size, sums.dtype).items()
+        partials = scratch(self.xp, slot, shape, dtype)
         self._launch(pred.dtype, *focal_loss_partials_launch(pred, target, partials, params))
         self._launch(pred.dtype, *focal_loss_total_launch(partials, sums))
 
