@@ -9,7 +9,8 @@ element of a scratch buffer is written by a kernel before it is read.
 A caller that owns the memory (:mod:`pydeform.jax`: XLA's buffers) runs a driver inside
 :func:`provided`; every :func:`scratch` and :func:`output` request is then served from its
 buffers, which it sized with the op's workspace plan (``deform_conv2d_workspace``,
-``roi_workspace``: ``{slot: (shape, dtype)}``, the plan the driver itself requests from).
+``roi_workspace``, ``centernet_workspace``: ``{slot: (shape, dtype)}``, the plan the driver
+itself requests from).
 Results accumulated in float32 for half types go through :func:`accumulator` / :func:`finish`.
 """
 

@@ -1,6 +1,6 @@
 """pydeform.jax on JAX GPU arrays (needs a GPU and a CUDA build of jaxlib): the cases of
 tests/test_jax_ops.py eagerly, under jit and grad under jit, on both GPU backends, against the
-NumPy API; float16 / bfloat16 against the CuPy API; CenterNet. CPU-side twins:
+NumPy API; float16 / bfloat16 against the CuPy API; CenterNet (decode, focal loss, targets). CPU-side twins:
 tests/test_jax_ops.py, tests/test_jax_centernet.py and tests/test_jax_gpu_glue.py."""
 
 import numpy as np
@@ -85,3 +85,18 @@ def test_centernet_on_the_gpu(gpu):
     grad = jax.jit(jax.grad(pdj.centernet_focal_loss))(jax.device_put(pred, gpu), jax.device_put(target, gpu))
     np.testing.assert_allclose(np.asarray(grad), pydeform.centernet_focal_loss_backward(np.array(1.0), pred, target),
                                rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+def test_centernet_targets_on_the_gpu(gpu, backend):
+    """XLA's buffers hold the targets; int32 labels go through the planned int64 scratch."""
+    rng = np.random.default_rng(10)
+    corner = rng.uniform(0, 40, (2, 6, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(2, 20, (2, 6, 2))], axis=2)
+    labels = rng.integers(-1, 3, (2, 6))
+    expected = pydeform.centernet_targets(boxes, labels, 3, (16, 16), max_objects=5)
+    function = jax.jit(lambda b, l: pdj.centernet_targets(b, l, 3, (16, 16), max_objects=5, backend=backend))
+    got = function(jax.device_put(boxes, gpu), jax.device_put(labels.astype(np.int32), gpu))
+    for name, value in expected._asdict().items():
+        assert getattr(got, name).devices() == {gpu}, name
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), value, rtol=1e-12, err_msg=name)
