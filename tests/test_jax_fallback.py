@@ -72,3 +72,17 @@ def test_jit_grad_and_vmap_use_pure_callback(no_buffer_callback, monkeypatch):
     mapped = jax.vmap(lambda a: pdj.roi_align(a, jnp.asarray(rois), 2, sampling_ratio=2))(stacked)
     for i, image in enumerate((x, -x)):
         np.testing.assert_array_equal(np.asarray(mapped[i]), pydeform.roi_align(image, rois, 2, sampling_ratio=2))
+
+
+def test_centernet_targets_fall_back_eagerly_and_under_jit(no_buffer_callback):
+    boxes = np.array([[[2.0, 3.0, 14.5, 11.0], [10.0, 8.0, 30.0, 20.0]]])
+    labels = np.array([[1, 0]])
+    expected = pydeform.centernet_targets(boxes, labels, 2, (8, 9), max_objects=3)
+    with pytest.warns(RuntimeWarning):
+        eager = pdj.centernet_targets(jnp.asarray(boxes), jnp.asarray(labels), 2, (8, 9), max_objects=3)
+    jitted = jax.jit(lambda b, l: pdj.centernet_targets(b, l, 2, (8, 9), max_objects=3))(
+        jnp.asarray(boxes), jnp.asarray(labels))
+    for got in (eager, jitted):
+        for name, value in expected._asdict().items():
+            assert isinstance(getattr(got, name), jax.Array), name
+            np.testing.assert_array_equal(np.asarray(getattr(got, name)), value, err_msg=name)
