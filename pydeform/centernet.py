@@ -172,9 +172,47 @@ def _require(**arrays):
             raise TypeError(f"{name}: expected an array, got None")
 
 
-def _check_shape(name, value, expected):
-    if shape_of(value) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {shape_of(value)}")
+def _check_shape(name, shape, expected):
+    shape = tuple(int(d) for d in shape)
+    if shape != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
+
+
+def centernet_decode_params(heat_shape, wh_shape, reg_shape, K, kernel, cat_spec_wh, down_ratio,
+                            threshold) -> CenterNetDecodeParams:
+    """Check :func:`centernet_decode`'s shapes (``reg_shape`` None without reg) and scalars; the
+    array API and :mod:`pydeform.jax` (at trace time) share these rules."""
+    batch, classes, height, width = heat_shape
+    if min(classes, height, width) < 1:
+        raise ValueError(f"heat: expected at least one class and 1x1 pixels, got shape {tuple(heat_shape)}")
+    cat_spec_wh = _bool("cat_spec_wh", cat_spec_wh)
+    _check_shape("wh", wh_shape, (batch, 2 * classes if cat_spec_wh else 2, height, width))
+    if reg_shape is not None:
+        _check_shape("reg", reg_shape, (batch, 2, height, width))
+    K = check_int("K", K, minimum=0)
+    kernel = check_int("kernel", kernel, minimum=1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel: expected an odd window size, got {kernel}")
+    down_ratio = check_positive_float("down_ratio", down_ratio)
+    has_threshold = threshold is not None
+    threshold = check_finite_float("threshold", threshold) if has_threshold else 0.0
+    return CenterNetDecodeParams(batch, classes, height, width, K, kernel, cat_spec_wh, reg_shape is not None,
+                                 down_ratio, has_threshold, threshold)
+
+
+def centernet_targets_params(labels_shape, num_classes, output_size, down_ratio, min_overlap,
+                             max_objects) -> CenterNetTargetsParams:
+    """Check :func:`centernet_targets`' scalars for labels of shape ``[B, M]``; shared with
+    :mod:`pydeform.jax` like :func:`centernet_decode_params`."""
+    batch, max_boxes = labels_shape
+    num_classes = check_int("num_classes", num_classes, minimum=1)
+    out_h, out_w = int_pair("output_size", output_size, minimum=1)
+    down_ratio = check_positive_float("down_ratio", down_ratio)
+    min_overlap = check_finite_float("min_overlap", min_overlap)
+    if not 0 < min_overlap < 1:
+        raise ValueError(f"min_overlap: expected a number in (0, 1), got {min_overlap!r}")
+    max_objects = check_int("max_objects", max_objects, minimum=1)
+    return CenterNetTargetsParams(batch, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap, max_objects)
 
 
 @dlpack_entry
@@ -207,25 +245,10 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
     _require(heat=heat, wh=wh)
     library, dtype = check_arrays({"heat": heat, "wh": wh, "reg": reg}, ranks={"heat": 4, "wh": 4, "reg": 4})
     kind = check_backend(backend, library)
-    batch, classes, height, width = shape_of(heat)
-    if min(classes, height, width) < 1:
-        raise ValueError(f"heat: expected at least one class and 1x1 pixels, got shape {shape_of(heat)}")
-    cat_spec_wh = _bool("cat_spec_wh", cat_spec_wh)
-    _check_shape("wh", wh, (batch, 2 * classes if cat_spec_wh else 2, height, width))
-    if reg is not None:
-        _check_shape("reg", reg, (batch, 2, height, width))
-    K = check_int("K", K, minimum=0)
-    kernel = check_int("kernel", kernel, minimum=1)
-    if kernel % 2 == 0:
-        raise ValueError(f"kernel: expected an odd window size, got {kernel}")
-    down_ratio = check_positive_float("down_ratio", down_ratio)
-    has_threshold = threshold is not None
-    threshold = check_finite_float("threshold", threshold) if has_threshold else 0.0
-
+    params = centernet_decode_params(shape_of(heat), shape_of(wh), None if reg is None else shape_of(reg), K,
+                                     kernel, cat_spec_wh, down_ratio, threshold)
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
-    params = CenterNetDecodeParams(batch, classes, height, width, K, kernel, cat_spec_wh, reg is not None,
-                                   down_ratio, has_threshold, threshold)
     outputs, _ = centernet_workspace(kernels, params, dtype)
     detections = output(xp, "output", *outputs["output"])
     if detections.size:
@@ -280,21 +303,16 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     if boxes.ndim != 3 or boxes.shape[2] != 4:
         raise ValueError(f"boxes: expected shape [B, M, 4], got {shape_of(boxes)}")
     _check_labels(labels, library, boxes)
-    _check_shape("labels", labels, shape_of(boxes)[:2])
+    _check_shape("labels", shape_of(labels), shape_of(boxes)[:2])
     kind = check_backend(backend, library)
-    num_classes = check_int("num_classes", num_classes, minimum=1)
-    out_h, out_w = int_pair("output_size", output_size, minimum=1)
-    down_ratio = check_positive_float("down_ratio", down_ratio)
-    min_overlap = check_finite_float("min_overlap", min_overlap)
-    if not 0 < min_overlap < 1:
-        raise ValueError(f"min_overlap: expected a number in (0, 1), got {min_overlap!r}")
-    max_objects = check_int("max_objects", max_objects, minimum=1)
+    params = centernet_targets_params(shape_of(labels), num_classes, output_size, down_ratio, min_overlap,
+                                      max_objects)
+    num_classes = params.num_classes
 
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
     boxes = xp.ascontiguousarray(boxes)
     labels = xp.ascontiguousarray(labels)
-    batch, max_boxes = shape_of(labels)
     if labels.size:
         # One device-to-host transfer of a flag on the GPU. Checked before the int64 conversion,
         # which would wrap unsigned labels of 2**63 and more to negative (padding) values.
@@ -307,15 +325,13 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
                 f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
                 f"and, unless the label is -1, finite coordinates"
             )
-    params = CenterNetTargetsParams(batch, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap,
-                                    max_objects)
     outputs, work = centernet_workspace(kernels, params, boxes.dtype, labels_dtype=labels.dtype)
     if TARGETS_LABELS_SLOT in work:
         converted = scratch(xp, TARGETS_LABELS_SLOT, *work[TARGETS_LABELS_SLOT])
         converted[...] = labels
         labels = converted
     targets = CenterNetTargets(**{slot: output(xp, slot, *spec, zero=True) for slot, spec in outputs.items()})
-    if batch and max_boxes:
+    if params.batch and params.max_boxes:
         kernels.targets(boxes, labels, *targets, params)
     return targets
 
@@ -327,7 +343,7 @@ def _focal_call(pred, target, alpha, beta, backend, grad_output=None):
     arrays = {"pred": pred, "target": target, "grad_output": grad_output}
     ranks = {"pred": 4, "target": 4, "grad_output": getattr(grad_output, "ndim", 0)}
     library, _ = check_arrays(arrays, ranks=ranks)
-    _check_shape("target", target, shape_of(pred))
+    _check_shape("target", shape_of(target), shape_of(pred))
     kind = check_backend(backend, library)
     params = FocalLossParams(_non_negative("alpha", alpha), _non_negative("beta", beta))
     kernels = centernet_kernels(library, kind)

@@ -500,10 +500,7 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
     dtype = _check_arrays(arrays, {"heat": 4, "wh": 4, "reg": 4})
     static = dict(K=K, kernel=kernel, cat_spec_wh=cat_spec_wh, down_ratio=down_ratio, threshold=threshold)
     _check_on_empty_batch(_centernet.centernet_decode, arrays, **static)
-    batch, classes, height, width = heat.shape
-    params = _centernet.CenterNetDecodeParams(
-        batch, classes, height, width, int(K), int(kernel), bool(cat_spec_wh), reg is not None,
-        float(down_ratio), threshold is not None, 0.0 if threshold is None else float(threshold))
+    params = _centernet.centernet_decode_params(heat.shape, wh.shape, None if reg is None else reg.shape, **static)
     outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, dtype)
     present = {name: jax.lax.stop_gradient(value) for name, value in arrays.items() if value is not None}
     run = _centernet_run(_centernet.centernet_decode, tuple(sorted(static.items())))
@@ -534,10 +531,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
                   min_overlap=min_overlap, max_objects=max_objects)
     _check_on_empty_batch(_centernet.centernet_targets, arrays, **static)
     check_backend(backend, _library())
-    out_h, out_w = int_pair("output_size", output_size, minimum=1)
-    batch, max_boxes = labels.shape
-    params = _centernet.CenterNetTargetsParams(batch, max_boxes, int(num_classes), out_h, out_w, float(down_ratio),
-                                               float(min_overlap), int(max_objects))
+    params = _centernet.centernet_targets_params(labels.shape, **static)
     outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, boxes.dtype,
                                                    labels_dtype=labels.dtype)
     run = _centernet_run(_centernet.centernet_targets, tuple(sorted(static.items())))
