@@ -59,10 +59,13 @@ def expected_prints(code):
     return expected
 
 
-def run_example(code, namespace, page):
+def run_example(code, namespace, page, *, keep_names=False):
+    """Run one example, checking its prints; ``keep_names`` runs even a framework example in
+    ``namespace`` itself (a page about that framework, whose names the caller inspects)."""
     output = io.StringIO()
+    isolated = uses_a_framework(code) and not keep_names
     with contextlib.redirect_stdout(output):
-        exec(compile(code, f"docs/{page}", "exec"), dict(namespace) if uses_a_framework(code) else namespace)
+        exec(compile(code, f"docs/{page}", "exec"), dict(namespace) if isolated else namespace)
     printed = output.getvalue().splitlines()
     expected = expected_prints(code)
     assert len(printed) == len(expected), (code, printed)
