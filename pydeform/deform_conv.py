@@ -6,6 +6,21 @@ backend-independent driver: deformable im2col into a column buffer, GEMM with th
 library's ``matmul`` (cuBLAS for CuPy, BLAS for NumPy), the batch processed in chunks so the
 column buffer stays under :data:`COLUMN_BUFFER_BYTES`. The kernels come from a *kernel set*
 (CuPy RawKernels, Numba CUDA or Numba CPU), see :mod:`pydeform.backends`.
+
+Kernel-set interface (arrays C-contiguous; ``columns`` ``[B, C*kh*kw, Ho*Wo]`` in the
+accumulation dtype):
+
+- ``im2col(input, offset, mask, columns, geometry)`` fills ``columns``;
+- ``col2im_coord(input, offset, mask, grad_columns, grad_offset, grad_mask, geometry)`` writes
+  the offset and mask gradients;
+- ``col2im(offset, mask, grad_columns, grad_input, geometry)`` adds into ``grad_input`` (zero
+  filled by the driver);
+- ``direct_forward``: True when the set computes the forward itself with
+  ``forward(input, offset, mask, weight, bias, output, geometry)`` (the Numba CPU set: sampling
+  and GEMM fused per tile of output pixels, no column buffer), False when the driver runs
+  im2col and the GEMMs;
+- ``workspace(batch, geometry, dtype, *, backward, masked)``: the set's own scratch slots
+  ``{slot: (shape, dtype)}``, part of :func:`deform_conv2d_workspace`'s plan.
 """
 
 from __future__ import annotations
@@ -164,21 +179,27 @@ def _grouped(weight, geometry):
     return weight.reshape(g.groups, g.out_channels // g.groups, -1)
 
 
-def deform_conv2d_workspace(batch: int, geometry: DeformConv2dGeometry, dtype, *, backward: bool) -> dict:
+def deform_conv2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry, dtype, *, backward: bool,
+                            masked: bool) -> dict:
     """The scratch buffers one forward (or backward) driver call uses: ``{slot: (shape, dtype)}``.
 
-    The drivers take every scratch buffer through this plan, so a caller that provides the
-    buffers (:func:`pydeform._workspace.provided`, as :mod:`pydeform.jax` does) provides exactly
-    these. Half types add float32 copies of the weight, bias and grad_output chunks and float32
-    accumulators of the results.
+    ``kernels`` is the kernel set that will run (its own scratch is part of the plan) and
+    ``masked`` says whether a mask is given. The drivers take every scratch buffer through this
+    plan, so a caller that provides the buffers (:func:`pydeform._workspace.provided`, as
+    :mod:`pydeform.jax` does) provides exactly these. Half types add float32 copies of the
+    weight, bias and grad_output chunks and float32 accumulators of the results. A kernel set
+    with a direct forward needs no column buffer in the forward.
     """
     g = geometry
+    plan = dict(kernels.workspace(batch, g, dtype, backward=backward, masked=masked))
+    if kernels.direct_forward and not backward:
+        return plan
     acc = accumulation_dtype(dtype)
     chunk = _chunk_size(max(batch, 1), g, acc.itemsize, buffers=2 if backward else 1)
     column_shape = (chunk, g.in_channels * g.kernel_h * g.kernel_w, g.out_h * g.out_w)
     weight_shape = (g.out_channels, g.in_channels // g.groups, g.kernel_h, g.kernel_w)
     chunk_out_shape = (chunk, g.out_channels, g.out_h, g.out_w)
-    plan = {"columns": (column_shape, acc), **accumulator_plan("weight", weight_shape, dtype)}
+    plan.update({"columns": (column_shape, acc), **accumulator_plan("weight", weight_shape, dtype)})
     if not backward:
         plan.update(accumulator_plan("bias", (g.out_channels,), dtype))
         plan.update(accumulator_plan("output", chunk_out_shape, dtype))
@@ -200,7 +221,8 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     """The forward driver, shared by every backend (arrays checked and contiguous).
 
     Per chunk of ``B`` images: ``columns [B, C*kh*kw, Ho*Wo] = im2col(...)``, then
-    ``out[b, group] = weight[group] @ columns[b, group]`` as one batched GEMM.
+    ``out[b, group] = weight[group] @ columns[b, group]`` as one batched GEMM; or the kernel
+    set's own ``forward`` when it has a direct one.
     """
     xp, g = kernels.xp, geometry
     n = input.shape[0]
@@ -208,7 +230,10 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     out = output(xp, "output", (n, g.out_channels, g.out_h, g.out_w), input.dtype)
     if n == 0:
         return out
-    plan = deform_conv2d_workspace(n, g, input.dtype, backward=False)
+    if kernels.direct_forward:
+        kernels.forward(input, offset, mask, weight, bias, out, g)
+        return out
+    plan = deform_conv2d_workspace(kernels, n, g, input.dtype, backward=False, masked=mask is not None)
     weight_g = _grouped(converted(xp, "weight", weight), g)
     bias_acc = None if bias is None else converted(xp, "bias", bias).reshape(1, -1, 1, 1)
     columns = scratch(xp, "columns", *plan["columns"])
@@ -241,7 +266,7 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     dtype = input.dtype
-    plan = deform_conv2d_workspace(n, g, dtype, backward=True)
+    plan = deform_conv2d_workspace(kernels, n, g, dtype, backward=True, masked=mask is not None)
     weight_g = _grouped(converted(xp, "weight", weight), g)
     weight_t = weight_g.transpose(0, 2, 1)
     group_rows = weight_g.shape[2]

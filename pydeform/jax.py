@@ -45,7 +45,7 @@ from . import roi as _roi
 from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair
 from ._interop import _DLPACK_CUDA
 from ._workspace import provided
-from .backends import centernet_kernels
+from .backends import kernel_set
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
 
 __all__ = [
@@ -184,6 +184,11 @@ def _library() -> str:
     return "numpy" if jax.default_backend() == "cpu" else "cupy"
 
 
+def _kernels(family: str, backend):
+    """The kernel set of ``family`` the callbacks will run on this JAX's default platform."""
+    return kernel_set(family, _library(), check_backend(backend, _library()))
+
+
 def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
     """JAX-side twin of :func:`pydeform._arrays.check_arrays` on abstract values: one floating
     dtype for all, the documented ranks. Returns the dtype."""
@@ -275,14 +280,15 @@ class _Op:
         return op
 
 
-def _deform_conv2d_plan(shapes, dtype, static, backend):  # the plan is the same for every backend
+def _deform_conv2d_plan(shapes, dtype, static, backend):
     geometry = deform_conv2d_geometry(shapes, static["stride"], static["padding"], static["dilation"])
     n = shapes["input"][0]
+    kernels, masked = _kernels("deform_conv2d", backend), shapes.get("mask") is not None
     return (
         (n, geometry.out_channels, geometry.out_h, geometry.out_w),
         dtype,
-        deform_conv2d_workspace(n, geometry, dtype, backward=False),
-        deform_conv2d_workspace(n, geometry, dtype, backward=True),
+        deform_conv2d_workspace(kernels, n, geometry, dtype, backward=False, masked=masked),
+        deform_conv2d_workspace(kernels, n, geometry, dtype, backward=True, masked=masked),
     )
 
 
@@ -438,10 +444,6 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
 # CenterNet
 
 
-def _centernet_kernels(backend):
-    """The CenterNet kernel set the callbacks will run on this JAX's default platform."""
-    return centernet_kernels(_library(), check_backend(backend, _library()))
-
 
 def _check_on_empty_batch(function, arrays: dict, **static):
     """Run the array-level ``function``'s checks at trace time on NumPy stand-ins with batch 0
@@ -501,7 +503,7 @@ def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, 
     static = dict(K=K, kernel=kernel, cat_spec_wh=cat_spec_wh, down_ratio=down_ratio, threshold=threshold)
     _check_on_empty_batch(_centernet.centernet_decode, arrays, **static)
     params = _centernet.centernet_decode_params(heat.shape, wh.shape, None if reg is None else reg.shape, **static)
-    outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, dtype)
+    outputs, plan = _centernet.centernet_workspace(_kernels("centernet", backend), params, dtype)
     present = {name: jax.lax.stop_gradient(value) for name, value in arrays.items() if value is not None}
     run = _centernet_run(_centernet.centernet_decode, tuple(sorted(static.items())))
     return _launch(run, present, outputs, plan, backend)["output"]
@@ -532,7 +534,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     _check_on_empty_batch(_centernet.centernet_targets, arrays, **static)
     check_backend(backend, _library())
     params = _centernet.centernet_targets_params(labels.shape, **static)
-    outputs, plan = _centernet.centernet_workspace(_centernet_kernels(backend), params, boxes.dtype,
+    outputs, plan = _centernet.centernet_workspace(_kernels("centernet", backend), params, boxes.dtype,
                                                    labels_dtype=labels.dtype)
     run = _centernet_run(_centernet.centernet_targets, tuple(sorted(static.items())))
     results = _launch(run, {"boxes": jax.lax.stop_gradient(boxes), "labels": labels}, outputs, plan, backend)
@@ -540,7 +542,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
 
 
 def _focal_loss_plan(shapes, dtype, static, backend):
-    kernels = _centernet_kernels(backend)
+    kernels = _kernels("centernet", backend)
     params = _centernet.FocalLossParams(float(static["alpha"]), float(static["beta"]))
     shape = shapes["pred"]
     forward_outputs, forward_plan = _centernet.centernet_workspace(kernels, params, dtype, shape=shape)

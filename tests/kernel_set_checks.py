@@ -52,6 +52,11 @@ def check_kernels_write_every_element(kernels, case: DeformConvCase, seed: int) 
         grad_columns.reshape(n, rows, geometry.out_h, geometry.out_w), case.input, case.offset, **selector
     )
 
+    if kernels.direct_forward:
+        out = xp.full((n, case.weight.shape[0], geometry.out_h, geometry.out_w), np.nan, dtype=dtype)
+        kernels.forward(input, offset, mask, arrays["weight"], arrays["bias"], out, geometry)
+        assert_close("output", out, case.reference_forward(), dtype)
+
     columns = xp.full((n, rows, pixels), np.nan, dtype=acc)
     kernels.im2col(input, offset, mask, columns, geometry)
     expected_columns = reference.deform_conv2d(case.input, case.offset, **selector).reshape(n, rows, pixels)

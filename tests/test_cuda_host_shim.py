@@ -50,6 +50,8 @@ class CheckedKernels:
     def __init__(self, kernels):
         self._kernels = kernels
         self.xp = kernels.xp
+        self.direct_forward = kernels.direct_forward
+        self.workspace = kernels.workspace
         self.batch_sizes = collections.defaultdict(list)
 
     def im2col(self, input, offset, mask, columns, geom):

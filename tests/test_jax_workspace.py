@@ -8,7 +8,9 @@ import pytest
 import pydeform
 from pydeform import _workspace, centernet, deform_conv, roi
 from pydeform._workspace import provided
-from pydeform.backends import centernet_kernels
+from pydeform.backends import centernet_kernels, deform_conv2d_kernels
+from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
+from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 
 
 def buffers_for(outputs: dict, plan: dict):
@@ -30,27 +32,31 @@ def test_deform_conv2d_writes_into_the_provided_buffers(monkeypatch, column_byte
     # column_bytes=1 forces one image per chunk, so the planned buffers hold a chunk, not the batch.
     monkeypatch.setattr(deform_conv, "COLUMN_BUFFER_BYTES", column_bytes)
     x, offset, weight, bias, mask = deform_case(np.random.default_rng(0))
+    kernels = deform_conv2d_kernels("numpy", "numba")
     expected = pydeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
     shapes = {"input": x.shape, "offset": offset.shape, "weight": weight.shape, "bias": bias.shape, "mask": mask.shape}
     geometry = deform_conv.deform_conv2d_geometry(shapes, 1, 1, 1)
-    plan = deform_conv.deform_conv2d_workspace(x.shape[0], geometry, x.dtype, backward=False)
-    assert plan["columns"][0][0] == (1 if column_bytes == 1 else x.shape[0])
+    plan = deform_conv.deform_conv2d_workspace(kernels, x.shape[0], geometry, x.dtype, backward=False, masked=True)
+    # The direct CPU forward: a channels-last input copy and the rearranged weight, no columns.
+    assert set(plan) == {"input_hwc", "weight_rows"}
     buffers = buffers_for({"output": (expected.shape, x.dtype)}, plan)
     with provided(buffers):
         out = pydeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
     assert np.shares_memory(out, buffers["output"])
-    # Last bits may differ: the BLAS GEMM can block differently for differently aligned buffers.
-    np.testing.assert_allclose(buffers["output"], expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(buffers["output"], expected)
+    np.testing.assert_array_equal(buffers["input_hwc"], x.transpose(0, 2, 3, 1).ravel())
 
     grad_output = np.random.default_rng(1).standard_normal(expected.shape)
     expected_grads = pydeform.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
-    plan = deform_conv.deform_conv2d_workspace(x.shape[0], geometry, x.dtype, backward=True)
+    plan = deform_conv.deform_conv2d_workspace(kernels, x.shape[0], geometry, x.dtype, backward=True, masked=True)
+    assert plan["columns"][0][0] == (1 if column_bytes == 1 else x.shape[0])
     outputs = {f"grad_{name}": (shape, x.dtype) for name, shape in shapes.items()}
     buffers = buffers_for(outputs, plan)
     with provided(buffers):
         grads = pydeform.deform_conv2d_backward(grad_output, x, offset, weight, bias, padding=1, mask=mask)
     for name in shapes:
         assert np.shares_memory(getattr(grads, name), buffers[f"grad_{name}"]), name
+        # Last bits may differ: the BLAS GEMM can block differently for differently aligned buffers.
         np.testing.assert_allclose(buffers[f"grad_{name}"], getattr(expected_grads, name), rtol=1e-12, atol=1e-12)
 
 
@@ -84,9 +90,13 @@ def test_an_unplanned_or_too_small_slot_is_an_error():
     with provided({}):
         with pytest.raises(RuntimeError, match="no buffer provided for slot 'output'"):
             pydeform.deform_conv2d(x, offset, weight, padding=1)
-    with provided({"output": np.empty((1, 4, 6, 6)), "columns": np.empty(3)}):
-        with pytest.raises(RuntimeError, match="slot 'columns' needs"):
+    with provided({"output": np.empty((1, 4, 6, 6)), "weight_rows": np.empty(3)}):
+        with pytest.raises(RuntimeError, match="slot 'weight_rows' needs"):
             pydeform.deform_conv2d(x, offset, weight, padding=1)
+    grads = {f"grad_{name}": np.empty(a.shape) for name, a in (("input", x), ("offset", offset), ("weight", weight))}
+    with provided({**grads, "input_hwc": np.empty(x.size), "grad_columns": np.empty(36 * 36), "columns": np.empty(3)}):
+        with pytest.raises(RuntimeError, match="slot 'columns' needs"):
+            pydeform.deform_conv2d_backward(np.ones((1, 4, 6, 6)), x, offset, weight, padding=1)
     with provided({"output": np.empty((1, 4, 6, 6), np.float32)}):
         with pytest.raises(RuntimeError, match="slot 'output' needs 144 elements of float64"):
             pydeform.deform_conv2d(x, offset, weight, padding=1)
@@ -97,18 +107,66 @@ def test_an_unplanned_or_too_small_slot_is_an_error():
 def test_half_types_plan_float32_copies_and_accumulators():
     geometry = deform_conv.deform_conv2d_geometry(
         {"input": (5, 4, 6, 6), "offset": (5, 18, 6, 6), "weight": (4, 2, 3, 3)}, 1, 1, 1)
-    for dtype in (np.float32, np.float64):
-        plan = deform_conv.deform_conv2d_workspace(5, geometry, dtype, backward=True)
-        assert set(plan) == {"columns", "grad_columns", "grad_weight_chunk"}
-    plan = deform_conv.deform_conv2d_workspace(5, geometry, np.float16, backward=True)
+    cupy_kernels, numba_cuda_kernels = CupyDeformConv2dKernels(), NumbaCudaDeformConv2dKernels(xp=np)
+    for kernels in (cupy_kernels, numba_cuda_kernels):
+        for dtype in (np.float32, np.float64):
+            plan = deform_conv.deform_conv2d_workspace(kernels, 5, geometry, dtype, backward=True, masked=True)
+            assert set(plan) == {"columns", "grad_columns", "grad_weight_chunk"}
+    plan = deform_conv.deform_conv2d_workspace(cupy_kernels, 5, geometry, np.float16, backward=True, masked=True)
     assert plan["grad_input:acc"] == ((5, 4, 6, 6), np.float32)
     assert plan["grad_weight:acc"] == ((4, 2, 3, 3), np.float32)
     assert plan["weight:acc"] == ((4, 2, 3, 3), np.float32)
     assert plan["grad_output:acc"] == ((5, 4, 6, 6), np.float32)
     assert plan["columns"] == ((5, 36, 36), np.float32)
-    forward = deform_conv.deform_conv2d_workspace(5, geometry, np.float16, backward=False)
+    forward = deform_conv.deform_conv2d_workspace(cupy_kernels, 5, geometry, np.float16, backward=False, masked=True)
     assert set(forward) == {"columns", "weight:acc", "bias:acc", "output:acc"}
+    # The Numba CUDA kernels compute in float32: planned copies of what they read and write.
+    forward = deform_conv.deform_conv2d_workspace(numba_cuda_kernels, 5, geometry, np.float16, backward=False,
+                                                  masked=True)
+    assert set(forward) == {"columns", "weight:acc", "bias:acc", "output:acc", "input:acc", "offset:acc", "mask:acc"}
+    assert forward["offset:acc"] == ((5, 18, 6, 6), np.float32) and forward["mask:acc"] == ((5, 9, 6, 6), np.float32)
+    backward = deform_conv.deform_conv2d_workspace(numba_cuda_kernels, 5, geometry, np.float16, backward=True,
+                                                   masked=False)
+    assert {"input:acc", "offset:acc", "grad_offset:acc"} <= set(backward) and "mask:acc" not in backward
     assert roi.roi_workspace({"grad_input": (2, 3, 4, 4)}, np.float16) == {"grad_input:acc": ((2, 3, 4, 4), np.float32)}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_numba_cuda_half_copies_come_from_the_planned_slots(monkeypatch, masked):
+    """The Numba CUDA kernel set on float16 arrays, run by the drivers inside a provided block
+    holding exactly its plan (host arrays; the launches are recorded, not run): every float32
+    copy it hands a kernel is one of the provided buffers, so nothing is allocated behind the
+    caller's back."""
+    kernels = NumbaCudaDeformConv2dKernels(xp=np)
+    launched = []
+    monkeypatch.setattr(kernels, "_launch", lambda index, n_items, *args: launched.append(args))
+    rng = np.random.default_rng(5)
+    x, offset, weight, bias, mask = (a.astype(np.float16) for a in deform_case(rng, n=2))
+    mask = mask if masked else None
+    shapes = {"input": x.shape, "offset": offset.shape, "weight": weight.shape, "bias": bias.shape,
+              "mask": None if mask is None else mask.shape}
+    geometry = deform_conv.deform_conv2d_geometry(shapes, 1, 1, 1)
+    out_shape = (2, 4, 6, 6)
+    for backward in (False, True):
+        plan = deform_conv.deform_conv2d_workspace(kernels, 2, geometry, np.float16, backward=backward,
+                                                   masked=masked)
+        if backward:
+            outputs = {f"grad_{name}": (shape, np.float16) for name, shape in shapes.items() if shape is not None}
+        else:
+            outputs = {"output": (out_shape, np.float16)}
+        buffers = buffers_for(outputs, plan)
+        launched.clear()
+        with provided(buffers):
+            if backward:
+                deform_conv.run_deform_conv2d_backward(kernels, np.ones(out_shape, np.float16), x, offset, mask,
+                                                       weight, bias, geometry)
+            else:
+                deform_conv.run_deform_conv2d_forward(kernels, x, offset, mask, weight, bias, geometry)
+        arrays = [a for args in launched for a in args if isinstance(a, np.ndarray) and a.size > 1]
+        assert launched and arrays
+        for a in arrays:
+            assert a.dtype == np.float32
+            assert any(np.shares_memory(a, b) for b in buffers.values()), a.shape
 
 
 def test_provided_blocks_are_per_thread_and_restore_the_previous_one():

@@ -12,8 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
+import pydeform
+import reference
 from pydeform import deform_conv as deform_conv_module
 from pydeform import deform_conv2d, deform_conv2d_backward
+from pydeform.backends.numba_kernels import deform_conv as deform_conv_kernels
 from pydeform.backends.numba_kernels.deform_conv import NumbaCpuDeformConv2dKernels
 from tests.kernel_set_checks import CASE_ARRAYS, assert_unchanged, check_kernels_write_every_element
 from tests.strategies import (
@@ -100,7 +103,7 @@ def record_batch_sizes(monkeypatch) -> list:
     """Wrap every kernel method of the CPU kernel set to log (kernel name, batch size); each
     one's first argument (input or offset) is batch-major."""
     calls = []
-    for name in ("im2col", "col2im_coord", "col2im"):
+    for name in ("forward", "im2col", "col2im_coord", "col2im"):
         original = getattr(NumbaCpuDeformConv2dKernels, name)
 
         def spy(self, *args, _original=original, _name=name):
@@ -114,8 +117,9 @@ def record_batch_sizes(monkeypatch) -> list:
 @pytest.mark.parametrize("chunk, sizes", [(1, [1] * 5), (2, [2, 2, 1]), (3, [3, 2])])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_chunked_batches_match_reference(monkeypatch, chunk, sizes, dtype):
-    """With a column buffer that holds ``chunk`` images, N=5 runs in those chunks and still
-    matches the reference."""
+    """With column buffers that hold ``chunk`` images, the backward of N=5 runs in those chunks
+    and still matches the reference; the direct forward has no column buffer and runs the
+    batch whole."""
     case = fixed_case(np.random.default_rng(1), dtype=dtype, n=5)
     calls = record_batch_sizes(monkeypatch)
     acc_itemsize = 8 if np.dtype(dtype) == np.float64 else 4
@@ -123,7 +127,7 @@ def test_chunked_batches_match_reference(monkeypatch, chunk, sizes, dtype):
     # One byte short of one more image, so the chunk size is rounded down as it must be.
     monkeypatch.setattr(deform_conv_module, "COLUMN_BUFFER_BYTES", (chunk + 1) * image_bytes - 1)
     out = run_forward(case)
-    assert calls == [("im2col", size) for size in sizes]
+    assert calls == [("forward", 5)]
     assert_close("output", out, case.reference_forward(), dtype)
 
     calls.clear()
@@ -221,3 +225,52 @@ def test_backend_numba_is_the_cpu_backend_for_numpy_arrays():
     np.testing.assert_array_equal(run_forward(case, backend="numba"), run_forward(case))
     for got, default in zip(run_backward(case, backend="numba"), run_backward(case)):
         np.testing.assert_array_equal(got, default)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("tile_bytes", [1, 5 * 2**10, deform_conv_kernels.CPU_FORWARD_TILE_BYTES])
+@pytest.mark.parametrize(
+    "out_channels, groups, offset_groups",
+    # 13 and 6 output channels per group: not a multiple of the 4-channel blocks; offset groups
+    # of 6 channels crossing weight groups of 4 (C=12); groups = channels (depthwise).
+    [(13, 1, 1), (6, 3, 2), (12, 12, 1), (8, 2, 4)],
+)
+def test_direct_forward_tiles_and_blocks(dtype, tile_bytes, out_channels, groups, offset_groups, monkeypatch):
+    """The direct CPU forward against the reference where its tiling has edges: tiles of 2
+    pixels up to the default size, a last tile with an odd pixel count (Ho*Wo = 7*5), output
+    channels per group that do not fill the 4-channel blocks, and offset groups whose
+    channels span two weight groups."""
+    monkeypatch.setattr(deform_conv_kernels, "CPU_FORWARD_TILE_BYTES", tile_bytes)
+    rng = np.random.default_rng(5)
+    channels, kernel, (out_h, out_w) = 12, (3, 2), (7, 5)
+    x = rng.standard_normal((2, channels, 9, 6)).astype(dtype)
+    offset = rng.uniform(-3, 3, (2, 2 * offset_groups * 6, out_h, out_w)).astype(dtype)
+    weight = rng.standard_normal((out_channels, channels // groups) + kernel).astype(dtype)
+    bias = rng.standard_normal(out_channels).astype(dtype)
+    mask = rng.uniform(0, 1, (2, offset_groups * 6, out_h, out_w)).astype(dtype)
+    for b, m in ((bias, mask), (None, None)):
+        out = pydeform.deform_conv2d(x, offset, weight, b, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mask=m)
+        expected = reference.deform_conv2d(x, offset, weight, b, mask=m)
+        assert out.shape == expected.shape == (2, out_channels, out_h, out_w)
+        assert_close("output", out, expected, dtype)
+
+
+def test_direct_forward_propagates_nan_and_infinity():
+    """The forward's sums may be reordered (fastmath reassoc/contract) but never assume finite
+    values: an interior NaN input value reaches exactly the outputs whose samples read it (as
+    in the reference; away from the border, where the reference's clamped outside corners
+    would spread it further), and an infinite bias makes its channel infinite."""
+    case = fixed_case(np.random.default_rng(6), n=1)
+    x = case.input.copy()
+    x[0, 1, 3, 3] = np.nan
+    bias = case.bias.copy()
+    bias[4] = np.inf
+    arguments = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, mask=case.mask)
+    offset = np.zeros_like(case.offset)
+    out = pydeform.deform_conv2d(x, offset, case.weight, bias, **arguments)
+    expected = reference.deform_conv2d(x, offset, case.weight, bias, **arguments)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    assert np.isposinf(out[0, 4]).all()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-10, atol=1e-10)

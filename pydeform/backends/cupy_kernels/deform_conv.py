@@ -88,6 +88,13 @@ def col2im_launch(offset, mask, grad_columns, grad_input, geom):
 class CupyDeformConv2dKernels:
     """The deform_conv2d kernel set on CuPy arrays (C-contiguous, on the current device)."""
 
+    direct_forward = False
+
+    @staticmethod
+    def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
+        """No scratch of its own: the kernels read and write every storage type directly."""
+        return {}
+
     @property
     def xp(self):
         import cupy

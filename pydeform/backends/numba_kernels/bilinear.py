@@ -71,6 +71,38 @@ def zero_padded_corners(image, plane, corner, inside, width):
     return v00, v01, v10, v11
 
 
+def zero_padded_run(image_hwc, at, inside, weights, channel_step, row_step, dest, dest_at, count):
+    """Write ``count`` consecutive channels of one zero-padded sample into ``dest[dest_at:]``.
+
+    For channels-last images: ``at`` is the flat index of the sample's top-left corner at its
+    first channel, the corners to its right and below are ``channel_step`` (C) and ``row_step``
+    (W*C) further, and ``inside`` / ``weights`` (an array of the four weights in the image's
+    dtype) come from :func:`zero_padded_setup` / :func:`bilinear_weights`. With all four
+    corners inside, the channels are four contiguous runs read with unsigned indices (no
+    negative-index wraparound), which the CPU compiler turns into SIMD loads.
+    """
+    if inside == ALL_CORNERS:
+        at00 = np.uint64(at)
+        at01 = at00 + np.uint64(channel_step)
+        at10 = at00 + np.uint64(row_step)
+        at11 = at10 + np.uint64(channel_step)
+        first = np.uint64(dest_at)
+        for c in range(count):
+            u = np.uint64(c)
+            dest[first + u] = (
+                weights[0] * image_hwc[at00 + u] + weights[1] * image_hwc[at01 + u]
+                + weights[2] * image_hwc[at10 + u] + weights[3] * image_hwc[at11 + u]
+            )
+        return
+    for c in range(count):
+        dest[dest_at + c] = 0.0
+    for k in range(4):  # corner k is bit k of inside: (h0 + k // 2, w0 + k % 2)
+        if inside & (1 << k):
+            at_k = np.uint64(at + (k & 1) * channel_step + (k >> 1) * row_step)
+            for c in range(count):
+                dest[dest_at + c] += weights[k] * image_hwc[at_k + np.uint64(c)]
+
+
 def bilinear_combine(v00, v01, v10, v11, w00, w01, w10, w11):
     """Weighted sum of the four corner values."""
     return w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11

@@ -7,8 +7,17 @@ corners inside the image and the four bilinear weights with the mask folded in.
 
 - CUDA: one thread per sample keeps the plan in registers and loops over the group's channels
   (gather for im2col, atomic scatter for the input gradient).
-- CPU im2col: the input is copied channels-last once (:mod:`.layout`); a task takes a tile of
-  CPU_TILE_PIXELS output pixels of one kernel point (image, offset group, ij), sets up each
+- CPU forward (direct, no column buffer): a task takes a tile of output pixels of one image,
+  samples them for every kernel point from the channels-last input copy into a buffer that
+  stays in the core's L2 cache (values[t, (weight group, ij, c)]), and multiplies it by the
+  weight right away, in blocks of 2 pixels x 4 output channels whose eight sums stay in
+  registers over contiguous runs of values and weights (SIMD). The 19 MB column buffer of the
+  CPU shape of PERF.md is never written or read back, and no BLAS thread pool runs beside
+  Numba's (on 2 cores the two pools took each other's cores: 14-17 ms with im2col + BLAS,
+  7-8 ms direct).
+- CPU im2col (the backward's weight gradient): the input is copied channels-last once
+  (:mod:`.layout`); a task takes a tile of CPU_TILE_PIXELS output pixels of one kernel point
+  (image, offset group, ij), sets up each
   sample's plan once (stepping along the pixels without divisions) and reads its four corners
   for all the group's channels as contiguous runs (SIMD loads) into a small L1-resident
   buffer, which it then writes out transposed, as runs of pixels in each channel row of the
@@ -19,9 +28,10 @@ corners inside the image and the four bilinear weights with the mask folded in.
   multiples of 4 KiB apart, so touching many channels per sample would thrash the cache sets),
   and since a task owns its channels the input-gradient scatter needs no atomics.
 
-Kernels take flat (1-d) views of C-contiguous arrays with the layouts of the kernel-set
-interface in :mod:`pydeform.deform_conv`; ``geometry`` is a plain tuple of ints in the field
-order of :class:`pydeform.deform_conv.DeformConv2dGeometry`.
+Kernels take flat (1-d) views of C-contiguous arrays (the direct forward: 2-d weight rows and
+a 3-d output) with the layouts of the kernel-set interface in :mod:`pydeform.deform_conv`;
+``geometry`` is a plain tuple of ints in the field order of
+:class:`pydeform.deform_conv.DeformConv2dGeometry`.
 """
 
 from __future__ import annotations
@@ -30,13 +40,19 @@ import functools
 
 import numpy as np
 
-from .bilinear import ALL_CORNERS
+from ..._workspace import accumulator_plan, converted, scratch
 from .layout import channels_last
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+from .targets import (
+    bind_cuda, cpu_kernel, cpu_kernel_fast_sums, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda,
+)
 
 # Output pixels per CPU im2col task (one kernel point of one image and offset group); the task's
 # values buffer is CPU_TILE_PIXELS x C/Goff (16 KiB at C/Goff = 64 in float32: L1-resident).
 CPU_TILE_PIXELS = 64
+
+# Bytes of sampled values per task of the direct CPU forward: the tile is read once per block of
+# 4 output channels, so it is kept within a core's L2 cache with room for the weight rows.
+CPU_FORWARD_TILE_BYTES = 192 * 2**10
 
 # Channels per CPU task: the task loads a sample's plan once for all of them. Four measured best
 # on the CPU shape of PERF.md (2, 8 and 16 were slower: more planes in flight per sample).
@@ -166,7 +182,7 @@ def _cpu_kernels():
 
     plan, position, _, _, _, col2im_coord_sample = _sample_functions(cpu_target())
     t = cpu_target()
-    setup, weights_of, atomic_add = t.zero_padded_setup, t.bilinear_weights, t.atomic_add
+    setup, weights_of, run, atomic_add = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_run, t.atomic_add
 
     @cpu_kernel
     def make_plans(offset, mask, has_mask, geometry, n_items, corner, inside, weights):
@@ -215,7 +231,7 @@ def _cpu_kernels():
             x = p_begin - y * geometry[15]
             # values[t, c]: the tile's samples with the group's channels contiguous, as read from
             # the channels-last input (SIMD over channels), written out transposed below.
-            values = np.empty((CPU_TILE_PIXELS, per_group), columns.dtype)
+            values = np.empty(CPU_TILE_PIXELS * per_group, columns.dtype)
             weight = np.empty(4, columns.dtype)  # the weights in the input's dtype
             for t in range(count):
                 h, w, _ = position(point_row, i, j, y, x, offset, geometry)
@@ -224,38 +240,100 @@ def _cpu_kernels():
                     x = 0
                     y += 1
                 inside, corner, lh, lw = setup(h, w, height, width)
-                w00, w01, w10, w11 = weights_of(lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
-                weight[0] = w00
-                weight[1] = w01
-                weight[2] = w10
-                weight[3] = w11
-                # element (corner pixel, first channel of the group) of input_hwc
+                weight[0], weight[1], weight[2], weight[3] = weights_of(
+                    lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
                 at = (b * height * width + corner) * channels + group_channel
-                if inside == ALL_CORNERS:
-                    # Unsigned indices: no negative-index wraparound, so the loop vectorises.
-                    at00 = np.uint64(at)
-                    at01 = at00 + np.uint64(channels)
-                    at10 = at00 + np.uint64(width * channels)
-                    at11 = at10 + np.uint64(channels)
-                    for c in range(per_group):
-                        u = np.uint64(c)
-                        values[t, c] = (
-                            weight[0] * input_hwc[at00 + u] + weight[1] * input_hwc[at01 + u]
-                            + weight[2] * input_hwc[at10 + u] + weight[3] * input_hwc[at11 + u]
-                        )
-                else:
-                    for c in range(per_group):
-                        values[t, c] = 0.0
-                    for k in range(4):  # corner k is bit k of inside: (h0 + k // 2, w0 + k % 2)
-                        if inside & (1 << k):
-                            at_k = np.uint64(at + (k & 1) * channels + (k >> 1) * width * channels)
-                            for c in range(per_group):
-                                values[t, c] += weight[k] * input_hwc[at_k + np.uint64(c)]
+                run(input_hwc, at, inside, weight, channels, width * channels, values, t * per_group, per_group)
             first = (b * channels + group_channel) * block + (point_row - group_row * points) * pixels + p_begin
             for c in range(per_group):
                 row = np.uint64(first + c * block)
                 for t in range(count):
-                    columns[row + np.uint64(t)] = values[t, c]
+                    columns[row + np.uint64(t)] = values[t * per_group + c]
+
+    @cpu_kernel_fast_sums
+    def forward_channels_last(input_hwc, offset, mask, has_mask, weight_rows, bias, has_bias, output, geometry,
+                              tile_pixels, n_tiles):
+        """output [N, C_out, Ho*Wo] for tiles of ``tile_pixels`` output pixels of one image:
+        the tile's samples into values[t, (group, ij, c)], then the tile's GEMM block by block.
+        weight_rows[group * out_rows + o, ij * C/G + c] is weight[group's o, c, i, j], with the
+        rows of each group padded with zeros to out_rows, a multiple of 4."""
+        channels, height, width = geometry[0], geometry[1], geometry[2]
+        kernel_w, groups, offset_groups, out_w = geometry[5], geometry[12], geometry[13], geometry[15]
+        points = geometry[4] * kernel_w
+        pixels = geometry[14] * out_w
+        per_offset_group = channels // offset_groups
+        per_group = channels // groups
+        out_per_group = geometry[3] // groups
+        out_rows = weight_rows.shape[0] // groups
+        depth = points * per_group  # the GEMM's inner size per weight group
+        tiles_per_image = (pixels + tile_pixels - 1) // tile_pixels
+        for tile in prange(n_tiles):
+            b = tile // tiles_per_image
+            p_begin = (tile - b * tiles_per_image) * tile_pixels
+            count = min(tile_pixels, pixels - p_begin)
+            values = np.empty((tile_pixels, groups * depth), output.dtype)
+            weight = np.empty(4, output.dtype)  # the weights in the input's dtype
+            for g in range(offset_groups):
+                for ij in range(points):
+                    point_row = (b * offset_groups + g) * points + ij
+                    i = ij // kernel_w
+                    j = ij - i * kernel_w
+                    y = p_begin // out_w
+                    x = p_begin - y * out_w
+                    for t in range(count):
+                        h, w, _ = position(point_row, i, j, y, x, offset, geometry)
+                        x += 1
+                        if x == out_w:
+                            x = 0
+                            y += 1
+                        inside, corner, lh, lw = setup(h, w, height, width)
+                        weight[0], weight[1], weight[2], weight[3] = weights_of(
+                            lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
+                        at = (b * height * width + corner) * channels
+                        # The offset group's channels, split where a weight group ends.
+                        c = g * per_offset_group
+                        end = c + per_offset_group
+                        while c < end:
+                            group = c // per_group
+                            stop = min(end, (group + 1) * per_group)
+                            run(input_hwc, at + c, inside, weight, channels, width * channels, values[t],
+                                group * depth + ij * per_group + c - group * per_group, stop - c)
+                            c = stop
+            if count % 2:
+                values[count] = 0.0  # the odd last pixel's partner: computed, never stored
+            for group in range(groups):
+                k0 = group * depth
+                for o in range(0, out_per_group, 4):
+                    row = group * out_rows + o
+                    w0, w1 = weight_rows[row], weight_rows[row + 1]
+                    w2, w3 = weight_rows[row + 2], weight_rows[row + 3]
+                    first = group * out_per_group + o
+                    channels_here = min(4, out_per_group - o)
+                    for t in range(0, count, 2):
+                        # A 2 pixels x 4 output channels block: eight sums kept in registers, each
+                        # over contiguous runs of values and weights (SIMD).
+                        v0 = values[t, k0:k0 + depth]
+                        v1 = values[t + 1, k0:k0 + depth]
+                        s00, s01, s02, s03 = v0[0] * w0[0], v0[0] * w1[0], v0[0] * w2[0], v0[0] * w3[0]
+                        s10, s11, s12, s13 = v1[0] * w0[0], v1[0] * w1[0], v1[0] * w2[0], v1[0] * w3[0]
+                        for k in range(1, depth):
+                            x0 = v0[k]
+                            x1 = v1[k]
+                            s00 += x0 * w0[k]
+                            s01 += x0 * w1[k]
+                            s02 += x0 * w2[k]
+                            s03 += x0 * w3[k]
+                            s10 += x1 * w0[k]
+                            s11 += x1 * w1[k]
+                            s12 += x1 * w2[k]
+                            s13 += x1 * w3[k]
+                        sums = ((s00, s01, s02, s03), (s10, s11, s12, s13))
+                        for r in range(min(2, count - t)):
+                            for q in range(channels_here):
+                                value = sums[r][q]
+                                if has_bias:
+                                    value += bias[first + q]
+                                output[b, first + q, p_begin + t + r] = value
 
     @cpu_kernel
     def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
@@ -284,7 +362,7 @@ def _cpu_kernels():
         for item in prange(n_items):
             col2im_coord_sample(item, input, offset, mask, has_mask, grad_columns, grad_offset, grad_mask, geometry)
 
-    return make_plans, apply_col2im, col2im_coord, im2col_channels_last
+    return make_plans, apply_col2im, col2im_coord, im2col_channels_last, forward_channels_last
 
 
 @functools.lru_cache(maxsize=None)
@@ -328,6 +406,17 @@ def _cpu_tile_count(batch: int, geometry) -> int:
     return sample_count(batch, geometry) // pixels * -(-pixels // CPU_TILE_PIXELS)
 
 
+def _padded_rows(rows: int) -> int:
+    """Weight rows per group in the direct CPU forward: a multiple of its 4-channel blocks."""
+    return -(-rows // 4) * 4
+
+
+def _forward_tile_pixels(bytes_per_pixel: int) -> int:
+    """Output pixels per task of the direct CPU forward: an even count (pixels go in pairs)
+    whose sampled values, ``bytes_per_pixel`` each, fit in CPU_FORWARD_TILE_BYTES, at most 64."""
+    return max(2, min(64, CPU_FORWARD_TILE_BYTES // bytes_per_pixel) // 2 * 2)
+
+
 def _flat_mask(mask, like, xp):
     """Kernels always take a mask array: without one, a one-element stand-in of ``like``'s dtype
     and has_mask=False. The stand-in is never an argument array: for host arrays the CUDA
@@ -338,9 +427,27 @@ def _flat_mask(mask, like, xp):
 
 
 class NumbaCpuDeformConv2dKernels:
-    """deform_conv2d kernels for NumPy arrays, parallel with ``numba.prange``."""
+    """deform_conv2d kernels for NumPy arrays, parallel with ``numba.prange``; the forward is
+    direct (no column buffer: see :meth:`forward`)."""
 
     xp = np
+    direct_forward = True
+
+    @staticmethod
+    def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
+        """This kernel set's own scratch: the channels-last input copy, and for the forward the
+        rearranged weight (rows padded to a multiple of 4 per group)."""
+        g = geometry
+        plan = {"input_hwc": ((batch * g.height * g.width * g.in_channels,), dtype)}
+        if not backward:
+            depth = g.kernel_h * g.kernel_w * (g.in_channels // g.groups)
+            plan["weight_rows"] = ((g.groups * _padded_rows(g.out_channels // g.groups), depth), dtype)
+        return plan
+
+    def _channels_last(self, input, geometry):
+        slot, (shape, dtype) = "input_hwc", self.workspace(input.shape[0], geometry, input.dtype,
+                                                          backward=True, masked=False)["input_hwc"]
+        return channels_last(input, scratch(np, slot, shape, dtype))
 
     def _plans(self, offset, mask, geometry, dtype):
         n = sample_count(offset.shape[0], geometry)
@@ -351,10 +458,33 @@ class NumbaCpuDeformConv2dKernels:
         _cpu_kernels()[0](flat(offset), mask, has_mask, tuple(geometry), n, corner, inside, weights)
         return corner, inside, weights
 
+    def forward(self, input, offset, mask, weight, bias, output, geometry):
+        """output = deform_conv2d(...) computed tile by tile: each task samples
+        :func:`_forward_tile_pixels` output pixels of one image into a cache-resident buffer and
+        multiplies it by the weight right away, so no column buffer is written or read."""
+        g = geometry
+        group_out, per_group = g.out_channels // g.groups, g.in_channels // g.groups
+        points = g.kernel_h * g.kernel_w
+        (shape, dtype) = self.workspace(input.shape[0], g, input.dtype, backward=False, masked=False)["weight_rows"]
+        rows = scratch(np, "weight_rows", shape, dtype)
+        grouped = rows.reshape(g.groups, -1, points, per_group)
+        grouped[:, group_out:] = 0.0
+        # weight[group's o, c, i, j] -> rows[group, o, i*kw + j, c]
+        grouped[:, :group_out] = weight.reshape(g.groups, group_out, per_group, points).transpose(0, 1, 3, 2)
+        mask, has_mask = _flat_mask(mask, offset, np)
+        bias, has_bias = (np.zeros(1, input.dtype), False) if bias is None else (bias, True)
+        pixels = g.out_h * g.out_w
+        tile = _forward_tile_pixels(points * g.in_channels * input.dtype.itemsize)
+        _cpu_kernels()[4](
+            self._channels_last(input, g), flat(offset), mask, has_mask, rows, bias, has_bias,
+            output.reshape(output.shape[0], g.out_channels, pixels), tuple(g), tile,
+            input.shape[0] * -(-pixels // tile),
+        )
+
     def im2col(self, input, offset, mask, columns, geometry):
         mask, has_mask = _flat_mask(mask, offset, np)
         _cpu_kernels()[3](
-            channels_last(input), flat(offset), mask, has_mask, flat(columns), tuple(geometry),
+            self._channels_last(input, geometry), flat(offset), mask, has_mask, flat(columns), tuple(geometry),
             _cpu_tile_count(input.shape[0], geometry),
         )
 
@@ -375,10 +505,13 @@ class NumbaCpuDeformConv2dKernels:
 class NumbaCudaDeformConv2dKernels:
     """deform_conv2d kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
 
-    float16 / bfloat16 arrays are converted to float32 on the device before a launch and the
-    float16 / bfloat16 outputs written back from float32, so the arithmetic is float32. With
-    ``xp=numpy`` the kernels run on host arrays under the CUDA simulator.
+    float16 / bfloat16 arrays are converted to float32 on the device before a launch (into the
+    scratch slots :meth:`workspace` plans) and the float16 / bfloat16 outputs written back from
+    float32, so the arithmetic is float32. With ``xp=numpy`` the kernels run on host arrays
+    under the CUDA simulator.
     """
+
+    direct_forward = False
 
     def __init__(self, xp=None):
         if xp is None:
@@ -386,14 +519,29 @@ class NumbaCudaDeformConv2dKernels:
         self.xp = xp
 
     @staticmethod
-    def _as_float(array):
-        return array if array is None or array.dtype.itemsize >= 4 else array.astype(np.float32)
+    def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
+        """float32 copies of the arrays the kernels read (and of the offset and mask gradients
+        they write) for half types; nothing otherwise."""
+        g = geometry
+        samples = (batch, g.offset_groups * g.kernel_h * g.kernel_w, g.out_h, g.out_w)
+        shapes = {"input": (batch, g.in_channels, g.height, g.width), "offset": (batch, 2 * samples[1]) + samples[2:]}
+        if masked:
+            shapes["mask"] = samples
+        if backward:
+            shapes.update({"grad_" + name: shape for name, shape in shapes.items() if name != "input"})
+        plan = {}
+        for name, shape in shapes.items():
+            plan.update(accumulator_plan(name, shape, dtype))
+        return plan
+
+    def _as_float(self, slot, array):
+        return None if array is None else converted(self.xp, slot, array)
 
     def _launch(self, index, n_items, *args):
         launch_cuda(_cuda_kernels()[index], n_items, self.xp, *args, n_items)
 
     def im2col(self, input, offset, mask, columns, geometry):
-        input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
+        input, offset, mask = (self._as_float(*a) for a in (("input", input), ("offset", offset), ("mask", mask)))
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             0, sample_count(input.shape[0], geometry),
@@ -401,9 +549,9 @@ class NumbaCudaDeformConv2dKernels:
         )
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
-        input, offset, mask = (self._as_float(a) for a in (input, offset, mask))
+        input, offset, mask = (self._as_float(*a) for a in (("input", input), ("offset", offset), ("mask", mask)))
         mask, has_mask = _flat_mask(mask, offset, self.xp)
-        out_offset, out_mask = self._as_float(grad_offset), self._as_float(grad_mask)
+        out_offset, out_mask = self._as_float("grad_offset", grad_offset), self._as_float("grad_mask", grad_mask)
         self._launch(
             1, sample_count(input.shape[0], geometry),
             flat(input), flat(offset), mask, has_mask, flat(grad_columns), flat(out_offset),
@@ -416,7 +564,7 @@ class NumbaCudaDeformConv2dKernels:
             grad_mask[...] = out_mask
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
-        offset, mask = self._as_float(offset), self._as_float(mask)
+        offset, mask = self._as_float("offset", offset), self._as_float("mask", mask)
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             2, sample_count(offset.shape[0], geometry),

@@ -33,9 +33,11 @@ def _transpose_kernel():
     return to_channels_last
 
 
-def channels_last(input: np.ndarray) -> np.ndarray:
-    """input [N, C, H, W] (C-contiguous) -> a new flat array of its ``[N, H, W, C]`` copy."""
+def channels_last(input: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+    """input [N, C, H, W] (C-contiguous) -> its ``[N, H, W, C]`` copy as a flat array: ``out``
+    (a flat array of ``input.size`` elements of its dtype, e.g. a planned scratch buffer) or a
+    new one."""
     n, channels, height, width = input.shape
-    input_hwc = np.empty(input.size, input.dtype)
+    input_hwc = np.empty(input.size, input.dtype) if out is None else out
     _transpose_kernel()(flat(input), input_hwc, channels, height, width, n * height)
     return input_hwc

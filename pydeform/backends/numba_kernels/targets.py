@@ -30,6 +30,7 @@ class Target(NamedTuple):
     zero_padded_setup: Callable
     bilinear_weights: Callable
     zero_padded_corners: Callable
+    zero_padded_run: Callable
     bilinear_combine: Callable
     bilinear_gradient: Callable
     border_clamped_setup: Callable
@@ -40,6 +41,7 @@ _HELPERS = (
     "zero_padded_setup",
     "bilinear_weights",
     "zero_padded_corners",
+    "zero_padded_run",
     "bilinear_combine",
     "bilinear_gradient",
     "border_clamped_setup",
@@ -108,11 +110,21 @@ def cuda_target() -> Target:
     return Target("cuda", device, add, **_compiled_helpers(device))
 
 
-def cpu_kernel(fn):
+def cpu_kernel(fn, fastmath=False):
     """Compile a CPU kernel whose outer loop is a ``numba.prange``, cached on disk."""
     import numba
 
-    return cache_on_disk(numba.njit(parallel=True, nogil=True, error_model="numpy", cache=True)(fn))
+    return cache_on_disk(
+        numba.njit(parallel=True, nogil=True, error_model="numpy", fastmath=fastmath, cache=True)(fn)
+    )
+
+
+def cpu_kernel_fast_sums(fn):
+    """A :func:`cpu_kernel` whose floating-point sums may be reordered and fused into FMAs, so
+    that its dot products vectorise (``reassoc`` and ``contract`` only: no assumption that
+    values are finite, so NaN and infinity propagate as IEEE arithmetic says)."""
+    # A dict, not a set: its repr (part of the disk-cache key) has a fixed order.
+    return cpu_kernel(fn, fastmath={"contract": True, "reassoc": True})
 
 
 def cuda_kernel(fn):
