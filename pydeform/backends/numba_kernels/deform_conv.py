@@ -301,6 +301,9 @@ def _cpu_kernels():
                             c = stop
             if count % 2:
                 values[count] = 0.0  # the odd last pixel's partner: computed, never stored
+            # Sums start from a zero of the dtype (not from the first product), so the loops
+            # over k run whole SIMD steps.
+            zero = np.zeros(1, output.dtype)
             for group in range(groups):
                 k0 = group * depth
                 for o in range(0, out_per_group, 4):
@@ -314,9 +317,8 @@ def _cpu_kernels():
                         # over contiguous runs of values and weights (SIMD).
                         v0 = values[t, k0:k0 + depth]
                         v1 = values[t + 1, k0:k0 + depth]
-                        s00, s01, s02, s03 = v0[0] * w0[0], v0[0] * w1[0], v0[0] * w2[0], v0[0] * w3[0]
-                        s10, s11, s12, s13 = v1[0] * w0[0], v1[0] * w1[0], v1[0] * w2[0], v1[0] * w3[0]
-                        for k in range(1, depth):
+                        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero[0]
+                        for k in range(depth):
                             x0 = v0[k]
                             x1 = v1[k]
                             s00 += x0 * w0[k]
