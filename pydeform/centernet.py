@@ -23,8 +23,10 @@ number of positives), deterministically. ``focal_loss_grad(grad_output, pred, ta
 grad_pred, params)``: grad_output 0-d T, sums from ``focal_loss_sums``, grad_pred
 ``[B, C, H, W]`` T written entirely.
 
-``decode_workspace(params, A)`` and ``focal_loss_workspace(size, A)``: the scratch ``decode`` and
-``focal_loss_sums`` (over ``size`` elements) request, ``{slot: (shape, dtype)}``.
+``decode_workspace(params, T)`` and ``focal_loss_workspace(size, T, *, backward)``: the scratch
+``decode`` and ``focal_loss_sums`` (over ``size`` elements; with ``backward`` also
+``focal_loss_grad``) request, ``{slot: (shape, dtype)}``, float32 copies of half-type arrays
+included for a kernel set whose kernels compute from them (Numba CUDA).
 
 Decisions SPEC leaves open:
 
@@ -138,7 +140,7 @@ def centernet_workspace(kernels, params, dtype, *, labels_dtype=None, shape=None
     acc = accumulation_dtype(dtype)
     if isinstance(params, CenterNetDecodeParams):
         outputs = {"output": ((params.batch, params.k, 6), acc)}
-        work = kernels.decode_workspace(params, acc) if params.batch and params.k else {}
+        work = kernels.decode_workspace(params, dtype) if params.batch and params.k else {}
         return outputs, work
     if isinstance(params, CenterNetTargetsParams):
         batch, objects = params.batch, params.max_objects
@@ -156,7 +158,7 @@ def centernet_workspace(kernels, params, dtype, *, labels_dtype=None, shape=None
     outputs = {"grad_pred": (tuple(shape), np.dtype(dtype))} if backward else {"output": ((), np.dtype(dtype))}
     work = {FOCAL_SUMS_SLOT: ((3,), acc)} if size or not backward else {}
     if size:
-        work.update(kernels.focal_loss_workspace(size, acc))
+        work.update(kernels.focal_loss_workspace(size, dtype, backward=backward))
     return outputs, work
 
 

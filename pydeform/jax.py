@@ -345,11 +345,16 @@ def _rois(rois, dtype):
 def _roi_family(forward, backward, params):
     """An :class:`_Op` for a RoI op whose ``params(shapes, k, **static)`` checks its arguments."""
 
-    def plan(shapes, dtype, static, backend):  # the plan is the same for every backend
+    def plan(shapes, dtype, static, backend):
         k = shapes["rois"][0]
-        output_shape = _roi.roi_output_shape(params(shapes, k, **static), k)
-        grads = {f"grad_{name}": shape for name, shape in shapes.items() if name not in ("rois", "grad_output")}
-        return output_shape, dtype, {}, _roi.roi_workspace(grads, dtype)
+        checked = params(shapes, k, **static)
+        kernels = _kernels("roi", backend)
+        return (
+            _roi.roi_output_shape(checked, k),
+            dtype,
+            _roi.roi_workspace(kernels, checked, shapes, dtype, backward=False),
+            _roi.roi_workspace(kernels, checked, shapes, dtype, backward=True),
+        )
 
     return _Op(forward, backward, plan, no_grad=("rois",))
 

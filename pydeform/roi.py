@@ -24,10 +24,17 @@ dtype A (float64 for float64, else float32); ``offset [K, 2, PH, PW]``, ``mask [
 ``trans [K, 2*classes, P, P]`` in T or None when absent. Gradients are A arrays zero-filled
 here, which the kernels accumulate into (atomically on the GPU); every ``output`` element is
 written by the forward kernel.
+
+A kernel set also has ``workspace(family, params, shapes, dtype, *, backward)``: the scratch
+slots ``{slot: (shape, dtype)}`` its forward (or backward) of ``family`` (``"roi_align"``,
+``"roi_pool"``, ``"deform_roi_pool"``, ``"deform_psroi_pool"``: the method prefixes) takes
+through :func:`pydeform._workspace.scratch`, given the shapes of ``input``, ``output`` and the
+present ``offset`` / ``mask`` / ``trans``; part of :func:`roi_workspace`'s plan.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 from ._arrays import check_arrays, check_backend, check_finite_float, check_int, int_pair, shape_of
@@ -237,12 +244,29 @@ def roi_output_shape(params, k: int) -> tuple:
     return (k, channels, params.pooled_h, params.pooled_w)
 
 
-def roi_workspace(grad_shapes: dict, dtype) -> dict:
-    """The scratch of a RoI backward: float32 accumulators of the gradients (named by
-    ``grad_shapes``, e.g. ``{"grad_input": shape}``) for half types, ``{slot: (shape, dtype)}``."""
+_FAMILIES = {RoIAlignParams: "roi_align", RoIPoolParams: "roi_pool", DeformRoIPoolParams: "deform_roi_pool",
+             DeformPSRoIPoolParams: "deform_psroi_pool"}
+
+
+def roi_workspace(kernels, params, shapes: dict, dtype, *, backward: bool) -> dict:
+    """The scratch one forward (or backward) driver call of the op ``params`` describes takes,
+    ``{slot: (shape, dtype)}``, on the kernel set ``kernels``.
+
+    ``shapes`` holds the shapes of the op's arrays: ``input``, ``rois`` and the present ones of
+    ``offset``, ``mask``, ``trans``. The plan is the kernel set's own scratch (none when the
+    output is empty: no kernel runs) and, for the backward of half types, float32 accumulators
+    of the gradients. A caller that provides the buffers (:func:`pydeform._workspace.provided`,
+    as :mod:`pydeform.jax` does) provides exactly these.
+    """
+    arrays = {name: tuple(shape) for name, shape in shapes.items() if name != "rois"}
+    output_shape = roi_output_shape(params, shapes["rois"][0])
     plan = {}
-    for name, shape in grad_shapes.items():
-        plan.update(accumulator_plan(name, shape, dtype))
+    if math.prod(output_shape):
+        plan.update(kernels.workspace(_FAMILIES[type(params)], params, {**arrays, "output": output_shape}, dtype,
+                                      backward=backward))
+    if backward:
+        for name, shape in arrays.items():
+            plan.update(accumulator_plan("grad_" + name, shape, dtype))
     return plan
 
 

@@ -8,9 +8,12 @@ import pytest
 import pydeform
 from pydeform import _workspace, centernet, deform_conv, roi
 from pydeform._workspace import provided
-from pydeform.backends import centernet_kernels, deform_conv2d_kernels
+from pydeform.backends import centernet_kernels, deform_conv2d_kernels, roi_kernels
 from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
+from pydeform.backends.cupy_kernels.roi import CupyRoIKernels
+from pydeform.backends.numba_kernels.centernet import NumbaCudaCenterNetKernels
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
+from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 
 
 def buffers_for(outputs: dict, plan: dict):
@@ -75,7 +78,10 @@ def test_roi_ops_write_into_the_provided_buffers():
     grad_output = rng.standard_normal(expected.shape)
     expected_grads = pydeform.deform_roi_pool_backward(grad_output, x, rois, offset, output_size=3)
     grad_shapes = {"grad_input": x.shape, "grad_offset": offset.shape}
-    assert roi.roi_workspace(grad_shapes, x.dtype) == {}  # float64 accumulates in place
+    shapes = {"input": x.shape, "rois": rois.shape, "offset": offset.shape}
+    params = roi.deform_roi_pool_params(shapes, 2, 3, 1.0, 0, 0.1)
+    for backward in (False, True):  # float64 accumulates in place; the CPU forward reads the input
+        assert roi.roi_workspace(roi_kernels("numpy", "numba"), params, shapes, x.dtype, backward=backward) == {}
     buffers = buffers_for({name: (shape, x.dtype) for name, shape in grad_shapes.items()}, {})
     with provided(buffers):
         grads = pydeform.deform_roi_pool_backward(grad_output, x, rois, offset, output_size=3)
@@ -83,6 +89,113 @@ def test_roi_ops_write_into_the_provided_buffers():
     assert np.shares_memory(grads.offset, buffers["grad_offset"])
     np.testing.assert_allclose(grads.input, expected_grads.input, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grads.offset, expected_grads.offset, rtol=1e-12, atol=1e-12)
+
+
+def half_outputs(arguments: dict, out_shape, backward: bool) -> dict:
+    """The float16 outputs of a forward (``output``) or of a backward (a gradient of each of the
+    ``arguments``, ``{name: shape}``)."""
+    if backward:
+        return {f"grad_{name}": (shape, np.float16) for name, shape in arguments.items()}
+    return {"output": (out_shape, np.float16)}
+
+
+def assert_launches_use_the_plan(arrays, buffers: dict, plan: dict):
+    """Every one of ``arrays`` (those handed to the recorded launches) is a provided buffer,
+    float32 where it is floating (half types are computed in float32), and every slot of the
+    scratch ``plan`` is handed to a launch (nothing is planned in vain)."""
+    assert arrays
+    for a in arrays:
+        assert a.dtype.kind != "f" or a.dtype == np.float32, a.dtype
+        assert any(np.shares_memory(a, b) for b in buffers.values()), a.shape
+    for slot in plan:
+        assert any(np.shares_memory(a, buffers[slot]) for a in arrays), slot
+
+
+@pytest.mark.parametrize("op, static, plans_a_copy", [
+    ("roi_align", dict(output_size=3, sampling_ratio=2), True),
+    ("roi_pool", dict(output_size=3), True),
+    ("ps_roi_align", dict(output_size=3, sampling_ratio=2), False),
+])
+def test_numba_cpu_roi_forward_copies_the_input_into_the_planned_slot(op, static, plans_a_copy):
+    """The CPU forwards of plain roi_align and roi_pool read a channels-last copy of the input:
+    planned by roi_workspace, it is written into the provided slot (the position-sensitive
+    forward reads the input as it is and plans nothing)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 9, 8, 8))
+    rois = np.array([[0, 1.2, 0.7, 6.1, 5.3], [1, 0.3, 2.2, 4.4, 7.1]])
+    kernels = roi_kernels("numpy", "numba")
+    shapes = {"input": x.shape, "rois": rois.shape}
+    if op == "roi_pool":
+        params = roi.roi_pool_params(shapes, 2, 3, 1.0, False)
+    else:
+        params = roi.roi_align_params(shapes, 2, 3, 1.0, 2, op == "ps_roi_align", "avg", op == "ps_roi_align")
+    function = getattr(pydeform, op)
+    expected = function(x, rois, **static)
+    plan = roi.roi_workspace(kernels, params, shapes, x.dtype, backward=False)
+    assert plan == ({"input_hwc": ((x.size,), x.dtype)} if plans_a_copy else {})
+    assert roi.roi_workspace(kernels, params, shapes, x.dtype, backward=True) == {}
+    assert roi.roi_workspace(kernels, params, {**shapes, "rois": (0, 5)}, x.dtype, backward=False) == {}
+    buffers = buffers_for({"output": (expected.shape, x.dtype)}, plan)
+    with provided(buffers):
+        out = function(x, rois, **static)
+    assert np.shares_memory(out, buffers["output"])
+    np.testing.assert_array_equal(out, expected)
+    if plans_a_copy:
+        np.testing.assert_array_equal(buffers["input_hwc"], x.transpose(0, 2, 3, 1).ravel())
+
+
+# op -> (array-level op name, parameter check given (shapes, k), optional arrays' shapes given k, static)
+ROI_HALF_CASES = {
+    "roi_align": ("roi_align", lambda shapes, k: roi.roi_align_params(shapes, k, 2, 1.0, 2, False, "avg", False),
+                  lambda k: {}, dict(output_size=2, sampling_ratio=2)),
+    "ps_roi_pool": ("ps_roi_pool", lambda shapes, k: roi.roi_pool_params(shapes, k, 2, 1.0, True), lambda k: {},
+                    dict(output_size=2)),
+    "deform_roi_pool": ("deform_roi_pool", lambda shapes, k: roi.deform_roi_pool_params(shapes, k, 2, 1.0, 2, 0.1),
+                        lambda k: {"offset": (k, 2, 2, 2), "mask": (k, 1, 2, 2)},
+                        dict(output_size=2, sampling_ratio=2)),
+    "deform_roi_pool_offset_only": ("deform_roi_pool",
+                                    lambda shapes, k: roi.deform_roi_pool_params(shapes, k, 2, 1.0, 2, 0.1),
+                                    lambda k: {"offset": (k, 2, 2, 2)}, dict(output_size=2, sampling_ratio=2)),
+    "deform_psroi_pool": ("deform_psroi_pool",
+                          lambda shapes, k: roi.deform_psroi_pool_params(shapes, k, 2, 2, 2, None, 2, 0.1, 1.0),
+                          lambda k: {"trans": (k, 2, 2, 2)},
+                          dict(output_dim=2, group_size=2, pooled_size=2, sample_per_part=2, trans_std=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROI_HALF_CASES))
+def test_numba_cuda_roi_half_copies_come_from_the_planned_slots(monkeypatch, case):
+    """The RoI drivers on the Numba CUDA kernel set and float16 host arrays (the array checks,
+    which allow no half types on the CPU, replaced by handing the arrays over as they are; the
+    launches are recorded, not run) inside a provided block holding exactly the outputs and
+    roi_workspace's plan: every array a launch gets, but the boxes and the one-element
+    stand-ins of absent arrays, is a provided float32 buffer, and every planned slot is used."""
+    op, params_of, extra_shapes, static = ROI_HALF_CASES[case]
+    kernels = NumbaCudaRoIKernels(xp=np)
+    launched = []
+    monkeypatch.setattr(kernels, "_launch", lambda family, backward, n_items, *args: launched.append(args))
+    monkeypatch.setattr(roi, "_prepare", lambda arrays, ranks, rois, backend: roi._Call(kernels, np, arrays, rois))
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float16)
+    rois = np.array([[0, 0.5, 1.0, 4.5, 5.0], [1, 1.5, 0.2, 5.1, 3.3], [1, 0.0, 0.0, 6.0, 6.0]], np.float32)
+    k = rois.shape[0]
+    extras = {name: rng.uniform(-0.5, 0.5, shape).astype(np.float16) for name, shape in extra_shapes(k).items()}
+    shapes = {"input": x.shape, "rois": rois.shape, **{name: a.shape for name, a in extras.items()}}
+    params = params_of(shapes, k)
+    out_shape = roi.roi_output_shape(params, k)
+    for backward in (False, True):
+        plan = roi.roi_workspace(kernels, params, shapes, np.float16, backward=backward)
+        arguments = {name: shape for name, shape in shapes.items() if name != "rois"}
+        buffers = buffers_for(half_outputs(arguments, out_shape, backward), plan)
+        launched.clear()
+        with provided(buffers):
+            if backward:
+                getattr(pydeform, op + "_backward")(np.ones(out_shape, np.float16), x, rois, **extras, **static)
+            else:
+                getattr(pydeform, op)(x, rois, **extras, **static)
+        assert len(launched) == 1
+        assert_launches_use_the_plan([a for a in launched[0] if isinstance(a, np.ndarray) and a.size > 1
+                                      and not np.shares_memory(a, rois)], buffers, plan)
 
 
 def test_an_unplanned_or_too_small_slot_is_an_error():
@@ -128,7 +241,11 @@ def test_half_types_plan_float32_copies_and_accumulators():
     backward = deform_conv.deform_conv2d_workspace(numba_cuda_kernels, 5, geometry, np.float16, backward=True,
                                                    masked=False)
     assert {"input:acc", "offset:acc", "grad_offset:acc"} <= set(backward) and "mask:acc" not in backward
-    assert roi.roi_workspace({"grad_input": (2, 3, 4, 4)}, np.float16) == {"grad_input:acc": ((2, 3, 4, 4), np.float32)}
+    shapes = {"input": (2, 3, 4, 4), "rois": (5, 5)}
+    params = roi.roi_align_params(shapes, 5, 2, 1.0, 2, False, "avg", False)
+    assert roi.roi_workspace(CupyRoIKernels(), params, shapes, np.float16, backward=False) == {}
+    assert roi.roi_workspace(CupyRoIKernels(), params, shapes, np.float16, backward=True) == {
+        "grad_input:acc": ((2, 3, 4, 4), np.float32)}
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -241,3 +358,38 @@ def test_centernet_focal_loss_writes_into_the_provided_buffers(shape):
         assert got.shape == expected.shape and (np.shares_memory(got, buffers[slot]) or got.size == 0)
         np.testing.assert_array_equal(got, expected)
     assert ("centernet_focal_sums" in buffers) == bool(pred.size)
+
+
+def test_numba_cuda_centernet_half_copies_come_from_the_planned_slots(monkeypatch):
+    """The CenterNet decode and focal loss drivers on the Numba CUDA kernel set and float16
+    host arrays (the array checks, which allow no half types on the CPU, told they are CuPy
+    halves; the launches are recorded, not run) inside a provided block holding exactly
+    centernet_workspace's plan: every array a launch gets is a provided buffer, float32 where
+    it is floating, and every planned scratch slot is used."""
+    kernels = NumbaCudaCenterNetKernels(xp=np, chunk=16)
+    launched = []
+    monkeypatch.setattr(kernels, "_kernels", lambda: range(6))  # the six kernels, never run
+    monkeypatch.setattr(kernels, "_run", lambda kernel, n_items, *args: launched.append(args))
+    monkeypatch.setattr(centernet, "centernet_kernels", lambda library, backend: kernels)
+    monkeypatch.setattr(centernet, "check_arrays", lambda arrays, ranks: ("numpy", np.dtype(np.float16)))
+    rng = np.random.default_rng(8)
+    heat, wh, reg = (rng.uniform(0, 1, (2, c, 6, 5)).astype(np.float16) for c in (3, 6, 2))
+    pred, target = (rng.uniform(0.05, 0.95, (2, 3, 5, 4)).astype(np.float16) for _ in range(2))
+    decode = centernet.centernet_decode_params(heat.shape, wh.shape, reg.shape, 4, 3, True, 1.0, None)
+    focal = centernet.FocalLossParams(2.0, 4.0)
+    runs = [
+        (decode, {}, lambda: pydeform.centernet_decode(heat, wh, reg, K=4, cat_spec_wh=True)),
+        (focal, dict(shape=pred.shape), lambda: pydeform.centernet_focal_loss(pred, target)),
+        (focal, dict(shape=pred.shape, backward=True),
+         lambda: pydeform.centernet_focal_loss_backward(np.array(1.5, np.float16), pred, target)),
+    ]
+    for params, options, run in runs:
+        outputs, work = centernet.centernet_workspace(kernels, params, np.float16, **options)
+        copies = {slot for slot in work if slot.endswith(":acc")}
+        assert copies and all(work[slot][1] == np.float32 for slot in copies)
+        buffers = centernet_buffers(kernels, params, np.float16, **options)
+        launched.clear()
+        with provided(buffers):
+            run()
+        assert_launches_use_the_plan([a for args in launched for a in args if isinstance(a, np.ndarray)], buffers,
+                                     work)

@@ -149,19 +149,21 @@ class CupyCenterNetKernels:
 
         return cupy
 
-    def decode_workspace(self, params, acc) -> dict:
-        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``acc``: the
-        detections' dtype): the candidate lists of every tile."""
+    def decode_workspace(self, params, dtype) -> dict:
+        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``dtype``:
+        heat's): the candidate lists of every tile, scores in the detections' dtype. The kernels
+        read half types directly: no copies."""
         tiles = decode_tiles(params, self.decode_tile)
         shape = (params.batch, tiles.tiles, tiles.capacity)
-        return {"centernet_candidate_scores": (shape, acc), "centernet_candidate_indices": (shape, np.int32)}
+        return {"centernet_candidate_scores": (shape, accumulation_dtype(dtype)),
+                "centernet_candidate_indices": (shape, np.int32)}
 
     def decode(self, heat, wh, reg, detections, params):
         """Two launches: the tiles' candidate lists, then per image the selection, gathers and boxes."""
         tiles = decode_tiles(params, self.decode_tile)
         candidate_scores, candidate_indices = (
             scratch(self.xp, slot, shape, dtype)
-            for slot, (shape, dtype) in self.decode_workspace(params, detections.dtype).items())
+            for slot, (shape, dtype) in self.decode_workspace(params, heat.dtype).items())
         self._launch(heat.dtype, *decode_candidates_launch(heat, candidate_scores, candidate_indices, params, tiles))
         self._launch(heat.dtype, *decode_detections_launch(wh, reg, candidate_scores, candidate_indices,
                                                            detections, params, tiles))
@@ -170,13 +172,14 @@ class CupyCenterNetKernels:
         self._launch(boxes.dtype, *targets_launch(boxes, labels, heatmap, wh, reg, ind, reg_mask, params))
 
     @staticmethod
-    def focal_loss_workspace(size: int, acc) -> dict:
-        """The scratch one :meth:`focal_loss_sums` call takes for ``size`` pixels: the partial
-        sums of every part, ``{slot: (shape, dtype)}``."""
-        return {"centernet_focal_partials": ((focal_loss_parts(size), 3), acc)}
+    def focal_loss_workspace(size: int, dtype, *, backward: bool = False) -> dict:
+        """The scratch one :meth:`focal_loss_sums` call takes for ``size`` pixels of storage type
+        ``dtype``: the partial sums of every part in the accumulation dtype, ``{slot: (shape,
+        dtype)}`` (the gradient, ``backward``, needs nothing more)."""
+        return {"centernet_focal_partials": ((focal_loss_parts(size), 3), accumulation_dtype(dtype))}
 
     def focal_loss_sums(self, pred, target, sums, params):
-        ((slot, (shape, dtype)),) = self.focal_loss_workspace(pred.size, sums.dtype).items()
+        ((slot, (shape, dtype)),) = self.focal_loss_workspace(pred.size, pred.dtype).items()
         partials = scratch(self.xp, slot, shape, dtype)
         self._launch(pred.dtype, *focal_loss_partials_launch(pred, target, partials, params))
         self._launch(pred.dtype, *focal_loss_total_launch(partials, sums))

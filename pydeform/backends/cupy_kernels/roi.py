@@ -130,6 +130,11 @@ def deform_psroi_pool_backward_launch(grad_output, input, rois, trans, grad_inpu
 class CupyRoIKernels:
     """The RoI kernel set on CuPy arrays (C-contiguous, on the current device)."""
 
+    @staticmethod
+    def workspace(family: str, params, shapes: dict, dtype, *, backward: bool) -> dict:
+        """No scratch of its own: the kernels read and write every storage type directly."""
+        return {}
+
     @property
     def xp(self):
         import cupy

@@ -35,7 +35,8 @@ import math
 
 import numpy as np
 
-from ..._workspace import scratch
+from ..._arrays import accumulation_dtype
+from ..._workspace import accumulator_plan, converted, scratch
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # Flat scores per CPU decode task (pass 1); its heap of K candidates stays in cache.
@@ -44,6 +45,8 @@ CPU_CHUNK = 16384
 MIN_CUDA_CHUNK = 256
 # Pixels per focal-loss partial sum.
 FOCAL_CHUNK = 8192
+# Scratch slot of the focal loss's partial sums [3 * chunks].
+FOCAL_PARTIALS_SLOT = "centernet_focal_partials"
 # The float64 eps below which the original code zeroes Gaussian entries (relative to the peak 1).
 _GAUSSIAN_CUTOFF = float(np.finfo(np.float64).eps)
 # The focal loss clamp bounds (applied in the accumulation dtype).
@@ -438,15 +441,21 @@ def _clamp_bounds(dtype):
     return float(dtype.type(CLAMP_LOW)), float(dtype.type(CLAMP_HIGH))
 
 
-def _as_float(array):
-    """float16 / bfloat16 arrays as float32 copies (the CUDA arithmetic is float32 at least)."""
-    return array if array is None or array.dtype.itemsize >= 4 else array.astype(np.float32)
+def _float_copies(shapes: dict, dtype) -> dict:
+    """The scratch of float32 copies of the named arrays of storage type ``dtype``, planned for
+    half types (the arithmetic is float32 at least; only CUDA sees half types)."""
+    plan = {}
+    for name, shape in shapes.items():
+        plan.update(accumulator_plan(name, shape, dtype))
+    return plan
 
 
 class _CenterNetKernelSet:
     """The kernel-set interface of :mod:`pydeform.centernet` over the kernels of one target;
     subclasses give ``xp``, ``_kernels()``, ``_run(kernel, n_items, *args)`` and
-    ``_chunk(per_image, k)``, the number of flat scores per decode task (pass 1)."""
+    ``_chunk(per_image, k)``, the number of flat scores per decode task (pass 1). float16 /
+    bfloat16 arrays (CUDA only) are read from float32 copies in planned scratch slots, and a
+    half-type gradient is written back from one."""
 
     def _decode_layout(self, params) -> tuple:
         """(decode tasks, scores per task, candidates per task, detections kept per image)."""
@@ -454,20 +463,35 @@ class _CenterNetKernelSet:
         chunk = self._chunk(per_image, params.k)
         return params.batch * -(-per_image // chunk), chunk, min(params.k, chunk), min(params.k, per_image)
 
-    def decode_workspace(self, params, acc) -> dict:
-        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``acc``: the
-        detections' dtype): every task's candidates, then each image's merged top-K."""
+    def _candidate_buffers(self, params, acc) -> dict:
+        """The decode's candidate lists, ``{slot: (shape, dtype)}`` in the order the merge kernel
+        takes them (``acc``: the detections' dtype): every task's candidates, then each image's
+        merged top-K."""
         n_tasks, _, capacity, kept = self._decode_layout(params)
         candidates, merged = (n_tasks * capacity,), (params.batch * kept,)
         return {"centernet_chunk_scores": (candidates, acc), "centernet_chunk_indices": (candidates, np.int64),
                 "centernet_top_scores": (merged, acc), "centernet_top_indices": (merged, np.int64)}
 
+    def decode_workspace(self, params, dtype) -> dict:
+        """The scratch one :meth:`decode` call takes, ``{slot: (shape, dtype)}`` (``dtype``:
+        heat's): the candidate lists and, for half types, float32 copies of heat, wh and reg."""
+        maps = (params.height, params.width)
+        shapes = {"heat": (params.batch, params.classes, *maps),
+                  "wh": (params.batch, 2 * params.classes if params.cat_spec_wh else 2, *maps)}
+        if params.has_reg:
+            shapes["reg"] = (params.batch, 2, *maps)
+        return {**self._candidate_buffers(params, accumulation_dtype(dtype)), **_float_copies(shapes, dtype)}
+
+    def _as_float(self, arrays: dict) -> list:
+        """The named arrays in their accumulation dtype, half types copied into their slots."""
+        return [None if a is None else converted(self.xp, name, a) for name, a in arrays.items()]
+
     def decode(self, heat, wh, reg, detections, params):
-        heat, wh, reg = (_as_float(a) for a in (heat, wh, reg))
         xp = self.xp
         n_tasks, chunk, capacity, _ = self._decode_layout(params)
-        buffers = [scratch(xp, slot, shape, dtype)
-                   for slot, (shape, dtype) in self.decode_workspace(params, detections.dtype).items()]
+        buffers = [scratch(xp, slot, *spec)
+                   for slot, spec in self._candidate_buffers(params, detections.dtype).items()]
+        heat, wh, reg = self._as_float({"heat": heat, "wh": wh, "reg": reg})
         # A stand-in for an absent reg that is never read, not a view of another argument.
         reg = xp.zeros(1, heat.dtype) if reg is None else reg
         candidates, merge = self._kernels()[:2]
@@ -483,17 +507,24 @@ class _CenterNetKernelSet:
         self._run(self._kernels()[2], items, *(flat(a) for a in arrays), tuple(params))
 
     @staticmethod
-    def focal_loss_workspace(size: int, acc) -> dict:
-        """The scratch one :meth:`focal_loss_sums` call takes for ``size`` pixels: the partial
-        sums of every chunk, ``{slot: (shape, dtype)}``."""
-        return {"centernet_focal_partials": ((3 * -(-size // FOCAL_CHUNK),), acc)}
+    def focal_loss_workspace(size: int, dtype, *, backward: bool = False) -> dict:
+        """The scratch one :meth:`focal_loss_sums` call (and with ``backward`` the
+        :meth:`focal_loss_grad` call after it) takes for ``size`` pixels of storage type
+        ``dtype``, ``{slot: (shape, dtype)}``: the partial sums of every chunk in the
+        accumulation dtype; for half types float32 copies of pred and target (and of
+        grad_output and grad_pred)."""
+        shapes = {"pred": (size,), "target": (size,)}
+        if backward:
+            shapes.update(grad_output=(), grad_pred=(size,))
+        partials = {FOCAL_PARTIALS_SLOT: ((3 * -(-size // FOCAL_CHUNK),), accumulation_dtype(dtype))}
+        return {**partials, **_float_copies(shapes, dtype)}
 
     def focal_loss_sums(self, pred, target, sums, params):
-        pred, target = _as_float(pred), _as_float(target)
         n = pred.size
         n_chunks = -(-n // FOCAL_CHUNK)
-        ((slot, (shape, dtype)),) = self.focal_loss_workspace(n, sums.dtype).items()
-        partials = scratch(self.xp, slot, shape, dtype)
+        plan = self.focal_loss_workspace(n, pred.dtype)
+        partials = scratch(self.xp, FOCAL_PARTIALS_SLOT, *plan[FOCAL_PARTIALS_SLOT])
+        pred, target = self._as_float({"pred": pred, "target": target})
         focal_partials, focal_total = self._kernels()[3:5]
         low, high = _clamp_bounds(sums.dtype)
         self._run(focal_partials, n_chunks, flat(pred), flat(target), partials, n, params.alpha, params.beta, low,
@@ -501,8 +532,8 @@ class _CenterNetKernelSet:
         self._run(focal_total, 3, partials, sums, n_chunks)
 
     def focal_loss_grad(self, grad_output, pred, target, sums, grad_pred, params):
-        grad_output, pred, target = (_as_float(a) for a in (grad_output, pred, target))
-        computed = _as_float(grad_pred)
+        grad_output, pred, target, computed = self._as_float(
+            {"grad_output": grad_output, "pred": pred, "target": target, "grad_pred": grad_pred})
         low, high = _clamp_bounds(sums.dtype)
         self._run(self._kernels()[5], pred.size, grad_output.reshape(1), flat(pred), flat(target), sums,
                   flat(computed), params.alpha, params.beta, low, high)
@@ -533,9 +564,10 @@ class NumbaCpuCenterNetKernels(_CenterNetKernelSet):
 class NumbaCudaCenterNetKernels(_CenterNetKernelSet):
     """CenterNet kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
 
-    float16 / bfloat16 inputs are converted to float32 on the device before a launch (and a
-    float16 / bfloat16 gradient written back from float32). With ``xp=numpy`` the kernels run on
-    host arrays under the CUDA simulator.
+    float16 / bfloat16 inputs are converted to float32 on the device before a launch, into the
+    scratch slots ``decode_workspace`` / ``focal_loss_workspace`` plan (and a float16 / bfloat16
+    gradient written back from float32). With ``xp=numpy`` the kernels run on host arrays under
+    the CUDA simulator.
     """
 
     def __init__(self, xp=None, chunk=None):

@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 
+from ..._workspace import accumulator_plan, converted, scratch
 from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
@@ -693,8 +694,7 @@ class CpuKernels:
                                 shape, params)
 
         self.forward, self.input_pass, self.params_pass = forward_kernel, input_pass, params_pass
-        # Plain roi_align and roi_pool (not position-sensitive: those bins read one channel each,
-        # nothing to share) run the forward that shares each bin's set-up across channels.
+        # None for the families without one; _reads_channels_last says when the forward uses it.
         self.shared_bin_forward = None if shared_bin is None else shared_bin_forward
 
 
@@ -737,40 +737,51 @@ def _shape(input, output) -> tuple:
 
 class _RoIKernelSet:
     """The kernel-set interface of :mod:`pydeform.roi`, mapped onto one forward and one backward
-    entry point per family; absent optional arrays become stand-ins that are never read."""
+    entry point per family. The optional arrays travel as ``extras``, ``{name: array or None}``
+    (offset and mask, or trans): subclasses name their scratch after them, and pass absent ones
+    to the kernels as stand-ins that are never read."""
 
     def roi_align_forward(self, input, rois, output, params):
-        self._forward("roi_align", input, rois, None, None, output, params)
+        self._forward("roi_align", input, rois, {}, output, params)
 
     def roi_align_backward(self, grad_output, input, rois, grad_input, params):
-        self._backward("roi_align", grad_output, input, rois, None, None, grad_input, None, None, params)
+        self._backward("roi_align", grad_output, input, rois, {}, grad_input, (), params)
 
     def roi_pool_forward(self, input, rois, output, params):
-        self._forward("roi_pool", input, rois, None, None, output, params)
+        self._forward("roi_pool", input, rois, {}, output, params)
 
     def roi_pool_backward(self, grad_output, input, rois, grad_input, params):
-        self._backward("roi_pool", grad_output, input, rois, None, None, grad_input, None, None, params)
+        self._backward("roi_pool", grad_output, input, rois, {}, grad_input, (), params)
 
     def deform_roi_pool_forward(self, input, rois, offset, mask, output, params):
-        self._forward("deform_roi_pool", input, rois, offset, mask, output, params)
+        self._forward("deform_roi_pool", input, rois, {"offset": offset, "mask": mask}, output, params)
 
     def deform_roi_pool_backward(self, grad_output, input, rois, offset, mask, grad_input, grad_offset, grad_mask,
                                  params):
-        self._backward("deform_roi_pool", grad_output, input, rois, offset, mask, grad_input, grad_offset, grad_mask,
-                       params)
+        self._backward("deform_roi_pool", grad_output, input, rois, {"offset": offset, "mask": mask}, grad_input,
+                       (grad_offset, grad_mask), params)
 
     def deform_psroi_pool_forward(self, input, rois, trans, output, params):
-        self._forward("deform_psroi_pool", input, rois, trans, None, output, params)
+        self._forward("deform_psroi_pool", input, rois, {"trans": trans}, output, params)
 
     def deform_psroi_pool_backward(self, grad_output, input, rois, trans, grad_input, grad_trans, params):
-        self._backward("deform_psroi_pool", grad_output, input, rois, trans, None, grad_input, grad_trans, None,
+        self._backward("deform_psroi_pool", grad_output, input, rois, {"trans": trans}, grad_input, (grad_trans,),
                        params)
 
     def _stand_ins(self, arrays, like):
-        """Flat views of ``arrays``, a one-element array of ``like``'s dtype for each None. Not
+        """Flat views of the two kernel arguments ``first`` and ``second`` from ``arrays`` (at
+        most two, missing ones None), a one-element array of ``like``'s dtype for each None. Not
         a view of another argument: a host array passed to a CUDA kernel (the simulator) is
         copied back after the launch, and an untouched alias would overwrite the real result."""
+        arrays = (*arrays, None, None)[:2]
         return tuple(flat(self.xp.zeros(1, like.dtype) if a is None else a) for a in arrays)
+
+
+def _reads_channels_last(family: str, params) -> bool:
+    """Whether the CPU forward of ``family`` reads a channels-last copy of the input: plain
+    roi_align and roi_pool share each bin's set-up across channels (position-sensitive bins read
+    one channel each, nothing to share)."""
+    return family in ("roi_align", "roi_pool") and not params.position_sensitive
 
 
 class NumbaCpuRoIKernels(_RoIKernelSet):
@@ -778,36 +789,42 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
 
     xp = np
 
-    def _forward(self, family, input, rois, first, second, output, params):
+    @staticmethod
+    def workspace(family: str, params, shapes: dict, dtype, *, backward: bool) -> dict:
+        """This kernel set's own scratch, ``{slot: (shape, dtype)}``: the channels-last input
+        copy the forwards of plain roi_align and roi_pool read (``shapes["input"]`` its shape);
+        nothing else."""
+        if backward or not _reads_channels_last(family, params):
+            return {}
+        return {"input_hwc": ((math.prod(shapes["input"]),), np.dtype(dtype))}
+
+    def _forward(self, family, input, rois, extras, output, params):
         kernels, shape = cpu_kernels(family), _shape(input, output)
-        if kernels.shared_bin_forward is not None and not params.position_sensitive:
+        if _reads_channels_last(family, params):
+            plan = self.workspace(family, params, {"input": input.shape}, input.dtype, backward=False)
+            input_hwc = channels_last(input, scratch(np, "input_hwc", *plan["input_hwc"]))
             rows = rois.shape[0] * params.pooled_h
-            kernels.shared_bin_forward(channels_last(input), flat(rois), flat(output), shape, tuple(params), rows)
+            kernels.shared_bin_forward(input_hwc, flat(rois), flat(output), shape, tuple(params), rows)
             return
-        first, second = self._stand_ins((first, second), input)
+        first, second = self._stand_ins(extras.values(), input)
         kernels.forward(flat(input), flat(rois), first, second, flat(output), shape, tuple(params), output.size)
 
-    def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
-        reads = (flat(grad_output), flat(input), flat(rois), *self._stand_ins((first, second), input))
+    def _backward(self, family, grad_output, input, rois, extras, grad_input, grad_extras, params):
+        reads = (flat(grad_output), flat(input), flat(rois), *self._stand_ins(extras.values(), input))
         shape, params, n_rois = _shape(input, grad_output), tuple(params), rois.shape[0]
         kernels = cpu_kernels(family)
         kernels.input_pass(*reads, flat(grad_input), shape, params, n_rois)
-        if grad_first is not None or grad_second is not None:
-            kernels.params_pass(*reads, *self._stand_ins((grad_first, grad_second), grad_input), shape, params,
-                                n_rois)
-
-
-def _as_float(array):
-    """float16 / bfloat16 arrays as float32 copies (the CUDA arithmetic is float32 at least)."""
-    return array if array is None or array.dtype.itemsize >= 4 else array.astype(np.float32)
+        if any(g is not None for g in grad_extras):
+            kernels.params_pass(*reads, *self._stand_ins(grad_extras, grad_input), shape, params, n_rois)
 
 
 class NumbaCudaRoIKernels(_RoIKernelSet):
     """RoI kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
 
-    float16 / bfloat16 arrays are converted to float32 on the device before a launch and a
-    float16 / bfloat16 output is written back from float32. With ``xp=numpy`` the kernels run on
-    host arrays under the CUDA simulator.
+    float16 / bfloat16 arrays are converted to float32 on the device before a launch (into the
+    scratch slots :meth:`workspace` plans) and a float16 / bfloat16 output is written back from
+    float32, so the arithmetic is float32. With ``xp=numpy`` the kernels run on host arrays
+    under the CUDA simulator.
     """
 
     def __init__(self, xp=None):
@@ -815,23 +832,36 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
             import cupy as xp
         self.xp = xp
 
-    def _forward(self, family, input, rois, first, second, output, params):
-        input, first, second = (_as_float(a) for a in (input, first, second))
-        computed = _as_float(output)
-        first, second = self._stand_ins((first, second), input)
-        launch_cuda(
-            cuda_kernels(family)[0], output.size, self.xp,
-            flat(input), flat(rois), first, second, flat(computed), _shape(input, output), tuple(params),
-            output.size,
-        )
+    @staticmethod
+    def workspace(family: str, params, shapes: dict, dtype, *, backward: bool) -> dict:
+        """float32 copies, for half types, of the arrays the kernels read (``shapes``: input,
+        output and the present extras) and of the forward's output; nothing otherwise."""
+        copies = {name: shape for name, shape in shapes.items() if name != "output"}
+        copies["grad_output" if backward else "output"] = shapes["output"]
+        plan = {}
+        for name, shape in copies.items():
+            plan.update(accumulator_plan(name, shape, dtype))
+        return plan
+
+    def _as_float(self, arrays: dict) -> list:
+        """The named arrays in their accumulation dtype, half types copied into their slots."""
+        return [None if a is None else converted(self.xp, name, a) for name, a in arrays.items()]
+
+    def _launch(self, family, backward, n_items, *args):
+        launch_cuda(cuda_kernels(family)[backward], n_items, self.xp, *args, n_items)
+
+    def _forward(self, family, input, rois, extras, output, params):
+        input, *extras = self._as_float({"input": input, **extras})
+        (computed,) = self._as_float({"output": output})
+        self._launch(family, False, output.size, flat(input), flat(rois), *self._stand_ins(extras, input),
+                     flat(computed), _shape(input, output), tuple(params))
         if computed is not output:
             output[...] = computed
 
-    def _backward(self, family, grad_output, input, rois, first, second, grad_input, grad_first, grad_second, params):
-        grad_output, input, first, second = (_as_float(a) for a in (grad_output, input, first, second))
-        launch_cuda(
-            cuda_kernels(family)[1], grad_output.size, self.xp,
-            flat(grad_output), flat(input), flat(rois), *self._stand_ins((first, second), input),
-            flat(grad_input), *self._stand_ins((grad_first, grad_second), grad_input),
-            _shape(input, grad_output), tuple(params), grad_output.size,
+    def _backward(self, family, grad_output, input, rois, extras, grad_input, grad_extras, params):
+        grad_output, input, *extras = self._as_float({"grad_output": grad_output, "input": input, **extras})
+        self._launch(
+            family, True, grad_output.size,
+            flat(grad_output), flat(input), flat(rois), *self._stand_ins(extras, input),
+            flat(grad_input), *self._stand_ins(grad_extras, grad_input), _shape(input, grad_output), tuple(params),
         )
