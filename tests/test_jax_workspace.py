@@ -40,8 +40,9 @@ def test_deform_conv2d_writes_into_the_provided_buffers(monkeypatch, column_byte
     shapes = {"input": x.shape, "offset": offset.shape, "weight": weight.shape, "bias": bias.shape, "mask": mask.shape}
     geometry = deform_conv.deform_conv2d_geometry(shapes, 1, 1, 1)
     plan = deform_conv.deform_conv2d_workspace(kernels, x.shape[0], geometry, x.dtype, backward=False, masked=True)
-    # The direct CPU forward: a channels-last input copy and the rearranged weight, no columns.
-    assert set(plan) == {"input_hwc", "weight_rows"}
+    # The direct CPU forward: a channels-last input copy, the rearranged weight and the workers'
+    # tiles of sampled values, no columns.
+    assert set(plan) == {"input_hwc", "weight_rows", "tile_values"}
     buffers = buffers_for({"output": (expected.shape, x.dtype)}, plan)
     with provided(buffers):
         out = pydeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)

@@ -274,3 +274,20 @@ def test_direct_forward_propagates_nan_and_infinity():
     assert np.isposinf(out[0, 4]).all()
     finite = np.isfinite(expected)
     np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-10, atol=1e-10)
+
+
+def test_direct_forward_is_the_same_on_any_thread_count():
+    """Each tile's sums run in a fixed order whatever thread computes them, so the forward is
+    bit for bit the same on one thread as on the whole pool (the tile buffers are planned per
+    pool thread; fewer threads in use share them out)."""
+    import numba
+
+    case = fixed_case(np.random.default_rng(8), dtype=np.float32, n=3)
+    everyone = run_forward(case)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        alone = run_forward(case)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(alone, everyone)

@@ -252,9 +252,13 @@ def _cpu_kernels():
 
     @cpu_kernel_fast_sums
     def forward_channels_last(input_hwc, offset, mask, has_mask, weight_rows, bias, has_bias, output, geometry,
-                              tile_pixels, n_tiles):
+                              tile_values, n_tiles):
         """output [N, C_out, Ho*Wo] for tiles of ``tile_pixels`` output pixels of one image:
         the tile's samples into values[t, (group, ij, c)], then the tile's GEMM block by block.
+        tile_values [workers, tile_pixels, C*kh*kw] holds each worker's values; worker w takes
+        the w-th of ``workers`` equal runs of tiles (tiles cost the same, so a static split
+        balances; one buffer per worker, not a fresh allocation per tile, which the allocator
+        served by mapping and faulting in new pages).
         weight_rows[group * out_rows + o, ij * C/G + c] is weight[group's o, c, i, j], with the
         rows of each group padded with zeros to out_rows, a multiple of 4."""
         channels, height, width = geometry[0], geometry[1], geometry[2]
@@ -266,76 +270,79 @@ def _cpu_kernels():
         out_per_group = geometry[3] // groups
         out_rows = weight_rows.shape[0] // groups
         depth = points * per_group  # the GEMM's inner size per weight group
+        workers, tile_pixels = tile_values.shape[0], tile_values.shape[1]
         tiles_per_image = (pixels + tile_pixels - 1) // tile_pixels
-        for tile in prange(n_tiles):
-            b = tile // tiles_per_image
-            p_begin = (tile - b * tiles_per_image) * tile_pixels
-            count = min(tile_pixels, pixels - p_begin)
-            values = np.empty((tile_pixels, groups * depth), output.dtype)
+        per_worker = (n_tiles + workers - 1) // workers
+        for worker in prange(workers):
+            values = tile_values[worker]
             weight = np.empty(4, output.dtype)  # the weights in the input's dtype
-            for g in range(offset_groups):
-                for ij in range(points):
-                    point_row = (b * offset_groups + g) * points + ij
-                    i = ij // kernel_w
-                    j = ij - i * kernel_w
-                    y = p_begin // out_w
-                    x = p_begin - y * out_w
-                    for t in range(count):
-                        h, w, _ = position(point_row, i, j, y, x, offset, geometry)
-                        x += 1
-                        if x == out_w:
-                            x = 0
-                            y += 1
-                        inside, corner, lh, lw = setup(h, w, height, width)
-                        weight[0], weight[1], weight[2], weight[3] = weights_of(
-                            lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
-                        at = (b * height * width + corner) * channels
-                        # The offset group's channels, split where a weight group ends.
-                        c = g * per_offset_group
-                        end = c + per_offset_group
-                        while c < end:
-                            group = c // per_group
-                            stop = min(end, (group + 1) * per_group)
-                            run(input_hwc, at + c, inside, weight, channels, width * channels, values[t],
-                                group * depth + ij * per_group + c - group * per_group, stop - c)
-                            c = stop
-            if count % 2:
-                values[count] = 0.0  # the odd last pixel's partner: computed, never stored
             # Sums start from a zero of the dtype (not from the first product), so the loops
             # over k run whole SIMD steps.
             zero = np.zeros(1, output.dtype)
-            for group in range(groups):
-                k0 = group * depth
-                for o in range(0, out_per_group, 4):
-                    row = group * out_rows + o
-                    w0, w1 = weight_rows[row], weight_rows[row + 1]
-                    w2, w3 = weight_rows[row + 2], weight_rows[row + 3]
-                    first = group * out_per_group + o
-                    channels_here = min(4, out_per_group - o)
-                    for t in range(0, count, 2):
-                        # A 2 pixels x 4 output channels block: eight sums kept in registers, each
-                        # over contiguous runs of values and weights (SIMD).
-                        v0 = values[t, k0:k0 + depth]
-                        v1 = values[t + 1, k0:k0 + depth]
-                        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero[0]
-                        for k in range(depth):
-                            x0 = v0[k]
-                            x1 = v1[k]
-                            s00 += x0 * w0[k]
-                            s01 += x0 * w1[k]
-                            s02 += x0 * w2[k]
-                            s03 += x0 * w3[k]
-                            s10 += x1 * w0[k]
-                            s11 += x1 * w1[k]
-                            s12 += x1 * w2[k]
-                            s13 += x1 * w3[k]
-                        sums = ((s00, s01, s02, s03), (s10, s11, s12, s13))
-                        for r in range(min(2, count - t)):
-                            for q in range(channels_here):
-                                value = sums[r][q]
-                                if has_bias:
-                                    value += bias[first + q]
-                                output[b, first + q, p_begin + t + r] = value
+            for tile in range(worker * per_worker, min(n_tiles, (worker + 1) * per_worker)):
+                b = tile // tiles_per_image
+                p_begin = (tile - b * tiles_per_image) * tile_pixels
+                count = min(tile_pixels, pixels - p_begin)
+                for g in range(offset_groups):
+                    for ij in range(points):
+                        point_row = (b * offset_groups + g) * points + ij
+                        i = ij // kernel_w
+                        j = ij - i * kernel_w
+                        y = p_begin // out_w
+                        x = p_begin - y * out_w
+                        for t in range(count):
+                            h, w, _ = position(point_row, i, j, y, x, offset, geometry)
+                            x += 1
+                            if x == out_w:
+                                x = 0
+                                y += 1
+                            inside, corner, lh, lw = setup(h, w, height, width)
+                            weight[0], weight[1], weight[2], weight[3] = weights_of(
+                                lh, lw, mask[point_row * pixels + p_begin + t] if has_mask else 1.0)
+                            at = (b * height * width + corner) * channels
+                            # The offset group's channels, split where a weight group ends.
+                            c = g * per_offset_group
+                            end = c + per_offset_group
+                            while c < end:
+                                group = c // per_group
+                                stop = min(end, (group + 1) * per_group)
+                                run(input_hwc, at + c, inside, weight, channels, width * channels, values[t],
+                                    group * depth + ij * per_group + c - group * per_group, stop - c)
+                                c = stop
+                if count % 2:
+                    values[count] = 0.0  # the odd last pixel's partner: computed, never stored
+                for group in range(groups):
+                    k0 = group * depth
+                    for o in range(0, out_per_group, 4):
+                        row = group * out_rows + o
+                        w0, w1 = weight_rows[row], weight_rows[row + 1]
+                        w2, w3 = weight_rows[row + 2], weight_rows[row + 3]
+                        first = group * out_per_group + o
+                        channels_here = min(4, out_per_group - o)
+                        for t in range(0, count, 2):
+                            # A 2 pixels x 4 output channels block: eight sums kept in registers, each
+                            # over contiguous runs of values and weights (SIMD).
+                            v0 = values[t, k0:k0 + depth]
+                            v1 = values[t + 1, k0:k0 + depth]
+                            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero[0]
+                            for k in range(depth):
+                                x0 = v0[k]
+                                x1 = v1[k]
+                                s00 += x0 * w0[k]
+                                s01 += x0 * w1[k]
+                                s02 += x0 * w2[k]
+                                s03 += x0 * w3[k]
+                                s10 += x1 * w0[k]
+                                s11 += x1 * w1[k]
+                                s12 += x1 * w2[k]
+                                s13 += x1 * w3[k]
+                            sums = ((s00, s01, s02, s03), (s10, s11, s12, s13))
+                            for r in range(min(2, count - t)):
+                                for q in range(channels_here):
+                                    value = sums[r][q]
+                                    if has_bias:
+                                        value += bias[first + q]
+                                    output[b, first + q, p_begin + t + r] = value
 
     @cpu_kernel
     def apply_col2im(grad_columns, grad_input, geometry, n_tasks, corner, inside, weights):
@@ -438,12 +445,20 @@ class NumbaCpuDeformConv2dKernels:
     @staticmethod
     def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
         """This kernel set's own scratch: the channels-last input copy, and for the forward the
-        rearranged weight (rows padded to a multiple of 4 per group)."""
+        rearranged weight (rows padded to a multiple of 4 per group) and one tile of sampled
+        values per Numba thread."""
+        import numba
+
         g = geometry
         plan = {"input_hwc": ((batch * g.height * g.width * g.in_channels,), dtype)}
         if not backward:
             depth = g.kernel_h * g.kernel_w * (g.in_channels // g.groups)
             plan["weight_rows"] = ((g.groups * _padded_rows(g.out_channels // g.groups), depth), dtype)
+            row = g.groups * depth
+            tile = _forward_tile_pixels(row * np.dtype(dtype).itemsize)
+            # One per thread of the pool (fixed for the process; set_num_threads only lowers the
+            # count in use, and the workers are then shared out among fewer threads).
+            plan["tile_values"] = ((numba.config.NUMBA_NUM_THREADS, tile, row), dtype)
         return plan
 
     def _channels_last(self, input, geometry):
@@ -467,8 +482,8 @@ class NumbaCpuDeformConv2dKernels:
         g = geometry
         group_out, per_group = g.out_channels // g.groups, g.in_channels // g.groups
         points = g.kernel_h * g.kernel_w
-        (shape, dtype) = self.workspace(input.shape[0], g, input.dtype, backward=False, masked=False)["weight_rows"]
-        rows = scratch(np, "weight_rows", shape, dtype)
+        plan = self.workspace(input.shape[0], g, input.dtype, backward=False, masked=False)
+        rows = scratch(np, "weight_rows", *plan["weight_rows"])
         grouped = rows.reshape(g.groups, -1, points, per_group)
         grouped[:, group_out:] = 0.0
         # weight[group's o, c, i, j] -> rows[group, o, i*kw + j, c]
@@ -476,11 +491,11 @@ class NumbaCpuDeformConv2dKernels:
         mask, has_mask = _flat_mask(mask, offset, np)
         bias, has_bias = (np.zeros(1, input.dtype), False) if bias is None else (bias, True)
         pixels = g.out_h * g.out_w
-        tile = _forward_tile_pixels(points * g.in_channels * input.dtype.itemsize)
+        tile_values = scratch(np, "tile_values", *plan["tile_values"])
         _cpu_kernels()[4](
             self._channels_last(input, g), flat(offset), mask, has_mask, rows, bias, has_bias,
-            output.reshape(output.shape[0], g.out_channels, pixels), tuple(g), tile,
-            input.shape[0] * -(-pixels // tile),
+            output.reshape(output.shape[0], g.out_channels, pixels), tuple(g), tile_values,
+            input.shape[0] * -(-pixels // tile_values.shape[1]),
         )
 
     def im2col(self, input, offset, mask, columns, geometry):
