@@ -9,10 +9,10 @@ K=100; the PyTorch decode). Run from the repository root:
 
     python asv_benchmarks/compare_cpu.py --op roi_align
 
-By default both sides share one process. Both libraries leave worker threads spinning for a
-while after their work (OpenBLAS after the deform_conv2d GEMM, ONNX Runtime's intra-op pool),
-which slows whatever runs next on a small machine; ``--separate`` times each side in its own
-process instead, which is what a program using only one of them sees.
+By default both sides share one process. A library can leave worker threads spinning for a
+while after its work (ONNX Runtime's intra-op pool; OpenBLAS after a GEMM, which pydeform's CPU
+backward runs), which slows whatever runs next on a small machine; ``--separate`` times each
+side in its own process instead, which is what a program using only one of them sees.
 """
 
 import argparse
