@@ -6,8 +6,10 @@ once and every error names the argument, what was expected and what was received
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -20,6 +22,9 @@ __all__ = [
     "check_int",
     "int_pair",
     "shape_of",
+    "thread_setting",
+    "unchecked_values",
+    "values_checked",
 ]
 
 BACKENDS = ("cupy", "numba")
@@ -143,3 +148,37 @@ def int_pair(name: str, value, *, minimum: int) -> tuple[int, int]:
         bound = f"positive values (>= {minimum})" if minimum == 1 else f"values >= {minimum}"
         raise ValueError(f"{name}: expected {bound}, got {value!r}")
     return int(items[0]), int(items[1])
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def thread_setting(local: threading.local, name: str, value):
+    """Set attribute ``name`` of the thread-local ``local`` to ``value`` within the block; the
+    previous value (None when unset) comes back after it, so blocks nest."""
+    previous = getattr(local, name, None)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        setattr(local, name, previous)
+
+
+def unchecked_values():
+    """A block (on this thread) in which the *values* of RoI boxes and CenterNet labels / boxes
+    are not checked on the host; shapes, dtypes and devices still are.
+
+    On a GPU that check reads a flag back to the host, a synchronisation that
+    :mod:`pydeform.torch` and :mod:`pydeform.jax` must not make on CUDA arrays (it would stall
+    the stream and breaks graph capture), so they run GPU calls in this block. The kernels need
+    no host check to stay in bounds: a roi whose batch index is not an integer in ``[0, N)`` or
+    that has a non-finite coordinate gives 0 outputs and no gradient, and an object whose label
+    is outside ``[0, num_classes)`` or whose box is not finite is not drawn.
+    """
+    return thread_setting(_local, "unchecked", True)
+
+
+def values_checked() -> bool:
+    """False inside an :func:`unchecked_values` block on this thread."""
+    return not getattr(_local, "unchecked", None)

@@ -16,13 +16,12 @@ Results accumulated in float32 for half types go through :func:`accumulator` / :
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 
 import numpy as np
 
-from ._arrays import accumulation_dtype
+from ._arrays import accumulation_dtype, thread_setting
 
 #: NumPy scratch buffers up to this size (bytes, per buffer) are kept for reuse.
 CACHED_WORKSPACE_BYTES = 128 * 2**20
@@ -59,19 +58,13 @@ def scratch(xp, slot: str, shape: tuple, dtype) -> object:
 # caller did not plan is an error rather than a silent allocation.
 
 
-@contextlib.contextmanager
 def provided(buffers: dict):
     """Serve this thread's ``scratch`` / ``output`` requests from ``buffers`` within the block.
 
     ``buffers`` maps slot names to C-contiguous arrays: an output slot's array has exactly the
     output's size and dtype, a scratch slot's at least the requested size.
     """
-    previous = getattr(_local, "arena", None)
-    _local.arena = buffers
-    try:
-        yield
-    finally:
-        _local.arena = previous
+    return thread_setting(_local, "arena", buffers)
 
 
 def _take(arena: dict, slot: str, shape: tuple, dtype, *, exact: bool):

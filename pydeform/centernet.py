@@ -54,6 +54,7 @@ from ._arrays import (
     check_int,
     int_pair,
     shape_of,
+    values_checked,
 )
 from ._interop import dlpack_entry
 from ._rois import check_positive_float
@@ -315,7 +316,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     xp = kernels.xp
     boxes = xp.ascontiguousarray(boxes)
     labels = xp.ascontiguousarray(labels)
-    if labels.size:
+    if labels.size and values_checked():
         # One device-to-host transfer of a flag on the GPU. Checked before the int64 conversion,
         # which would wrap unsigned labels of 2**63 and more to negative (padding) values.
         bad_label = (labels < -1) | (labels >= num_classes)

@@ -42,7 +42,7 @@ import numpy as np
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
-from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair
+from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair, unchecked_values
 from ._interop import _DLPACK_CUDA
 from ._workspace import provided
 from .backends import kernel_set
@@ -106,14 +106,15 @@ def _native(buffer, *, writeable: bool):
 
 @contextlib.contextmanager
 def _on_xla_stream(ctx, buffer):
-    """Make XLA's stream (and the buffer's GPU) CuPy's current ones; nothing to do on the CPU."""
+    """Make XLA's stream (and the buffer's GPU) CuPy's current ones, with no host check of box
+    and label values (a device-to-host read would synchronise); nothing to do on the CPU."""
     device_type, device_id = (int(v) for v in buffer.__dlpack_device__())
     if device_type != _DLPACK_CUDA:
         yield
         return
     import cupy
 
-    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(ctx.stream, device_id):
+    with cupy.cuda.Device(device_id), cupy.cuda.ExternalStream(ctx.stream, device_id), unchecked_values():
         yield
 
 

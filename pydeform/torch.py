@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
-from ._arrays import check_finite_float, int_pair
+from ._arrays import check_finite_float, int_pair, unchecked_values
 from ._interop import to_native
 
 __all__ = [
@@ -85,14 +85,15 @@ def _torch_allocator(device: torch.device):
 
 @contextlib.contextmanager
 def _running_on(device: torch.device):
-    """CUDA: make CuPy use ``device``, PyTorch's current stream there and PyTorch's allocator."""
+    """CUDA: make CuPy use ``device``, PyTorch's current stream there and PyTorch's allocator,
+    with no host check of box and label values (a device-to-host read would synchronise)."""
     if device.type != "cuda":
         yield
         return
     import cupy
 
     with cupy.cuda.Device(device.index), _cupy_stream(torch.cuda.current_stream(device)), \
-            cupy.cuda.using_allocator(_torch_allocator(device)):
+            cupy.cuda.using_allocator(_torch_allocator(device)), unchecked_values():
         yield
 
 

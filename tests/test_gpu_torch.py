@@ -155,3 +155,18 @@ def test_compiled_model_on_cuda_matches_eager():
     x = torch.randn(2, 2, 6, 6, device="cuda")
     rois = torch.tensor([[0, 1.0, 1.0, 9.0, 8.0], [1, 0.0, 2.0, 6.0, 11.0]], device="cuda")
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, rois), model(x, rois))
+
+
+def test_box_values_are_not_checked_on_the_host():
+    """On CUDA tensors the ops make no device-to-host read to check box values (that would
+    synchronise; it is the only host read of a RoI call): bad rois give 0 outputs instead of
+    the error the check would raise (CPU twin: tests/test_unchecked_values.py)."""
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    rois = torch.tensor([[0, 1.2, 0.7, 4.1, 5.3], [2, 1.0, 1.0, 3.0, 3.0], [0, float("nan"), 1.0, 3.0, 3.0]],
+                        device="cuda")
+    out = pt.roi_align(x, rois, output_size=2, sampling_ratio=-1, aligned=True)
+    expected = pt.roi_align(x.cpu(), rois[:1].cpu(), output_size=2, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(out[:1].cpu(), expected)
+    assert (out[1:] == 0).all()
+    with pytest.raises(ValueError, match="rois: row 1"):
+        pt.roi_align(x.cpu(), rois.cpu(), output_size=2, sampling_ratio=-1, aligned=True)

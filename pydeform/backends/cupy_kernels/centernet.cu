@@ -598,10 +598,17 @@ __global__ void centernet_targets(
         const long long image = item / out_h / objects;
         const long long object = item / out_h % objects;
         const long long label = labels[image * max_boxes + object];
-        if (label < 0 || label >= num_classes) {  // padding; a bad label is rejected in Python
+        // Padding (-1) is skipped; so are a label outside [0, num_classes) and a non-finite box,
+        // which Python rejects unless the call skips the host check (pydeform.torch /
+        // pydeform.jax on the GPU, to avoid a synchronisation).
+        if (label < 0 || label >= num_classes) {
             continue;
         }
         const A* const box = boxes + (image * max_boxes + object) * 4;
+        if (!(box[0] - box[0] == A(0) && box[1] - box[1] == A(0) && box[2] - box[2] == A(0) &&
+              box[3] - box[3] == A(0))) {
+            continue;
+        }
         const double x_max = double(out_w - 1), y_max = double(out_h - 1);
         const double x1 = fmin(fmax(double(box[0]) / down_ratio, 0.0), x_max);
         const double y1 = fmin(fmax(double(box[1]) / down_ratio, 0.0), y_max);

@@ -34,7 +34,7 @@ struct RoIGeometry {
 template <typename A>
 struct RoIItem {
     long long roi, channel, ph, pw;
-    bool valid;       // batch index in [0, batch); nothing of the input may be read otherwise
+    bool valid;       // integer batch index in [0, batch), finite box; else nothing is read
     long long image;  // the batch index
     A x1, y1, x2, y2;
 };
@@ -49,18 +49,22 @@ __device__ __forceinline__ RoIItem<A> roi_item(const long long item, const RoIGe
     r.roi = item / (geom.pooled_w * geom.pooled_h * geom.channels_out);
     const A* box = rois + 5 * r.roi;
     const A image = load_acc(box);
-    // The Python side rejects such rois before any launch; checked again so that a bad index can
-    // never become an out-of-bounds read. Compared before the conversion, which could overflow.
-    r.valid = image >= A(0) && image < A(geom.batch);
-    r.image = r.valid ? static_cast<long long>(image) : 0;
     r.x1 = load_acc(box + 1);
     r.y1 = load_acc(box + 2);
     r.x2 = load_acc(box + 3);
     r.y2 = load_acc(box + 4);
+    // The Python side rejects such rows unless the call skips the host check (on the GPU under
+    // pydeform.torch / pydeform.jax, to avoid a synchronisation): a batch index that is not an
+    // integer in [0, batch) or a non-finite coordinate makes the row invalid, nothing of the
+    // input is read for it and its outputs are 0. The index is compared before the conversion,
+    // which could overflow; v - v is 0 exactly for finite v.
+    r.valid = image >= A(0) && image < A(geom.batch) && image == floor(image) && r.x1 - r.x1 == A(0) &&
+              r.y1 - r.y1 == A(0) && r.x2 - r.x2 == A(0) && r.y2 - r.y2 == A(0);
+    r.image = r.valid ? static_cast<long long>(image) : 0;
     return r;
 }
 
-// output[item] = pool(item) for every work item, 0 where the batch index is invalid.
+// output[item] = pool(item) for every work item, 0 where the roi is invalid.
 template <typename T, typename Pool>
 __device__ __forceinline__ void pool_each_output(const long long n_items, const RoIGeometry& geom,
                                                  const acc_t<T>* __restrict__ rois,
@@ -71,7 +75,7 @@ __device__ __forceinline__ void pool_each_output(const long long n_items, const 
     }
 }
 
-// scatter(item, grad_output[item]) for every work item with a valid batch index.
+// scatter(item, grad_output[item]) for every work item of a valid roi.
 template <typename T, typename Scatter>
 __device__ __forceinline__ void scatter_each_grad(const long long n_items, const RoIGeometry& geom,
                                                   const acc_t<T>* __restrict__ rois,

@@ -243,6 +243,11 @@ def _targets_functions(t):
         and its slot m, if its clipped box is not empty."""
         _, max_boxes, num_classes, out_h, out_w, down_ratio, min_overlap, max_objects = params
         box = (b * max_boxes + m) * 4
+        for q in range(4):
+            # A non-finite box is skipped (Python rejects it unless the host check is skipped,
+            # see pydeform._arrays.unchecked_values); v - v is 0 exactly for finite v.
+            if not (boxes[box + q] - boxes[box + q] == 0.0):
+                return
         x1 = min(max(boxes[box] / down_ratio, 0.0), out_w - 1.0)
         y1 = min(max(boxes[box + 1] / down_ratio, 0.0), out_h - 1.0)
         x2 = min(max(boxes[box + 2] / down_ratio, 0.0), out_w - 1.0)
@@ -406,7 +411,7 @@ def cuda_kernels():
             b = item // drawn
             m = item - b * drawn
             label = labels[b * max_boxes + m]
-            if label >= 0:
+            if label >= 0 and label < params[2]:  # padding, or a label the host did not check
                 draw_object(boxes, b, m, heatmap, wh, reg, ind, reg_mask, label, params)
 
     @cuda_kernel

@@ -200,10 +200,15 @@ def _element_functions(t):
     @t.device
     def plane_of(k, channel, rois, shape):
         """Flat index of element (0, 0) of the input plane (batch index of roi k, channel);
-        -1 for a batch index outside [0, N) (rois are validated; this keeps a bad one unread)."""
+        -1 for an invalid roi, whose outputs are 0 and which is never read: a batch index that
+        is not an integer in [0, N) or a non-finite coordinate (the Python side rejects such
+        rows unless the call skips the host check, see pydeform._arrays.unchecked_values)."""
         b = rois[5 * k]
-        if not (b >= 0 and b < shape[_N]):
+        if not (b >= 0 and b < shape[_N] and b == math.floor(b)):
             return -1
+        for q in range(1, 5):
+            if not (rois[5 * k + q] - rois[5 * k + q] == 0.0):  # v - v is 0 exactly for finite v
+                return -1
         return (int(b) * shape[_C] + channel) * shape[_H] * shape[_W]
 
     @t.device

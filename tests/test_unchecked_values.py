@@ -1,0 +1,124 @@
+"""Calls that skip the host check of box and label values (``pydeform._arrays.unchecked_values``,
+what pydeform.torch and pydeform.jax do on the GPU, where the check would synchronise): the
+kernels themselves keep invalid rows out. A roi whose batch index is not an integer in [0, N)
+or that has a non-finite coordinate gives 0 outputs and no gradient, the other rois are
+unaffected; a CenterNet object with a label outside [-1, C) or a non-finite box is not drawn.
+Run on the Numba CPU kernels and on the CUDA C kernels through the host shim."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import numpy as np
+import pytest
+
+import pydeform
+import pydeform.centernet as centernet_module
+import pydeform.roi as roi_module
+import reference
+from pydeform._arrays import unchecked_values, values_checked
+from tests import host_shim
+from tests.strategies import ROI_OPS, RoICase, assert_close, assert_roi_grads_close
+
+VALID = [[0, 1.2, 0.7, 4.1, 5.3], [1, 0.3, 2.2, 4.4, 5.1], [1, 2.0, 1.0, 3.0, 4.5]]
+INVALID = [
+    [0.5, 1.0, 1.0, 3.0, 3.0],  # not an integer
+    [2, 1.0, 1.0, 3.0, 3.0],  # = N
+    [-1, 1.0, 1.0, 3.0, 3.0],
+    [np.nan, 1.0, 1.0, 3.0, 3.0],
+    [0, np.nan, 1.0, 3.0, 3.0],
+    [1, 1.0, 1.0, np.inf, 3.0],
+    [0, -np.inf, 1.0, 3.0, np.inf],
+]
+ROWS = np.array(VALID[:1] + INVALID[:4] + VALID[1:] + INVALID[4:])
+VALID_AT = [0, 5, 6]
+INVALID_AT = [i for i in range(len(ROWS)) if i not in VALID_AT]
+
+OPTIONS = {
+    "roi_align": dict(output_size=2, sampling_ratio=-1),  # adaptive: an infinite box would never end
+    "ps_roi_align": dict(output_size=2),
+    "roi_pool": dict(output_size=2),
+    "ps_roi_pool": dict(output_size=2),
+    "deform_roi_pool": dict(output_size=2, sampling_ratio=-1),
+    "deform_psroi_pool": dict(group_size=2, pooled_size=2, trans_std=0.1),
+}
+PER_ROI = {"deform_roi_pool": {"offset": (2, 2, 2), "mask": (1, 2, 2)}, "deform_psroi_pool": {"trans": (2, 2, 2)}}
+
+
+@contextlib.contextmanager
+def kernels_of(backend):
+    """The public ops on NumPy arrays run the Numba CPU kernels, or the CUDA C kernels through
+    the host shim."""
+    if backend == "numba-cpu":
+        yield
+        return
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, kind: host_shim.HostShimRoIKernels()), \
+            mock.patch.object(centernet_module, "centernet_kernels",
+                              lambda library, kind: host_shim.HostShimCenterNetKernels()):
+        yield
+
+
+def test_the_block_is_per_thread_and_nests():
+    import threading
+
+    assert values_checked()
+    with unchecked_values():
+        assert not values_checked()
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(values_checked()))
+        thread.start()
+        thread.join()
+        assert seen == [True]
+        with unchecked_values():
+            assert not values_checked()
+        assert not values_checked()
+    assert values_checked()
+
+
+def test_outside_the_block_bad_rows_still_raise():
+    x = np.zeros((2, 2, 6, 6))
+    for row in INVALID:
+        with pytest.raises(ValueError, match="rois: row 0"):
+            pydeform.roi_align(x, np.array([row]), output_size=2)
+
+
+@pytest.mark.parametrize("backend", ["numba-cpu", "host-shim"])
+@pytest.mark.parametrize("op", ROI_OPS)
+def test_invalid_rois_give_zeros_and_no_gradient(op, backend):
+    rng = np.random.default_rng(3)
+    channels = 8 if op in ("ps_roi_align", "ps_roi_pool", "deform_psroi_pool") else 2
+    x = rng.standard_normal((2, channels, 6, 6))
+    per_roi = {name: rng.uniform(-0.5, 0.5, (len(ROWS),) + shape) for name, shape in PER_ROI.get(op, {}).items()}
+    case = RoICase(op, x, ROWS.copy(), {**OPTIONS[op], **per_roi}, None)
+    valid = RoICase(op, x, ROWS[VALID_AT], {**OPTIONS[op], **{k: v[VALID_AT] for k, v in per_roi.items()}}, None)
+    with kernels_of(backend), unchecked_values():
+        out = case.forward(pydeform)
+        grad_output = rng.standard_normal(out.shape)
+        case = RoICase(op, x, case.rois, case.options, grad_output)
+        grads = case.backward(pydeform)
+    assert_close("output", out[VALID_AT], valid.forward(reference), np.float64)
+    np.testing.assert_array_equal(out[INVALID_AT], 0.0)
+    expected = RoICase(op, x, valid.rois, valid.options, grad_output[VALID_AT]).backward(reference)
+    for name, grad in grads.items():
+        if name == "input":
+            assert_roi_grads_close({name: grad}, {name: expected[name]}, np.float64)
+        elif grad is not None:
+            assert_roi_grads_close({name: grad[VALID_AT]}, {name: expected[name]}, np.float64)
+            np.testing.assert_array_equal(grad[INVALID_AT], 0.0, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["numba-cpu", "host-shim"])
+def test_centernet_targets_skip_bad_labels_and_boxes(backend):
+    boxes = np.array([[[4.0, 8.0, 20.0, 30.0], [10.0, 2.0, 28.0, 12.0], [1.0, 1.0, 9.0, 9.0],
+                       [np.nan, 3.0, 20.0, 20.0], [2.0, 2.0, np.inf, 20.0], [5.0, 5.0, 15.0, 25.0]]])
+    labels = np.array([[1, 5, -1, 0, 2, -3]])  # 5 and -3 are outside [-1, 3); 0 and 2 have bad boxes
+    keep = np.array([[True, False, False, False, False, False]])
+    with kernels_of(backend), unchecked_values():
+        got = pydeform.centernet_targets(boxes, labels, 3, (8, 8))
+    expected = reference.centernet_targets(np.where(keep[..., None], boxes, 0.0), np.where(keep, labels, -1), 3,
+                                           (8, 8))
+    for name in got._fields:
+        np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
+    assert got.heatmap.max() == 1.0 and got.reg_mask.sum() == 1
