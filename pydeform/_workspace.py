@@ -96,10 +96,14 @@ def accumulator_slot(slot: str) -> str:
     return slot + ":acc"
 
 
-def accumulator_plan(slot: str, shape: tuple, dtype) -> dict:
-    """The scratch :func:`accumulator` needs for output ``slot``: ``{name: (shape, dtype)}``."""
+def accumulator_plans(shapes: dict, dtype) -> dict:
+    """The scratch slots, for arrays of storage type ``dtype``, of the accumulators or
+    :func:`converted` copies named by ``shapes`` (``{slot: shape}``): ``{name: (shape, dtype)}``,
+    empty unless ``dtype`` is a half type."""
     acc = accumulation_dtype(dtype)
-    return {} if acc == np.dtype(dtype) else {accumulator_slot(slot): (tuple(shape), acc)}
+    if acc == np.dtype(dtype):
+        return {}
+    return {accumulator_slot(slot): (tuple(shape), acc) for slot, shape in shapes.items()}
 
 
 def accumulator(xp, slot: str, shape: tuple, dtype):
@@ -114,14 +118,21 @@ def accumulator(xp, slot: str, shape: tuple, dtype):
 
 
 def converted(xp, slot: str, array):
-    """``array`` in its accumulation dtype: itself, or a copy in scratch slot
-    ``accumulator_slot(slot)`` (planned by :func:`accumulator_plan`)."""
+    """``array`` in its accumulation dtype: itself (None stays None), or a copy in scratch slot
+    ``accumulator_slot(slot)`` (planned by :func:`accumulator_plans`)."""
+    if array is None:
+        return None
     acc = accumulation_dtype(array.dtype)
     if acc == np.dtype(array.dtype):
         return array
     copy = scratch(xp, accumulator_slot(slot), array.shape, acc)
     copy[...] = array
     return copy
+
+
+def converted_arrays(xp, arrays: dict) -> list:
+    """:func:`converted` of each array of ``{slot: array or None}``, in order."""
+    return [converted(xp, slot, array) for slot, array in arrays.items()]
 
 
 def finish(xp, slot: str, accumulated, dtype):

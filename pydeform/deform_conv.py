@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 
 from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
 from ._interop import dlpack_entry
-from ._workspace import accumulator, accumulator_plan, accumulator_slot, converted, finish, output, scratch
+from ._workspace import accumulator, accumulator_plans, accumulator_slot, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels
 
 __all__ = [
@@ -199,17 +199,18 @@ def deform_conv2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry,
     column_shape = (chunk, g.in_channels * g.kernel_h * g.kernel_w, g.out_h * g.out_w)
     weight_shape = (g.out_channels, g.in_channels // g.groups, g.kernel_h, g.kernel_w)
     chunk_out_shape = (chunk, g.out_channels, g.out_h, g.out_w)
-    plan.update({"columns": (column_shape, acc), **accumulator_plan("weight", weight_shape, dtype)})
+    plan["columns"] = (column_shape, acc)
     if not backward:
-        plan.update(accumulator_plan("bias", (g.out_channels,), dtype))
-        plan.update(accumulator_plan("output", chunk_out_shape, dtype))
+        plan.update(accumulator_plans(
+            {"weight": weight_shape, "bias": (g.out_channels,), "output": chunk_out_shape}, dtype))
         return plan
     plan["grad_columns"] = (column_shape, acc)
     plan["grad_weight_chunk"] = ((chunk, g.groups, g.out_channels // g.groups, column_shape[1] // g.groups), acc)
-    plan.update(accumulator_plan("grad_output", chunk_out_shape, dtype))
-    plan.update(accumulator_plan("grad_input", (batch, g.in_channels, g.height, g.width), dtype))
-    plan.update(accumulator_plan("grad_weight", weight_shape, dtype))
-    plan.update(accumulator_plan("grad_bias", (g.out_channels,), dtype))
+    plan.update(accumulator_plans({
+        "weight": weight_shape, "grad_output": chunk_out_shape,
+        "grad_input": (batch, g.in_channels, g.height, g.width), "grad_weight": weight_shape,
+        "grad_bias": (g.out_channels,),
+    }, dtype))
     return plan
 
 

@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 from ._arrays import check_arrays, check_backend, check_finite_float, check_int, int_pair, shape_of
 from ._interop import dlpack_entry
 from ._rois import check_positive_float, normalize_rois
-from ._workspace import accumulator, accumulator_plan, finish, output
+from ._workspace import accumulator, accumulator_plans, finish, output
 from .backends import roi_kernels
 
 __all__ = [
@@ -265,8 +265,7 @@ def roi_workspace(kernels, params, shapes: dict, dtype, *, backward: bool) -> di
         plan.update(kernels.workspace(_FAMILIES[type(params)], params, {**arrays, "output": output_shape}, dtype,
                                       backward=backward))
     if backward:
-        for name, shape in arrays.items():
-            plan.update(accumulator_plan("grad_" + name, shape, dtype))
+        plan.update(accumulator_plans({"grad_" + name: shape for name, shape in arrays.items()}, dtype))
     return plan
 
 

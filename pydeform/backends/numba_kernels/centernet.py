@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._workspace import accumulator_plan, converted, scratch
+from ..._workspace import accumulator_plans, converted_arrays, scratch
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # Flat scores per CPU decode task (pass 1); its heap of K candidates stays in cache.
@@ -446,15 +446,6 @@ def _clamp_bounds(dtype):
     return float(dtype.type(CLAMP_LOW)), float(dtype.type(CLAMP_HIGH))
 
 
-def _float_copies(shapes: dict, dtype) -> dict:
-    """The scratch of float32 copies of the named arrays of storage type ``dtype``, planned for
-    half types (the arithmetic is float32 at least; only CUDA sees half types)."""
-    plan = {}
-    for name, shape in shapes.items():
-        plan.update(accumulator_plan(name, shape, dtype))
-    return plan
-
-
 class _CenterNetKernelSet:
     """The kernel-set interface of :mod:`pydeform.centernet` over the kernels of one target;
     subclasses give ``xp``, ``_kernels()``, ``_run(kernel, n_items, *args)`` and
@@ -485,18 +476,14 @@ class _CenterNetKernelSet:
                   "wh": (params.batch, 2 * params.classes if params.cat_spec_wh else 2, *maps)}
         if params.has_reg:
             shapes["reg"] = (params.batch, 2, *maps)
-        return {**self._candidate_buffers(params, accumulation_dtype(dtype)), **_float_copies(shapes, dtype)}
-
-    def _as_float(self, arrays: dict) -> list:
-        """The named arrays in their accumulation dtype, half types copied into their slots."""
-        return [None if a is None else converted(self.xp, name, a) for name, a in arrays.items()]
+        return {**self._candidate_buffers(params, accumulation_dtype(dtype)), **accumulator_plans(shapes, dtype)}
 
     def decode(self, heat, wh, reg, detections, params):
         xp = self.xp
         n_tasks, chunk, capacity, _ = self._decode_layout(params)
         buffers = [scratch(xp, slot, *spec)
                    for slot, spec in self._candidate_buffers(params, detections.dtype).items()]
-        heat, wh, reg = self._as_float({"heat": heat, "wh": wh, "reg": reg})
+        heat, wh, reg = converted_arrays(self.xp, {"heat": heat, "wh": wh, "reg": reg})
         # A stand-in for an absent reg that is never read, not a view of another argument.
         reg = xp.zeros(1, heat.dtype) if reg is None else reg
         candidates, merge = self._kernels()[:2]
@@ -522,14 +509,14 @@ class _CenterNetKernelSet:
         if backward:
             shapes.update(grad_output=(), grad_pred=(size,))
         partials = {FOCAL_PARTIALS_SLOT: ((3 * -(-size // FOCAL_CHUNK),), accumulation_dtype(dtype))}
-        return {**partials, **_float_copies(shapes, dtype)}
+        return {**partials, **accumulator_plans(shapes, dtype)}
 
     def focal_loss_sums(self, pred, target, sums, params):
         n = pred.size
         n_chunks = -(-n // FOCAL_CHUNK)
         plan = self.focal_loss_workspace(n, pred.dtype)
         partials = scratch(self.xp, FOCAL_PARTIALS_SLOT, *plan[FOCAL_PARTIALS_SLOT])
-        pred, target = self._as_float({"pred": pred, "target": target})
+        pred, target = converted_arrays(self.xp, {"pred": pred, "target": target})
         focal_partials, focal_total = self._kernels()[3:5]
         low, high = _clamp_bounds(sums.dtype)
         self._run(focal_partials, n_chunks, flat(pred), flat(target), partials, n, params.alpha, params.beta, low,
@@ -537,8 +524,8 @@ class _CenterNetKernelSet:
         self._run(focal_total, 3, partials, sums, n_chunks)
 
     def focal_loss_grad(self, grad_output, pred, target, sums, grad_pred, params):
-        grad_output, pred, target, computed = self._as_float(
-            {"grad_output": grad_output, "pred": pred, "target": target, "grad_pred": grad_pred})
+        grad_output, pred, target, computed = converted_arrays(
+            self.xp, {"grad_output": grad_output, "pred": pred, "target": target, "grad_pred": grad_pred})
         low, high = _clamp_bounds(sums.dtype)
         self._run(self._kernels()[5], pred.size, grad_output.reshape(1), flat(pred), flat(target), sums,
                   flat(computed), params.alpha, params.beta, low, high)

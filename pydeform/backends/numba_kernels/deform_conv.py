@@ -40,7 +40,7 @@ import functools
 
 import numpy as np
 
-from ..._workspace import accumulator_plan, converted, scratch
+from ..._workspace import accumulator_plans, converted_arrays, scratch
 from .layout import channels_last
 from .targets import (
     bind_cuda, cpu_kernel, cpu_kernel_fast_sums, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda,
@@ -546,19 +546,13 @@ class NumbaCudaDeformConv2dKernels:
             shapes["mask"] = samples
         if backward:
             shapes.update({"grad_" + name: shape for name, shape in shapes.items() if name != "input"})
-        plan = {}
-        for name, shape in shapes.items():
-            plan.update(accumulator_plan(name, shape, dtype))
-        return plan
-
-    def _as_float(self, slot, array):
-        return None if array is None else converted(self.xp, slot, array)
+        return accumulator_plans(shapes, dtype)
 
     def _launch(self, index, n_items, *args):
         launch_cuda(_cuda_kernels()[index], n_items, self.xp, *args, n_items)
 
     def im2col(self, input, offset, mask, columns, geometry):
-        input, offset, mask = (self._as_float(*a) for a in (("input", input), ("offset", offset), ("mask", mask)))
+        input, offset, mask = converted_arrays(self.xp, {"input": input, "offset": offset, "mask": mask})
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             0, sample_count(input.shape[0], geometry),
@@ -566,9 +560,9 @@ class NumbaCudaDeformConv2dKernels:
         )
 
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
-        input, offset, mask = (self._as_float(*a) for a in (("input", input), ("offset", offset), ("mask", mask)))
+        input, offset, mask = converted_arrays(self.xp, {"input": input, "offset": offset, "mask": mask})
         mask, has_mask = _flat_mask(mask, offset, self.xp)
-        out_offset, out_mask = self._as_float("grad_offset", grad_offset), self._as_float("grad_mask", grad_mask)
+        out_offset, out_mask = converted_arrays(self.xp, {"grad_offset": grad_offset, "grad_mask": grad_mask})
         self._launch(
             1, sample_count(input.shape[0], geometry),
             flat(input), flat(offset), mask, has_mask, flat(grad_columns), flat(out_offset),
@@ -581,7 +575,7 @@ class NumbaCudaDeformConv2dKernels:
             grad_mask[...] = out_mask
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
-        offset, mask = self._as_float("offset", offset), self._as_float("mask", mask)
+        offset, mask = converted_arrays(self.xp, {"offset": offset, "mask": mask})
         mask, has_mask = _flat_mask(mask, offset, self.xp)
         self._launch(
             2, sample_count(offset.shape[0], geometry),

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from ..._workspace import accumulator_plan, converted, scratch
+from ..._workspace import accumulator_plans, converted_arrays, scratch
 from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
@@ -843,28 +843,22 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         output and the present extras) and of the forward's output; nothing otherwise."""
         copies = {name: shape for name, shape in shapes.items() if name != "output"}
         copies["grad_output" if backward else "output"] = shapes["output"]
-        plan = {}
-        for name, shape in copies.items():
-            plan.update(accumulator_plan(name, shape, dtype))
-        return plan
-
-    def _as_float(self, arrays: dict) -> list:
-        """The named arrays in their accumulation dtype, half types copied into their slots."""
-        return [None if a is None else converted(self.xp, name, a) for name, a in arrays.items()]
+        return accumulator_plans(copies, dtype)
 
     def _launch(self, family, backward, n_items, *args):
         launch_cuda(cuda_kernels(family)[backward], n_items, self.xp, *args, n_items)
 
     def _forward(self, family, input, rois, extras, output, params):
-        input, *extras = self._as_float({"input": input, **extras})
-        (computed,) = self._as_float({"output": output})
+        input, *extras = converted_arrays(self.xp, {"input": input, **extras})
+        (computed,) = converted_arrays(self.xp, {"output": output})
         self._launch(family, False, output.size, flat(input), flat(rois), *self._stand_ins(extras, input),
                      flat(computed), _shape(input, output), tuple(params))
         if computed is not output:
             output[...] = computed
 
     def _backward(self, family, grad_output, input, rois, extras, grad_input, grad_extras, params):
-        grad_output, input, *extras = self._as_float({"grad_output": grad_output, "input": input, **extras})
+        grad_output, input, *extras = converted_arrays(
+            self.xp, {"grad_output": grad_output, "input": input, **extras})
         self._launch(
             family, True, grad_output.size,
             flat(grad_output), flat(input), flat(rois), *self._stand_ins(extras, input),
