@@ -450,7 +450,6 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
 # CenterNet
 
 
-
 def _check_on_empty_batch(function, arrays: dict, **static):
     """Run the array-level ``function``'s checks at trace time on NumPy stand-ins with batch 0
     (every check but the batch size, which all arrays must share; nothing is computed)."""
