@@ -10,7 +10,7 @@ alone, on a synthetic two-class scene of one image:
 3. the boxes: centre (x + reg_x, y + reg_y), size (w, h) read at the peak; detections scoring
    below the threshold are kept in place with score 0 and class -1.
 
-Needs matplotlib (``pip install "pydeform[docs]"``). From the repository root:
+Needs matplotlib (the ``docs`` extra: ``pip install ".[docs]"``). From the repository root:
 
     python docs/centernet_decode.py [output.png]     (default: docs/centernet_decode.png)
 """

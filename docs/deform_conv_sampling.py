@@ -14,7 +14,7 @@ pixels:
    each point on its own;
 3. DCNv2: the same positions, each sample also multiplied by its mask value (marker area).
 
-Needs matplotlib (``pip install "pydeform[docs]"``). From the repository root:
+Needs matplotlib (the ``docs`` extra: ``pip install ".[docs]"``). From the repository root:
 
     python docs/deform_conv_sampling.py [output.png]     (default: docs/deform_conv_sampling.png)
 """

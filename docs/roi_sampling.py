@@ -10,7 +10,7 @@ a 3 x 3 output:
 3. roi_align, aligned, adaptive sampling: ceil(bin size) samples per bin and axis;
 4. deform_roi_pool, sampling_ratio 2: every bin moved by gamma * roi size * its offset.
 
-Needs matplotlib (``pip install "pydeform[docs]"``). From the repository root:
+Needs matplotlib (the ``docs`` extra: ``pip install ".[docs]"``). From the repository root:
 
     python docs/roi_sampling.py [output.png]     (default: docs/roi_sampling.png)
 """

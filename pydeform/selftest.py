@@ -77,7 +77,7 @@ def _gpu_problem() -> Optional[str]:
     try:
         import cupy
     except ModuleNotFoundError:
-        return 'CuPy not installed (pip install "pydeform[cuda12]" or "pydeform[cuda13]")'
+        return 'CuPy not installed (the cuda12 or cuda13 extra brings it: pip install ".[cuda12]")'
     except Exception as error:  # e.g. a CuPy wheel for another CUDA major version
         return f"CuPy fails to import ({error})"
     try:
