@@ -1,6 +1,6 @@
 """Draw ``docs/centernet_decode.png``: how CenterNet's decode turns heatmaps into boxes.
 
-Every step is computed here from the rules of ``docs/centernet.md`` (SPEC section 4), with NumPy
+Every step is computed here from the rules of ``docs/centernet.md``, with NumPy
 alone, on a synthetic two-class scene of one image:
 
 1. the class heatmaps (already through a sigmoid): a Gaussian bump per object plus low noise;

@@ -1,6 +1,6 @@
 """Draw ``docs/deform_conv_sampling.png``: where a 3 x 3 deformable convolution reads its input.
 
-Every position is computed here from the formula of ``docs/deform_conv.md`` (SPEC section 2):
+Every position is computed here from the formula of ``docs/deform_conv.md``:
 kernel point (i, j) of output pixel (y, x) reads the input at
 
     h = y*stride - padding + i*dilation + dy,   w = x*stride - padding + j*dilation + dx

@@ -1,6 +1,6 @@
 """Draw ``docs/roi_sampling.png``: where roi_pool, roi_align and deform_roi_pool read one roi.
 
-Every position is computed here from the formulas of ``docs/roi.md`` (SPEC section 3), in
+Every position is computed here from the formulas of ``docs/roi.md``, in
 feature-map coordinates where pixel (i, j) is centred on (x, y) = (j, i). Four panels, one roi,
 a 3 x 3 output:
 

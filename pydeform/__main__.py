@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         "bench",
         help="time every op on every backend here beside torchvision / ONNX Runtime / the PyTorch decode",
         description=(
-            "Time every op at the standard shapes of pydeform.benchmark_cases (PERF.md) on every "
+            "Time every op at the standard shapes of pydeform.benchmark_cases (docs/benchmarks.md) on every "
             "backend usable here, beside the installed peers: torchvision on the GPU, ONNX Runtime "
             "on the CPU, the PyTorch CenterNet decode on both. CPU: wall-clock medians, pydeform and "
             "the peer timed in alternating blocks; GPU: CUDA-event medians after warm-up. Prints a "

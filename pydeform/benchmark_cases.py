@@ -1,4 +1,4 @@
-"""What pydeform is benchmarked on: the standard shapes of PERF.md, their inputs, and the peers.
+"""What pydeform is benchmarked on: the standard shapes (docs/benchmarks.md), their inputs, and the peers.
 
 The one source of truth shared by the asv suite (``asv_benchmarks/``) and
 ``python -m pydeform bench``:
@@ -149,8 +149,8 @@ def _heat_read_once(host, itemsize):
 
 
 def _rule_b_lines(coordinates, size):
-    """The pixel lines (rows or columns) that rule-B bilinear samples at ``coordinates`` read
-    with a non-zero weight on an axis of ``size`` pixels (SPEC section 1)."""
+    """The pixel lines (rows or columns) that rule-B (border-clamped) bilinear samples at
+    ``coordinates`` read with a non-zero weight on an axis of ``size`` pixels (docs/roi.md)."""
     coordinates = coordinates[(coordinates >= -1) & (coordinates <= size)]
     clamped = np.maximum(coordinates, 0)
     low = np.minimum(np.floor(clamped).astype(np.int64), size - 1)

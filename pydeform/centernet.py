@@ -1,6 +1,6 @@
 """CenterNet ("Objects as Points"): fused heatmap decoding, training targets, focal loss.
 
-Semantics are SPEC sections 4 and 4b; docs/centernet.md explains them with an example. This
+Semantics are those of docs/centernet.md, which explains them with examples. This
 module checks every argument once, takes the outputs and its own scratch as
 :func:`centernet_workspace` plans them (from :mod:`pydeform._workspace`, so that a caller such
 as :mod:`pydeform.jax` can provide them) and calls the CenterNet kernel set of the backend
@@ -28,7 +28,7 @@ grad_pred, params)``: grad_output 0-d T, sums from ``focal_loss_sums``, grad_pre
 ``focal_loss_grad``) request, ``{slot: (shape, dtype)}``, float32 copies of half-type arrays
 included for a kernel set whose kernels compute from them (Numba CUDA).
 
-Decisions SPEC leaves open:
+Decisions beyond the original CenterNet code (docs/centernet.md):
 
 - detections have the accumulation dtype of heat (float64 for float64, float32 for float32,
   float16 and bfloat16), so class ids and boxes stay exact; columns x1, y1, x2, y2, score, class.
@@ -221,7 +221,7 @@ def centernet_targets_params(labels_shape, num_classes, output_size, down_ratio,
 @dlpack_entry
 def centernet_decode(heat, wh, reg=None, K=100, *, kernel=3, cat_spec_wh=False, down_ratio=1.0,
                      threshold=None, backend=None):
-    """Decode CenterNet heatmaps into the top-K detections of each image (SPEC section 4).
+    """Decode CenterNet heatmaps into the top-K detections of each image (docs/centernet.md).
 
     A pixel is a peak iff it equals the maximum of its ``kernel`` x ``kernel`` window (outside
     the map counts as -inf; plateaus keep every equal maximum); other pixels score 0. The K best
@@ -275,7 +275,7 @@ def _check_labels(labels, library, boxes):
 @dlpack_entry
 def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, min_overlap=0.7,
                       max_objects=128, backend=None):
-    """CenterNet training targets of a padded batch of boxes (SPEC section 4b).
+    """CenterNet training targets of a padded batch of boxes (docs/centernet.md).
 
     Boxes are divided by ``down_ratio`` and clipped to the output grid; an object with a
     clipped height or width <= 0 is skipped. Each object draws a Gaussian of radius
@@ -373,7 +373,7 @@ def _focal_sums(kernels, pred, target, params, work):
 
 @dlpack_entry
 def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
-    """The penalty-reduced pixel-wise focal loss of CenterNet (SPEC section 4b).
+    """The penalty-reduced pixel-wise focal loss of CenterNet (docs/centernet.md).
 
     With p = clip(pred, 1e-4, 1 - 1e-4) and y = target: positives (y == 1) add
     ``-log(p) (1 - p)^alpha``, negatives (y < 1) add ``-log(1 - p) p^alpha (1 - y)^beta``; the

@@ -1,6 +1,6 @@
 """Deformable convolution v1 and modulated deformable convolution (DCNv2).
 
-Semantics are torchvision's ``deform_conv2d`` (SPEC section 2). This module is the one place
+Semantics are torchvision's ``deform_conv2d`` (docs/deform_conv.md). This module is the one place
 where arguments are checked, shapes inferred and dtype rules applied; it then runs a
 backend-independent driver: deformable im2col into a column buffer, GEMM with the array
 library's ``matmul`` (cuBLAS for CuPy, BLAS for NumPy), the batch processed in chunks so the

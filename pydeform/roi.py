@@ -1,7 +1,7 @@
 """Region-of-interest pooling: RoI Align, RoI Pool, their position-sensitive variants,
 deformable RoI pooling (mmcv, with its modulated variant) and deformable PS RoI pooling.
 
-Semantics are SPEC section 3. This module checks every argument once, infers the output shape,
+Semantics are those of docs/roi.md. This module checks every argument once, infers the output shape,
 allocates outputs and gradients and calls the RoI kernel set of the backend
 (:func:`pydeform.backends.roi_kernels`), which has one ``<op>_forward`` and one
 ``<op>_backward`` method per kernel family below; position-sensitive variants are flags of

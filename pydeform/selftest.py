@@ -1061,7 +1061,7 @@ def _focal_arrays(rng):
 
 
 def numpy_focal_loss(pred, target, alpha=2.0, beta=4.0) -> float:
-    """The CenterNet focal loss in float64 NumPy (SPEC 4b), predictions inside the clamp bounds."""
+    """The CenterNet focal loss in float64 NumPy (docs/centernet.md), predictions inside the clamp bounds."""
     positive = target == 1
     pos = np.where(positive, -np.log(pred) * (1 - pred) ** alpha, 0).sum()
     neg = np.where(positive, 0, -np.log(1 - pred) * pred ** alpha * (1 - target) ** beta).sum()

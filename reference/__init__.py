@@ -1,4 +1,4 @@
-"""Pure-NumPy float64 oracle for pydeform's kernels (SPEC.md); imports nothing from pydeform."""
+"""Pure-NumPy float64 oracle for pydeform's kernels (the formulas of docs/); imports nothing from pydeform."""
 
 from .deform_conv import deform_conv2d, deform_conv2d_backward
 from .deform_psroi_pool import deform_psroi_pool, deform_psroi_pool_backward

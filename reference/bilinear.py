@@ -1,4 +1,5 @@
-"""Vectorised bilinear sampling, the two rules of SPEC section 1, in float64.
+"""Vectorised bilinear sampling, the two rules of docs/deform_conv.md (A) and
+docs/roi.md (B), in float64.
 
 Both rules describe a sample by its 4 corners: ``value = sum_k weights[k] * X[rows[k], cols[k]]``
 and ``d value / dh = sum_k weights_dh[k] * X[rows[k], cols[k]]`` (same for w). Corner arrays
@@ -70,7 +71,7 @@ def zero_padded_corners(h, w, height, width):
 
     The sample is 0 when ``h <= -1 or h >= H or w <= -1 or w >= W``; inside that open square a
     corner outside ``[0, H) x [0, W)`` contributes 0. Outside the open square the derivatives
-    are 0 too (the forward is constant there: mmcv's boundary rule of SPEC section 2). A NaN
+    are 0 too (the forward is constant there: mmcv's boundary rule, docs/deform_conv.md). A NaN
     position counts as outside, as in ONNX Runtime.
     """
     h = np.asarray(h, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""CenterNet ("Objects as Points"), SPEC sections 4 and 4b, in float64: heatmap decoding, the
+"""CenterNet ("Objects as Points"), docs/centernet.md, in float64: heatmap decoding, the
 training targets, and the penalty-reduced focal loss with its analytic gradient.
 
 Shapes: heat [B, C, H, W]; wh [B, 2, H, W] or [B, 2C, H, W] (class-specific sizes, class c's
@@ -7,7 +7,7 @@ x1, y1, x2, y2, score, class. Targets: boxes [B, M, 4] (x1, y1, x2, y2 in input 
 labels [B, M] (-1 = padding); heatmap [B, num_classes, out_h, out_w], wh / reg
 [B, max_objects, 2], ind [B, max_objects] int64, reg_mask [B, max_objects] uint8.
 
-Choices where SPEC leaves something open (pydeform's documented decisions):
+Choices the original code leaves open (pydeform's decisions, documented in docs/centernet.md):
 - A NaN heat value is never a peak and never a neighbourhood maximum: the peak test reads it as
   -inf, and its kept score is 0.
 - Slots k >= C*H*W (K larger than the number of scores) are (0, 0, 0, 0, 0, -1).
@@ -88,7 +88,7 @@ def centernet_decode(heat, wh, reg=None, K=100, kernel=3, cat_spec_wh=False, dow
 
 
 def gaussian_radius(height, width, min_overlap):
-    """The original training code's radius: the smallest root of three quadratics (SPEC 4b)."""
+    """The original training code's radius: the smallest root of three quadratics (docs/centernet.md)."""
     o = min_overlap
     b1 = height + width
     c1 = width * height * (1 - o) / (1 + o)
@@ -122,7 +122,7 @@ class CenterNetTargets(NamedTuple):
 
 def centernet_targets(boxes, labels, num_classes, output_size, down_ratio=4, min_overlap=0.7,
                       max_objects=128):
-    """Training targets of a padded batch (SPEC 4b); output_size is an int or (out_h, out_w)."""
+    """Training targets of a padded batch (docs/centernet.md); output_size is an int or (out_h, out_w)."""
     boxes = np.asarray(boxes, dtype=np.float64)
     labels = np.asarray(labels)
     out_h, out_w = (output_size, output_size) if np.isscalar(output_size) else output_size
@@ -170,7 +170,7 @@ def _focal_terms(pred, target, beta):
 
 
 def centernet_focal_loss(pred, target, alpha=2, beta=4):
-    """Penalty-reduced pixel-wise focal loss (SPEC 4b): a float64 scalar."""
+    """Penalty-reduced pixel-wise focal loss (docs/centernet.md): a float64 scalar."""
     p, positive, neg_weight = _focal_terms(pred, target, beta)
     pos = np.where(positive, -np.log(p) * (1 - p) ** alpha, 0.0).sum()
     neg = (-np.log(1 - p) * p ** alpha * neg_weight).sum()

@@ -1,4 +1,4 @@
-"""Deformable convolution v1 / v2 (SPEC section 2), forward and analytic backward, in float64.
+"""Deformable convolution v1 / v2 (docs/deform_conv.md), forward and analytic backward, in float64.
 
 Shapes: input [N, C, H, W], offset [N, 2*Goff*kh*kw, Ho, Wo], weight [Cout, C/G, kh, kw],
 bias [Cout], mask [N, Goff*kh*kw, Ho, Wo], output [N, Cout, Ho, Wo]. K = kh*kw kernel points,
@@ -37,7 +37,7 @@ class _Sampled:
 
 
 def _sample(input, offset, weight, stride, padding, dilation, mask):
-    """Check the shapes (SPEC section 2) and sample every channel at every kernel point."""
+    """Check the shapes (docs/deform_conv.md) and sample every channel at every kernel point."""
     n, channels, height, width = input.shape
     out_channels, group_channels, kh, kw = weight.shape
     points = kh * kw

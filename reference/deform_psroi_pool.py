@@ -1,5 +1,5 @@
 """Deformable position-sensitive RoI pooling (Deformable ConvNets / R-FCN, MXNet
-``DeformablePSROIPooling``), SPEC section 3, forward and analytic backward, in float64.
+``DeformablePSROIPooling``), docs/roi.md, forward and analytic backward, in float64.
 
 Shapes: input [N, output_dim * group_size**2, H, W], input channel (c_out*gs + gh)*gs + gw;
 rois [K, 5] or a list of per-image [L, 4] boxes; trans [K, 2 * num_classes, part_size, part_size]
@@ -8,7 +8,7 @@ P = pooled_size. Output channel c_out belongs to class c_out // (output_dim // n
 Each roi's samples, [num_classes, P, P, sample_per_part, sample_per_part] of them, are handled
 at once.
 
-Choices where SPEC leaves something open:
+Choices the definition leaves open:
 - ``channels_each_class = output_dim // num_classes`` and output_dim must be a multiple of
   num_classes; without trans there is one class.
 - ``part_h = floor(ph * part_size / P)`` and ``gh = floor(ph * group_size / P)`` in exact integer

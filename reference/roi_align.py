@@ -1,4 +1,4 @@
-"""roi_align, ps_roi_align and deform_roi_pool (SPEC section 3), forward and analytic backward,
+"""roi_align, ps_roi_align and deform_roi_pool (docs/roi.md), forward and analytic backward,
 in float64. All three average (or, roi_align only, take the max of) rule-B bilinear samples on a
 regular grid in each bin of a roi; they differ in where the grid lies and which channels a bin
 reads.
@@ -8,7 +8,7 @@ Shapes: input [N, C, H, W]; rois [K, 5] or a list of per-image [L, 4] boxes; out
 offset [K, 2, PH, PW] (x first) and mask [K, 1, PH, PW] for deform_roi_pool. Loops run over rois;
 each roi's samples, [PH, PW, gh, gw] of them, are handled at once.
 
-Choices where SPEC leaves something open:
+Choices the definition leaves open:
 - Derivatives are those of the forward as implemented: rule B is constant along an axis where
   its clamp is active (position <= 0 or >= size - 1), so the position derivative is 0 there,
   at the kink itself too; outside [-1, H] x [-1, W] everything is 0.

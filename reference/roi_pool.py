@@ -1,18 +1,18 @@
 """roi_pool (Fast R-CNN max pooling) and ps_roi_pool (R-FCN position-sensitive average pooling),
-SPEC section 3, forward and analytic backward, in float64.
+docs/roi.md, forward and analytic backward, in float64.
 
 Shapes: input [N, C, H, W]; rois [K, 5] or a list of per-image [L, 4] boxes; output
 [K, C, PH, PW] (roi_pool) or [K, C / (PH*PW), PH, PW] (ps_roi_pool). A bin is the rectangle of
 whole pixels rows [hstart, hend) x columns [wstart, wend); each roi's bins are handled at once
 through boolean membership masks.
 
-Choices where SPEC leaves something open:
+Choices the definition leaves open:
 - Bin edges are exact: ``floor(ph * rh / PH)`` and ``ceil((ph+1) * rh / PH)`` in integer
   arithmetic (an implementation that computes ``ph * (rh / PH)`` in floating point agrees
   unless rounding crosses an integer).
-- ps_roi_pool's roi size is ``max(xe - xs, 1)``, without roi_pool's ``+ 1``: SPEC calls §3
-  torchvision semantics and torchvision's ps_roi_pool has no ``+ 1`` (SPEC's "an average over
-  the roi_pool bin" names the bin rule, hstart / hend, not the size).
+- ps_roi_pool's roi size is ``max(xe - xs, 1)``, without roi_pool's ``+ 1``: the RoI ops follow
+  torchvision, and torchvision's ps_roi_pool has no ``+ 1`` ("an average over the roi_pool bin"
+  names the bin rule, hstart / hend, not the size).
 - roi_pool: ties go to the first maximal pixel in row-major order; an empty bin gives 0, arg-max
   -1 and no gradient. ps_roi_pool: an empty bin gives 0 and no gradient.
 """

@@ -1,4 +1,4 @@
-"""What every RoI op of the reference shares (SPEC section 3): the rois argument, the output
+"""What every RoI op of the reference shares (docs/roi.md): the rois argument, the output
 size, Fast R-CNN rounding and the channel layout of the position-sensitive ops."""
 
 import numpy as np

@@ -226,7 +226,7 @@ def assert_grads_close(grads, expected: dict, dtype) -> None:
             assert_close(f"grad {name}", got, expected[name], dtype)
 
 
-# RoI ops (SPEC section 3). ``pydeform`` and ``reference`` name their RoI functions alike and
+# RoI ops (docs/roi.md). ``pydeform`` and ``reference`` name their RoI functions alike and
 # take the same arguments (``backend`` aside), so a case runs on either module.
 
 ROI_OPS = ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")

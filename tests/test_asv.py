@@ -1,6 +1,6 @@
 """The benchmark cases (pydeform.benchmark_cases) and the asv suite built on them.
 
-The suite imports and passes ``asv check``; the cases have the standard shapes of PERF.md and
+The suite imports and passes ``asv check``; the cases have the standard shapes of docs/benchmarks.md and
 deterministic, non-zero inputs; each peer computes what pydeform computes, so a ratio compares
 the same work; the suite's CPU benchmark classes run.
 """
@@ -219,7 +219,7 @@ def test_cases_without_peer_say_so():
 
 def float32_bins_differ(rois, spatial_scale, pooled):
     """Per roi: whether roi_pool's bin edges computed as ORT and torchvision do, in float32 from
-    the rounded bin size, differ from SPEC's exact ones (pydeform), e.g. a 57-pixel roi in 7
+    the rounded bin size, differ from the exact ones of docs/roi.md (pydeform), e.g. a 57-pixel roi in 7
     bins: 7 * float32(57 / 7) = 57.000003, whose ceil includes one pixel more."""
     ends = np.sign(rois[:, 1:]) * np.floor(np.abs(rois[:, 1:] * spatial_scale) + 0.5)
     sizes = np.maximum(ends[:, 2:] - ends[:, :2] + 1, 1)[:, :, None]  # [K, 2, 1]

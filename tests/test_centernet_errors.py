@@ -1,6 +1,6 @@
 """Argument checks of the CenterNet ops (pydeform/centernet.py): one case per rule, each raising
 the right exception type with a message that starts with the argument's name and shows what was
-expected and what was received (SPEC section 5)."""
+expected and what was received."""
 
 from __future__ import annotations
 

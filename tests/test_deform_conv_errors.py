@@ -1,6 +1,6 @@
 """Argument checks of deform_conv2d / deform_conv2d_backward: one case per rule, each raising
 the right exception type with a message that starts with the argument's name and shows what
-was expected and what was received (SPEC section 5)."""
+was expected and what was received."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def _check_second_process_compiles_nothing(cache_dir: Path, backend: str, files:
     assert warm["compiles"] == 0, "a kernel was compiled although the disk cache held it"
     assert sorted(cache_dir.rglob(files)) == written
     assert warm["digest"] == cold["digest"]
-    # PERF.md: first call <= 0.5 s over a warm call once the cache is warm (printed with -s).
+    # docs/benchmarks.md: first call <= 0.5 s over a warm call once the cache is warm (printed with -s).
     print(f"\n{backend}: first call, cold cache {cold['first']:.3f} s; warm cache {warm['first']:.3f} s; "
           f"warm call {warm['second']:.4f} s")
     assert warm["first"] < cold["first"]

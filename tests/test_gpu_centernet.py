@@ -106,7 +106,7 @@ def test_kernel_sets_write_every_element(backend, dtype, K):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES.values(), ids=FLOAT_DTYPES.keys())
 def test_decode_of_the_benchmark_shape(dtype):
-    """B=8, 80 classes, 128x128, K=100 (PERF.md) of random scores (many peaks; ties are rare), and
+    """B=8, 80 classes, 128x128, K=100 (docs/benchmarks.md) of random scores (many peaks; ties are rare), and
     K beyond the selection's shared arrays; both backends, the second call repeating the first bit
     for bit."""
     import cupy

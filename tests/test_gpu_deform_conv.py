@@ -111,7 +111,7 @@ def torch_modules():
 def test_matches_torchvision(torch_modules, backend, case):
     """float32 forward and every gradient against torchvision. Sample positions are an integer
     plus a fraction in [0.05, 0.95]: never exactly -1, where torchvision's offset gradient
-    differs from SPEC's rule."""
+    differs from docs/deform_conv.md's boundary rule."""
     expected = torchvision_gradients(*torch_modules, case)
     gpu = to_gpu(case)
     assert_close("output", deform_conv2d(**gpu.arguments(), backend=backend), expected["output"], np.float32)

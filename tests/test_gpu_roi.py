@@ -112,9 +112,9 @@ def assert_matches_torchvision(name, got, expected):
 def torchvision_cases(op):
     """float32 cases torchvision computes alike: average mode (torchvision's roi_align has no max);
     powers of two for spatial_scale and the bin counts, so that roi_pool's float bin edges are
-    exact (SPEC's are exact integers) and no sample lands on the image edge in one precision but
+    exact (pydeform's are exact integers) and no sample lands on the image edge in one precision but
     not the other; for ps_roi_align no zero-size or inverted boxes (torchvision divides by an
-    adaptive sample count of 0 there and gives NaN, SPEC gives 0)."""
+    adaptive sample count of 0 there and gives NaN, pydeform gives 0)."""
     kinds = tuple(k for k in ROI_KINDS if k not in ("zero-size", "inverted")) if op == "ps_roi_align" else ROI_KINDS
     cases = roi_cases(op=op, dtype=np.float32, with_grad=True, min_rois=1, kinds=kinds, as_list=False,
                       scales=(1.0, 0.5, 0.25, 2.0), pooled_sizes=(1, 2, 4))

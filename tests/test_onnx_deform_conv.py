@@ -1,7 +1,7 @@
 """Cross-check of the reference deformable convolution with ONNX Runtime's CPU DeformConv,
 an implementation nobody here wrote.
 
-No disagreement with SPEC section 2 was found: ORT zero-pads with the same open square
+No disagreement with docs/deform_conv.md was found: ORT zero-pads with the same open square
 (-1, H) x (-1, W) (samples exactly at -1 or H read 0), orders each offset pair (dy, dx), lays out
 offset and mask channels as g*2*kh*kw + 2*(i*kw + j) and g*kh*kw + i*kw + j, and in float64
 matches the reference to rounding. So the tolerances below are rounding only.

@@ -1,23 +1,23 @@
 """Cross-check of the reference roi_align and roi_pool with ONNX Runtime's CPU ``RoiAlign``
 (opset 16) and ``MaxRoiPool``, implementations nobody here wrote.
 
-Where ORT agrees with SPEC section 3 (asserted to rounding below):
+Where ORT agrees with the definitions of docs/roi.md (asserted to rounding below):
 - RoiAlign mode="avg", both coordinate transformations (half_pixel = aligned,
   output_half_pixel = not aligned with the 1x1 floor), adaptive (sampling_ratio 0) and fixed
   sampling, spatial_scale, rule B's border (samples exactly on y = -1, y = H, x = -1, x = W read
   the clamped pixel), zero-size rois and rois negative on both axes (0).
 - MaxRoiPool: round half away from zero, the ``+ 1`` roi size, bins clipped to the image, empty
-  bins 0 - exactly SPEC's roi_pool (no rounding difference was found, also at x * scale = +-2.5).
+  bins 0 - exactly pydeform's roi_pool (no rounding difference was found, also at x * scale = +-2.5).
 
-Where ORT differs from SPEC (onnxruntime 1.23; each asserted by a targeted test):
+Where ORT differs from docs/roi.md (onnxruntime 1.23; each asserted by a targeted test):
 1. RoiAlign mode="max" does not take the max of the interpolated samples. It takes, over every
    sample of the bin and over each sample's 4 corners, the max of ``corner weight * pixel``
    (ORT's log warns that max mode is wrong for sampling ratios other than 1; it differs for 1 as
    well). A sample between pixels counts as its largest weighted corner, and a sample on a pixel
-   centre as max(pixel, 0), its zero-weight corners contributing 0. So it equals SPEC's max only
+   centre as max(pixel, 0), its zero-weight corners contributing 0. So it equals pydeform's max only
    where every sample sits on a pixel centre and those pixels are >= 0.
 2. RoiAlign half_pixel with adaptive sampling raises (SafeInt "Integer overflow") for a roi whose
-   ceil(bin size) is negative on one axis and positive on the other (gh * gw < 0); SPEC draws no
+   ceil(bin size) is negative on one axis and positive on the other (gh * gw < 0); pydeform draws no
    samples there and gives 0.
 3. Not a semantic difference: ``spatial_scale`` is a float32 attribute, so ORT applies the
    float32 rounding of a float64 scale; these tests give the reference that rounded scale.
@@ -164,7 +164,7 @@ def weighted_corner_max(image, boxes, geometry):
             roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
         grid_h = geometry.sampling_ratio or int(np.ceil(roi_h / pooled_h))
         grid_w = geometry.sampling_ratio or int(np.ceil(roi_w / pooled_w))
-        if grid_h <= 0 or grid_w <= 0:      # no samples: 0, as in SPEC
+        if grid_h <= 0 or grid_w <= 0:      # no samples: 0, as in pydeform
             output.append(np.zeros((image.shape[1], pooled_h, pooled_w)))
             continue
         # Sample positions [PH, gh, 1, 1] and [1, 1, PW, gw].
@@ -180,7 +180,7 @@ def weighted_corner_max(image, boxes, geometry):
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 5])
 def test_onnxruntime_max_mode_is_the_max_of_weighted_corners(index):
     """Difference 1 on the agreement geometries: ORT follows weighted_corner_max to rounding and
-    is far from SPEC's max of the interpolated samples."""
+    is far from pydeform's max of the interpolated samples."""
     geometry = ALIGN_GEOMETRIES[index]
     rng = np.random.default_rng(index)
     image = rng.standard_normal((2, 3, geometry.height, geometry.width))
@@ -192,12 +192,12 @@ def test_onnxruntime_max_mode_is_the_max_of_weighted_corners(index):
 
 
 def test_onnxruntime_max_mode_hand_computed():
-    # One sample at x = 0.5 between pixels 2 and 4: SPEC interpolates 3, ORT takes 0.5 * 4.
+    # One sample at x = 0.5 between pixels 2 and 4: pydeform interpolates 3, ORT takes 0.5 * 4.
     geometry = Geometry(1, 2, 1, 1.0, sampling_ratio=1)
     image, box = np.array([[[[2.0, 4.0]]]]), np.array([[0, 0, 0, 1, 1]])
     assert roi_align(image, box, **geometry.align_options("max"))[0, 0, 0, 0] == 3.0
     assert geometry.session("max", np.float64)(image, box)[0, 0, 0, 0] == 2.0
-    # Samples on the centres of negative pixels: SPEC's max is the pixel, ORT's is 0.
+    # Samples on the centres of negative pixels: pydeform's max is the pixel, ORT's is 0.
     geometry = Geometry(1, 3, (1, 3), 1.0, sampling_ratio=1, aligned=True)
     image, box = np.array([[[[-1.0, -2.0, -3.0]]]]), np.array([[0, 0, 0, 3, 1]])
     np.testing.assert_array_equal(roi_align(image, box, **geometry.align_options("max")),

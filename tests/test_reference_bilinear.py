@@ -1,4 +1,4 @@
-"""The reference's two bilinear rules (SPEC section 1) against hand-computed values."""
+"""The reference's two bilinear rules (docs/deform_conv.md, docs/roi.md) against hand-computed values."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The reference CenterNet ops (SPEC sections 4 and 4b): decode against hand-built heatmaps and
+"""The reference CenterNet ops (docs/centernet.md): decode against hand-built heatmaps and
 an independent formulation, targets against a per-object rendering written here, the focal loss
 gradient against float64 finite differences."""
 

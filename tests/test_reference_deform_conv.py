@@ -1,4 +1,4 @@
-"""The reference deformable convolution (SPEC section 2): forward against cases built
+"""The reference deformable convolution (docs/deform_conv.md): forward against cases built
 independently of it, backward against float64 central finite differences."""
 
 from dataclasses import asdict, dataclass
@@ -242,7 +242,7 @@ def test_directional_derivatives(index, geometry, name):
 @pytest.mark.parametrize("geometry", GEOMETRIES[:4])
 def test_gradient_cases_reach_past_the_border(geometry):
     """The finite-difference cases do test the boundary rule: some samples are fully outside,
-    some only partly, some fully inside (positions as in SPEC section 2)."""
+    some only partly, some fully inside (positions as in docs/deform_conv.md)."""
     arrays = geometry.arrays(np.random.default_rng(0))
     kh, kw = geometry.kernel
     out_h, out_w = geometry.output_size()

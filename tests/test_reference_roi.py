@@ -1,5 +1,5 @@
-"""The reference RoI ops (SPEC section 3): forward against hand-computed cases and against
-each other where SPEC makes them equal, backward against float64 central finite differences."""
+"""The reference RoI ops (docs/roi.md): forward against hand-computed cases and against
+each other where the definitions make them equal, backward against float64 central finite differences."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 """Argument checks of the RoI ops (pydeform/roi.py, pydeform/_rois.py): one case per rule and
 op, forward and backward, each raising the right exception type with a message that starts
-with the argument's name and shows what was expected and what was received (SPEC section 5)."""
+with the argument's name and shows what was expected and what was received."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-// The two bilinear sampling rules of SPEC section 1, the only CUDA C implementation of them.
+// The two bilinear sampling rules (A: docs/deform_conv.md, B: docs/roi.md), the only CUDA C
+// implementation of them.
 // A rule's set-up turns a sampling position into the four corners (h0,w0), (h0,w0+1),
 // (h0+1,w0), (h0+1,w0+1) with their plane indices, validity and weights, plus the
 // derivatives of the weights with respect to the position; the load / dot / scatter helpers

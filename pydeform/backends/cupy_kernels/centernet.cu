@@ -1,4 +1,4 @@
-// CenterNet (SPEC sections 4 and 4b): heatmap decoding, training targets and the focal loss.
+// CenterNet (docs/centernet.md): heatmap decoding, training targets and the focal loss.
 //
 // Decode is two launches and reads the heatmap once:
 //   centernet_decode_candidates  one block per tile of `tile` consecutive flat indices
@@ -217,7 +217,7 @@ __device__ __forceinline__ void store_max_non_negative(double* address, const do
               static_cast<unsigned long long>(__double_as_longlong(value)));
 }
 
-// The original training code's Gaussian radius for a box of height x width (SPEC 4b).
+// The original training code's Gaussian radius for a box of height x width (docs/centernet.md).
 __device__ __forceinline__ double gaussian_radius(const double height, const double width,
                                                   const double overlap) {
     const double b1 = height + width;

@@ -1,4 +1,4 @@
-// Deformable convolution v1 / v2 (SPEC section 2): im2col for the forward pass, col2im_coord
+// Deformable convolution v1 / v2 (docs/deform_conv.md): im2col for the forward pass, col2im_coord
 // for the offset and mask gradients, col2im for the input gradient.
 //
 // One work item per (b, g, i, j, y, x) -- batch, offset group, kernel row, kernel column,

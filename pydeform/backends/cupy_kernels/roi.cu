@@ -1,4 +1,4 @@
-// RoI pooling (SPEC section 3), a forward and a backward kernel per family:
+// RoI pooling (docs/roi.md), a forward and a backward kernel per family:
 //   roi_align_*          roi_align, its max mode and ps_roi_align (position_sensitive)
 //   roi_pool_*           roi_pool (max) and ps_roi_pool (position_sensitive, average)
 //   deform_roi_pool_*    mmcv's DeformRoIPool, optional offset [K, 2, PH, PW] and mask [K, 1, PH, PW]

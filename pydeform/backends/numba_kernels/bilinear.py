@@ -3,7 +3,7 @@
 These are plain Python functions; :mod:`pydeform.backends.numba_kernels.targets` compiles them
 as CPU functions (``njit``) and as CUDA device functions (``cuda.jit(device=True)``), and the
 kernels of every op call the compiled versions. They never call each other (a call by global
-name would reach the uncompiled function). Rules as SPEC section 1.
+name would reach the uncompiled function). Rules as docs/deform_conv.md (rule A) and docs/roi.md (rule B).
 
 Images are addressed flat: ``plane`` is the index of element (0, 0) of one ``H x W`` image in
 a 1-d array, and a corner set is given by ``corner = h0 * W + w0`` plus a 4-bit set of the

@@ -1,6 +1,6 @@
 """CenterNet kernels for Numba (decode, targets, focal loss): the arithmetic of one pixel, one
-object, one heap step written once, compiled for the CPU and for CUDA. Semantics are SPEC
-sections 4 and 4b; the kernel-set interface is described in :mod:`pydeform.centernet`.
+object, one heap step written once, compiled for the CPU and for CUDA. Semantics are those
+of docs/centernet.md; the kernel-set interface is described in :mod:`pydeform.centernet`.
 
 Decode, in two passes over flat scores (index ``i = c*H*W + y*W + x`` within an image):
 
@@ -10,7 +10,7 @@ Decode, in two passes over flat scores (index ``i = c*H*W + y*W + x`` within an 
    is a strict total order: higher score, then lower index; the heap's root is its worst entry,
    so a candidate costs one comparison unless it enters, and once the heap is full a pixel
    whose value (and 0) cannot beat the root skips the peak test altogether: with sigmoid
-   heatmaps that is nearly every pixel (the CPU decode of PERF.md's shape ran 4x faster).
+   heatmaps that is nearly every pixel (the CPU decode at the shape of docs/benchmarks.md ran 4x faster).
 2. One task per image merges its chunks' candidates into one heap of ``min(K, C*H*W)``
    entries, heap-sorts it best first, gathers wh / reg and writes the detections (empty slots
    past C*H*W). Every score is a candidate, so the K best of an image are among the candidates
@@ -437,7 +437,7 @@ def cuda_chunk(per_image: int, k: int) -> int:
     """Scores per CUDA decode thread: a thread walks its chunk serially (pass 1) and one thread
     per image walks every chunk's candidates (pass 2), so their serial lengths, ``chunk`` and
     ``per_image / chunk * min(k, chunk)``, are balanced: ``chunk = sqrt(per_image * k)``, at least
-    :data:`MIN_CUDA_CHUNK` (PERF.md's shape: 11448 scores, 115 threads per image)."""
+    :data:`MIN_CUDA_CHUNK` (the GPU shape of docs/benchmarks.md: 11448 scores, 115 threads per image)."""
     return max(MIN_CUDA_CHUNK, math.isqrt(per_image * min(k, per_image)))
 
 

@@ -12,7 +12,7 @@ corners inside the image and the four bilinear weights with the mask folded in.
   stays in the core's L2 cache (values[t, (weight group, ij, c)]), and multiplies it by the
   weight right away, in blocks of 2 pixels x 4 output channels whose eight sums stay in
   registers over contiguous runs of values and weights (SIMD). The 19 MB column buffer of the
-  CPU shape of PERF.md is never written or read back, and no BLAS thread pool runs beside
+  CPU shape of docs/benchmarks.md is never written or read back, and no BLAS thread pool runs beside
   Numba's (on 2 cores the two pools took each other's cores: 14-17 ms with im2col + BLAS,
   7-8 ms direct).
 - CPU im2col (the backward's weight gradient): the input is copied channels-last once
@@ -55,7 +55,7 @@ CPU_TILE_PIXELS = 64
 CPU_FORWARD_TILE_BYTES = 192 * 2**10
 
 # Channels per CPU task: the task loads a sample's plan once for all of them. Four measured best
-# on the CPU shape of PERF.md (2, 8 and 16 were slower: more planes in flight per sample).
+# on the CPU shape of docs/benchmarks.md (2, 8 and 16 were slower: more planes in flight per sample).
 CPU_TASK_CHANNELS = 4
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).

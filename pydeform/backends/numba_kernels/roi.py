@@ -1,6 +1,6 @@
 """RoI kernels for Numba (roi_align, ps_roi_align, roi_pool, ps_roi_pool, deform_roi_pool,
 deform_psroi_pool): the arithmetic of one output element written once, compiled for the CPU
-and for CUDA. Semantics are SPEC section 3, rule-B bilinear sampling SPEC section 1.
+and for CUDA. Semantics are those of docs/roi.md, rule-B (border-clamped) bilinear sampling included.
 
 A work item is one output element ``item = ((k*C_out + c)*PH + ph)*PW + pw`` (roi k, output
 channel c, bin (ph, pw)). Each op family has three element functions: ``forward(k, c, ph, pw,
@@ -180,8 +180,8 @@ def _element_functions(t):
 
     @t.device
     def regular_position(grid, iy, ix, height, width):
-        """roi_align's sample (iy, ix) of a bin: y = top + (iy + 0.5) * bin_h / gh (SPEC's
-        order of operations), always counted."""
+        """roi_align's sample (iy, ix) of a bin: y = top + (iy + 0.5) * bin_h / gh (the
+        order of operations of docs/roi.md), always counted."""
         return True, grid[0] + (iy + 0.5) * grid[2] / grid[4], grid[1] + (ix + 0.5) * grid[3] / grid[5]
 
     @t.device

@@ -58,7 +58,7 @@ def _prefer_passive_openmp_waits():
 
     Numba's OpenMP threading layer otherwise keeps its workers spinning after each ``prange``
     loop, which starves the BLAS threads of the GEMM that follows (and any other pool): on the
-    2-core CPU shape of PERF.md the forward took 102 ms with spinning workers and 24 ms without.
+    2-core CPU shape of docs/benchmarks.md the forward took 102 ms with spinning workers and 24 ms without.
     libgomp reads the variable when it loads, at the first parallel launch, so it is set just
     before the first CPU kernel is built; a value the user chose is kept.
     """
