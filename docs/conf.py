@@ -6,12 +6,15 @@ Build from the repository root, warnings as errors:
 """
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The API reference imports pydeform from this checkout, installed or not.
+# The API reference imports pydeform from this checkout, installed or not; docs/_ext holds the
+# site's own extensions.
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 
 import pydeform  # noqa: E402  (after the path is set)
 
@@ -24,8 +27,10 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # the docstrings' Args: / Returns: sections
-    "sphinx.ext.mathjax",  # the formulas of the docstrings (.. math::)
+    "mathtext_math",  # the formulas of the docstrings (.. math::), drawn at build time
 ]
+# MathJax would load from a CDN (raw LaTeX offline): formulas are SVGs in the pages instead.
+html_math_renderer = "mathtext"
 source_suffix = {".md": "markdown"}
 # Figure scripts (*.py) and their outputs live beside the pages; only the pages are sources.
 exclude_patterns = ["_build", "**/__pycache__"]
@@ -49,3 +54,19 @@ napoleon_use_rtype = False
 
 html_theme = "alabaster"
 html_title = f"pydeform {release}"
+# Wider pages and wrapping code blocks: the examples' expected-output comments stay in view.
+html_static_path = ["_static"]
+html_css_files = ["pydeform.css"]
+
+# autodoc gives every NamedTuple field the docstring "Alias for field number N"; the class
+# docstring says what the fields are.
+_FIELD_ALIAS = re.compile(r"Alias for field number \d+")
+
+
+def _drop_field_alias_docstrings(app, what, name, obj, options, lines):
+    if _FIELD_ALIAS.fullmatch(" ".join(lines).strip()):
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_field_alias_docstrings)
