@@ -33,7 +33,7 @@ class Measurement(NamedTuple):
     workload: str
     dtype: str
     timed: str  # "forward" or "forward+backward"
-    implementation: str  # a pydeform backend (numba-cpu, cupy, numba-cuda) or "peer"
+    implementation: str  # a pydeform backend (numba-cpu, cupy, numba-cuda) or "peer" (named in peer)
     median_ms: Optional[float]  # None: it failed (see error)
     peer: Optional[str]  # what the case's peer is (None: no peer)
     error: Optional[str] = None
@@ -272,17 +272,23 @@ def report_json(report: Report, argv) -> dict:
     }
 
 
-def plot(report: Report, path) -> None:
+def _series(m: Measurement) -> str:
+    """The chart's name for a measurement's implementation: a pydeform backend, or the peer's
+    own name (each peer is a series of its own)."""
+    return m.peer if m.implementation == PEER and m.peer else m.implementation
+
+
+def chart(report: Report):
     """A horizontal bar chart of the medians (log scale), one group of bars per case, dtype and
-    pass: each pydeform backend and the peer."""
+    pass: each pydeform backend and the peer, labelled by name in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(key, group) for key, group in _groups(report.measurements).items()
+    groups = [(key, {_series(m): m for m in group.values()}) for key, group in _groups(report.measurements).items()
               if any(m.median_ms for m in group.values())]
-    names = list(dict.fromkeys(m.implementation for m in report.measurements))
+    names = list(dict.fromkeys(_series(m) for m in report.measurements))
     height = 0.8 / max(len(names), 1)
     figure, axes = plt.subplots(figsize=(10, 1.0 + 0.35 * len(names) * max(len(groups), 1)))
     for index, name in enumerate(names):
@@ -300,6 +306,14 @@ def plot(report: Report, path) -> None:
     axes.set_title("python -m pydeform bench")
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot(report: Report, path) -> None:
+    """Draw :func:`chart` to the PNG file ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure = chart(report)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

@@ -33,6 +33,7 @@ CLASS_COLOURS = ((0.85, 0.2, 0.2), (0.2, 0.7, 0.3), (0.25, 0.35, 0.9))
 OBJECTS = ((0, 14.0, 18.0, 50.0, 54.0), (1, 70.0, 10.0, 118.0, 58.0), (2, 30.0, 80.0, 110.0, 104.0))
 KERNEL = 3  # the deformable convolution's kernel size (pad 1, stride 1)
 ROI_BINS = 4  # RoI Align output size of the drawn roi (sampling_ratio 2)
+DPI = 90  # of the PNG
 
 
 class Demo(NamedTuple):
@@ -156,7 +157,25 @@ def _box(axes, box, colour, **style):
     axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, **style))
 
 
-def render(demo: Demo, path) -> None:
+def _regular_grid_zoom(axes, demo: Demo, reach: float = 2.0) -> None:
+    """An enlarged view, under ``axes``, of the last (lowest) pixel's regular 3x3 grid: its
+    points are one pixel apart, a few screen pixels in the whole image, too close to tell apart
+    there."""
+    (y, x), regular = demo.pixels[-1], demo.regular_points[-1]
+    zoom = axes.inset_axes([0.32, -0.43, 0.36, 0.36])
+    zoom.imshow(demo.image, interpolation="nearest")
+    zoom.scatter(regular[:, 1], regular[:, 0], s=70, facecolors="none", edgecolors="black", linewidths=1.5)
+    zoom.scatter([x], [y], marker="x", s=50, color="black")
+    zoom.set_xlim(x - reach, x + reach)
+    zoom.set_ylim(y + reach, y - reach)
+    zoom.set_xticks([])
+    zoom.set_yticks([])
+    zoom.set_title(f"zoom: regular grid of output pixel ({y}, {x}) (x)", fontsize=9)
+    axes.indicate_inset_zoom(zoom, edgecolor="black")
+
+
+def figure(demo: Demo):
+    """The demo's matplotlib figure: detections, deformable sampling points, RoI Align's grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,13 +195,15 @@ def render(demo: Demo, path) -> None:
         left.text(x1 - 0.5, y1 - 2, f"{CLASS_NAMES[int(label)]} {score:.2f}", fontsize=9,
                   bbox=dict(facecolor="white", alpha=0.8, pad=1, edgecolor="none"))
 
-    middle.set_title("deform_conv2d 3x3 sampling points\n(hollow: regular grid, filled: with offsets)")
+    middle.set_title("deform_conv2d 3x3 sampling points\n(white: regular grid, zoomed below; yellow: with offsets)",
+                     fontsize=11)
     for (y, x), regular, deformed in zip(demo.pixels, demo.regular_points, demo.deformed_points):
-        middle.scatter(regular[:, 1], regular[:, 0], s=30, facecolors="none", edgecolors="black", linewidths=1)
-        middle.scatter(deformed[:, 1], deformed[:, 0], s=30, color="yellow", edgecolors="black", linewidths=0.8)
         for (ry, rx), (dy, dx) in zip(regular, deformed):
             middle.annotate("", (dx, dy), (rx, ry), arrowprops=dict(arrowstyle="->", color="black", lw=0.6))
-        middle.scatter([x], [y], marker="x", s=60, color="black")
+        middle.scatter(deformed[:, 1], deformed[:, 0], s=30, color="yellow", edgecolors="black", linewidths=0.8)
+        middle.scatter(regular[:, 1], regular[:, 0], s=5, color="white", edgecolors="black", linewidths=0.5,
+                       zorder=3)
+    _regular_grid_zoom(middle, demo)
 
     right.set_title(f"roi_align {ROI_BINS}x{ROI_BINS} bins, sampling_ratio=2, aligned\n(one detected box)")
     x1, y1, x2, y2 = (float(v) for v in demo.roi)
@@ -197,8 +218,15 @@ def render(demo: Demo, path) -> None:
     right.set_ylim(y2 + margin, y1 - margin)
 
     figure.tight_layout()
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
+    return figure
+
+
+def render(demo: Demo, path) -> None:
+    import matplotlib.pyplot as plt
+
+    drawn = figure(demo)
+    drawn.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(drawn)
 
 
 def main(path, seed: int = 0) -> int:

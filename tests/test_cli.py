@@ -90,6 +90,25 @@ def test_ratios_table_and_failures_from_measurements(tmp_path):
     assert _png_size(png)[0] > 0
 
 
+def test_chart_legend_names_each_peer():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    def measured(implementation, peer, case):
+        return _bench.Measurement(case, "op", "cpu", "shape", "float32", "forward", implementation, 2.0, peer)
+
+    report = _bench.Report([
+        measured("numba-cpu", "onnxruntime RoiAlign (CPU)", "roi_align/cpu/a"),
+        measured(_bench.PEER, "onnxruntime RoiAlign (CPU)", "roi_align/cpu/a"),
+        measured("numba-cpu", "PyTorch decode", "centernet_decode/cpu/a"),
+        measured(_bench.PEER, "PyTorch decode", "centernet_decode/cpu/a"),
+    ], [])
+    figure = _bench.chart(report)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    plt.close(figure)
+    assert labels == ["numba-cpu", "onnxruntime RoiAlign (CPU)", "PyTorch decode"]
+
+
 def test_a_failing_pydeform_call_fails_the_bench(monkeypatch, capsys):
     def broken(case, arrays, backend=None):
         def fail():
@@ -154,6 +173,29 @@ def test_demo_points_are_where_the_ops_sample(demo):
     steps = (np.arange(2 * _demo.ROI_BINS) + 0.5) / (2 * _demo.ROI_BINS)
     np.testing.assert_allclose(demo.roi_samples[:, 0, 0], y1 - 0.5 + steps * (y2 - y1), atol=1e-3)
     np.testing.assert_allclose(demo.roi_samples[0, :, 1], x1 - 0.5 + steps * (x2 - x1), atol=1e-3)
+
+
+def test_demo_regular_grid_markers_can_be_told_apart(demo):
+    """Some axes draws a pixel's regular 3x3 grid with its points further apart on screen than
+    a marker is wide (in the whole image they are ~3 screen pixels apart: one blob)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figure = _demo.figure(demo)
+    figure.canvas.draw()
+    regular = {tuple(np.round(points, 3).ravel()) for points in demo.regular_points}
+    separable = []
+    for axes in figure.axes + [child for parent in figure.axes for child in parent.child_axes]:
+        for collection in axes.collections:
+            offsets = np.asarray(collection.get_offsets(), np.float64)
+            if len(offsets) != 9 or tuple(np.round(offsets[:, ::-1], 3).ravel()) not in regular:
+                continue
+            on_screen = axes.transData.transform(offsets) * _demo.DPI / figure.dpi
+            spacing = np.abs(np.diff(on_screen[:3, 0])).min()
+            diameter = np.sqrt(collection.get_sizes().max()) * _demo.DPI / 72
+            separable.append(spacing > 1.5 * diameter)
+    plt.close(figure)
+    assert separable and any(separable)
 
 
 def test_demo_command_writes_the_png(tmp_path, capsys):
