@@ -14,7 +14,7 @@ from pydeform.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERNAL_CITATION = re.compile(r"\bSPEC\b|\b(?:SPEC|PERF|TESTING)\.md\b|\bPERF\b")
-SCANNED = ("README.md", "pyproject.toml", ".ci", "pydeform", "docs", "reference", "tests", "asv_benchmarks")
+SCANNED = ("README.md", "pyproject.toml", ".ci", "pydeform", "docs", "reference", "tests", "asv_benchmarks", "tools")
 SUFFIXES = {".py", ".md", ".cu", ".cuh", ".h", ".json", ".toml", ".txt", ""}
 
 
