@@ -232,3 +232,24 @@ def test_count_tests_reads_both_output_formats():
     assert totals == {"passed": 2, "failed": 1, "skipped": 1}
     assert by_file == {"tests/a.py": {"passed": 1, "failed": 1}, "tests/b.py": {"skipped": 1, "passed": 1}}
     assert failed == ["tests/a.py::test_y"]
+
+
+def test_plugin_sets_the_example_count_and_turns_cupy_s_pool_off(tmp_path):
+    """tools/gpu_check_plugin.py wins over tests/conftest.py's profile, and with
+    GPU_CHECK_NO_MEMORY_POOL=1 CuPy allocates each array by itself (what memcheck needs)."""
+    pytest.importorskip("cupy")
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(textwrap.dedent("""\
+        import cupy
+        from hypothesis import settings
+
+        def test_settings():
+            assert settings().max_examples == 3 and settings().derandomize
+            assert cupy.cuda.get_allocator().__name__ == "_malloc"
+        """))
+    env = dict(os.environ, GPU_CHECK_EXAMPLES="3", GPU_CHECK_NO_MEMORY_POOL="1", PYTHONPATH=str(ROOT))
+    # tests/conftest.py (loaded as a plugin here, since the probe lies outside tests/) loads its
+    # own profile on import; the check's plugin must still be the one in force.
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "tools.gpu_check_plugin",
+                             str(probe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
