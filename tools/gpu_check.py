@@ -134,10 +134,13 @@ def gpu_test_files() -> list:
     return sorted(path.name for path in TESTS.glob("test_*.py") if "mark.gpu" in path.read_text())
 
 
+def tests(names) -> list:
+    return [f"tests/{name}" for name in names]
+
+
 def stages(python: str, out: Path, limits: dict, xdist: bool) -> list:
     pytest = [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "tools.gpu_check_plugin", "--tb=short",
               "-rfE", "--continue-on-collection-errors"]
-    tests = lambda names: [f"tests/{name}" for name in names]  # noqa: E731
     other = [name for name in gpu_test_files() if name not in OP_TEST_FILES + FRAMEWORK_TEST_FILES]
     examples = {"GPU_CHECK_EXAMPLES": str(TEST_EXAMPLES)}
     sanitized = {"GPU_CHECK_EXAMPLES": str(SANITIZER_EXAMPLES), "GPU_CHECK_NO_MEMORY_POOL": "1",
