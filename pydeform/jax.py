@@ -96,7 +96,9 @@ def _native(buffer, *, writeable: bool):
     if int(buffer.__dlpack_device__()[0]) == _DLPACK_CUDA:
         import cupy
 
-        return cupy.asarray(buffer)
+        # CuPy takes the dtype from the CUDA array interface's typestr, which for bfloat16 is
+        # "<V2" (a void type): the buffer's own dtype says what the bytes are.
+        return cupy.asarray(buffer).view(buffer.dtype)
     array = np.asarray(buffer)
     if not writeable:
         array = array.view()
