@@ -9,7 +9,7 @@ import numpy as np
 
 from ._arrays import accumulation_dtype, array_library, values_checked
 
-__all__ = ["check_positive_float", "normalize_rois"]
+__all__ = ["check_positive_float", "check_roi_values", "normalize_rois"]
 
 
 def check_positive_float(name: str, value) -> float:
@@ -59,10 +59,16 @@ def normalize_rois(rois, input, library: str, xp):
     else:
         boxes = check_part("rois", rois, 5)
     boxes = xp.ascontiguousarray(boxes)
+    if values_checked():
+        check_roi_values(boxes, input.shape[0], xp)
+    return boxes
 
-    if not (boxes.shape[0] and values_checked()):
-        return boxes
-    n = input.shape[0]
+
+def check_roi_values(boxes, n: int, xp) -> None:
+    """Raise ``ValueError`` naming the first ``[K, 5]`` row of ``boxes`` (an ``xp`` array) whose
+    batch index is not an integer in ``[0, n)`` or that has a non-finite coordinate."""
+    if not boxes.shape[0]:
+        return
     index = boxes[:, 0]
     bad = (index != xp.floor(index)) | ~(index >= 0) | ~(index < n) | ~xp.isfinite(boxes[:, 1:]).all(axis=1)
     if bool(bad.any()):
@@ -71,4 +77,3 @@ def normalize_rois(rois, input, library: str, xp):
             f"rois: row {row} = {[float(v) for v in boxes[row].tolist()]} must have an integer batch index "
             f"in [0, {n}) and finite coordinates"
         )
-    return boxes

@@ -44,6 +44,7 @@ from . import deform_conv as _deform_conv
 from . import roi as _roi
 from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair, unchecked_values
 from ._interop import _DLPACK_CUDA
+from ._rois import check_roi_values
 from ._workspace import provided
 from .backends import kernel_set
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
@@ -108,11 +109,15 @@ def _native(buffer, *, writeable: bool):
 
 @contextlib.contextmanager
 def _on_xla_stream(ctx, buffer):
-    """Make XLA's stream (and the buffer's GPU) CuPy's current ones, with no host check of box
-    and label values (a device-to-host read would synchronise); nothing to do on the CPU."""
+    """Make XLA's stream (and the buffer's GPU) CuPy's current ones; nothing to do on the CPU.
+
+    Box and label values are not checked inside a callback (see :func:`_check_values`), where an
+    exception could only surface as XLA's runtime error: the kernels give a bad roi zero outputs
+    and draw no bad CenterNet object."""
     device_type, device_id = (int(v) for v in buffer.__dlpack_device__())
     if device_type != _DLPACK_CUDA:
-        yield
+        with unchecked_values():
+            yield
         return
     import cupy
 
@@ -171,7 +176,8 @@ def _fallback(run, names, values, outputs, backend) -> dict:
         return {name: results[name] for name in outputs}
 
     def host(*arrays):
-        results = run(dict(zip(names, (np.asarray(a) for a in arrays))), None)
+        with unchecked_values():  # traced values: not checked, as in a buffer_callback
+            results = run(dict(zip(names, (np.asarray(a) for a in arrays))), None)
         return {name: np.asarray(results[name]) for name in outputs}
 
     shapes = {name: jax.ShapeDtypeStruct(tuple(shape), dtype) for name, (shape, dtype) in outputs.items()}
@@ -190,6 +196,17 @@ def _library() -> str:
 def _kernels(family: str, backend):
     """The kernel set of ``family`` the callbacks will run on this JAX's default platform."""
     return kernel_set(family, _library(), check_backend(backend, _library()))
+
+
+def _check_values(check, *arrays) -> None:
+    """Run the array API's ``check(*numpy arrays, np)`` of box / label values on ``arrays`` when
+    they are concrete CPU arrays (an eager call on the CPU), before anything is launched.
+
+    Traced values (under ``jit``, ``vmap``, ...) are not known yet, and on the GPU reading them
+    would synchronise; there the kernels keep bad values out (see :func:`_on_xla_stream`).
+    """
+    if _library() == "numpy" and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+        check(*(np.asarray(a) for a in arrays), np)
 
 
 def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
@@ -366,7 +383,9 @@ def _roi_call(op, input, rois, static, backend, **optional):
     if input is None:
         raise TypeError("input: expected an array, got None")
     dtype = _check_arrays({"input": input, **optional}, {"input": 4, **{name: 4 for name in optional}})
-    return op({"input": input, "rois": _rois(rois, dtype), **optional}, static, backend)
+    rows = _rois(rois, dtype)
+    _check_values(lambda boxes, xp: check_roi_values(boxes, input.shape[0], xp), rows)
+    return op({"input": input, "rois": rows, **optional}, static, backend)
 
 
 _ROI_ALIGN = _roi_family(
@@ -541,6 +560,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     _check_on_empty_batch(_centernet.centernet_targets, arrays, **static)
     check_backend(backend, _library())
     params = _centernet.centernet_targets_params(labels.shape, **static)
+    _check_values(lambda b, l, xp: _centernet.check_target_values(b, l, params.num_classes, xp), boxes, labels)
     outputs, plan = _centernet.centernet_workspace(_kernels("centernet", backend), params, boxes.dtype,
                                                    labels_dtype=labels.dtype)
     run = _centernet_run(_centernet.centernet_targets, tuple(sorted(static.items())))

@@ -208,3 +208,38 @@ def test_bad_arguments_raise_at_trace_time(call, error, words):
     assert words in str(raised.value)
     with pytest.raises(error):
         jax.jit(call)(x, offset, weight)
+
+
+BAD_ROWS = [[1.0, 0.5, 0.5, 3.0, 3.0], [0.5, 0.5, 0.5, 3.0, 3.0], [0.0, np.nan, 0.5, 3.0, 3.0]]
+
+
+@pytest.mark.parametrize("row", BAD_ROWS, ids=["index-out-of-range", "index-not-integer", "nan"])
+def test_bad_box_values_raise_value_error_eagerly(row):
+    """As the array API does; the check runs before anything is launched."""
+    x = jnp.zeros((1, 2, 5, 5))
+    rois = jnp.asarray([[0.0, 1.0, 1.0, 4.0, 4.0], row])
+    with pytest.raises(ValueError, match=r"rois: row 1 = .* must have an integer batch index in \[0, 1\)"):
+        pdj.roi_align(x, rois, 2)
+    with pytest.raises(ValueError, match=r"rois: row 1 = .* must have an integer batch index in \[0, 1\)"):
+        jax.grad(lambda a: pdj.roi_align(a, rois, 2).sum())(x)
+    if np.isnan(row[1]):
+        with pytest.raises(ValueError, match=r"rois: row 0 = \[0\.0, nan"):
+            pdj.roi_align(x, [jnp.asarray([row[1:]])], 2)
+
+
+def test_bad_box_values_under_jit_give_zero_rows_and_no_gradient():
+    """Traced values are not checked: a bad row gives zeros and no gradient, the others are as eager."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 2, 5, 5)))
+    good = [[0.0, 1.0, 1.0, 4.0, 4.0], [0.0, 0.5, 2.0, 3.5, 4.5]]
+    rois = jnp.asarray(good[:1] + BAD_ROWS + good[1:])
+
+    def loss(a, r):
+        return (pdj.roi_align(a, r, 2, sampling_ratio=2) ** 2).sum()
+
+    out = jax.jit(lambda a, r: pdj.roi_align(a, r, 2, sampling_ratio=2))(x, rois)
+    np.testing.assert_array_equal(np.asarray(out[1:4]), 0.0)
+    expected = pdj.roi_align(x, jnp.asarray(good), 2, sampling_ratio=2)
+    np.testing.assert_allclose(np.asarray(out[jnp.array([0, 4])]), np.asarray(expected), rtol=1e-12)
+    grad = jax.jit(jax.grad(loss))(x, rois)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(loss)(x, jnp.asarray(good))), rtol=1e-12)
