@@ -41,6 +41,7 @@ Decisions SPEC leaves open:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -419,17 +420,22 @@ def centernet_focal_loss_backward(grad_output, pred, target, *, alpha=2, beta=4,
     dtype) and blocks it outside, as torch.clamp does.
 
     Args:
-        grad_output (Tensor[] or Tensor[1]): gradient of the loss, pred's dtype.
+        grad_output (Tensor[] or Tensor[1], or a number): gradient of the loss; an array has
+            pred's dtype, a Python or NumPy number is taken in pred's dtype.
         pred, target (Tensor[B, C, H, W]): as for the loss.
 
     Returns:
         Tensor[B, C, H, W]: gradient of the loss with respect to pred, pred's dtype.
     """
     _require(grad_output=grad_output)
-    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend, grad_output)
+    number = isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool)
+    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend,
+                                                None if number else grad_output)
+    xp = kernels.xp
+    if number:
+        grad_output = xp.asarray(grad_output, dtype=pred.dtype)
     if shape_of(grad_output) not in ((), (1,)):
         raise ValueError(f"grad_output: expected shape () or (1,), got {shape_of(grad_output)}")
-    xp = kernels.xp
     outputs, work = centernet_workspace(kernels, params, pred.dtype, shape=pred.shape, backward=True)
     grad_pred = output(xp, "grad_pred", *outputs["grad_pred"])
     if pred.size:

@@ -42,9 +42,11 @@ import numpy as np
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
-from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair, unchecked_values
+from ._arrays import (
+    _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, dtype_mismatch, int_pair, unchecked_values,
+)
 from ._interop import _DLPACK_CUDA
-from ._rois import check_roi_values
+from ._rois import boxes_from_lists, check_box_dtype, check_roi_values
 from ._workspace import provided
 from .backends import kernel_set
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
@@ -225,7 +227,7 @@ def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
                 f"backend, got {dtype.name}"
             )
         if dtype != np.dtype(first.dtype):
-            raise TypeError(f"{name}: expected dtype {np.dtype(first.dtype).name} like {first_name}, got {dtype.name}")
+            raise dtype_mismatch(name, first_name, present)
         if value.ndim != ranks[name]:
             raise ValueError(f"{name}: expected a {ranks[name]}-d array, got {value.ndim}-d with shape {value.shape}")
     return np.dtype(first.dtype)
@@ -346,18 +348,19 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 def _rois(rois, dtype):
     """``rois`` as one ``[K, 5]`` JAX array: per-image ``[L_i, 4]`` lists get their batch index."""
     acc = accumulation_dtype(dtype)
+    rois = boxes_from_lists(rois, lambda host: jnp.asarray(host, dtype=acc))
     if isinstance(rois, (list, tuple)):
         parts = []
         for i, boxes in enumerate(rois):
             if getattr(boxes, "ndim", None) != 2 or boxes.shape[1] != 4:
                 raise ValueError(f"rois[{i}]: expected shape [K, 4], got {getattr(boxes, 'shape', type(boxes))}")
+            check_box_dtype(f"rois[{i}]", boxes.dtype, dtype)
             index = jnp.full((boxes.shape[0], 1), i, dtype=acc)
             parts.append(jnp.concatenate([index, boxes.astype(acc)], axis=1))
         return jnp.concatenate(parts, axis=0) if parts else jnp.zeros((0, 5), dtype=acc)
     if not hasattr(rois, "shape") or rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois: expected a [K, 5] array, got {getattr(rois, 'shape', type(rois))}")
-    if np.dtype(rois.dtype) not in (np.dtype(dtype), acc):
-        raise TypeError(f"rois: expected dtype {np.dtype(dtype).name} or {acc.name} like input, got {rois.dtype}")
+    check_box_dtype("rois", rois.dtype, dtype)
     # The kernels read boxes in the accumulation dtype; converting here keeps it out of the callback.
     return rois.astype(acc)
 

@@ -193,7 +193,13 @@ def test_float32_and_empty_batches():
         (lambda x, o, w: pdj.deform_conv2d(None, o, w), TypeError, "input: expected an array, got None"),
         (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cuda"), ValueError, "backend: expected None"),
         (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cupy"), ValueError, "backend: 'cupy' runs on CuPy"),
+        (lambda x, o, w: pdj.deform_conv2d(x.astype(jnp.float32), o, w), TypeError,
+         "share one dtype (got input float32, offset float64, weight float64)"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 4)), 2), ValueError, "rois: expected a [K, 5] array"),
+        (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 5), jnp.float32), 2), TypeError,
+         "rois: expected dtype float64 like input, got float32"),
+        (lambda x, o, w: pdj.roi_align(x, [jnp.zeros((2, 4), jnp.float32)], 2), TypeError,
+         "rois[0]: expected dtype float64 like input, got float32"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 5)), 2, mode="sum"), ValueError, "mode"),
         (lambda x, o, w: pdj.deform_roi_pool(x, jnp.zeros((2, 5)), offset=jnp.zeros((2, 2, 3, 3))), ValueError,
          "offset: expected shape (2, 2, 7, 7)"),
@@ -243,3 +249,14 @@ def test_bad_box_values_under_jit_give_zero_rows_and_no_gradient():
     np.testing.assert_allclose(np.asarray(out[jnp.array([0, 4])]), np.asarray(expected), rtol=1e-12)
     grad = jax.jit(jax.grad(loss))(x, rois)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(loss)(x, jnp.asarray(good))), rtol=1e-12)
+
+
+def test_boxes_as_lists_of_numbers():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 2, 5, 5)))
+    rows = [[0, 1.0, 1.0, 4.0, 4.0], [1, 0.5, 2.0, 3.5, 4.5]]
+    expected = np.asarray(pdj.roi_align(x, jnp.asarray(rows), 2, sampling_ratio=2))
+    for rois in (rows, [[rows[0][1:]], [rows[1][1:]]], [[], [rows[1][1:]]]):
+        got = pdj.roi_align(x, rois, 2, sampling_ratio=2)
+        np.testing.assert_array_equal(np.asarray(got), expected[-len(got):])
+    jitted = jax.jit(lambda a: pdj.roi_align(a, rows, 2, sampling_ratio=2))(x)
+    np.testing.assert_array_equal(np.asarray(jitted), expected)
