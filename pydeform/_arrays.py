@@ -20,6 +20,7 @@ __all__ = [
     "check_backend",
     "check_finite_float",
     "check_int",
+    "dtype_mismatch",
     "int_pair",
     "shape_of",
     "thread_setting",
@@ -95,14 +96,22 @@ def check_arrays(arrays: dict, *, ranks: dict) -> tuple[str, np.dtype]:
                 f"got {_dtype_name(value.dtype)}"
             )
         if np.dtype(value.dtype) != dtype:
-            raise TypeError(
-                f"{name}: expected dtype {dtype.name} like {first_name}, got {_dtype_name(value.dtype)}"
-            )
+            raise dtype_mismatch(name, first_name, present)
         if value.ndim != ranks[name]:
             raise ValueError(
                 f"{name}: expected a {ranks[name]}-d array, got {value.ndim}-d with shape {tuple(value.shape)}"
             )
     return library, dtype
+
+
+def dtype_mismatch(name: str, first_name: str, arrays: dict) -> TypeError:
+    """The error for array ``name`` whose dtype differs from ``first_name``'s, naming the dtype
+    of every array in ``arrays`` (the first one may be the odd one out)."""
+    dtypes = ", ".join(f"{key} {_dtype_name(value.dtype)}" for key, value in arrays.items() if hasattr(value, "dtype"))
+    return TypeError(
+        f"{name}: expected dtype {_dtype_name(arrays[first_name].dtype)} like {first_name}, got "
+        f"{_dtype_name(arrays[name].dtype)}; all arrays of a call share one dtype (got {dtypes})"
+    )
 
 
 def shape_of(array) -> tuple:

@@ -5,9 +5,13 @@ Every public op of pydeform is wrapped by :func:`dlpack_entry`. NumPy and CuPy a
 straight through (one type lookup per argument). Arrays of other frameworks (PyTorch, JAX, ...)
 are exchanged through DLPack without a copy: CPU arrays become NumPy arrays, CUDA arrays CuPy
 arrays on the same device; torch tensors that require grad are detached for the exchange (the
-array-level functions do not record autograd history; :mod:`pydeform.torch` does). The op then
-runs on the current CuPy stream of the array's device, and its results (arrays, NamedTuples of
-arrays, None) come back through the caller's framework's ``from_dlpack``, on the caller's
+array-level functions do not record autograd history; :mod:`pydeform.torch` does). The results
+(arrays, NamedTuples of arrays, None) come back through the caller's framework's
+``from_dlpack``, on the caller's device.
+
+CuPy allocates and launches on its *current* device, whatever device the arrays are on, so the
+entry makes the device of the first CUDA array argument CuPy's current device for the call (the
+Numba CUDA launches follow it, see ``launch_cuda``); the op runs on CuPy's current stream of that
 device.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import sys
 
 import numpy as np
@@ -26,8 +31,9 @@ _DLPACK_CPU = 1
 _DLPACK_CUDA = 2
 
 # What a value of each type is to the entry (cached per type, so the fast path is one dict
-# lookup per argument): pass it through, exchange it, or look inside (a list of rois).
-_PLAIN, _FOREIGN, _SEQUENCE = 0, 1, 2
+# lookup per argument): pass it through, exchange it, look inside (a list of rois), or run on
+# its GPU (a CuPy array).
+_PLAIN, _FOREIGN, _SEQUENCE, _CUPY = 0, 1, 2, 3
 _kinds: dict[type, int] = {np.ndarray: _PLAIN, type(None): _PLAIN, int: _PLAIN, float: _PLAIN, bool: _PLAIN,
                            str: _PLAIN, list: _SEQUENCE, tuple: _SEQUENCE}
 
@@ -40,22 +46,45 @@ def _framework(value) -> str:
 def _kind(cls: type) -> int:
     kind = _kinds.get(cls)
     if kind is None:
-        native = cls.__module__.split(".")[0] in ("numpy", "cupy")
-        kind = _FOREIGN if hasattr(cls, "__dlpack__") and not native else _PLAIN
+        package = cls.__module__.split(".")[0]
+        if package == "cupy" and hasattr(cls, "__cuda_array_interface__"):
+            kind = _CUPY
+        elif package != "numpy" and hasattr(cls, "__dlpack__"):
+            kind = _FOREIGN
+        else:
+            kind = _PLAIN
         _kinds[cls] = kind
     return kind
 
 
-def _has_foreign(values) -> bool:
+def _scan(values):
+    """``(foreign, gpu_array)``: whether ``values`` (or the items of list / tuple ones) hold an
+    array to exchange, and the first CuPy array among them (None if none)."""
+    gpu_array = None
     for value in values:
         kind = _kinds.get(type(value))
         if kind is None:
             kind = _kind(type(value))
-        if kind == _FOREIGN:
-            return True
-        if kind == _SEQUENCE and any(_kind(type(item)) == _FOREIGN for item in value):
-            return True
-    return False
+        if kind == _SEQUENCE:
+            for item in value:
+                item_kind = _kind(type(item))
+                if item_kind == _FOREIGN:
+                    return True, None
+                if item_kind == _CUPY and gpu_array is None:
+                    gpu_array = item
+        elif kind == _FOREIGN:
+            return True, None
+        elif kind == _CUPY and gpu_array is None:
+            gpu_array = value
+    return False, gpu_array
+
+
+def _on_gpu(device_id: int, func, args, kwargs):
+    """``func(*args, **kwargs)`` with CUDA device ``device_id`` as CuPy's current device."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return func(*args, **kwargs)
 
 
 def _describe(value) -> str:
@@ -176,8 +205,11 @@ def dlpack_entry(func):
 
     @functools.wraps(func)
     def entry(*args, **kwargs):
-        if not (_has_foreign(args) or _has_foreign(kwargs.values())):
-            return func(*args, **kwargs)
+        foreign, gpu_array = _scan(itertools.chain(args, kwargs.values()))
+        if not foreign:
+            if gpu_array is None:
+                return func(*args, **kwargs)
+            return _on_gpu(gpu_array.device.id, func, args, kwargs)
         bound = signature.bind(*args, **kwargs)
         arrays = list(_arrays_in(bound.arguments))
         first_label, first = next((label, v) for label, v in arrays if _kind(type(v)) == _FOREIGN)
@@ -195,11 +227,7 @@ def dlpack_entry(func):
                 bound.arguments[name] = to_native(name, value, device)
         back = _returner(first)
         if device[0] == _DLPACK_CUDA:
-            import cupy
-
-            # Allocations and launches of the op go to the arrays' device.
-            with cupy.cuda.Device(device[1]):
-                return back(func(*bound.args, **bound.kwargs))
+            return back(_on_gpu(device[1], func, bound.args, bound.kwargs))
         return back(func(*bound.args, **bound.kwargs))
 
     return entry

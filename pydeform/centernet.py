@@ -41,6 +41,7 @@ Decisions beyond the original CenterNet code (docs/centernet.md):
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -316,18 +317,10 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     xp = kernels.xp
     boxes = xp.ascontiguousarray(boxes)
     labels = xp.ascontiguousarray(labels)
-    if labels.size and values_checked():
+    if values_checked():
         # One device-to-host transfer of a flag on the GPU. Checked before the int64 conversion,
         # which would wrap unsigned labels of 2**63 and more to negative (padding) values.
-        bad_label = (labels < -1) | (labels >= num_classes)
-        bad_box = (labels >= 0) & ~xp.isfinite(boxes).all(axis=2)
-        if bool((bad_label | bad_box).any()):
-            b, m = (int(i) for i in np.unravel_index(int(xp.argmax(bad_label | bad_box)), labels.shape))
-            raise ValueError(
-                f"labels / boxes: object [{b}, {m}] has label {int(labels[b, m])} and box "
-                f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
-                f"and, unless the label is -1, finite coordinates"
-            )
+        check_target_values(boxes, labels, num_classes, xp)
     outputs, work = centernet_workspace(kernels, params, boxes.dtype, labels_dtype=labels.dtype)
     if TARGETS_LABELS_SLOT in work:
         converted = scratch(xp, TARGETS_LABELS_SLOT, *work[TARGETS_LABELS_SLOT])
@@ -337,6 +330,23 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     if params.batch and params.max_boxes:
         kernels.targets(boxes, labels, *targets, params)
     return targets
+
+
+def check_target_values(boxes, labels, num_classes: int, xp) -> None:
+    """Raise ``ValueError`` naming the first object of ``boxes [B, M, 4]`` / ``labels [B, M]``
+    (``xp`` arrays) whose label is outside ``[-1, num_classes)`` or, unless it is -1, whose box
+    is not finite."""
+    if not labels.size:
+        return
+    bad_label = (labels < -1) | (labels >= num_classes)
+    bad_box = (labels >= 0) & ~xp.isfinite(boxes).all(axis=2)
+    if bool((bad_label | bad_box).any()):
+        b, m = (int(i) for i in np.unravel_index(int(xp.argmax(bad_label | bad_box)), labels.shape))
+        raise ValueError(
+            f"labels / boxes: object [{b}, {m}] has label {int(labels[b, m])} and box "
+            f"{[float(v) for v in boxes[b, m].tolist()]}; expected a label in [-1, {num_classes}) "
+            f"and, unless the label is -1, finite coordinates"
+        )
 
 
 def _focal_call(pred, target, alpha, beta, backend, grad_output=None):
@@ -410,17 +420,22 @@ def centernet_focal_loss_backward(grad_output, pred, target, *, alpha=2, beta=4,
     dtype) and blocks it outside, as torch.clamp does.
 
     Args:
-        grad_output (Tensor[] or Tensor[1]): gradient of the loss, pred's dtype.
+        grad_output (Tensor[] or Tensor[1], or a number): gradient of the loss; an array has
+            pred's dtype, a Python or NumPy number is taken in pred's dtype.
         pred, target (Tensor[B, C, H, W]): as for the loss.
 
     Returns:
         Tensor[B, C, H, W]: gradient of the loss with respect to pred, pred's dtype.
     """
     _require(grad_output=grad_output)
-    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend, grad_output)
+    number = isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool)
+    kernels, pred, target, params = _focal_call(pred, target, alpha, beta, backend,
+                                                None if number else grad_output)
+    xp = kernels.xp
+    if number:
+        grad_output = xp.asarray(grad_output, dtype=pred.dtype)
     if shape_of(grad_output) not in ((), (1,)):
         raise ValueError(f"grad_output: expected shape () or (1,), got {shape_of(grad_output)}")
-    xp = kernels.xp
     outputs, work = centernet_workspace(kernels, params, pred.dtype, shape=pred.shape, backward=True)
     grad_pred = output(xp, "grad_pred", *outputs["grad_pred"])
     if pred.size:

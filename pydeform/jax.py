@@ -42,8 +42,11 @@ import numpy as np
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
-from ._arrays import _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, int_pair, unchecked_values
+from ._arrays import (
+    _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, dtype_mismatch, int_pair, unchecked_values,
+)
 from ._interop import _DLPACK_CUDA
+from ._rois import boxes_from_lists, check_box_dtype, check_roi_values
 from ._workspace import provided
 from .backends import kernel_set
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
@@ -96,7 +99,9 @@ def _native(buffer, *, writeable: bool):
     if int(buffer.__dlpack_device__()[0]) == _DLPACK_CUDA:
         import cupy
 
-        return cupy.asarray(buffer)
+        # CuPy takes the dtype from the CUDA array interface's typestr, which for bfloat16 is
+        # "<V2" (a void type): the buffer's own dtype says what the bytes are.
+        return cupy.asarray(buffer).view(buffer.dtype)
     array = np.asarray(buffer)
     if not writeable:
         array = array.view()
@@ -106,11 +111,15 @@ def _native(buffer, *, writeable: bool):
 
 @contextlib.contextmanager
 def _on_xla_stream(ctx, buffer):
-    """Make XLA's stream (and the buffer's GPU) CuPy's current ones, with no host check of box
-    and label values (a device-to-host read would synchronise); nothing to do on the CPU."""
+    """Make XLA's stream (and the buffer's GPU) CuPy's current ones; nothing to do on the CPU.
+
+    Box and label values are not checked inside a callback (see :func:`_check_values`), where an
+    exception could only surface as XLA's runtime error: the kernels give a bad roi zero outputs
+    and draw no bad CenterNet object."""
     device_type, device_id = (int(v) for v in buffer.__dlpack_device__())
     if device_type != _DLPACK_CUDA:
-        yield
+        with unchecked_values():
+            yield
         return
     import cupy
 
@@ -169,7 +178,8 @@ def _fallback(run, names, values, outputs, backend) -> dict:
         return {name: results[name] for name in outputs}
 
     def host(*arrays):
-        results = run(dict(zip(names, (np.asarray(a) for a in arrays))), None)
+        with unchecked_values():  # traced values: not checked, as in a buffer_callback
+            results = run(dict(zip(names, (np.asarray(a) for a in arrays))), None)
         return {name: np.asarray(results[name]) for name in outputs}
 
     shapes = {name: jax.ShapeDtypeStruct(tuple(shape), dtype) for name, (shape, dtype) in outputs.items()}
@@ -190,6 +200,17 @@ def _kernels(family: str, backend):
     return kernel_set(family, _library(), check_backend(backend, _library()))
 
 
+def _check_values(check, *arrays) -> None:
+    """Run the array API's ``check(*numpy arrays, np)`` of box / label values on ``arrays`` when
+    they are concrete CPU arrays (an eager call on the CPU), before anything is launched.
+
+    Traced values (under ``jit``, ``vmap``, ...) are not known yet, and on the GPU reading them
+    would synchronise; there the kernels keep bad values out (see :func:`_on_xla_stream`).
+    """
+    if _library() == "numpy" and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+        check(*(np.asarray(a) for a in arrays), np)
+
+
 def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
     """JAX-side twin of :func:`pydeform._arrays.check_arrays` on abstract values: one floating
     dtype for all, the documented ranks. Returns the dtype."""
@@ -206,7 +227,7 @@ def _check_arrays(arrays: dict, ranks: dict) -> np.dtype:
                 f"backend, got {dtype.name}"
             )
         if dtype != np.dtype(first.dtype):
-            raise TypeError(f"{name}: expected dtype {np.dtype(first.dtype).name} like {first_name}, got {dtype.name}")
+            raise dtype_mismatch(name, first_name, present)
         if value.ndim != ranks[name]:
             raise ValueError(f"{name}: expected a {ranks[name]}-d array, got {value.ndim}-d with shape {value.shape}")
     return np.dtype(first.dtype)
@@ -327,18 +348,19 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 def _rois(rois, dtype):
     """``rois`` as one ``[K, 5]`` JAX array: per-image ``[L_i, 4]`` lists get their batch index."""
     acc = accumulation_dtype(dtype)
+    rois = boxes_from_lists(rois, lambda host: jnp.asarray(host, dtype=acc))
     if isinstance(rois, (list, tuple)):
         parts = []
         for i, boxes in enumerate(rois):
             if getattr(boxes, "ndim", None) != 2 or boxes.shape[1] != 4:
                 raise ValueError(f"rois[{i}]: expected shape [K, 4], got {getattr(boxes, 'shape', type(boxes))}")
+            check_box_dtype(f"rois[{i}]", boxes.dtype, dtype)
             index = jnp.full((boxes.shape[0], 1), i, dtype=acc)
             parts.append(jnp.concatenate([index, boxes.astype(acc)], axis=1))
         return jnp.concatenate(parts, axis=0) if parts else jnp.zeros((0, 5), dtype=acc)
     if not hasattr(rois, "shape") or rois.ndim != 2 or rois.shape[1] != 5:
         raise ValueError(f"rois: expected a [K, 5] array, got {getattr(rois, 'shape', type(rois))}")
-    if np.dtype(rois.dtype) not in (np.dtype(dtype), acc):
-        raise TypeError(f"rois: expected dtype {np.dtype(dtype).name} or {acc.name} like input, got {rois.dtype}")
+    check_box_dtype("rois", rois.dtype, dtype)
     # The kernels read boxes in the accumulation dtype; converting here keeps it out of the callback.
     return rois.astype(acc)
 
@@ -364,7 +386,9 @@ def _roi_call(op, input, rois, static, backend, **optional):
     if input is None:
         raise TypeError("input: expected an array, got None")
     dtype = _check_arrays({"input": input, **optional}, {"input": 4, **{name: 4 for name in optional}})
-    return op({"input": input, "rois": _rois(rois, dtype), **optional}, static, backend)
+    rows = _rois(rois, dtype)
+    _check_values(lambda boxes, xp: check_roi_values(boxes, input.shape[0], xp), rows)
+    return op({"input": input, "rois": rows, **optional}, static, backend)
 
 
 _ROI_ALIGN = _roi_family(
@@ -539,6 +563,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     _check_on_empty_batch(_centernet.centernet_targets, arrays, **static)
     check_backend(backend, _library())
     params = _centernet.centernet_targets_params(labels.shape, **static)
+    _check_values(lambda b, l, xp: _centernet.check_target_values(b, l, params.num_classes, xp), boxes, labels)
     outputs, plan = _centernet.centernet_workspace(_kernels("centernet", backend), params, boxes.dtype,
                                                    labels_dtype=labels.dtype)
     run = _centernet_run(_centernet.centernet_targets, tuple(sorted(static.items())))

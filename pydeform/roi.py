@@ -308,8 +308,8 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     Args:
         input: ``[N, C, H, W]``.
         rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image coordinates, or a
-            list of per-image ``[L_i, 4]`` boxes. Same dtype as ``input`` (float32 also allowed
-            with float16 / bfloat16 inputs).
+            list of per-image ``[L_i, 4]`` boxes; either also as Python lists of numbers. Same
+            dtype as ``input`` (float32 also allowed with float16 / bfloat16 inputs).
         output_size: ``PH`` or ``(PH, PW)``.
         spatial_scale: feature-map size / image size (e.g. 1/16).
         sampling_ratio: samples per bin along each axis; ``<= 0`` for adaptive.

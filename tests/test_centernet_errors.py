@@ -130,6 +130,8 @@ BACKWARD_RULES = {
     "grad_output-none": (setter(grad_output=None), TypeError, "grad_output", "expected an array, got None"),
     "grad_output-shape": (setter(grad_output=np.ones(2)), ValueError, "grad_output", r"\(\) or \(1,\), got \(2,\)"),
     "grad_output-dtype": (with_dtype("grad_output", np.float32), TypeError, "grad_output", "float64 like pred"),
+    "grad_output-bool": (setter(grad_output=True), TypeError, "grad_output", "NumPy or CuPy array, got builtins.bool"),
+    "grad_output-string": (setter(grad_output="1"), TypeError, "grad_output", "NumPy or CuPy array, got builtins.str"),
 }
 
 
@@ -180,3 +182,15 @@ def test_padding_rows_may_hold_anything():
     arguments["boxes"][1, 1] = (np.nan, np.inf, -np.inf, np.nan)  # label -1
     got = pydeform.centernet_targets(**arguments)
     assert got.reg_mask[1, 1] == 0 and np.isfinite(got.heatmap).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("grad_output", [2.0, 2, np.float32(2.0), np.float64(2.0), np.int64(2)],
+                         ids=["float", "int", "numpy-float32", "numpy-float64", "numpy-int64"])
+def test_focal_loss_backward_takes_a_number_as_the_loss_gradient(grad_output, dtype):
+    """The loss is a scalar: its gradient may be a Python or NumPy number, taken in pred's dtype."""
+    arguments = {name: value.astype(dtype) for name, value in focal_arguments().items()}
+    expected = pydeform.centernet_focal_loss_backward(**{**arguments, "grad_output": np.array(2.0, dtype)})
+    got = pydeform.centernet_focal_loss_backward(**{**arguments, "grad_output": grad_output})
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, expected)

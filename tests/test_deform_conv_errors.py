@@ -209,3 +209,16 @@ def test_numpy_integer_options_are_accepted():
     expected = deform_conv2d(**arguments, stride=1, padding=0, dilation=1)
     got = deform_conv2d(**arguments, stride=[np.int64(1), np.int32(1)], padding=np.int64(0), dilation=(np.uint8(1), 1))
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_dtype_mismatch_names_every_arrays_dtype():
+    """The first array may be the odd one out: the message lists them all."""
+    arguments = valid_arguments()
+    arguments.pop("grad_output")
+    arguments["input"] = arguments["input"].astype(np.float32)
+    with pytest.raises(TypeError) as raised:
+        deform_conv2d(**arguments)
+    assert str(raised.value) == (
+        "offset: expected dtype float32 like input, got float64; all arrays of a call share one dtype "
+        "(got input float32, offset float64, weight float64, bias float64, mask float64)"
+    )

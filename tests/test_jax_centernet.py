@@ -149,3 +149,19 @@ def test_targets_have_no_gradient_and_check_arguments():
         pdj.centernet_targets(boxes, None, 3, 8)
     with pytest.raises(TypeError, match="labels: expected a JAX array, got builtins.list"):
         pdj.centernet_targets(boxes, [[0]], 3, 8)
+
+
+def test_targets_bad_labels_raise_value_error_eagerly_and_are_skipped_under_jit():
+    """An eager call checks the values as the array API does; under jit they are not known when
+    the call is traced, and an object with a bad label is not drawn."""
+    bad = LABELS.copy()
+    bad[1, 0] = 3  # outside [-1, 3)
+    boxes, labels = jnp.asarray(BOXES), jnp.asarray(bad)
+    with pytest.raises(ValueError, match=r"labels / boxes: object \[1, 0\] has label 3 .* expected a label in \[-1, 3\)"):
+        pdj.centernet_targets(boxes, labels, 3, 8)
+    jitted = jax.jit(lambda b, l: pdj.centernet_targets(b, l, 3, 8))(boxes, labels)
+    skipped = LABELS.copy()
+    skipped[1, 0] = -1
+    expected = pydeform.centernet_targets(BOXES, skipped, 3, 8)
+    for name, value in expected._asdict().items():
+        np.testing.assert_array_equal(np.asarray(getattr(jitted, name)), value, err_msg=name)

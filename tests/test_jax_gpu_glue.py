@@ -5,6 +5,7 @@ XLA's buffers and for CuPy; tests/test_gpu_jax.py runs the real thing."""
 import sys
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -14,13 +15,21 @@ from pydeform._workspace import output  # noqa: E402
 
 
 class FakeCudaBuffer:
-    """An XLA buffer on CUDA device ``device``, backed by a NumPy array."""
+    """An XLA buffer on CUDA device ``device``, backed by a NumPy array: like
+    ``jax.experimental.buffer_callback.Buffer``, it has the array's ``dtype`` and ``shape`` and
+    a CUDA array interface whose typestr is the dtype's (``"<V2"`` for bfloat16)."""
 
     def __init__(self, array, device):
         self.array, self.device = array, device
+        self.dtype, self.shape = array.dtype, array.shape
 
     def __dlpack_device__(self):
         return (2, self.device)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.array.ctypes.data, False),
+                "version": 3}
 
 
 class FakeCupy(types.ModuleType):
@@ -52,8 +61,9 @@ class FakeCupy(types.ModuleType):
         self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream)
 
     def asarray(self, buffer):
+        """As CuPy's: an array of the dtype the CUDA array interface's typestr names."""
         self.events.append(("asarray", buffer.device))
-        return buffer.array
+        return buffer.array.view(np.dtype(buffer.__cuda_array_interface__["typestr"]))
 
 
 def test_cuda_buffers_become_cupy_views_on_xlas_stream_and_device(monkeypatch):
@@ -79,6 +89,26 @@ def test_cuda_buffers_become_cupy_views_on_xlas_stream_and_device(monkeypatch):
     assert fake.events[-2:] == [("stream exit", 0xABC), ("device exit", 1)]
     # The driver wrote its result into XLA's output buffer.
     np.testing.assert_array_equal(out.array, [0.0, 2.0, 4.0, 6.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+def test_cuda_buffers_keep_their_dtype(monkeypatch, dtype):
+    """XLA describes a bfloat16 buffer with typestr "<V2", from which CuPy makes a void array."""
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
+    seen = {}
+
+    def run(arrays, backend):
+        seen["x"] = arrays["x"].dtype
+        out = output(np, "output", arrays["x"].shape, arrays["x"].dtype)
+        out[...] = arrays["x"]
+        seen["output"] = out.dtype
+        return {"output": out}
+
+    x = FakeCudaBuffer(np.arange(4.0).astype(dtype), device=0)
+    out = FakeCudaBuffer(np.zeros(4, dtype), device=0)
+    pdj._callback(run, ("x",), None)(types.SimpleNamespace(stream=1), {"output": out}, x)
+    assert seen == {"x": np.dtype(dtype), "output": np.dtype(dtype)}
+    np.testing.assert_array_equal(out.array, x.array)
 
 
 def test_a_result_outside_xlas_buffer_is_an_error(monkeypatch):

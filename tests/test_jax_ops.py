@@ -193,7 +193,13 @@ def test_float32_and_empty_batches():
         (lambda x, o, w: pdj.deform_conv2d(None, o, w), TypeError, "input: expected an array, got None"),
         (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cuda"), ValueError, "backend: expected None"),
         (lambda x, o, w: pdj.deform_conv2d(x, o, w, backend="cupy"), ValueError, "backend: 'cupy' runs on CuPy"),
+        (lambda x, o, w: pdj.deform_conv2d(x.astype(jnp.float32), o, w), TypeError,
+         "share one dtype (got input float32, offset float64, weight float64)"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 4)), 2), ValueError, "rois: expected a [K, 5] array"),
+        (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 5), jnp.float32), 2), TypeError,
+         "rois: expected dtype float64 like input, got float32"),
+        (lambda x, o, w: pdj.roi_align(x, [jnp.zeros((2, 4), jnp.float32)], 2), TypeError,
+         "rois[0]: expected dtype float64 like input, got float32"),
         (lambda x, o, w: pdj.roi_align(x, jnp.zeros((2, 5)), 2, mode="sum"), ValueError, "mode"),
         (lambda x, o, w: pdj.deform_roi_pool(x, jnp.zeros((2, 5)), offset=jnp.zeros((2, 2, 3, 3))), ValueError,
          "offset: expected shape (2, 2, 7, 7)"),
@@ -208,3 +214,49 @@ def test_bad_arguments_raise_at_trace_time(call, error, words):
     assert words in str(raised.value)
     with pytest.raises(error):
         jax.jit(call)(x, offset, weight)
+
+
+BAD_ROWS = [[1.0, 0.5, 0.5, 3.0, 3.0], [0.5, 0.5, 0.5, 3.0, 3.0], [0.0, np.nan, 0.5, 3.0, 3.0]]
+
+
+@pytest.mark.parametrize("row", BAD_ROWS, ids=["index-out-of-range", "index-not-integer", "nan"])
+def test_bad_box_values_raise_value_error_eagerly(row):
+    """As the array API does; the check runs before anything is launched."""
+    x = jnp.zeros((1, 2, 5, 5))
+    rois = jnp.asarray([[0.0, 1.0, 1.0, 4.0, 4.0], row])
+    with pytest.raises(ValueError, match=r"rois: row 1 = .* must have an integer batch index in \[0, 1\)"):
+        pdj.roi_align(x, rois, 2)
+    with pytest.raises(ValueError, match=r"rois: row 1 = .* must have an integer batch index in \[0, 1\)"):
+        jax.grad(lambda a: pdj.roi_align(a, rois, 2).sum())(x)
+    if np.isnan(row[1]):
+        with pytest.raises(ValueError, match=r"rois: row 0 = \[0\.0, nan"):
+            pdj.roi_align(x, [jnp.asarray([row[1:]])], 2)
+
+
+def test_bad_box_values_under_jit_give_zero_rows_and_no_gradient():
+    """Traced values are not checked: a bad row gives zeros and no gradient, the others are as eager."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 2, 5, 5)))
+    good = [[0.0, 1.0, 1.0, 4.0, 4.0], [0.0, 0.5, 2.0, 3.5, 4.5]]
+    rois = jnp.asarray(good[:1] + BAD_ROWS + good[1:])
+
+    def loss(a, r):
+        return (pdj.roi_align(a, r, 2, sampling_ratio=2) ** 2).sum()
+
+    out = jax.jit(lambda a, r: pdj.roi_align(a, r, 2, sampling_ratio=2))(x, rois)
+    np.testing.assert_array_equal(np.asarray(out[1:4]), 0.0)
+    expected = pdj.roi_align(x, jnp.asarray(good), 2, sampling_ratio=2)
+    np.testing.assert_allclose(np.asarray(out[jnp.array([0, 4])]), np.asarray(expected), rtol=1e-12)
+    grad = jax.jit(jax.grad(loss))(x, rois)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(loss)(x, jnp.asarray(good))), rtol=1e-12)
+
+
+def test_boxes_as_lists_of_numbers():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 2, 5, 5)))
+    rows = [[0, 1.0, 1.0, 4.0, 4.0], [1, 0.5, 2.0, 3.5, 4.5]]
+    expected = np.asarray(pdj.roi_align(x, jnp.asarray(rows), 2, sampling_ratio=2))
+    for rois in (rows, [[rows[0][1:]], [rows[1][1:]]], [[], [rows[1][1:]]]):
+        got = pdj.roi_align(x, rois, 2, sampling_ratio=2)
+        np.testing.assert_array_equal(np.asarray(got), expected[-len(got):])
+    jitted = jax.jit(lambda a: pdj.roi_align(a, rows, 2, sampling_ratio=2))(x)
+    np.testing.assert_array_equal(np.asarray(jitted), expected)

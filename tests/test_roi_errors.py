@@ -94,8 +94,12 @@ RULES = [
     ("rois-list-rank", as_list(lambda a: [a["rois"][0, 1:], a["rois"][1:, 1:]]), ValueError, "rois[0]",
      ["[K, 4]", "(4,)"]),
     ("rois-list-int", as_list(lambda a: [np.zeros((1, 4), np.int32)]), TypeError, "rois[0]", ["float64", "int32"]),
-    ("rois-list-of-lists", as_list(lambda a: [a["rois"][:1, 1:].tolist()]), TypeError, "rois[0]",
-     ["NumPy or CuPy array", "list"]),
+    ("rois-ragged-rows", setter(rois=[[0, 0.5, 1.0, 3.5, 4.0], [1, 2.0, 2.0]]), TypeError, "rois",
+     ["list of rows of numbers of one length", "[1, 2.0, 2.0]"]),
+    ("rois-rows-of-four", setter(rois=[[0.5, 1.0, 3.5, 4.0]]), ValueError, "rois", ["[K, 5]", "(1, 4)"]),
+    ("rois-rows-bad-index", setter(rois=[[2, 0.5, 1.0, 3.5, 4.0]]), ValueError, "rois", ["row 0", "[0, 2)"]),
+    ("rois-list-of-strings", as_list(lambda a: [[["0", "1", "2", "3"]]]), TypeError, "rois[0]",
+     ["list of rows of numbers", "'0'"]),
     ("rois-list-gpu-entry", as_list(lambda a: [a["rois"][:1, 1:], CupyLikeArray(a["rois"][1:, 1:])]), TypeError,
      "rois[1]", ["numpy", "cupy"]),
     ("rois-gpu-with-cpu-input", on_fake_gpu("rois"), TypeError, "rois", ["numpy", "cupy"]),
@@ -255,3 +259,47 @@ def test_rule(call, op, change, exception, name, fragments):
 @pytest.mark.parametrize("op, change, exception, name, fragments", cases({op: backward_rules(op) for op in OPS}))
 def test_backward_rule(op, change, exception, name, fragments):
     check_rule(backward, op, change, exception, name, fragments)
+
+
+class RecordingKernels(AcceptingKernels):
+    """Records the ``[K, 5]`` boxes a forward kernel gets (its second argument)."""
+
+    def __getattr__(self, method):
+        def record(input, rois, *rest):
+            self.rois = rois
+
+        return record
+
+
+def kernel_rois(op, rois):
+    """The boxes the forward of ``op`` hands its kernels for the valid arguments with ``rois``."""
+    kernels = RecordingKernels()
+    arguments = valid_arguments(op)
+    arguments["rois"] = rois
+    with mock.patch.object(roi, "roi_kernels", lambda library, backend: kernels):
+        forward(op, arguments)
+    return kernels.rois
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_boxes_as_lists_of_numbers(op):
+    """[K, 5] rows and per-image [L_i, 4] boxes may be given as Python lists: the same boxes reach
+    the kernels, in the accumulation dtype."""
+    expected = kernel_rois(op, ROIS)
+    per_image = [ROIS[ROIS[:, 0] == i, 1:].tolist() for i in range(2)]
+    for rois in (ROIS.tolist(), tuple(map(tuple, ROIS.tolist())), per_image, [np.asarray(per_image[0]), per_image[1]]):
+        got = kernel_rois(op, rois)
+        assert got.dtype == np.float64 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_an_image_without_boxes_as_an_empty_list():
+    arguments = valid_arguments("roi_align")
+    arguments.pop("grad_output")
+    arguments["input"] = arguments["input"].astype(np.float32)
+    kernels = RecordingKernels()
+    with mock.patch.object(roi, "roi_kernels", lambda library, backend: kernels):
+        out = roi.roi_align(**{**arguments, "rois": [[], [[2.0, 2.0, 2.0, 2.0]]]})
+    assert out.shape == (1, 8, 2, 2) and out.dtype == np.float32
+    np.testing.assert_array_equal(kernels.rois, np.array([[1, 2.0, 2.0, 2.0, 2.0]], np.float32))
+    assert kernels.rois.dtype == np.float32

@@ -142,9 +142,11 @@ def flat(array):
 
 
 def launch_cuda(kernel, n_items: int, xp, *args) -> None:
-    """Launch a grid-stride CUDA kernel over ``n_items`` on CuPy's current stream.
+    """Launch a grid-stride CUDA kernel over ``n_items`` on CuPy's current device and stream.
 
-    With ``xp`` NumPy (the CUDA simulator, host arrays) it launches without a stream and with
+    Numba keeps a current device of its own (device 0 unless changed), so the launch, and the
+    wrapping of CuPy's stream, happen in Numba's context of CuPy's current device: the device of
+    the op's arrays, which ``pydeform._interop.dlpack_entry`` makes current. With ``xp`` NumPy (the CUDA simulator, host arrays) it launches without a stream and with
     small blocks, since the simulator runs every thread as a Python thread.
     """
     if n_items == 0:
@@ -154,5 +156,7 @@ def launch_cuda(kernel, n_items: int, xp, *args) -> None:
         kernel[min(-(-n_items // threads), 4), threads](*args)
         return
     blocks = min(-(-n_items // THREADS_PER_BLOCK), MAX_BLOCKS)
-    stream = bind_cuda().external_stream(xp.cuda.get_current_stream().ptr)
-    kernel[blocks, THREADS_PER_BLOCK, stream](*args)
+    numba_cuda = bind_cuda()
+    with numba_cuda.gpus[xp.cuda.Device().id]:
+        stream = numba_cuda.external_stream(xp.cuda.get_current_stream().ptr)
+        kernel[blocks, THREADS_PER_BLOCK, stream](*args)

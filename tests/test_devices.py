@@ -1,0 +1,115 @@
+"""Which GPU the public ops run on, checked without a GPU through the stand-ins of
+tests/fake_cupy.py: arrays made on GPU 1 and passed while GPU 0 is current get their outputs,
+scratch and launches on GPU 1, with both GPU kernel sets; the Numba CUDA kernels launch in
+Numba's context of GPU 1 on CuPy's current stream there. tests/test_gpu_devices.py runs ops on
+a second real GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import pydeform
+from fake_cupy import STREAM_BASE, fake_gpu  # noqa: F401 (a fixture)
+from tests.centernet_cases import build_decode_case, build_focal_case, build_targets_case
+from tests.strategies import ROI_OPS, build_case, build_roi_case
+
+
+def _cases():
+    """``{op name: (case, run(case, backend))}`` for every public op, on tiny NumPy arrays."""
+    rng = np.random.default_rng(0)
+    conv = build_case(rng, n=1, channels=2, out_channels=2, size=(4, 4), kernel=(2, 2), dtype=np.float32)
+    cases = {
+        "deform_conv2d": (conv, lambda c, backend: pydeform.deform_conv2d(**c.arguments(), backend=backend)),
+        "deform_conv2d_backward": (conv, lambda c, backend: pydeform.deform_conv2d_backward(
+            c.grad_output, **c.arguments(), backend=backend)),
+    }
+    roi_options = {
+        "roi_align": dict(channels=2, output_size=2),
+        "ps_roi_align": dict(channels=4, output_size=2),
+        "roi_pool": dict(channels=2, output_size=2),
+        "ps_roi_pool": dict(channels=4, output_size=2),
+        "deform_roi_pool": dict(channels=2, output_size=2, offset=rng.standard_normal((2, 2, 2, 2))),
+        "deform_psroi_pool": dict(channels=4, group_size=2, pooled_size=2, trans=rng.standard_normal((2, 2, 2, 2))),
+    }
+    for op in ROI_OPS:
+        case = build_roi_case(op, rng, kinds=("inside", "straddling"), **roi_options[op])
+        cases[op] = (case, lambda c, backend: c.forward(pydeform, backend=backend))
+        cases[op + "_backward"] = (case, lambda c, backend: c.backward(pydeform, backend=backend))
+    focal = build_focal_case(rng, np.float32)
+    cases.update(
+        centernet_decode=(build_decode_case(rng, np.float32, K=4), lambda c, backend: c.run(pydeform, backend=backend)),
+        centernet_targets=(build_targets_case(rng, np.float32), lambda c, backend: c.run(pydeform, backend=backend)),
+        centernet_focal_loss=(focal, lambda c, backend: c.loss(pydeform, backend=backend)),
+        centernet_focal_loss_backward=(focal, lambda c, backend: c.grad(pydeform, backend=backend)),
+    )
+    return cases
+
+
+CASES = _cases()
+
+
+def _on_gpu(case, to_gpu):
+    if hasattr(case, "map_arrays"):
+        return case.map_arrays(to_gpu)
+    return dataclasses.replace(case, boxes=to_gpu(case.boxes), labels=to_gpu(case.labels))  # TargetsCase
+
+
+def _arrays_in(result):
+    if isinstance(result, (tuple, dict)):
+        for item in (result.values() if isinstance(result, dict) else result):
+            yield from _arrays_in(item)
+    elif result is not None:
+        yield result
+
+
+def test_every_public_op_is_covered():
+    ops = {name for name in pydeform.__all__
+           if callable(getattr(pydeform, name)) and not isinstance(getattr(pydeform, name), type)}
+    assert ops == set(CASES)
+
+
+def _check_events(fake, result, backend, stream=STREAM_BASE + 1):
+    """Every allocation and launch ``fake`` recorded, and every array of ``result``, on GPU 1;
+    the launches on ``stream``."""
+    allocations = [event for event in fake.events if event[0] == "allocate"]
+    assert allocations and {device for _, device in allocations} == {1}, fake.events
+    launches = [event for event in fake.events if event[0].endswith("launch")]
+    assert launches, "no kernel was launched"
+    for event in launches:
+        if backend is None:
+            kind, template, compiled_for, current, launch_stream, argument_devices = event
+            assert kind == "launch" and compiled_for == current == 1, event
+        else:
+            kind, _, numba_device, stream_device, launch_stream, current, argument_devices = event
+            # Numba's own current device, the context its stream belongs to, CuPy's stream there.
+            assert kind == "numba launch" and numba_device == stream_device == current == 1, event
+        assert launch_stream == stream and set(argument_devices) == {1}, event
+    assert {array.device.id for array in _arrays_in(result)} == {1}
+
+
+@pytest.mark.parametrize("backend", [None, "numba"])
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_an_op_allocates_and_launches_on_its_arrays_gpu(fake_gpu, op, backend):
+    case, run = CASES[op]
+    with fake_gpu.cuda.Device(1):
+        case = _on_gpu(case, fake_gpu.asarray)
+    fake_gpu.events.clear()
+    result = run(case, backend)
+    assert fake_gpu.current == 0, "the caller's current device was not restored"
+    _check_events(fake_gpu, result, backend)
+
+
+@pytest.mark.parametrize("backend", [None, "numba"])
+def test_an_op_keeps_the_stream_its_caller_made_current(fake_gpu, backend):
+    """As pydeform.torch and pydeform.jax run an op: inside a block that makes the arrays' GPU
+    and a stream of theirs (PyTorch's current stream, XLA's stream) CuPy's current ones."""
+    case, run = CASES["roi_align_backward"]
+    with fake_gpu.cuda.Device(1):
+        case = _on_gpu(case, fake_gpu.asarray)
+        fake_gpu.events.clear()
+        with fake_gpu.cuda.ExternalStream(0xABC, 1):
+            result = run(case, backend)
+    _check_events(fake_gpu, result, backend, stream=0xABC)
