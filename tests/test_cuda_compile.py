@@ -106,6 +106,10 @@ def deform_conv2d_launches(with_mask):
         deform_conv.im2col_launch(empty, empty, mask, empty, g),
         deform_conv.col2im_coord_launch(empty, empty, mask, empty, empty, mask, g),
         deform_conv.col2im_launch(empty, mask, empty, empty, g),
+        deform_conv.col2im_count_launch(empty, mask, empty, g),
+        deform_conv.col2im_fill_launch(empty, mask, empty, empty, empty, empty, g),
+        deform_conv.col2im_sort_launch(empty, empty, empty, empty),
+        deform_conv.col2im_gather_launch(empty, empty, empty, empty, empty, g),
     ]
 
 

@@ -510,6 +510,15 @@ class NumbaCpuDeformConv2dKernels:
         tasks = _cpu_task_count(offset.shape[0], geometry)
         _cpu_kernels()[1](flat(grad_columns), flat(grad_input), tuple(geometry), tasks, *plans)
 
+    # A task owns its channels and adds their samples in sample order, and the tasks depend on the
+    # shapes only (not on the thread count): col2im's bits are the same in every run already.
+    col2im_deterministic = col2im
+
+    @staticmethod
+    def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """Nothing beyond :meth:`col2im`'s own buffers."""
+        return {}
+
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         mask, has_mask = _flat_mask(mask, offset, np)
         grad_mask = _flat_mask(grad_mask, grad_offset, np)[0]

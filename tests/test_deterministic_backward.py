@@ -1,0 +1,103 @@
+"""The deterministic backward (``deterministic=True``) of every op whose GPU backward scatters
+with float atomics, checked on the CPU.
+
+The CUDA C kernels run on the host shim's shuffled-threads model (tests/host_shim.py,
+cuda_host_shim.h): every logical thread of a launch is one call, taken in a random order by
+several OS threads, and atomicAdd is a real atomic add in the order the threads get there. On
+inputs where many contributions meet at one pixel, the atomic backward's float32 bits then
+change from shuffle to shuffle (asserted, so the model can tell), while the deterministic one's
+never do, whatever the order, the grid size or the block size. Both agree with the float64
+reference.
+"""
+
+import contextlib
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydeform.deform_conv as deform_conv_module
+from pydeform import deform_conv2d_backward
+from tests import host_shim
+from tests.strategies import DeformConvCase, assert_grads_close, deform_conv_cases
+
+pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
+
+# (blocks, threads per block) of the shuffled launches: one block, a few, more blocks than work.
+LAUNCHES = ((1, 32), (3, 32), (64, 16))
+SEEDS = (0, 1, 2)
+
+
+def _bits(grads) -> tuple:
+    return tuple(None if g is None else g.tobytes() for g in grads)
+
+
+@contextlib.contextmanager
+def _deform_conv_kernels(kernels):
+    with mock.patch.object(deform_conv_module, "deform_conv2d_kernels", lambda library, backend: kernels):
+        yield
+
+
+def crowded_deform_conv_case(dtype=np.float32, seed=0) -> DeformConvCase:
+    """Every sample of a 3x3 kernel over a 6x6 output lands within a pixel of (2.3, 2.6), so
+    each of those corner pixels receives hundreds of contributions per channel."""
+    rng = np.random.default_rng(seed)
+    n, channels, out = 2, 4, 6
+    ys = np.arange(out).reshape(1, 1, 1, out, 1) + np.arange(3).reshape(1, 3, 1, 1, 1) - 1
+    xs = np.arange(out).reshape(1, 1, 1, 1, out) + np.arange(3).reshape(1, 1, 3, 1, 1) - 1
+    target = rng.uniform(-0.45, 0.45, (n, 3, 3, out, out, 2)) + (2.3, 2.6)
+    offset = np.stack([target[..., 0] - ys, target[..., 1] - xs], axis=3).reshape(n, 18, out, out)
+    return DeformConvCase(
+        input=rng.standard_normal((n, channels, out, out)).astype(dtype),
+        offset=offset.astype(dtype),
+        weight=rng.standard_normal((3, channels, 3, 3)).astype(dtype),
+        bias=None,
+        mask=rng.uniform(0.2, 1.5, (n, 9, out, out)).astype(dtype),
+        grad_output=rng.standard_normal((n, 3, out, out)).astype(dtype),
+        stride=1, padding=1, dilation=1, groups=1, offset_groups=1,
+    )
+
+
+def _deform_conv_backward(case, kernels, deterministic):
+    with _deform_conv_kernels(kernels):
+        return deform_conv2d_backward(case.grad_output, **case.arguments(), deterministic=deterministic)
+
+
+def test_deform_conv2d_shuffled_atomic_bits_change_deterministic_bits_do_not():
+    case = crowded_deform_conv_case()
+    expected = case.reference_backward()
+    bits = {False: set(), True: set()}
+    for deterministic in (False, True):
+        for grid, block in LAUNCHES:
+            for seed in SEEDS:
+                kernels = host_shim.HostShimShuffledDeformConv2dKernels(grid, block, seed)
+                grads = _deform_conv_backward(case, kernels, deterministic)
+                assert_grads_close(grads, expected, np.float32)
+                bits[deterministic].add(_bits(grads))
+    assert len(bits[False]) > 1, "the shuffled shim did not change the atomic backward's bits"
+    assert len(bits[True]) == 1
+    # The offset / mask / weight gradients have no scatter: the same in both modes.
+    (deterministic_bits,) = bits[True]
+    assert all(bits_[1:] == deterministic_bits[1:] for bits_ in bits[False])
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from((np.float32, np.float64)))
+def test_deform_conv2d_deterministic_matches_reference(data, dtype):
+    """All shapes of the strategy (empty batches, offset groups, samples outside the image)."""
+    case = data.draw(deform_conv_cases(dtype=dtype, with_grad=True))
+    grads = _deform_conv_backward(case, host_shim.HostShimDeformConv2dKernels(), True)
+    assert_grads_close(grads, case.reference_backward(), dtype)
+
+
+def test_deform_conv2d_deterministic_in_batch_chunks(monkeypatch):
+    """Chunks of one image: each chunk's lists cover its own images, the bits are those of one
+    chunk (the sums do not cross images)."""
+    case = crowded_deform_conv_case(np.float64)
+    whole = _deform_conv_backward(case, host_shim.HostShimDeformConv2dKernels(), True)
+    monkeypatch.setattr(deform_conv_module, "COLUMN_BUFFER_BYTES", 1)
+    chunked = _deform_conv_backward(case, host_shim.HostShimShuffledDeformConv2dKernels(2, 32, 0), True)
+    assert chunked.input.tobytes() == whole.input.tobytes()
+    assert_grads_close(chunked, case.reference_backward(), np.float64)
