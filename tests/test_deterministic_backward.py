@@ -18,10 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pydeform
 import pydeform.deform_conv as deform_conv_module
+import pydeform.roi as roi_module
+import reference
 from pydeform import deform_conv2d_backward
 from tests import host_shim
-from tests.strategies import DeformConvCase, assert_grads_close, deform_conv_cases
+from tests.strategies import (
+    ROI_OPS, DeformConvCase, RoICase, assert_grads_close, assert_roi_grads_close, deform_conv_cases, roi_cases,
+)
 
 pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
 
@@ -65,18 +70,28 @@ def _deform_conv_backward(case, kernels, deterministic):
         return deform_conv2d_backward(case.grad_output, **case.arguments(), deterministic=deterministic)
 
 
+def shuffled_bits(kernel_set, backward) -> dict:
+    """``{deterministic: the distinct bits of backward(kernels, deterministic)}`` over shuffled
+    launches of every configuration of LAUNCHES and SEEDS; ``backward`` checks each result."""
+    bits = {False: set(), True: set()}
+    for deterministic in bits:
+        for grid, block in LAUNCHES:
+            for seed in SEEDS:
+                bits[deterministic].add(backward(kernel_set(grid, block, seed), deterministic))
+    assert len(bits[False]) > 1, "the shuffled shim did not change the atomic backward's bits"
+    return bits
+
+
 def test_deform_conv2d_shuffled_atomic_bits_change_deterministic_bits_do_not():
     case = crowded_deform_conv_case()
     expected = case.reference_backward()
-    bits = {False: set(), True: set()}
-    for deterministic in (False, True):
-        for grid, block in LAUNCHES:
-            for seed in SEEDS:
-                kernels = host_shim.HostShimShuffledDeformConv2dKernels(grid, block, seed)
-                grads = _deform_conv_backward(case, kernels, deterministic)
-                assert_grads_close(grads, expected, np.float32)
-                bits[deterministic].add(_bits(grads))
-    assert len(bits[False]) > 1, "the shuffled shim did not change the atomic backward's bits"
+
+    def backward(kernels, deterministic):
+        grads = _deform_conv_backward(case, kernels, deterministic)
+        assert_grads_close(grads, expected, np.float32)
+        return _bits(grads)
+
+    bits = shuffled_bits(host_shim.HostShimShuffledDeformConv2dKernels, backward)
     assert len(bits[True]) == 1
     # The offset / mask / weight gradients have no scatter: the same in both modes.
     (deterministic_bits,) = bits[True]
@@ -101,3 +116,68 @@ def test_deform_conv2d_deterministic_in_batch_chunks(monkeypatch):
     chunked = _deform_conv_backward(case, host_shim.HostShimShuffledDeformConv2dKernels(2, 32, 0), True)
     assert chunked.input.tobytes() == whole.input.tobytes()
     assert_grads_close(chunked, case.reference_backward(), np.float64)
+
+
+# The RoI ops, each with options where every bin of many overlapping rois samples a few pixels
+# (sampling_ratio 0 / -1 is adaptive, which the per-op options below also cover).
+CROWDED_ROI_OPTIONS = {
+    "roi_align": dict(output_size=2, spatial_scale=1.0, sampling_ratio=2, aligned=True),
+    "roi_align-max": dict(output_size=2, spatial_scale=1.0, sampling_ratio=2, aligned=False, mode="max"),
+    "ps_roi_align": dict(output_size=2, spatial_scale=1.0, sampling_ratio=0),
+    "roi_pool": dict(output_size=2, spatial_scale=1.0),
+    "ps_roi_pool": dict(output_size=2, spatial_scale=1.0),
+    "deform_roi_pool": dict(output_size=2, spatial_scale=1.0, sampling_ratio=-1, gamma=0.3),
+    "deform_psroi_pool": dict(output_dim=2, group_size=2, pooled_size=2, part_size=2, sample_per_part=2,
+                              trans_std=0.2, spatial_scale=1.0),
+}
+
+
+def crowded_roi_case(name, dtype=np.float32, seed=0) -> RoICase:
+    """80 rois of 2..3.5 pixels around (3, 3) on a 6x6 image, so that the pixels there receive
+    the gradients of every roi; deform ops with offsets / mask / trans."""
+    op = name.split("-")[0]
+    rng = np.random.default_rng(seed)
+    k = 80
+    options = dict(CROWDED_ROI_OPTIONS[name])
+    pooled = options.get("pooled_size", options.get("output_size"))
+    channels = {"ps_roi_align": 2 * pooled * pooled, "ps_roi_pool": 2 * pooled * pooled,
+                "deform_psroi_pool": 2 * 4}.get(op, 3)
+    if op == "deform_roi_pool":
+        options.update(offset=rng.standard_normal((k, 2, pooled, pooled)).astype(dtype),
+                       mask=rng.uniform(0.2, 1.5, (k, 1, pooled, pooled)).astype(dtype))
+    if op == "deform_psroi_pool":
+        options.update(trans=rng.standard_normal((k, 2 * 2, 2, 2)).astype(dtype))
+    centre = rng.uniform(2.6, 3.4, (k, 2))
+    half = rng.uniform(1.0, 1.75, (k, 2))
+    rois = np.column_stack([np.zeros(k), centre - half, centre + half]).astype(dtype)
+    case = RoICase(op, rng.standard_normal((1, channels, 6, 6)).astype(dtype), rois, options, None)
+    grad_output = rng.standard_normal(case.forward(reference).shape).astype(dtype)
+    return RoICase(op, case.input, rois, options, grad_output)
+
+
+def _roi_backward(case, kernels, deterministic):
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: kernels):
+        return case.backward(pydeform, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("name", CROWDED_ROI_OPTIONS)
+def test_roi_shuffled_atomic_bits_change_deterministic_bits_do_not(name):
+    case = crowded_roi_case(name)
+    expected = case.backward(reference)
+
+    def backward(kernels, deterministic):
+        grads = _roi_backward(case, kernels, deterministic)
+        assert_roi_grads_close(grads, expected, np.float32)
+        return _bits(grads.values())
+
+    assert len(shuffled_bits(host_shim.HostShimShuffledRoIKernels, backward)[True]) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), op=st.sampled_from(ROI_OPS), dtype=st.sampled_from((np.float32, np.float64)))
+def test_roi_deterministic_matches_reference(data, op, dtype):
+    """Every op and option of the strategy: boxes inside, across and outside the map, empty and
+    huge ones, adaptive sampling, offset / mask / trans present or not."""
+    case = data.draw(roi_cases(op=op, dtype=dtype, with_grad=True))
+    grads = _roi_backward(case, host_shim.HostShimRoIKernels(), True)
+    assert_roi_grads_close(grads, case.backward(reference), dtype)

@@ -114,3 +114,27 @@ __device__ __forceinline__ void sort_contribution_lists(const long long n_bucket
 }
 
 }  // namespace pydeform
+
+// The list arguments of a kernel templated on T, as they travel: the fill's (or count's) cursors
+// and the lists, and the sorted lists a gather reads.
+#define PYDEFORM_CONTRIBUTION_LIST_PARAMS                                                         \
+    pydeform::bucket_t* __restrict__ cursors, long long* __restrict__ contribution_item,        \
+        long long* __restrict__ contribution_local,                                             \
+        pydeform::acc_t<T>* __restrict__ contribution_weight
+#define PYDEFORM_CONTRIBUTION_LISTS                                                                \
+    pydeform::ContributionLists<pydeform::acc_t<T>> {                                           \
+        contribution_item, contribution_local, contribution_weight                              \
+    }
+#define PYDEFORM_SORTED_LIST_PARAMS                                                               \
+    const pydeform::bucket_t* __restrict__ bucket_ends,                                         \
+        const long long* __restrict__ contribution_item,                                        \
+        const pydeform::acc_t<T>* __restrict__ contribution_weight
+
+// Step 4 of every deterministic backward: one bucket per work item.
+template <typename T>
+__global__ void contribution_lists_sort(const long long n_buckets, const pydeform::bucket_t* __restrict__ bucket_ends,
+                                        long long* __restrict__ contribution_item,
+                                        long long* __restrict__ contribution_local,
+                                        pydeform::acc_t<T>* __restrict__ contribution_weight) {
+    pydeform::sort_contribution_lists(n_buckets, bucket_ends, PYDEFORM_CONTRIBUTION_LISTS);
+}

@@ -193,8 +193,8 @@ __global__ void deform_conv2d_col2im(const long long n_items, const T* __restric
         });
 }
 
-// The deterministic input gradient (contributions.cuh): count, fill and sort the contribution
-// lists of the buckets (b*Goff + g)*H*W + pixel, then gather.
+// The deterministic input gradient (contributions.cuh): count and fill the contribution lists
+// of the buckets (b*Goff + g)*H*W + pixel, sort them (contribution_lists_sort), then gather.
 template <typename T>
 __global__ void deform_conv2d_col2im_count(const long long n_items, const T* __restrict__ offset,
                                            const T* __restrict__ mask, const int has_mask,
@@ -213,13 +213,11 @@ __global__ void deform_conv2d_col2im_count(const long long n_items, const T* __r
 template <typename T>
 __global__ void deform_conv2d_col2im_fill(
     const long long n_items, const T* __restrict__ offset, const T* __restrict__ mask,
-    const int has_mask, pydeform::bucket_t* __restrict__ cursors,
-    long long* __restrict__ contribution_item, long long* __restrict__ contribution_local,
-    pydeform::acc_t<T>* __restrict__ contribution_weight, PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
+    const int has_mask, PYDEFORM_CONTRIBUTION_LIST_PARAMS, PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
     using namespace pydeform;
     using A = acc_t<T>;
     const DeformConv2dGeometry geom = PYDEFORM_DEFORM_CONV2D_GEOMETRY;
-    const ContributionLists<A> lists{contribution_item, contribution_local, contribution_weight};
+    const ContributionLists<A> lists = PYDEFORM_CONTRIBUTION_LISTS;
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
         for_each_col2im_contribution(item, geom, offset, mask, has_mask,
                                      [&](const long long bucket, const int corner, const A weight) {
@@ -229,25 +227,12 @@ __global__ void deform_conv2d_col2im_fill(
     }
 }
 
-template <typename T>
-__global__ void deform_conv2d_col2im_sort(const long long n_buckets,
-                                          const pydeform::bucket_t* __restrict__ bucket_ends,
-                                          long long* __restrict__ contribution_item,
-                                          long long* __restrict__ contribution_local,
-                                          pydeform::acc_t<T>* __restrict__ contribution_weight) {
-    using namespace pydeform;
-    sort_contribution_lists(n_buckets, bucket_ends,
-                            ContributionLists<acc_t<T>>{contribution_item, contribution_local,
-                                                        contribution_weight});
-}
 
 // grad_input[b, c, pixel] = sum over the sorted list of bucket (b*Goff + c/(C/Goff))*H*W + pixel
 // of weight * gcol, one work item per element of grad_input (all written).
 template <typename T>
 __global__ void deform_conv2d_col2im_gather(
-    const long long n_items, const pydeform::bucket_t* __restrict__ bucket_ends,
-    const long long* __restrict__ contribution_item,
-    const pydeform::acc_t<T>* __restrict__ contribution_weight,
+    const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
     const pydeform::acc_t<T>* __restrict__ grad_columns, pydeform::acc_t<T>* __restrict__ grad_input,
     PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
     using namespace pydeform;

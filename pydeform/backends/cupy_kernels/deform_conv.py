@@ -9,6 +9,7 @@ import numpy as np
 from ..._arrays import accumulation_dtype
 from ..._contributions import contribution_lists, contribution_plan
 from ._compile import KernelManifest, launch
+from .contributions import SORT_TEMPLATE, sort_launch
 
 KERNELS = KernelManifest(
     source="deform_conv.cu",
@@ -18,7 +19,7 @@ KERNELS = KernelManifest(
         "deform_conv2d_col2im",
         "deform_conv2d_col2im_count",
         "deform_conv2d_col2im_fill",
-        "deform_conv2d_col2im_sort",
+        SORT_TEMPLATE,
         "deform_conv2d_col2im_gather",
     ),
 )
@@ -113,11 +114,6 @@ def col2im_fill_launch(offset, mask, cursors, item, local, weight, geom):
     return "deform_conv2d_col2im_fill", n_items, args
 
 
-def col2im_sort_launch(bucket_ends, item, local, weight):
-    n_buckets = bucket_ends.size
-    return "deform_conv2d_col2im_sort", n_buckets, (np.int64(n_buckets), bucket_ends, item, local, weight)
-
-
 def col2im_gather_launch(bucket_ends, item, weight, grad_columns, grad_input, geom):
     n_items = grad_input.size
     args = (np.int64(n_items), bucket_ends, item, weight, grad_columns, grad_input, *_geometry_args(geom))
@@ -166,7 +162,7 @@ class CupyDeformConv2dKernels:
             self.xp, col2im_buckets(batch, geom), col2im_capacity(batch, geom), accumulation_dtype(dtype),
             lambda counts: self._launch(dtype, *col2im_count_launch(offset, mask, counts, geom)),
             lambda cursors, *entries: self._launch(dtype, *col2im_fill_launch(offset, mask, cursors, *entries, geom)),
-            lambda ends, *entries: self._launch(dtype, *col2im_sort_launch(ends, *entries)),
+            lambda ends, *entries: self._launch(dtype, *sort_launch(ends, *entries)),
         )
         self._launch(dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
                                                   grad_input, geom))

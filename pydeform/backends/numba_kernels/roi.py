@@ -803,6 +803,19 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
             return {}
         return {"input_hwc": ((math.prod(shapes["input"]),), np.dtype(dtype))}
 
+    # Every task of the backward's passes owns what it writes and adds in a fixed order, and the
+    # tasks depend on the shapes only (not on the thread count): its bits are the same in every
+    # run already, so the deterministic backward is the backward.
+    roi_align_backward_deterministic = _RoIKernelSet.roi_align_backward
+    roi_pool_backward_deterministic = _RoIKernelSet.roi_pool_backward
+    deform_roi_pool_backward_deterministic = _RoIKernelSet.deform_roi_pool_backward
+    deform_psroi_pool_backward_deterministic = _RoIKernelSet.deform_psroi_pool_backward
+
+    @staticmethod
+    def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
+        """Nothing beyond the backward's own buffers."""
+        return {}
+
     def _forward(self, family, input, rois, extras, output, params):
         kernels, shape = cpu_kernels(family), _shape(input, output)
         if _reads_channels_last(family, params):
