@@ -162,10 +162,14 @@ def contribution_layout(family, input_shape, k, params) -> ContributionLayout:
     n, channels, height, width = input_shape
     if family == "deform_psroi_pool":
         bins = params.pooled_size ** 2
-        per_item, q, classes = 4 * params.sample_per_part ** 2, params.num_classes, params.num_classes * params.group_size ** 2
+        per_item, q = 4 * params.sample_per_part ** 2, params.num_classes
+        classes = params.num_classes * params.group_size ** 2
     else:
         bins = params.pooled_h * params.pooled_w
-        per_channel = params.max_mode if family == "roi_align" else family == "roi_pool" and not params.position_sensitive
+        if family == "roi_align":
+            per_channel = params.max_mode
+        else:
+            per_channel = family == "roi_pool" and not params.position_sensitive
         sensitive = getattr(params, "position_sensitive", False)
         q = params.channels_out if per_channel else 1
         classes = channels if per_channel else bins if sensitive else 1
