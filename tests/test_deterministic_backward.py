@@ -181,3 +181,58 @@ def test_roi_deterministic_matches_reference(data, op, dtype):
     case = data.draw(roi_cases(op=op, dtype=dtype, with_grad=True))
     grads = _roi_backward(case, host_shim.HostShimRoIKernels(), True)
     assert_roi_grads_close(grads, case.backward(reference), dtype)
+
+
+def test_numba_cuda_sets_run_the_cuda_c_deterministic_backward(monkeypatch):
+    """The Numba CUDA kernel sets hand their deterministic backwards to the CUDA C kernels; here
+    those run on the host shim, so the bits are the shim's own."""
+    import pydeform.backends.cupy_kernels.deform_conv as cupy_deform_conv
+    from pydeform.backends.numba_kernels import deform_conv as numba_deform_conv
+    from pydeform.backends.numba_kernels import roi as numba_roi
+
+    monkeypatch.setattr(cupy_deform_conv, "CupyDeformConv2dKernels", host_shim.HostShimDeformConv2dKernels)
+    monkeypatch.setattr(numba_roi, "_cuda_c_kernels", host_shim.HostShimRoIKernels)
+    case = crowded_deform_conv_case()
+    numba_set = numba_deform_conv.NumbaCudaDeformConv2dKernels(xp=np)
+    grad_input = np.zeros_like(case.input)
+    shim_grad_input = np.zeros_like(case.input)
+    geometry = deform_conv_module.deform_conv2d_geometry(
+        {name: getattr(case, name).shape for name in ("input", "offset", "weight")}, 1, 1, 1)
+    grad_columns = np.random.default_rng(3).standard_normal((2, 36, 36)).astype(np.float32)
+    numba_set.col2im_deterministic(case.offset, case.mask, grad_columns, grad_input, geometry)
+    host_shim.HostShimDeformConv2dKernels().col2im_deterministic(case.offset, case.mask, grad_columns,
+                                                                 shim_grad_input, geometry)
+    assert grad_input.tobytes() == shim_grad_input.tobytes()
+    roi_case = crowded_roi_case("deform_roi_pool")
+    grads = _roi_backward(roi_case, numba_roi.NumbaCudaRoIKernels(xp=np), True)
+    assert _bits(grads.values()) == _bits(_roi_backward(roi_case, host_shim.HostShimRoIKernels(), True).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [None, "numba"])
+def test_gpu_deterministic_bits_across_runs_and_grid_sizes(monkeypatch, backend):
+    """On a GPU: the deterministic backwards give the same bits in repeated runs and with the
+    grid capped at 1 and 7 blocks, and agree with the reference. (CPU twins: the shuffled-shim
+    tests above.)"""
+    import cupy
+
+    from pydeform.backends.cupy_kernels import _compile
+
+    cases = [(crowded_deform_conv_case(), None)] + [(crowded_roi_case(name), name) for name in CROWDED_ROI_OPTIONS]
+    for case, name in cases:
+        on_gpu = case.map_arrays(cupy.asarray)
+        runs = []
+        for max_blocks in (_compile.MAX_BLOCKS, _compile.MAX_BLOCKS, 1, 7):
+            monkeypatch.setattr(_compile, "MAX_BLOCKS", max_blocks)
+            if name is None:
+                grads = deform_conv2d_backward(on_gpu.grad_output, **on_gpu.arguments(), backend=backend,
+                                               deterministic=True)
+                runs.append(_bits(None if g is None else cupy.asnumpy(g) for g in grads))
+            else:
+                grads = on_gpu.backward(pydeform, backend=backend, deterministic=True)
+                runs.append(_bits(None if g is None else cupy.asnumpy(g) for g in grads.values()))
+        assert len(set(runs)) == 1, name
+        if name is None:
+            assert_grads_close(grads, case.reference_backward(), np.float32)
+        else:
+            assert_roi_grads_close(grads, case.backward(reference), np.float32)

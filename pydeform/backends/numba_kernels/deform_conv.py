@@ -583,6 +583,19 @@ class NumbaCudaDeformConv2dKernels:
         if out_mask is not grad_mask:
             grad_mask[...] = out_mask
 
+    @staticmethod
+    def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
+
+        return CupyDeformConv2dKernels.col2im_deterministic_workspace(batch, geometry, dtype)
+
+    def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geometry):
+        """The CUDA C kernels' deterministic col2im (``pydeform/backends/cupy_kernels``, compiled
+        by NVRTC through CuPy): there is no Numba twin of it yet."""
+        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
+
+        CupyDeformConv2dKernels().col2im_deterministic(offset, mask, grad_columns, grad_input, geometry)
+
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = converted_arrays(self.xp, {"offset": offset, "mask": mask})
         mask, has_mask = _flat_mask(mask, offset, self.xp)

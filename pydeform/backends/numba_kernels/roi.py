@@ -836,6 +836,12 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
             kernels.params_pass(*reads, *self._stand_ins(grad_extras, grad_input), shape, params, n_rois)
 
 
+def _cuda_c_kernels():
+    from ..cupy_kernels.roi import CupyRoIKernels
+
+    return CupyRoIKernels()
+
+
 class NumbaCudaRoIKernels(_RoIKernelSet):
     """RoI kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
 
@@ -857,6 +863,24 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         copies = {name: shape for name, shape in shapes.items() if name != "output"}
         copies["grad_output" if backward else "output"] = shapes["output"]
         return accumulator_plans(copies, dtype)
+
+    # The deterministic backwards are the CUDA C kernels' (``pydeform/backends/cupy_kernels``,
+    # compiled by NVRTC through CuPy): there are no Numba twins of them yet.
+    @staticmethod
+    def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
+        return _cuda_c_kernels().deterministic_workspace(family, params, shapes, dtype)
+
+    def roi_align_backward_deterministic(self, *args):
+        _cuda_c_kernels().roi_align_backward_deterministic(*args)
+
+    def roi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().roi_pool_backward_deterministic(*args)
+
+    def deform_roi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().deform_roi_pool_backward_deterministic(*args)
+
+    def deform_psroi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().deform_psroi_pool_backward_deterministic(*args)
 
     def _launch(self, family, backward, n_items, *args):
         launch_cuda(cuda_kernels(family)[backward], n_items, self.xp, *args, n_items)
