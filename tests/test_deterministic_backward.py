@@ -236,3 +236,25 @@ def test_gpu_deterministic_bits_across_runs_and_grid_sizes(monkeypatch, backend)
             assert_grads_close(grads, case.reference_backward(), np.float32)
         else:
             assert_roi_grads_close(grads, case.backward(reference), np.float32)
+
+
+def test_numba_cpu_backward_bits_do_not_depend_on_the_thread_count():
+    """The Numba CPU backwards are the deterministic mode on the CPU: the same bits with one
+    thread and with every thread, in either mode."""
+    import numba
+
+    deform_case = crowded_deform_conv_case()
+    roi_case = crowded_roi_case("deform_roi_pool")
+    previous = numba.get_num_threads()
+    bits = set()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            for deterministic in (False, True):
+                grads = deform_conv2d_backward(deform_case.grad_output, **deform_case.arguments(),
+                                               deterministic=deterministic)
+                roi_grads = roi_case.backward(pydeform, deterministic=deterministic)
+                bits.add((_bits(grads), _bits(roi_grads.values())))
+    finally:
+        numba.set_num_threads(previous)
+    assert len(bits) == 1
