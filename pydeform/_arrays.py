@@ -133,6 +133,13 @@ def check_int(name: str, value, minimum=None) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """A bool argument (a flag such as ``deterministic``), exactly True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value
+
+
 def check_finite_float(name: str, value) -> float:
     """A finite real argument (not a bool) as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -86,6 +86,8 @@ class Case(NamedTuple):
     # (host inputs, itemsize of the dtype) -> bytes the forward must move at least (its
     # bandwidth floor, see floor_bytes); None: no floor defined
     floor: Optional[Callable[[dict, int], int]] = None
+    # keyword arguments of the backward only (``deterministic=True`` of the deterministic cases)
+    backward_options: Optional[dict] = None
 
     @property
     def id(self) -> str:
@@ -414,6 +416,23 @@ def _centernet_cases():
                    dtypes, _focal_inputs(batch, 80, 128, 128), {}, True, None)
 
 
+#: The ops whose GPU backward scatters with float atomics, so has a deterministic mode.
+DETERMINISTIC_OPS = ("deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
+                     "deform_psroi_pool")
+
+
+def _deterministic_cases(cases):
+    """The deterministic backward (``deterministic=True``) beside the atomic one: a twin of the
+    first GPU case of each op of DETERMINISTIC_OPS, without a peer (none has a deterministic
+    backward at a comparable cost). On the CPU the Numba backward is deterministic either way."""
+    seen = set()
+    for case in cases:
+        if case.device == "gpu" and case.op in DETERMINISTIC_OPS and case.op not in seen:
+            seen.add(case.op)
+            yield case._replace(name=f"{case.name}-deterministic", workload=f"{case.workload}, deterministic backward",
+                                peer=None, backward_options={"deterministic": True})
+
+
 def cases(op: Optional[str] = None, device: Optional[str] = None, quick: bool = False) -> list:
     """The benchmark cases, optionally of one ``op`` and one ``device`` ("gpu" or "cpu");
     ``quick`` keeps the first case of each op on each device."""
@@ -422,7 +441,8 @@ def cases(op: Optional[str] = None, device: Optional[str] = None, quick: bool = 
     if device not in (None, "gpu", "cpu"):
         raise ValueError(f"device: expected None, 'gpu' or 'cpu', got {device!r}")
     selected, seen = [], set()
-    for case in (*_deform_conv_cases(), *_roi_cases(), *_centernet_cases()):
+    standard = (*_deform_conv_cases(), *_roi_cases(), *_centernet_cases())
+    for case in (*standard, *_deterministic_cases(standard)):
         if (op is None or case.op == op) and (device is None or case.device == device):
             if not quick or (case.op, case.device) not in seen:
                 selected.append(case)
@@ -450,7 +470,8 @@ def pydeform_calls(case: Case, arrays: dict, backend: Optional[str] = None) -> C
 
     def forward_backward():
         forward()
-        return backward_op(arrays["grad_output"], **inputs, **case.options, backend=backend)
+        return backward_op(arrays["grad_output"], **inputs, **case.options, **(case.backward_options or {}),
+                           backend=backend)
 
     return Calls(forward, forward_backward)
 

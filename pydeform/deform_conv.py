@@ -15,6 +15,11 @@ accumulation dtype):
   the offset and mask gradients;
 - ``col2im(offset, mask, grad_columns, grad_input, geometry)`` adds into ``grad_input`` (zero
   filled by the driver);
+- ``col2im_deterministic(offset, mask, grad_columns, grad_input, geometry)``: the same input
+  gradient with bits that do not depend on the order the threads run in (the GPU sets: sorted
+  contribution lists, :mod:`pydeform._contributions`; the Numba CPU set: its ``col2im``, which
+  is deterministic already), with ``col2im_deterministic_workspace(batch, geometry, dtype)``
+  its scratch slots for a chunk of ``batch`` images;
 - ``direct_forward``: True when the set computes the forward itself with
   ``forward(input, offset, mask, weight, bias, output, geometry)`` (the Numba CPU set: sampling
   and GEMM fused per tile of output pixels, no column buffer), False when the driver runs
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from ._arrays import accumulation_dtype, check_arrays, check_backend, int_pair, shape_of
+from ._arrays import accumulation_dtype, check_arrays, check_backend, check_bool, int_pair, shape_of
 from ._interop import dlpack_entry
 from ._workspace import accumulator, accumulator_plans, accumulator_slot, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels
@@ -180,7 +185,7 @@ def _grouped(weight, geometry):
 
 
 def deform_conv2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry, dtype, *, backward: bool,
-                            masked: bool) -> dict:
+                            masked: bool, deterministic: bool = False) -> dict:
     """The scratch buffers one forward (or backward) driver call uses: ``{slot: (shape, dtype)}``.
 
     ``kernels`` is the kernel set that will run (its own scratch is part of the plan) and
@@ -188,7 +193,8 @@ def deform_conv2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry,
     plan, so a caller that provides the buffers (:func:`pydeform._workspace.provided`, as
     :mod:`pydeform.jax` does) provides exactly these. Half types add float32 copies of the
     weight, bias and grad_output chunks and float32 accumulators of the results. A kernel set
-    with a direct forward needs no column buffer in the forward.
+    with a direct forward needs no column buffer in the forward. A ``deterministic`` backward
+    adds the kernel set's contribution lists for one chunk.
     """
     g = geometry
     plan = dict(kernels.workspace(batch, g, dtype, backward=backward, masked=masked))
@@ -205,6 +211,8 @@ def deform_conv2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry,
             {"weight": weight_shape, "bias": (g.out_channels,), "output": chunk_out_shape}, dtype))
         return plan
     plan["grad_columns"] = (column_shape, acc)
+    if deterministic:
+        plan.update(kernels.col2im_deterministic_workspace(chunk, g, dtype))
     plan["grad_weight_chunk"] = ((chunk, g.groups, g.out_channels // g.groups, column_shape[1] // g.groups), acc)
     plan.update(accumulator_plans({
         "weight": weight_shape, "grad_output": chunk_out_shape,
@@ -256,18 +264,21 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     return out
 
 
-def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight, bias, geometry):
+def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight, bias, geometry,
+                               deterministic=False):
     """The backward driver, shared by every backend; returns :class:`DeformConv2dGrads`.
 
     Per chunk: ``grad_columns = weight^T @ grad_output`` (batched GEMM), then one kernel for the
     offset and mask gradients, one scattering onto the input gradient (accumulated in float32
-    for half types), and the weight gradient as ``grad_output @ columns^T`` with the columns
-    recomputed by im2col.
+    for half types; ``deterministic``: the kernel set's ``col2im_deterministic``), and the
+    weight gradient as ``grad_output @ columns^T`` with the columns recomputed by im2col.
     """
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     dtype = input.dtype
-    plan = deform_conv2d_workspace(kernels, n, g, dtype, backward=True, masked=mask is not None)
+    plan = deform_conv2d_workspace(kernels, n, g, dtype, backward=True, masked=mask is not None,
+                                   deterministic=deterministic)
+    col2im = kernels.col2im_deterministic if deterministic else kernels.col2im
     weight_g = _grouped(converted(xp, "weight", weight), g)
     weight_t = weight_g.transpose(0, 2, 1)
     group_rows = weight_g.shape[2]
@@ -288,7 +299,7 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
         gcols = grad_columns[:b]
         xp.matmul(weight_t, grad_out, out=gcols.reshape(b, g.groups, group_rows, -1))
         kernels.col2im_coord(inp, off, msk, gcols, grad_offset[start:stop], _batch(grad_mask, start, stop), g)
-        kernels.col2im(off, msk, gcols, grad_input[start:stop], g)
+        col2im(off, msk, gcols, grad_input[start:stop], g)
         cols = columns[:b]
         kernels.im2col(inp, off, msk, cols, g)
         grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
@@ -346,7 +357,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
 @dlpack_entry
 def deform_conv2d_backward(
-    grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None
+    grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None,
+    deterministic=False,
 ) -> DeformConv2dGrads:
     """Gradients of :func:`deform_conv2d` with respect to every array argument.
 
@@ -354,6 +366,9 @@ def deform_conv2d_backward(
         grad_output: ``[N, C_out, Ho, Wo]``, the gradient of the loss with respect to the output.
         input, offset, weight, bias, stride, padding, dilation, mask, backend: as for
             :func:`deform_conv2d`.
+        deterministic: compute the input gradient so that its bits are the same in every run
+            and for every launch configuration (on the GPU: sorted contribution lists instead of
+            float atomics; the Numba CPU backward always is).
 
     Returns:
         :class:`DeformConv2dGrads` ``(input, offset, weight, bias, mask)``, each with its
@@ -363,9 +378,10 @@ def deform_conv2d_backward(
     """
     if grad_output is None:
         raise TypeError("grad_output: expected an array, got None")
+    check_bool("deterministic", deterministic)
     kernels, a, geometry = _prepare(
         input, offset, weight, bias, stride, padding, dilation, mask, backend, grad_output=grad_output
     )
     return run_deform_conv2d_backward(
-        kernels, a["grad_output"], a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry
+        kernels, a["grad_output"], a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry, deterministic
     )

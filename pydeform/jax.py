@@ -43,7 +43,8 @@ from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import roi as _roi
 from ._arrays import (
-    _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, dtype_mismatch, int_pair, unchecked_values,
+    _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, check_bool, dtype_mismatch, int_pair,
+    unchecked_values,
 )
 from ._interop import _DLPACK_CUDA
 from ._rois import boxes_from_lists, check_box_dtype, check_roi_values
@@ -241,9 +242,11 @@ class _Op:
     """One array-level op and its backward as a family of ``custom_vjp`` functions.
 
     ``forward(**arrays, **static, backend=)`` and ``backward(grad_output=, **arrays, **static,
-    backend=)`` are the array-level API functions; ``plan(shapes, dtype, static, backend)`` checks the
-    shapes and static arguments and returns ``(output shape, output dtype, forward plan,
-    backward plan)`` (scratch plans, see :func:`_launch`); ``dtype`` is the first array's.
+    backend=)`` are the array-level API functions; ``plan(shapes, dtype, static, backend,
+    deterministic)`` checks the shapes and static arguments and returns ``(output shape, output
+    dtype, forward plan, backward plan)`` (scratch plans, see :func:`_launch`); ``dtype`` is the
+    first array's. A static ``deterministic`` (the ops whose backward has a deterministic mode)
+    goes to the backward only.
     Gradients are returned for every array argument; ``no_grad`` ones (the boxes, a target) get
     zeros. A backward returning one array (not a NamedTuple) gives the first argument's gradient.
     """
@@ -256,24 +259,26 @@ class _Op:
         present = tuple(name for name, value in arrays.items() if value is not None)
         key = tuple(sorted((name, _hashable(value)) for name, value in static.items()))
         # Check everything at trace time, before a callback is built.
+        forward_static, deterministic = _split_deterministic(static)
         self.plan({name: tuple(arrays[name].shape) for name in present}, np.dtype(arrays[present[0]].dtype),
-                  dict(static), backend)
+                  forward_static, backend, deterministic)
         op = self._vjp(present, key, backend)
         return op(*(arrays[name] for name in present))
 
     @functools.lru_cache(maxsize=None)
     def _vjp(self, present: tuple, key: tuple, backend):
-        static = dict(key)
+        backward_static = dict(key)
+        static, deterministic = _split_deterministic(backward_static)
 
         def plan(arrays: dict):
             shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-            return (*self.plan(shapes, np.dtype(arrays[present[0]].dtype), static, backend), shapes)
+            return (*self.plan(shapes, np.dtype(arrays[present[0]].dtype), static, backend, deterministic), shapes)
 
         def run_forward(arrays, backend):
             return {"output": self.forward(**arrays, **static, backend=backend)}
 
         def run_backward(arrays, backend):
-            grads = self.backward(**arrays, **static, backend=backend)
+            grads = self.backward(**arrays, **backward_static, backend=backend)
             if not isinstance(grads, tuple):
                 return {f"grad_{present[0]}": grads}
             return {f"grad_{name}": value for name, value in grads._asdict().items() if value is not None}
@@ -302,7 +307,13 @@ class _Op:
         return op
 
 
-def _deform_conv2d_plan(shapes, dtype, static, backend):
+def _split_deterministic(static: dict) -> tuple:
+    """``(static without "deterministic", its value or False)``."""
+    rest = {name: value for name, value in static.items() if name != "deterministic"}
+    return rest, static.get("deterministic", False)
+
+
+def _deform_conv2d_plan(shapes, dtype, static, backend, deterministic):
     geometry = deform_conv2d_geometry(shapes, static["stride"], static["padding"], static["dilation"])
     n = shapes["input"][0]
     kernels, masked = _kernels("deform_conv2d", backend), shapes.get("mask") is not None
@@ -310,14 +321,16 @@ def _deform_conv2d_plan(shapes, dtype, static, backend):
         (n, geometry.out_channels, geometry.out_h, geometry.out_w),
         dtype,
         deform_conv2d_workspace(kernels, n, geometry, dtype, backward=False, masked=masked),
-        deform_conv2d_workspace(kernels, n, geometry, dtype, backward=True, masked=masked),
+        deform_conv2d_workspace(kernels, n, geometry, dtype, backward=True, masked=masked,
+                                deterministic=deterministic),
     )
 
 
 _DEFORM_CONV2D = _Op(_deform_conv.deform_conv2d, _deform_conv.deform_conv2d_backward, _deform_conv2d_plan)
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None):
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *, backend=None,
+                  deterministic=False):
     """:func:`pydeform.deform_conv2d` on JAX arrays, differentiable in every array argument.
 
     Args:
@@ -328,6 +341,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         stride, padding, dilation: an int or an ``(h, w)`` pair.
         mask: ``[N, Goff*kh*kw, Ho, Wo]`` or None (DCNv1).
         backend: None, ``"cupy"`` or ``"numba"`` (GPU arrays; CPU arrays always run Numba).
+        deterministic: run the backward in its deterministic mode (bit-identical gradients, see
+            :func:`pydeform.deform_conv2d_backward`); a static argument.
 
     Returns:
         ``[N, C_out, Ho, Wo]``, a JAX array of ``input``'s dtype.
@@ -341,6 +356,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         "stride": int_pair("stride", stride, minimum=1),
         "padding": int_pair("padding", padding, minimum=0),
         "dilation": int_pair("dilation", dilation, minimum=1),
+        "deterministic": check_bool("deterministic", deterministic),
     }
     return _DEFORM_CONV2D(arrays, static, backend)
 
@@ -368,7 +384,7 @@ def _rois(rois, dtype):
 def _roi_family(forward, backward, params):
     """An :class:`_Op` for a RoI op whose ``params(shapes, k, **static)`` checks its arguments."""
 
-    def plan(shapes, dtype, static, backend):
+    def plan(shapes, dtype, static, backend, deterministic):
         k = shapes["rois"][0]
         checked = params(shapes, k, **static)
         kernels = _kernels("roi", backend)
@@ -376,15 +392,17 @@ def _roi_family(forward, backward, params):
             _roi.roi_output_shape(checked, k),
             dtype,
             _roi.roi_workspace(kernels, checked, shapes, dtype, backward=False),
-            _roi.roi_workspace(kernels, checked, shapes, dtype, backward=True),
+            _roi.roi_workspace(kernels, checked, shapes, dtype, backward=True, deterministic=deterministic),
         )
 
     return _Op(forward, backward, plan, no_grad=("rois",))
 
 
 def _roi_call(op, input, rois, static, backend, **optional):
+    """``static`` holds the op's static arguments and ``deterministic`` (checked here)."""
     if input is None:
         raise TypeError("input: expected an array, got None")
+    check_bool("deterministic", static["deterministic"])
     dtype = _check_arrays({"input": input, **optional}, {"input": 4, **{name: 4 for name in optional}})
     rows = _rois(rois, dtype)
     _check_values(lambda boxes, xp: check_roi_values(boxes, input.shape[0], xp), rows)
@@ -415,50 +433,55 @@ _DEFORM_PSROI_POOL = _roi_family(_roi.deform_psroi_pool, _roi.deform_psroi_pool_
 
 
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, mode="avg", *,
-              backend=None):
+              backend=None, deterministic=False):
     """:func:`pydeform.roi_align` on JAX arrays, differentiable in ``input`` (the boxes get a
-    zero gradient).
+    zero gradient). ``deterministic`` (static, on every RoI op here): run the backward in its
+    deterministic mode (see :func:`pydeform.roi_align_backward`).
 
     ``input [N, C, H, W]``; ``rois [K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of
     per-image ``[L_i, 4]`` boxes. Returns ``[K, C, PH, PW]``.
     """
     static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                  aligned=aligned, mode=mode)
+                  aligned=aligned, mode=mode, deterministic=deterministic)
     return _roi_call(_ROI_ALIGN, input, rois, static, backend)
 
 
-def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None):
+def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *, backend=None, deterministic=False):
     """:func:`pydeform.ps_roi_align` on JAX arrays: ``input [N, C_out*PH*PW, H, W]``, ``rois`` as
     :func:`roi_align`; returns ``[K, C_out, PH, PW]``, differentiable in ``input``."""
-    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio)
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                  deterministic=deterministic)
     return _roi_call(_PS_ROI_ALIGN, input, rois, static, backend)
 
 
-def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None, deterministic=False):
     """:func:`pydeform.roi_pool` on JAX arrays: ``input [N, C, H, W]``, ``rois`` as
     :func:`roi_align`; returns ``[K, C, PH, PW]``, differentiable in ``input``."""
-    return _roi_call(_ROI_POOL, input, rois, dict(output_size=output_size, spatial_scale=spatial_scale), backend)
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, deterministic=deterministic)
+    return _roi_call(_ROI_POOL, input, rois, static, backend)
 
 
-def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
+def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None, deterministic=False):
     """:func:`pydeform.ps_roi_pool` on JAX arrays: ``input [N, C_out*PH*PW, H, W]``, ``rois`` as
     :func:`roi_align`; returns ``[K, C_out, PH, PW]``, differentiable in ``input``."""
-    return _roi_call(_PS_ROI_POOL, input, rois, dict(output_size=output_size, spatial_scale=spatial_scale), backend)
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, deterministic=deterministic)
+    return _roi_call(_PS_ROI_POOL, input, rois, static, backend)
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
-                    mask=None, *, backend=None):
+                    mask=None, *, backend=None, deterministic=False):
     """:func:`pydeform.deform_roi_pool` on JAX arrays, differentiable in ``input``, ``offset``, ``mask``.
 
     ``input [N, C, H, W]``, ``rois`` as :func:`roi_align`, ``offset [K, 2, PH, PW]`` or None,
     ``mask [K, 1, PH, PW]`` or None; returns ``[K, C, PH, PW]``.
     """
-    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma)
+    static = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma,
+                  deterministic=deterministic)
     return _roi_call(_DEFORM_ROI_POOL, input, rois, static, backend, offset=offset, mask=mask)
 
 
 def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7, part_size=None,
-                      sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *, backend=None):
+                      sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *, backend=None, deterministic=False):
     """:func:`pydeform.deform_psroi_pool` on JAX arrays, differentiable in ``input`` and ``trans``.
 
     ``input [N, output_dim*group_size^2, H, W]``, ``rois`` as :func:`roi_align`, ``trans
@@ -466,7 +489,8 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
     ``[K, output_dim, pooled_size, pooled_size]``.
     """
     static = dict(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size, part_size=part_size,
-                  sample_per_part=sample_per_part, trans_std=trans_std, spatial_scale=spatial_scale)
+                  sample_per_part=sample_per_part, trans_std=trans_std, spatial_scale=spatial_scale,
+                  deterministic=deterministic)
     return _roi_call(_DEFORM_PSROI_POOL, input, rois, static, backend, trans=trans)
 
 
@@ -571,7 +595,7 @@ def centernet_targets(boxes, labels, num_classes, output_size, *, down_ratio=4, 
     return _centernet.CenterNetTargets(**results)
 
 
-def _focal_loss_plan(shapes, dtype, static, backend):
+def _focal_loss_plan(shapes, dtype, static, backend, deterministic):
     kernels = _kernels("centernet", backend)
     params = _centernet.FocalLossParams(float(static["alpha"]), float(static["beta"]))
     shape = shapes["pred"]

@@ -30,6 +30,13 @@ slots ``{slot: (shape, dtype)}`` its forward (or backward) of ``family`` (``"roi
 ``"roi_pool"``, ``"deform_roi_pool"``, ``"deform_psroi_pool"``: the method prefixes) takes
 through :func:`pydeform._workspace.scratch`, given the shapes of ``input``, ``output`` and the
 present ``offset`` / ``mask`` / ``trans``; part of :func:`roi_workspace`'s plan.
+
+Every ``<op>_backward`` method has a ``<op>_backward_deterministic`` twin with the same
+arguments, run for ``deterministic=True``: the same gradients with bits that do not depend on
+the order the threads run in (the GPU sets: sorted contribution lists and fixed-order sums, see
+:mod:`pydeform._contributions`; it writes every gradient element. The Numba CPU set's backward
+is deterministic already and serves both). ``deterministic_workspace(family, params, shapes,
+dtype)`` gives its scratch slots.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-from ._arrays import check_arrays, check_backend, check_finite_float, check_int, int_pair, shape_of
+from ._arrays import check_arrays, check_backend, check_bool, check_finite_float, check_int, int_pair, shape_of
 from ._interop import dlpack_entry
 from ._rois import check_positive_float, normalize_rois
 from ._workspace import accumulator, accumulator_plans, finish, output
@@ -248,7 +255,7 @@ _FAMILIES = {RoIAlignParams: "roi_align", RoIPoolParams: "roi_pool", DeformRoIPo
              DeformPSRoIPoolParams: "deform_psroi_pool"}
 
 
-def roi_workspace(kernels, params, shapes: dict, dtype, *, backward: bool) -> dict:
+def roi_workspace(kernels, params, shapes: dict, dtype, *, backward: bool, deterministic: bool = False) -> dict:
     """The scratch one forward (or backward) driver call of the op ``params`` describes takes,
     ``{slot: (shape, dtype)}``, on the kernel set ``kernels``.
 
@@ -256,14 +263,17 @@ def roi_workspace(kernels, params, shapes: dict, dtype, *, backward: bool) -> di
     ``offset``, ``mask``, ``trans``. The plan is the kernel set's own scratch (none when the
     output is empty: no kernel runs) and, for the backward of half types, float32 accumulators
     of the gradients. A caller that provides the buffers (:func:`pydeform._workspace.provided`,
-    as :mod:`pydeform.jax` does) provides exactly these.
+    as :mod:`pydeform.jax` does) provides exactly these. A ``deterministic`` backward adds the
+    kernel set's ``deterministic_workspace``.
     """
     arrays = {name: tuple(shape) for name, shape in shapes.items() if name != "rois"}
     output_shape = roi_output_shape(params, shapes["rois"][0])
     plan = {}
     if math.prod(output_shape):
-        plan.update(kernels.workspace(_FAMILIES[type(params)], params, {**arrays, "output": output_shape}, dtype,
-                                      backward=backward))
+        family, kernel_shapes = _FAMILIES[type(params)], {**arrays, "output": output_shape}
+        plan.update(kernels.workspace(family, params, kernel_shapes, dtype, backward=backward))
+        if backward and deterministic:
+            plan.update(kernels.deterministic_workspace(family, params, kernel_shapes, dtype))
     if backward:
         plan.update(accumulator_plans({"grad_" + name: shape for name, shape in arrays.items()}, dtype))
     return plan
@@ -289,9 +299,15 @@ def _accumulated_grads(call, grads: dict, launch) -> tuple:
     return tuple(None if a is None else finish(xp, name, a, dtype) for name, a in zip(arrays, accumulators))
 
 
+def _backward_method(call, family, deterministic):
+    """The kernel set's backward of ``family``, its deterministic twin if asked."""
+    suffix = "_deterministic" if check_bool("deterministic", deterministic) else ""
+    return getattr(call.kernels, f"{family}_backward{suffix}")
+
+
 def _input_grad(call, params, method):
     def launch(grad_input):
-        getattr(call.kernels, method)(call.arrays["grad_output"], call.arrays["input"], call.rois, grad_input, params)
+        method(call.arrays["grad_output"], call.arrays["input"], call.rois, grad_input, params)
 
     return RoIGrads(*_accumulated_grads(call, {"grad_input": "input"}, launch))
 
@@ -326,17 +342,22 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
 
 @dlpack_entry
 def roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-                       mode="avg", *, backend=None) -> RoIGrads:
+                       mode="avg", *, backend=None, deterministic=False) -> RoIGrads:
     """Gradient of :func:`roi_align` with respect to ``input``.
 
     ``grad_output`` is ``[K, C, PH, PW]``; the other arguments are those of the forward.
     Average mode spreads each bin's gradient over its samples' bilinear corners; max mode routes
     it through the sample that held the maximum (first one on ties).
+
+    With ``deterministic=True`` the gradient's bits are the same in every run and for every
+    launch configuration: on the GPU each input element sums its contributions in a fixed order
+    (sorted contribution lists) instead of receiving float atomics; the Numba CPU backward is
+    deterministic either way. The same keyword, with the same meaning, is on every RoI backward.
     """
     _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode, False, backend,
                               grad_output)
-    return _input_grad(call, p, "roi_align_backward")
+    return _input_grad(call, p, _backward_method(call, "roi_align", deterministic))
 
 
 @dlpack_entry
@@ -353,12 +374,12 @@ def ps_roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
 
 @dlpack_entry
 def ps_roi_align_backward(grad_output, input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, *,
-                          backend=None) -> RoIGrads:
+                          backend=None, deterministic=False) -> RoIGrads:
     """Gradient of :func:`ps_roi_align` with respect to ``input``; ``grad_output [K, C_out, PH, PW]``."""
     _require_grad_output(grad_output)
     call, p = _roi_align_call(input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", True, backend,
                               grad_output)
-    return _input_grad(call, p, "roi_align_backward")
+    return _input_grad(call, p, _backward_method(call, "roi_align", deterministic))
 
 
 @dlpack_entry
@@ -374,11 +395,12 @@ def roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
 
 
 @dlpack_entry
-def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
+def roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None,
+                      deterministic=False) -> RoIGrads:
     """Gradient of :func:`roi_pool`: each bin's gradient goes to its arg-max element."""
     _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, False, backend, grad_output)
-    return _input_grad(call, p, "roi_pool_backward")
+    return _input_grad(call, p, _backward_method(call, "roi_pool", deterministic))
 
 
 @dlpack_entry
@@ -393,11 +415,12 @@ def ps_roi_pool(input, rois, output_size, spatial_scale=1.0, *, backend=None):
 
 
 @dlpack_entry
-def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None) -> RoIGrads:
+def ps_roi_pool_backward(grad_output, input, rois, output_size, spatial_scale=1.0, *, backend=None,
+                         deterministic=False) -> RoIGrads:
     """Gradient of :func:`ps_roi_pool` with respect to ``input``."""
     _require_grad_output(grad_output)
     call, p = _roi_pool_call(input, rois, output_size, spatial_scale, True, backend, grad_output)
-    return _input_grad(call, p, "roi_pool_backward")
+    return _input_grad(call, p, _backward_method(call, "roi_pool", deterministic))
 
 
 def deform_roi_pool_params(shapes, k, output_size, spatial_scale, sampling_ratio, gamma) -> DeformRoIPoolParams:
@@ -453,7 +476,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
 
 @dlpack_entry
 def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7, spatial_scale=1.0,
-                             sampling_ratio=0, gamma=0.1, mask=None, *, backend=None) -> DeformRoIPoolGrads:
+                             sampling_ratio=0, gamma=0.1, mask=None, *, backend=None,
+                             deterministic=False) -> DeformRoIPoolGrads:
     """Gradients of :func:`deform_roi_pool` with respect to ``input``, ``offset`` and ``mask``.
 
     ``grad_output`` is ``[K, C, PH, PW]``; the offset and mask gradients are None when the
@@ -463,9 +487,10 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     call, p = _deform_roi_pool_call(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask,
                                     backend, grad_output)
     a = call.arrays
+    method = _backward_method(call, "deform_roi_pool", deterministic)
 
     def launch(grad_input, grad_offset, grad_mask):
-        call.kernels.deform_roi_pool_backward(
+        method(
             a["grad_output"], a["input"], call.rois, a["offset"], a["mask"], grad_input, grad_offset, grad_mask, p
         )
 
@@ -552,7 +577,7 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
 @dlpack_entry
 def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=None, group_size=1, pooled_size=7,
                                part_size=None, sample_per_part=4, trans_std=0.0, spatial_scale=1.0, *,
-                               backend=None) -> DeformPSRoIPoolGrads:
+                               backend=None, deterministic=False) -> DeformPSRoIPoolGrads:
     """Gradients of :func:`deform_psroi_pool` with respect to ``input`` and ``trans``.
 
     ``grad_output`` is ``[K, output_dim, pooled_size, pooled_size]``; the trans gradient is None
@@ -562,9 +587,9 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=
     call, p = _deform_psroi_pool_call(input, rois, trans, output_dim, group_size, pooled_size, part_size,
                                       sample_per_part, trans_std, spatial_scale, backend, grad_output)
     a = call.arrays
+    method = _backward_method(call, "deform_psroi_pool", deterministic)
 
     def launch(grad_input, grad_trans):
-        call.kernels.deform_psroi_pool_backward(a["grad_output"], a["input"], call.rois, a["trans"], grad_input,
-                                                grad_trans, p)
+        method(a["grad_output"], a["input"], call.rois, a["trans"], grad_input, grad_trans, p)
 
     return DeformPSRoIPoolGrads(*_accumulated_grads(call, {"grad_input": "input", "grad_trans": "trans"}, launch))

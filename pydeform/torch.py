@@ -7,6 +7,10 @@ differentiable op has its backward registered with ``register_autograd``, the ba
 custom op (``torch.ops.pydeform.<op>_backward``) running the analytic backward kernels; so
 ``torch.compile(..., fullgraph=True)`` traces them without graph breaks.
 
+The backwards of deform_conv2d and the RoI ops follow ``torch.use_deterministic_algorithms``:
+while it is on, autograd runs them in their deterministic mode (``deterministic=True`` of the
+array API: bit-identical gradients in every run).
+
 CPU tensors run the Numba CPU kernels. CUDA tensors run the CuPy kernels on the tensor's device
 and on PyTorch's current stream, with every array the op allocates (outputs and scratch) taken
 from PyTorch's caching allocator; tensors cross to CuPy and back through DLPack without a copy
@@ -128,7 +132,7 @@ _BOX_ARGUMENTS = ("rois", "boxes")
 
 
 def _argument_names(arguments: str) -> list:
-    return [a.split()[-1] for a in arguments.split(", ")]
+    return [a.split()[-1].split("=")[0] for a in arguments.split(", ")]
 
 
 def _tensor_names(arguments: str) -> list:
@@ -173,12 +177,18 @@ def _shapes(values: dict, tensor_names: list) -> dict:
     return {n: (None if values[n] is None else tuple(values[n].shape)) for n in tensor_names}
 
 
-def _define_differentiable(name: str, arguments: str, output_fake, forward, backward, grad_names: tuple):
+def _define_differentiable(name: str, arguments: str, output_fake, forward, backward, grad_names: tuple,
+                           deterministic: bool = False):
     """A forward op running ``forward`` (array level), its backward op
     ``<name>_backward(grad_output, <arguments>)`` running ``backward`` and returning one tensor
     per entry of ``grad_names`` (an empty one for an absent optional argument), and the
-    autograd formula connecting them. ``output_fake(shapes, values)`` gives the forward's output."""
+    autograd formula connecting them. ``output_fake(shapes, values)`` gives the forward's output.
+    ``deterministic``: the backward has a deterministic mode; its op takes a last argument
+    ``bool deterministic=False``, which autograd sets to
+    ``torch.are_deterministic_algorithms_enabled()`` when the backward runs."""
     names, tensor_names = _argument_names(arguments), _tensor_names(arguments)
+    backward_arguments = f"Tensor grad_output, {arguments}" + (", bool deterministic=False" if deterministic else "")
+    backward_names = _argument_names(backward_arguments)
 
     def forward_fake(*args):
         values = dict(zip(names, args))
@@ -192,17 +202,16 @@ def _define_differentiable(name: str, arguments: str, output_fake, forward, back
         return grads[0] if len(grads) == 1 else grads
 
     def backward_fake(grad_output, *args):
-        values = dict(zip(names, args))
+        values = dict(zip(names, args[:len(names)]))
         return slots([None if values[g] is None else torch.empty_like(values[g], memory_format=torch.contiguous_format)
                       for g in grad_names], grad_output)
 
     def backward_impl(grad_output, *args):
-        grads = _call(backward, ["grad_output"] + names, (grad_output,) + args)
+        grads = _call(backward, backward_names, (grad_output,) + args)
         return slots(grads if isinstance(grads, tuple) else (grads,), grad_output)
 
     returns = "Tensor" if len(grad_names) == 1 else "(" + ", ".join(["Tensor"] * len(grad_names)) + ")"
-    backward_op = _define(f"{name}_backward", f"Tensor grad_output, {arguments}", returns, backward_impl,
-                          backward_fake)
+    backward_op = _define(f"{name}_backward", backward_arguments, returns, backward_impl, backward_fake)
     tensor_positions = [i for i, a in enumerate(arguments.split(", ")) if a.startswith("Tensor")]
 
     def setup_context(ctx, inputs, output):
@@ -213,7 +222,8 @@ def _define_differentiable(name: str, arguments: str, output_fake, forward, back
         inputs = list(ctx.inputs)
         for i, saved in zip(tensor_positions, ctx.saved_tensors):
             inputs[i] = saved
-        grads = backward_op(grad_output, *inputs)
+        mode = (torch.are_deterministic_algorithms_enabled(),) if deterministic else ()
+        grads = backward_op(grad_output, *inputs, *mode)
         grads = dict(zip(grad_names, grads if isinstance(grads, tuple) else (grads,)))
         return tuple(grads[n] if n in grads and inputs[i] is not None else None for i, n in enumerate(names))
 
@@ -241,33 +251,33 @@ _deform_conv2d_op, _ = _define_differentiable(
     "Tensor input, Tensor offset, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
     "Tensor? mask",
     _deform_conv2d_fake, _deform_conv.deform_conv2d, _deform_conv.deform_conv2d_backward,
-    ("input", "offset", "weight", "bias", "mask"),
+    ("input", "offset", "weight", "bias", "mask"), deterministic=True,
 )
 _roi_align_op, _ = _define_differentiable(
     "roi_align",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio, bool aligned, str mode",
     _roi_fake(lambda s, k, v: _roi.roi_align_params(s, k, v["output_size"], v["spatial_scale"], v["sampling_ratio"],
                                                     v["aligned"], v["mode"], False)),
-    _roi.roi_align, _roi.roi_align_backward, ("input",),
+    _roi.roi_align, _roi.roi_align_backward, ("input",), deterministic=True,
 )
 _ps_roi_align_op, _ = _define_differentiable(
     "ps_roi_align",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio",
     _roi_fake(lambda s, k, v: _roi.roi_align_params(s, k, v["output_size"], v["spatial_scale"], v["sampling_ratio"],
                                                     True, "avg", True)),
-    _roi.ps_roi_align, _roi.ps_roi_align_backward, ("input",),
+    _roi.ps_roi_align, _roi.ps_roi_align_backward, ("input",), deterministic=True,
 )
 _roi_pool_op, _ = _define_differentiable(
     "roi_pool",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale",
     _roi_fake(lambda s, k, v: _roi.roi_pool_params(s, k, v["output_size"], v["spatial_scale"], False)),
-    _roi.roi_pool, _roi.roi_pool_backward, ("input",),
+    _roi.roi_pool, _roi.roi_pool_backward, ("input",), deterministic=True,
 )
 _ps_roi_pool_op, _ = _define_differentiable(
     "ps_roi_pool",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale",
     _roi_fake(lambda s, k, v: _roi.roi_pool_params(s, k, v["output_size"], v["spatial_scale"], True)),
-    _roi.ps_roi_pool, _roi.ps_roi_pool_backward, ("input",),
+    _roi.ps_roi_pool, _roi.ps_roi_pool_backward, ("input",), deterministic=True,
 )
 _deform_roi_pool_op, _ = _define_differentiable(
     "deform_roi_pool",
@@ -275,7 +285,7 @@ _deform_roi_pool_op, _ = _define_differentiable(
     "float gamma, Tensor? mask",
     _roi_fake(lambda s, k, v: _roi.deform_roi_pool_params(s, k, v["output_size"], v["spatial_scale"],
                                                           v["sampling_ratio"], v["gamma"])),
-    _roi.deform_roi_pool, _roi.deform_roi_pool_backward, ("input", "offset", "mask"),
+    _roi.deform_roi_pool, _roi.deform_roi_pool_backward, ("input", "offset", "mask"), deterministic=True,
 )
 _deform_psroi_pool_op, _ = _define_differentiable(
     "deform_psroi_pool",
@@ -284,7 +294,7 @@ _deform_psroi_pool_op, _ = _define_differentiable(
     _roi_fake(lambda s, k, v: _roi.deform_psroi_pool_params(
         s, k, v["output_dim"], v["group_size"], v["pooled_size"], v["part_size"], v["sample_per_part"],
         v["trans_std"], v["spatial_scale"])),
-    _roi.deform_psroi_pool, _roi.deform_psroi_pool_backward, ("input", "trans"),
+    _roi.deform_psroi_pool, _roi.deform_psroi_pool_backward, ("input", "trans"), deterministic=True,
 )
 
 

@@ -7,6 +7,10 @@
 //   another, each block's threads as concurrent OS threads that meet at __syncthreads() on a
 //   barrier and share the block's __shared__ arrays, so the block-cooperative code (scans, sorts,
 //   reductions) really runs with several threads; atomics take a lock.
+// - PYDEFORM_HOST_SHIM_SHUFFLED: the launcher runs every logical thread of the grid (block,
+//   thread) as one call, in a shuffled order and on several OS threads, for grid-stride kernels
+//   without __syncthreads. atomicAdd is a real lock-free read-modify-write, applied in the order
+//   the threads get there, so float sums take the rounding of that order as on a GPU.
 #pragma once
 
 #include <cmath>
@@ -24,7 +28,37 @@ struct HostShimDim3 {
 // Blocks run one at a time, so a block's shared arrays can be statics either way.
 #define __shared__ static
 
-#ifdef PYDEFORM_HOST_SHIM_BLOCK_THREADS
+#if defined(PYDEFORM_HOST_SHIM_SHUFFLED)
+static thread_local HostShimDim3 threadIdx = {0, 0, 0};
+static thread_local HostShimDim3 blockIdx = {0, 0, 0};
+static HostShimDim3 blockDim = {1, 1, 1};
+static HostShimDim3 gridDim = {1, 1, 1};
+
+// Called once per launch, before any logical thread runs.
+extern "C" void pydeform_host_configure(const unsigned int grid, const unsigned int block) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+}
+
+// Called by an OS thread before it runs logical thread (block, thread).
+extern "C" void pydeform_host_enter(const unsigned int block, const unsigned int thread) {
+    blockIdx = {block, 0, 0};
+    threadIdx = {thread, 0, 0};
+}
+
+// Compare-and-swap on the value's bytes: integers and floats alike.
+template <typename A>
+inline A atomicAdd(A* address, const A value) {
+    A old;
+    __atomic_load(address, &old, __ATOMIC_RELAXED);
+    A updated = old + value;
+    while (!__atomic_compare_exchange(address, &old, &updated, false, __ATOMIC_SEQ_CST,
+                                      __ATOMIC_RELAXED)) {
+        updated = old + value;
+    }
+    return old;
+}
+#elif defined(PYDEFORM_HOST_SHIM_BLOCK_THREADS)
 #include <mutex>
 #include <pthread.h>
 

@@ -1,4 +1,5 @@
-"""The CuPy RawKernel sources compiled as plain C++ and run on the CPU, one thread, one block.
+"""The CuPy RawKernel sources compiled as plain C++ and run on the CPU: one thread of one block,
+threaded blocks, or every logical thread of a grid in a shuffled order (see cuda_host_shim.h).
 
 g++ compiles a ``.cu`` file of ``pydeform/backends/cupy_kernels`` (its includes inlined exactly
 as for NVRTC) with ``cuda_host_shim.h`` force-included and ``cuda_host_include/`` standing in
@@ -33,6 +34,7 @@ HOST_INCLUDE_DIR = TESTS_DIR / "cuda_host_include"
 HOST_TYPES = ("float", "double")
 CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
 THREADED_FLAGS = ("-DPYDEFORM_HOST_SHIM_BLOCK_THREADS", "-pthread")
+SHUFFLED_FLAGS = ("-DPYDEFORM_HOST_SHIM_SHUFFLED", "-pthread")
 # A threaded block that has not finished after this long is taken as deadlocked (a __syncthreads
 # that not every thread of the block reaches).
 BLOCK_TIMEOUT_S = 60
@@ -68,14 +70,24 @@ def _build_inputs_digest(unit, flags):
     return digest.hexdigest()[:16]
 
 
+# Execution models of the shim (cuda_host_shim.h): compile flags and library name suffix.
+_MODELS = {
+    "single": ((), ""),
+    "threaded": (THREADED_FLAGS, "_threaded"),
+    "shuffled": (SHUFFLED_FLAGS, "_shuffled"),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def load_library(name, source, templates, threaded=False):
+def load_library(name, source, templates, threaded=False, model=None):
     """The shared library of CUDA C ``source`` (includes already inlined) exporting each of
     ``templates`` for float and double; rebuilt whenever the source or a shim header changes.
-    ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks)."""
+    ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks);
+    ``model="shuffled"``: its shuffled-threads model (run_shuffled)."""
     unit = _translation_unit(source, templates)
-    flags = (*CXX_FLAGS, *THREADED_FLAGS) if threaded else CXX_FLAGS
-    stem = f"{name}{'_threaded' if threaded else ''}_{_build_inputs_digest(unit, flags)}"
+    model_flags, suffix = _MODELS[model or ("threaded" if threaded else "single")]
+    flags = (*CXX_FLAGS, *model_flags)
+    stem = f"{name}{suffix}_{_build_inputs_digest(unit, flags)}"
     library = BUILD_DIR / f"{stem}.so"
     if not library.exists():
         BUILD_DIR.mkdir(exist_ok=True)
@@ -94,9 +106,10 @@ def load_library(name, source, templates, threaded=False):
     return ctypes.CDLL(str(library))
 
 
-def manifest_library(manifest, threaded=False):
+def manifest_library(manifest, threaded=False, model=None):
     """The library of a kernel set's ``.cu`` file, built from the text NVRTC compiles."""
-    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded)
+    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded,
+                        model)
 
 
 # Marshalled scalar type -> the C parameter type it stands for; anything else is a pointer.
@@ -146,13 +159,49 @@ def run_blocks(library, template, storage_dtype, args, grid, block):
         function(*values)
 
     for block_index in range(grid):
-        threads = [threading.Thread(target=thread_body, args=(block_index, t), daemon=True) for t in range(block)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(BLOCK_TIMEOUT_S)
-            if thread.is_alive():
-                raise RuntimeError(f"{template}: block {block_index} of {grid} did not finish (deadlock?)")
+        _run_threads([threading.Thread(target=thread_body, args=(block_index, t), daemon=True) for t in range(block)],
+                     f"{template}: block {block_index} of {grid} did not finish (deadlock?)")
+
+
+def _run_threads(threads, hang_message):
+    """Starts ``threads`` and waits for them; a thread still running after BLOCK_TIMEOUT_S is
+    reported with ``hang_message``."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(BLOCK_TIMEOUT_S)
+        if thread.is_alive():
+            raise RuntimeError(hang_message)
+
+
+def run_shuffled(library, template, storage_dtype, args, grid, block, order, workers):
+    """Runs ``template<storage_dtype>`` of a shuffled-model host library as ``grid`` blocks of
+    ``block`` threads: each logical thread is one call, the calls taken in ``order`` (a
+    permutation of the ``grid * block`` logical threads, block-major) by ``workers`` OS threads
+    at once (ctypes releases the GIL during a call)."""
+    function = _kernel_function(library, template, storage_dtype, args)
+    values = [_cvalue(a) for a in args]
+    library.pydeform_host_configure(ctypes.c_uint(grid), ctypes.c_uint(block))
+    queue = iter(order)
+    take = threading.Lock()
+    failures = []
+
+    def worker():
+        try:
+            while True:
+                with take:
+                    logical = next(queue, None)
+                if logical is None:
+                    return
+                library.pydeform_host_enter(ctypes.c_uint(logical // block), ctypes.c_uint(logical % block))
+                function(*values)
+        except BaseException as error:  # re-raised in the launching thread
+            failures.append(error)
+
+    _run_threads([threading.Thread(target=worker, daemon=True) for _ in range(workers)],
+                 f"{template}: a shuffled launch did not finish")
+    if failures:
+        raise failures[0]
 
 
 class HostShimLaunch:
@@ -180,11 +229,35 @@ class HostShimBlocksLaunch(HostShimLaunch):
                        min(n_blocks, self.grid), self.block)
 
 
+class HostShimShuffledLaunch(HostShimLaunch):
+    """As HostShimLaunch, on the shuffled-threads shim: each launch runs min(its block count,
+    ``grid``) blocks of ``block`` threads, the logical threads in an order drawn from ``seed``
+    (a new permutation per launch) on ``workers`` OS threads, with real atomics."""
+
+    def __init__(self, grid, block, seed, workers=4):
+        self.grid, self.block, self.workers = grid, block, workers
+        self.rng = np.random.default_rng(seed)
+
+    def _launch(self, storage_dtype, template, n_items, args):
+        if n_items:
+            grid = min(-(-n_items // self.block), self.grid)
+            run_shuffled(manifest_library(self.manifest, model="shuffled"), template, storage_dtype, args, grid,
+                         self.block, self.rng.permutation(grid * self.block).tolist(), self.workers)
+
+
 class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
     manifest = DEFORM_CONV_KERNELS
 
 
 class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
+    manifest = ROI_KERNELS
+
+
+class HostShimShuffledDeformConv2dKernels(HostShimShuffledLaunch, CupyDeformConv2dKernels):
+    manifest = DEFORM_CONV_KERNELS
+
+
+class HostShimShuffledRoIKernels(HostShimShuffledLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
 
 

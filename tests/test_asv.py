@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pydeform
 from pydeform import benchmark_cases as bc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,27 @@ def test_cases_filters_and_rejects_unknown_names():
     quick = bc.cases(quick=True)
     assert sorted((case.op, case.device) for case in quick) == sorted(
         (op, device) for op in bc.OPS for device in ("gpu", "cpu"))
-    assert [case.op for case in bc.cases("roi_pool", "gpu")] == ["roi_pool", "roi_pool"]
+    assert [case.name for case in bc.cases("roi_pool", "gpu")] == ["7x7", "14x14", "7x7-deterministic"]
     with pytest.raises(ValueError, match="op: expected one of"):
         bc.cases("roi_alignn")
     with pytest.raises(ValueError, match="device: expected"):
         bc.cases(device="tpu")
+
+
+def test_deterministic_cases_time_the_deterministic_backward(monkeypatch):
+    """One deterministic twin of the first GPU case of each op whose backward scatters: same
+    inputs and options, no peer, ``deterministic=True`` passed to the backward only."""
+    twins = [case for case in bc.cases(device="gpu") if case.backward_options]
+    assert sorted(case.op for case in twins) == sorted(bc.DETERMINISTIC_OPS)
+    for twin in twins:
+        first = bc.cases(twin.op, "gpu")[0]
+        assert twin.name == first.name + "-deterministic" and twin.options == first.options and twin.peer is None
+    calls = []
+    monkeypatch.setattr(pydeform, "roi_align", lambda **kwargs: calls.append(("forward", kwargs)))
+    monkeypatch.setattr(pydeform, "roi_align_backward", lambda grad, **kwargs: calls.append(("backward", kwargs)))
+    twin = next(case for case in twins if case.op == "roi_align")
+    bc.pydeform_calls(twin, {"input": 1, "rois": 2, "grad_output": 3}).forward_backward()
+    assert "deterministic" not in calls[0][1] and calls[1][1]["deterministic"] is True
 
 
 def test_standard_shapes_of_perf_md():

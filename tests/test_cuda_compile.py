@@ -13,8 +13,9 @@ import re
 import numpy as np
 import pytest
 
+from pydeform._contributions import ContributionLists
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import centernet, deform_conv, roi
+from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, roi
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
@@ -106,6 +107,10 @@ def deform_conv2d_launches(with_mask):
         deform_conv.im2col_launch(empty, empty, mask, empty, g),
         deform_conv.col2im_coord_launch(empty, empty, mask, empty, empty, mask, g),
         deform_conv.col2im_launch(empty, mask, empty, empty, g),
+        deform_conv.col2im_count_launch(empty, mask, empty, g),
+        deform_conv.col2im_fill_launch(empty, mask, empty, empty, empty, empty, g),
+        contributions.sort_launch(empty, empty, empty, empty),
+        deform_conv.col2im_gather_launch(empty, empty, empty, empty, empty, g),
     ]
 
 
@@ -137,7 +142,26 @@ def roi_launches(dtype, optional_present):
         roi.deform_roi_pool_backward_launch(a, a, a, opt, opt, a, opt, opt, deform),
         roi.deform_psroi_pool_forward_launch(a, a, opt, a, psroi),
         roi.deform_psroi_pool_backward_launch(a, a, a, opt, a, opt, psroi),
+        *deterministic_roi_launches(a, opt, {"roi_align": align, "roi_pool": pool, "deform_roi_pool": deform,
+                                             "deform_psroi_pool": psroi}),
     ]
+
+
+def deterministic_roi_launches(a, opt, params):
+    """The deterministic backward's kernels (lists, gather, sort, and the deform ops' partials and
+    parameter sums) of every family."""
+    lists = ContributionLists(a, a, a, a)
+    launches = [contributions.sort_launch(a, a, a, a)]
+    for family, p in params.items():
+        layout = roi.contribution_layout(family, a.shape, 2, p)
+        optional = (opt, opt) if family == "deform_roi_pool" else (opt,)
+        arrays = roi._list_arrays(family, a, a, optional)
+        launches.append(roi.backward_lists_launch(family, arrays, a, a, a, a, True, a, p, layout))
+        launches.append(roi.backward_gather_launch(family, lists, a, a, a, p))
+        if family.startswith("deform"):
+            launches.append(roi.backward_partials_launch(family, a, a, a, optional, a, p))
+            launches.append(roi.backward_params_sum_launch(family, a, (a,) * len(optional), a, p))
+    return launches
 
 
 @pytest.mark.parametrize("optional_present", [True, False])

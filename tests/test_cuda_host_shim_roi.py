@@ -248,10 +248,13 @@ def test_op_matches_reference(op, dtype, data):
 
 
 def test_kernel_set_methods_are_the_kernels():
-    """One method per kernel template, of the same name, and ``workspace`` (the interface of
-    pydeform.roi)."""
+    """One method per forward / backward kernel template, of the same name, its deterministic
+    twin per backward, and the two workspace plans (the interface of pydeform.roi); the other
+    templates are the deterministic backward's steps."""
     methods = {name for name, _ in inspect.getmembers(CupyRoIKernels, inspect.isfunction) if not name.startswith("_")}
-    assert methods == set(KERNELS.templates) | {"workspace"}
+    kernels = {t for t in KERNELS.templates if t.endswith(("_forward", "_backward"))}
+    deterministic = {t + "_deterministic" for t in kernels if t.endswith("_backward")}
+    assert methods == kernels | deterministic | {"workspace", "deterministic_workspace"}
 
 
 @pytest.mark.parametrize("op", OPS)

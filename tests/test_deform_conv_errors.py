@@ -160,6 +160,8 @@ BACKWARD_RULES = [
     ("grad-output-channels", reshaped("grad_output", (2, 5, 4, 4)), ValueError, "grad_output", ["(2, 6, 4, 4)", "(2, 5, 4, 4)"]),
     ("grad-output-batch", reshaped("grad_output", (1, 6, 4, 4)), ValueError, "grad_output", ["(2, 6, 4, 4)", "(1, 6, 4, 4)"]),
     ("grad-output-spatial", reshaped("grad_output", (2, 6, 4, 5)), ValueError, "grad_output", ["(2, 6, 4, 4)", "(2, 6, 4, 5)"]),
+    ("deterministic-int", setter(deterministic=1), TypeError, "deterministic", ["bool", "1"]),
+    ("deterministic-none", setter(deterministic=None), TypeError, "deterministic", ["bool", "None"]),
 ]
 
 

@@ -260,3 +260,28 @@ def test_boxes_as_lists_of_numbers():
         np.testing.assert_array_equal(np.asarray(got), expected[-len(got):])
     jitted = jax.jit(lambda a: pdj.roi_align(a, rows, 2, sampling_ratio=2))(x)
     np.testing.assert_array_equal(np.asarray(jitted), expected)
+
+
+def test_deterministic_is_a_static_backward_argument():
+    """``deterministic`` reaches the backward only (the forward has none) and is checked once;
+    on the CPU both modes give the same bits (the Numba CPU backward is deterministic)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 2, 6, 6))
+    rois = np.array([[0, 0.5, 1.0, 4.5, 5.0], [0, 1.0, 0.5, 3.0, 4.0]])
+    grads = [
+        jax.jit(jax.grad(lambda v, d=d: pdj.roi_align(v, jnp.asarray(rois), 2, sampling_ratio=0,
+                                                      deterministic=d).sum()))(jnp.asarray(x))
+        for d in (False, True)
+    ]
+    expected = pydeform.roi_align_backward(np.ones((2, 2, 2, 2)), x, rois, 2, sampling_ratio=0, deterministic=True)
+    assert np.asarray(grads[0]).tobytes() == np.asarray(grads[1]).tobytes() == expected.input.tobytes()
+    offset = rng.standard_normal((1, 18, 6, 6))
+    weight = rng.standard_normal((3, 2, 3, 3))
+    grad = jax.grad(lambda v: pdj.deform_conv2d(v, jnp.asarray(offset), jnp.asarray(weight), padding=1,
+                                                deterministic=True).sum())(jnp.asarray(x))
+    expected = pydeform.deform_conv2d_backward(np.ones((1, 3, 6, 6)), x, offset, weight, padding=1, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(grad), expected.input)
+    with pytest.raises(TypeError, match="^deterministic: expected a bool"):
+        pdj.roi_pool(jnp.asarray(x), jnp.asarray(rois), 2, deterministic=1)
+    with pytest.raises(TypeError, match="^deterministic: expected a bool"):
+        pdj.deform_conv2d(jnp.asarray(x), jnp.asarray(offset), jnp.asarray(weight), padding=1, deterministic="yes")

@@ -201,6 +201,7 @@ def backward_rules(op) -> list:
          [expected, "(3, 5, 2, 2)"]),
         ("grad-output-bins", reshaped("grad_output", (3, c, 2, 3)), ValueError, "grad_output",
          [expected, f"(3, {c}, 2, 3)"]),
+        ("deterministic-int", setter(deterministic=1), TypeError, "deterministic", ["bool", "1"]),
     ]
 
 

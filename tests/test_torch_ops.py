@@ -211,3 +211,29 @@ def test_autocast_rule_casts_features_not_boxes_nor_float64():
     cast = pt._autocast_arguments(args, names, "cpu", torch.bfloat16)
     assert [getattr(a, "dtype", None) for a in cast] == [torch.bfloat16, torch.float32, torch.float64, None]
     assert pt._autocast_arguments(args, names, "cuda", torch.float16)[0].dtype == torch.float32  # other device
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_follows_use_deterministic_algorithms(monkeypatch, deterministic):
+    """Autograd passes torch.are_deterministic_algorithms_enabled() to the backward ops, which
+    hand it to the array API as ``deterministic``."""
+    seen = []
+    backward_method = pydeform.roi._backward_method
+
+    def recording(call, family, mode):
+        seen.append(mode)
+        return backward_method(call, family, mode)
+
+    monkeypatch.setattr(pydeform.roi, "_backward_method", recording)
+    input = torch.from_numpy(np.random.default_rng(6).standard_normal((1, 2, 5, 5))).requires_grad_()
+    boxes = torch.tensor([[0.0, 0.5, 0.5, 3.5, 4.0]], dtype=torch.float64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        pt.roi_align(input, boxes, 2, 1.0, 2).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [deterministic]
+    explicit = ops.roi_align_backward.default(torch.ones(1, 2, 2, 2, dtype=torch.float64), input.detach(), boxes,
+                                              [2, 2], 1.0, 2, False, "avg", True)
+    assert torch.equal(explicit, input.grad)

@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "bilinear.cuh"
+#include "contributions.cuh"
 
 namespace pydeform {
 
@@ -78,6 +79,23 @@ __device__ __forceinline__ DeformConv2dSample<acc_t<T>> deform_conv2d_sample(
     sample.plane_size = geom.height * geom.width;
     sample.column_stride = kernel_size * out_size;
     return sample;
+}
+
+// The input-gradient contributions of one work item: body(bucket, corner, weight) for each valid
+// corner, bucket = (b*Goff + g)*H*W + pixel (shared by the channels of group g), weight =
+// m * the corner's bilinear weight.
+template <typename T, typename Body>
+__device__ __forceinline__ void for_each_col2im_contribution(
+    const long long item, const DeformConv2dGeometry& geom, const T* __restrict__ offset,
+    const T* __restrict__ mask, const int has_mask, const Body& body) {
+    const DeformConv2dSample<acc_t<T>> sample = deform_conv2d_sample(item, geom, offset, mask, has_mask);
+    const long long group_plane = item / (geom.kernel_h * geom.kernel_w * geom.out_h * geom.out_w);
+    for (int k = 0; k < 4; ++k) {
+        if (sample.corners.valid[k]) {
+            body(group_plane * sample.plane_size + sample.corners.index[k], k,
+                 sample.modulation * sample.corners.weight[k]);
+        }
+    }
 }
 
 // Runs body(sample) for every work item of the grid-stride loop.
@@ -173,4 +191,70 @@ __global__ void deform_conv2d_col2im(const long long n_items, const T* __restric
                                 sample.modulation * grad_column);
             }
         });
+}
+
+// The deterministic input gradient (contributions.cuh): count and fill the contribution lists
+// of the buckets (b*Goff + g)*H*W + pixel, sort them (contribution_lists_sort), then gather.
+template <typename T>
+__global__ void deform_conv2d_col2im_count(const long long n_items, const T* __restrict__ offset,
+                                           const T* __restrict__ mask, const int has_mask,
+                                           pydeform::bucket_t* __restrict__ bucket_counts,
+                                           PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
+    using namespace pydeform;
+    const DeformConv2dGeometry geom = PYDEFORM_DEFORM_CONV2D_GEOMETRY;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        for_each_col2im_contribution(item, geom, offset, mask, has_mask,
+                                     [&](const long long bucket, int, acc_t<T>) {
+                                         count_contribution(bucket_counts, bucket);
+                                     });
+    }
+}
+
+template <typename T>
+__global__ void deform_conv2d_col2im_fill(
+    const long long n_items, const T* __restrict__ offset, const T* __restrict__ mask,
+    const int has_mask, PYDEFORM_CONTRIBUTION_LIST_PARAMS, PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const DeformConv2dGeometry geom = PYDEFORM_DEFORM_CONV2D_GEOMETRY;
+    const ContributionLists<A> lists = PYDEFORM_CONTRIBUTION_LISTS;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        for_each_col2im_contribution(item, geom, offset, mask, has_mask,
+                                     [&](const long long bucket, const int corner, const A weight) {
+                                         store_contribution(lists, claim_slot(cursors, bucket),
+                                                            item, corner, weight);
+                                     });
+    }
+}
+
+
+// grad_input[b, c, pixel] = sum over the sorted list of bucket (b*Goff + c/(C/Goff))*H*W + pixel
+// of weight * gcol, one work item per element of grad_input (all written).
+template <typename T>
+__global__ void deform_conv2d_col2im_gather(
+    const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+    const pydeform::acc_t<T>* __restrict__ grad_columns, pydeform::acc_t<T>* __restrict__ grad_input,
+    PYDEFORM_DEFORM_CONV2D_GEOMETRY_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const DeformConv2dGeometry geom = PYDEFORM_DEFORM_CONV2D_GEOMETRY;
+    const long long plane_size = geom.height * geom.width;
+    // Columns per channel: the work items' (kernel point, output pixel) indices.
+    const long long channel_columns = geom.kernel_h * geom.kernel_w * geom.out_h * geom.out_w;
+    const long long channels_per_group = geom.channels / geom.offset_groups;
+    for (long long element = grid_stride_begin(); element < n_items; element += grid_stride_step()) {
+        const long long pixel = element % plane_size;
+        const long long plane = element / plane_size;  // b*C + c
+        const long long channel = plane % geom.channels;
+        const long long batch = plane / geom.channels;
+        const long long bucket =
+            (batch * geom.offset_groups + channel / channels_per_group) * plane_size + pixel;
+        const A* columns = grad_columns + plane * channel_columns;
+        A sum = A(0);
+        for (long long slot = bucket_begin(bucket_ends, bucket); slot < static_cast<long long>(bucket_ends[bucket]);
+             ++slot) {
+            sum += contribution_weight[slot] * load_acc(columns + contribution_item[slot] % channel_columns);
+        }
+        grad_input[element] = sum;
+    }
 }

@@ -6,7 +6,10 @@ of its CUDA signature; the kernel set and the tests' CPU host shim both launch t
 
 import numpy as np
 
+from ..._arrays import accumulation_dtype
+from ..._contributions import contribution_lists, contribution_plan
 from ._compile import KernelManifest, launch
+from .contributions import SORT_TEMPLATE, sort_launch
 
 KERNELS = KernelManifest(
     source="deform_conv.cu",
@@ -14,6 +17,10 @@ KERNELS = KernelManifest(
         "deform_conv2d_im2col",
         "deform_conv2d_col2im_coord",
         "deform_conv2d_col2im",
+        "deform_conv2d_col2im_count",
+        "deform_conv2d_col2im_fill",
+        SORT_TEMPLATE,
+        "deform_conv2d_col2im_gather",
     ),
 )
 
@@ -85,6 +92,34 @@ def col2im_launch(offset, mask, grad_columns, grad_input, geom):
     return "deform_conv2d_col2im", n_items, args
 
 
+def col2im_buckets(batch, geom):
+    """The deterministic col2im's buckets: one per (image, offset group, input pixel)."""
+    return batch * geom.offset_groups * geom.height * geom.width
+
+
+def col2im_capacity(batch, geom):
+    """At most four contributions (bilinear corners) per work item."""
+    return 4 * _work_items(batch, geom)
+
+
+def col2im_count_launch(offset, mask, bucket_counts, geom):
+    n_items = _work_items(offset.shape[0], geom)
+    args = (np.int64(n_items), offset, *_mask_args(mask), bucket_counts, *_geometry_args(geom))
+    return "deform_conv2d_col2im_count", n_items, args
+
+
+def col2im_fill_launch(offset, mask, cursors, item, local, weight, geom):
+    n_items = _work_items(offset.shape[0], geom)
+    args = (np.int64(n_items), offset, *_mask_args(mask), cursors, item, local, weight, *_geometry_args(geom))
+    return "deform_conv2d_col2im_fill", n_items, args
+
+
+def col2im_gather_launch(bucket_ends, item, weight, grad_columns, grad_input, geom):
+    n_items = grad_input.size
+    args = (np.int64(n_items), bucket_ends, item, weight, grad_columns, grad_input, *_geometry_args(geom))
+    return "deform_conv2d_col2im_gather", n_items, args
+
+
 class CupyDeformConv2dKernels:
     """The deform_conv2d kernel set on CuPy arrays (C-contiguous, on the current device)."""
 
@@ -94,6 +129,12 @@ class CupyDeformConv2dKernels:
     def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
         """No scratch of its own: the kernels read and write every storage type directly."""
         return {}
+
+    @staticmethod
+    def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """The contribution lists of :meth:`col2im_deterministic` on ``batch`` images."""
+        return contribution_plan(col2im_buckets(batch, geometry), col2im_capacity(batch, geometry),
+                                 accumulation_dtype(dtype))
 
     @property
     def xp(self):
@@ -112,6 +153,19 @@ class CupyDeformConv2dKernels:
 
     def col2im(self, offset, mask, grad_columns, grad_input, geom):
         self._launch(offset.dtype, *col2im_launch(offset, mask, grad_columns, grad_input, geom))
+
+    def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geom):
+        """col2im by sorted contribution lists (:mod:`pydeform._contributions`): the same sums
+        in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+        dtype, batch = offset.dtype, offset.shape[0]
+        lists = contribution_lists(
+            self.xp, col2im_buckets(batch, geom), col2im_capacity(batch, geom), accumulation_dtype(dtype),
+            lambda counts: self._launch(dtype, *col2im_count_launch(offset, mask, counts, geom)),
+            lambda cursors, *entries: self._launch(dtype, *col2im_fill_launch(offset, mask, cursors, *entries, geom)),
+            lambda ends, *entries: self._launch(dtype, *sort_launch(ends, *entries)),
+        )
+        self._launch(dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
+                                                  grad_input, geom))
 
     def _launch(self, storage_dtype, template, n_items, args):
         launch(KERNELS, template, storage_dtype, n_items, args)

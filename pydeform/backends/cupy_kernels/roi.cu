@@ -13,6 +13,7 @@
 
 #include "common.cuh"
 #include "bilinear.cuh"
+#include "contributions.cuh"
 
 namespace pydeform {
 
@@ -667,4 +668,479 @@ __global__ void deform_psroi_pool_backward(
                               share * options.trans_std * b.roi_h * sum_dy);
         }
     });
+}
+
+// ------------------------------------------------------------------------------------------------
+// The deterministic backward (contributions.cuh). Its work items are *position items*
+// (k, q, ph, pw) of [K, Q, PH, PW]: the bins whose sample positions the output channels
+// q*step .. (q+1)*step - 1 share (Q = 1 where every channel samples at the same positions; one
+// per channel for the max modes, whose arg-max is the channel's own; one per class for
+// deform_psroi_pool, whose trans is per class). A contribution goes to bucket
+// (image*classes + class)*H*W + pixel; each class is shared by the input channels that read
+// the same positions. The input gradient is then gathered, one work item per input element.
+
+namespace pydeform {
+
+struct RoIContributionLayout {
+    long long position_channels;  // Q
+    long long channel_step;       // output channel of position channel q: q * channel_step
+    long long classes;            // buckets per image pixel
+};
+
+// The RoIItem of a position item, its channel that of position channel q.
+template <typename A>
+__device__ __forceinline__ RoIItem<A> position_roi_item(const long long item, const RoIGeometry& geom,
+                                                        const RoIContributionLayout& layout,
+                                                        const A* __restrict__ rois) {
+    const long long bins = geom.pooled_h * geom.pooled_w;
+    const long long q = (item / bins) % layout.position_channels;
+    const long long roi = item / (bins * layout.position_channels);
+    return roi_item((roi * geom.channels_out + q * layout.channel_step) * bins + item % bins, geom, rois);
+}
+
+// Where one position item's contributions go: sink(class, pixel, weight) counts the
+// contribution into its bucket (cursors == bucket counts) or, with fill, stores it there,
+// numbered in call order (its `local` key).
+template <typename A>
+struct ContributionSink {
+    bucket_t* cursors;
+    ContributionLists<A> lists;
+    bool fill;
+    long long classes, plane_size;
+    long long item, image, local;
+
+    __device__ __forceinline__ void operator()(const long long key_class, const long long pixel, const A weight) {
+        const long long bucket = (image * classes + key_class) * plane_size + pixel;
+        if (fill) {
+            store_contribution(lists, claim_slot(cursors, bucket), item, local, weight);
+        } else {
+            count_contribution(cursors, bucket);
+        }
+        ++local;
+    }
+};
+
+// Counts or stores (fill) every contribution of every valid position item;
+// contributions(r, sink) calls sink(class, pixel, weight) for each of r's contributions in a
+// fixed order.
+template <typename A, typename Contributions>
+__device__ __forceinline__ void roi_contribution_lists(
+    const long long n_items, const RoIGeometry& geom, const RoIContributionLayout& layout,
+    const A* __restrict__ rois, bucket_t* __restrict__ cursors, const ContributionLists<A>& lists,
+    const bool fill, const Contributions& contributions) {
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const RoIItem<A> r = position_roi_item(item, geom, layout, rois);
+        if (r.valid) {
+            ContributionSink<A> sink{cursors, lists, fill, layout.classes, geom.height * geom.width, item, r.image, 0};
+            contributions(r, sink);
+        }
+    }
+}
+
+// emit(key_class, corner index, scale * corner weight) for each contributing corner.
+template <typename A>
+__device__ __forceinline__ void emit_corners(const BilinearCorners<A>& corners, const long long key_class,
+                                             const A scale, ContributionSink<A>& emit) {
+    for (int k = 0; k < 4; ++k) {
+        if (corners.valid[k]) {
+            emit(key_class, corners.index[k], scale * corners.weight[k]);
+        }
+    }
+}
+
+// grad_input[image, c, pixel] = sum over bucket (image*classes + key_class(c))*H*W + pixel of
+// weight * grad_output[k, source_channel(c, q), ph, pw] for the position items (k, q, ph, pw)
+// of its list, in list order; one work item per input element, all written.
+template <typename A, typename T, typename KeyClass, typename SourceChannel>
+__device__ __forceinline__ void gather_roi_input_grad(
+    const long long n_items, const RoIGeometry& geom, const RoIContributionLayout& layout,
+    const bucket_t* __restrict__ bucket_ends, const long long* __restrict__ contribution_item,
+    const A* __restrict__ contribution_weight, const T* __restrict__ grad_output, A* __restrict__ grad_input,
+    const KeyClass& key_class, const SourceChannel& source_channel) {
+    const long long plane_size = geom.height * geom.width;
+    const long long bins = geom.pooled_h * geom.pooled_w;
+    for (long long element = grid_stride_begin(); element < n_items; element += grid_stride_step()) {
+        const long long plane = element / plane_size;
+        const long long channel = plane % geom.channels;
+        const long long image = plane / geom.channels;
+        const long long bucket = (image * layout.classes + key_class(channel)) * plane_size + element % plane_size;
+        A sum = A(0);
+        for (long long slot = bucket_begin(bucket_ends, bucket); slot < static_cast<long long>(bucket_ends[bucket]);
+             ++slot) {
+            const long long item = contribution_item[slot];
+            const long long q = (item / bins) % layout.position_channels;
+            const long long roi = item / (bins * layout.position_channels);
+            const long long source = (roi * geom.channels_out + source_channel(channel, q)) * bins + item % bins;
+            sum += contribution_weight[slot] * load_acc(grad_output + source);
+        }
+        grad_input[element] = sum;
+    }
+}
+
+// Position items of the ops whose bins every output channel (position-sensitive: every channel
+// of a cell) samples alike, or one per output channel (per_channel: the max modes).
+__device__ __forceinline__ RoIContributionLayout pooled_layout(const RoIGeometry& geom, const bool per_channel,
+                                                               const bool position_sensitive) {
+    if (per_channel) {
+        return RoIContributionLayout{geom.channels_out, 1, geom.channels};
+    }
+    return RoIContributionLayout{1, 1, position_sensitive ? geom.pooled_h * geom.pooled_w : 1};
+}
+
+// The gather of the pooled layouts: a per-channel bucket is the input channel's own, a
+// position-sensitive one its cell's; the source is the position item's channel, or the input
+// channel's output channel.
+template <typename A, typename T>
+__device__ __forceinline__ void gather_pooled_input_grad(
+    const long long n_items, const RoIGeometry& geom, const bool per_channel, const bool position_sensitive,
+    const bucket_t* __restrict__ bucket_ends, const long long* __restrict__ contribution_item,
+    const A* __restrict__ contribution_weight, const T* __restrict__ grad_output, A* __restrict__ grad_input) {
+    const long long bins = geom.pooled_h * geom.pooled_w;
+    gather_roi_input_grad(
+        n_items, geom, pooled_layout(geom, per_channel, position_sensitive), bucket_ends, contribution_item,
+        contribution_weight, grad_output, grad_input,
+        [&](const long long channel) { return per_channel ? channel : position_sensitive ? channel % bins : 0; },
+        [&](const long long channel, const long long q) {
+            return per_channel ? q : position_sensitive ? channel / bins : channel;
+        });
+}
+
+template <typename A>
+struct SlopeSums {
+    A value, dy, dx;  // the sum of the samples and of their derivatives by y and x
+    long long count;  // samples taken
+};
+
+// Sums over a bin's samples that `inside(y, x)` accepts, of the values and slopes of one plane.
+template <typename A, typename T, typename Inside>
+__device__ __forceinline__ SlopeSums<A> slope_sums(const BinSamples<A>& samples, const T* plane,
+                                                   const RoIGeometry& geom, const Inside& inside) {
+    SlopeSums<A> sums{A(0), A(0), A(0), 0};
+    for_each_sample(samples, [&](const A y, const A x) {
+        if (!inside(y, x)) {
+            return;
+        }
+        const BilinearCorners<A> corners = roi_corners(geom, y, x);
+        A values[4];
+        load_corners(corners, plane, values);
+        sums.value += corner_dot(corners.weight, values);
+        sums.dy += corner_dot(corners.weight_dh, values);
+        sums.dx += corner_dot(corners.weight_dw, values);
+        ++sums.count;
+    });
+    return sums;
+}
+
+}  // namespace pydeform
+
+// The contribution lists of roi_align / ps_roi_align (fill == 0: count them into cursors).
+template <typename T>
+__global__ void roi_align_backward_lists(const long long n_items, const T* __restrict__ input,
+                                         const pydeform::acc_t<T>* __restrict__ rois,
+                                         PYDEFORM_CONTRIBUTION_LIST_PARAMS, const int fill,
+                                         PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_ROI_ALIGN_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const RoIAlignOptions<A> options = PYDEFORM_ROI_ALIGN_OPTIONS;
+    roi_contribution_lists(
+        n_items, geom, pooled_layout(geom, options.max_mode, options.position_sensitive), rois, cursors,
+        PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
+        [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
+            const long long channel = pooled_channel(geom, r, options.position_sensitive);
+            const BinSamples<A> samples = roi_align_samples(r, geom, options);
+            if (options.max_mode) {
+                const MaxSample<A> best =
+                    max_sample(samples, input + plane_offset(geom, r.image, channel), geom);
+                if (best.found) {
+                    emit_corners(roi_corners(geom, best.y, best.x), channel, A(1), emit);
+                }
+                return;
+            }
+            const A share = A(1) / sample_count(samples);
+            for_each_sample(samples, [&](const A y, const A x) {
+                emit_corners(roi_corners(geom, y, x), channel, share, emit);
+            });
+        });
+}
+
+template <typename T>
+__global__ void roi_align_backward_gather(const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+                                          const T* __restrict__ grad_output,
+                                          pydeform::acc_t<T>* __restrict__ grad_input,
+                                          PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_ROI_ALIGN_PARAMS) {
+    using namespace pydeform;
+    const RoIAlignOptions<acc_t<T>> options = PYDEFORM_ROI_ALIGN_OPTIONS;
+    gather_pooled_input_grad(n_items, PYDEFORM_ROI_GEOMETRY, options.max_mode, options.position_sensitive,
+                             bucket_ends, contribution_item, contribution_weight, grad_output, grad_input);
+}
+
+// The contribution lists of roi_pool (the arg-max pixel, per channel) / ps_roi_pool (every
+// pixel of the bin, 1 / area).
+template <typename T>
+__global__ void roi_pool_backward_lists(const long long n_items, const T* __restrict__ input,
+                                        const pydeform::acc_t<T>* __restrict__ rois,
+                                        PYDEFORM_CONTRIBUTION_LIST_PARAMS, const int fill,
+                                        PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_ROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const bool sensitive = position_sensitive != 0;
+    roi_contribution_lists(
+        n_items, geom, pooled_layout(geom, !sensitive, sensitive), rois, cursors,
+        PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
+        [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
+            const PoolBin bin = roi_pool_bin(r, geom, spatial_scale, sensitive);
+            const long long channel = pooled_channel(geom, r, sensitive);
+            if (!sensitive) {
+                const MaxPixel<A> best =
+                    max_pixel<A>(bin, input + plane_offset(geom, r.image, channel), geom.width);
+                if (best.index >= 0) {
+                    emit(channel, best.index, A(1));
+                }
+                return;
+            }
+            const long long count = pixel_count(bin);
+            if (count == 0) {
+                return;
+            }
+            const A share = A(1) / A(count);
+            for_each_pixel(bin, geom.width, [&](const long long index) { emit(channel, index, share); });
+        });
+}
+
+template <typename T>
+__global__ void roi_pool_backward_gather(const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+                                         const T* __restrict__ grad_output,
+                                         pydeform::acc_t<T>* __restrict__ grad_input,
+                                         PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_ROI_POOL_PARAMS) {
+    using namespace pydeform;
+    (void)spatial_scale;  // the bins are in the lists already
+    gather_pooled_input_grad(n_items, PYDEFORM_ROI_GEOMETRY, position_sensitive == 0, position_sensitive != 0,
+                             bucket_ends, contribution_item, contribution_weight, grad_output, grad_input);
+}
+
+// The contribution lists of deform_roi_pool's input gradient: mask / count * corner weight at
+// every sample's corners, shared by all channels.
+template <typename T>
+__global__ void deform_roi_pool_backward_lists(
+    const long long n_items, const pydeform::acc_t<T>* __restrict__ rois, const T* __restrict__ offset,
+    const T* __restrict__ mask, PYDEFORM_CONTRIBUTION_LIST_PARAMS,
+    const int fill, PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_ROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
+    roi_contribution_lists(
+        n_items, geom, pooled_layout(geom, false, false), rois, cursors,
+        PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
+        [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
+            const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
+            const A share = b.modulation / sample_count(b.samples);
+            for_each_sample(b.samples, [&](const A y, const A x) {
+                emit_corners(roi_corners(geom, y, x), 0, share, emit);
+            });
+        });
+}
+
+template <typename T>
+__global__ void deform_roi_pool_backward_gather(
+    const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+    const T* __restrict__ grad_output, pydeform::acc_t<T>* __restrict__ grad_input, PYDEFORM_ROI_GEOMETRY_PARAMS) {
+    using namespace pydeform;
+    gather_pooled_input_grad(n_items, PYDEFORM_ROI_GEOMETRY, false, false, bucket_ends, contribution_item,
+                             contribution_weight, grad_output, grad_input);
+}
+
+// Each output element's share of the offset (x, y) and mask gradients, written to partials
+// [3, K, C, PH, PW] (0 for an invalid roi); the deterministic twin of the backward's atomics.
+template <typename T>
+__global__ void deform_roi_pool_backward_partials(
+    const long long n_items, const T* __restrict__ grad_output, const T* __restrict__ input,
+    const pydeform::acc_t<T>* __restrict__ rois, const T* __restrict__ offset, const T* __restrict__ mask,
+    pydeform::acc_t<T>* __restrict__ partials, PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_ROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const RoIItem<A> r = roi_item(item, geom, rois);
+        A grad_x = A(0), grad_y = A(0), grad_mask = A(0);
+        if (r.valid) {
+            const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
+            const SlopeSums<A> sums = slope_sums(b.samples, input + plane_offset(geom, r.image, r.channel), geom,
+                                                 [](A, A) { return true; });
+            const A grad = load_acc(grad_output + item);
+            const A count = sample_count(b.samples);
+            const A share = grad * b.modulation / count;
+            grad_x = share * options.gamma * b.roi_w * sums.dx;
+            grad_y = share * options.gamma * b.roi_h * sums.dy;
+            grad_mask = grad * sums.value / count;
+        }
+        partials[item] = grad_x;
+        partials[n_items + item] = grad_y;
+        partials[2 * n_items + item] = grad_mask;
+    }
+}
+
+// grad_offset / grad_mask element (k, x|y|mask, ph, pw) = the sum over channels, in channel
+// order, of the partials; one work item per (k, component, bin) of [K, 3, PH, PW], all written
+// (grad_offset / grad_mask are null exactly when has_offset / has_mask is 0).
+template <typename T>
+__global__ void deform_roi_pool_backward_params_sum(
+    const long long n_items, const pydeform::acc_t<T>* __restrict__ partials,
+    pydeform::acc_t<T>* __restrict__ grad_offset, pydeform::acc_t<T>* __restrict__ grad_mask,
+    PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_ROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    (void)batch, (void)height, (void)width, (void)channels_out, (void)spatial_scale, (void)sampling_ratio,
+        (void)gamma;
+    const long long bins = pooled_h * pooled_w;
+    const long long outputs = n_items / 3 * channels;  // K*C*PH*PW elements per component
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const long long bin = item % bins;
+        const long long component = (item / bins) % 3;
+        const long long roi = item / (3 * bins);
+        if ((component < 2 && !has_offset) || (component == 2 && !has_mask)) {
+            continue;
+        }
+        const A* first = partials + component * outputs + roi * channels * bins + bin;
+        A sum = A(0);
+        for (long long c = 0; c < channels; ++c) {
+            sum += first[c * bins];
+        }
+        if (component < 2) {
+            grad_offset[(2 * roi + component) * bins + bin] = sum;
+        } else {
+            grad_mask[roi * bins + bin] = sum;
+        }
+    }
+}
+
+// deform_psroi_pool's position items are (k, class, ph, pw): a class's channels share trans.
+__device__ __forceinline__ pydeform::RoIContributionLayout psroi_layout(const pydeform::RoIGeometry& geom,
+                                                                        const long long num_classes,
+                                                                        const long long group_size) {
+    return pydeform::RoIContributionLayout{num_classes, geom.channels_out / num_classes,
+                                           num_classes * group_size * group_size};
+}
+
+// The contribution lists of deform_psroi_pool's input gradient: corner weight / count at the
+// corners of every sample inside the image; class (class id, group cell).
+template <typename T>
+__global__ void deform_psroi_pool_backward_lists(
+    const long long n_items, const pydeform::acc_t<T>* __restrict__ rois, const T* __restrict__ trans,
+    PYDEFORM_CONTRIBUTION_LIST_PARAMS,
+    const int fill, PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_PSROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const DeformPSRoIPoolOptions<A> options = PYDEFORM_DEFORM_PSROI_POOL_OPTIONS;
+    const RoIContributionLayout layout = psroi_layout(geom, num_classes, group_size);
+    const long long cells = group_size * group_size;
+    roi_contribution_lists(
+        n_items, geom, layout, rois, cursors,
+        PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
+        [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
+            const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);
+            long long count = 0;
+            for_each_sample(b.samples, [&](const A y, const A x) {
+                count += psroi_sample_inside(geom, y, x) ? 1 : 0;
+            });
+            if (count == 0) {
+                return;
+            }
+            const long long key_class = r.channel / layout.channel_step * cells + b.input_channel % cells;
+            const A share = A(1) / A(count);
+            for_each_sample(b.samples, [&](const A y, const A x) {
+                if (psroi_sample_inside(geom, y, x)) {
+                    emit_corners(roi_corners(geom, y, x), key_class, share, emit);
+                }
+            });
+        });
+}
+
+template <typename T>
+__global__ void deform_psroi_pool_backward_gather(
+    const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+    const T* __restrict__ grad_output, pydeform::acc_t<T>* __restrict__ grad_input, PYDEFORM_ROI_GEOMETRY_PARAMS,
+    const long long group_size, const long long num_classes) {
+    using namespace pydeform;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const RoIContributionLayout layout = psroi_layout(geom, num_classes, group_size);
+    const long long cells = group_size * group_size;
+    // Input channel (c*group + gh)*group + gw reads output channel c at group cell (gh, gw).
+    gather_roi_input_grad(
+        n_items, geom, layout, bucket_ends, contribution_item, contribution_weight, grad_output, grad_input,
+        [&](const long long channel) { return channel / cells / layout.channel_step * cells + channel % cells; },
+        [&](const long long channel, long long) { return channel / cells; });
+}
+
+// Each output element's share of the trans (x, y) gradient, written to partials [2, K, C_out,
+// PH, PW] (0 for an invalid roi or a bin without samples inside).
+template <typename T>
+__global__ void deform_psroi_pool_backward_partials(
+    const long long n_items, const T* __restrict__ grad_output, const T* __restrict__ input,
+    const pydeform::acc_t<T>* __restrict__ rois, const T* __restrict__ trans,
+    pydeform::acc_t<T>* __restrict__ partials, PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_PSROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
+    const DeformPSRoIPoolOptions<A> options = PYDEFORM_DEFORM_PSROI_POOL_OPTIONS;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const RoIItem<A> r = roi_item(item, geom, rois);
+        A grad_x = A(0), grad_y = A(0);
+        if (r.valid) {
+            const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);
+            const SlopeSums<A> sums =
+                slope_sums(b.samples, input + plane_offset(geom, r.image, b.input_channel), geom,
+                           [&](const A y, const A x) { return psroi_sample_inside(geom, y, x); });
+            if (sums.count > 0) {
+                const A share = load_acc(grad_output + item) / A(sums.count);
+                grad_x = share * options.trans_std * b.roi_w * sums.dx;
+                grad_y = share * options.trans_std * b.roi_h * sums.dy;
+            }
+        }
+        partials[item] = grad_x;
+        partials[n_items + item] = grad_y;
+    }
+}
+
+// grad_trans element (k, 2*class + x|y, part_h, part_w) = the sum, in (channel, ph, pw) order,
+// of the partials of the class's channels and the bins of that part cell; one work item per
+// element of grad_trans [K, 2*classes, P, P], all written.
+template <typename T>
+__global__ void deform_psroi_pool_backward_params_sum(
+    const long long n_items, const pydeform::acc_t<T>* __restrict__ partials,
+    pydeform::acc_t<T>* __restrict__ grad_trans, PYDEFORM_ROI_GEOMETRY_PARAMS, PYDEFORM_DEFORM_PSROI_POOL_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    (void)batch, (void)channels, (void)height, (void)width, (void)group_size, (void)sample_per_part,
+        (void)spatial_scale, (void)trans_std, (void)has_trans;
+    const long long part_cells = part_size * part_size;
+    const long long bins = pooled_h * pooled_w;
+    const long long class_channels = channels_out / num_classes;
+    const long long outputs = n_items / (2 * num_classes * part_cells) * channels_out * bins;
+    for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
+        const long long cell = item % part_cells;
+        const long long part_h = cell / part_size, part_w = cell % part_size;
+        const long long component = (item / part_cells) % 2;
+        const long long class_id = (item / (2 * part_cells)) % num_classes;
+        const long long roi = item / (2 * num_classes * part_cells);
+        const A* first = partials + component * outputs + (roi * channels_out + class_id * class_channels) * bins;
+        A sum = A(0);
+        for (long long c = 0; c < class_channels; ++c) {
+            for (long long ph = 0; ph < pooled_h; ++ph) {
+                if (ph * part_size / pooled_h != part_h) {
+                    continue;
+                }
+                for (long long pw = 0; pw < pooled_w; ++pw) {
+                    if (pw * part_size / pooled_w == part_w) {
+                        sum += first[(c * pooled_h + ph) * pooled_w + pw];
+                    }
+                }
+            }
+        }
+        grad_trans[item] = sum;
+    }
 }

@@ -8,10 +8,16 @@ bfloat16 storage, float64 for float64). Each returns ``(template, n_items, args)
 item per output element; the kernel set and the tests' CPU host shim both launch through them.
 """
 
+import math
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 from ..._arrays import accumulation_dtype
+from ..._contributions import contribution_lists, contribution_plan
+from ..._workspace import scratch
 from ._compile import KernelManifest, launch
+from .contributions import SORT_TEMPLATE, sort_launch
 
 KERNELS = KernelManifest(
     source="roi.cu",
@@ -24,6 +30,19 @@ KERNELS = KernelManifest(
         "deform_roi_pool_backward",
         "deform_psroi_pool_forward",
         "deform_psroi_pool_backward",
+        "roi_align_backward_lists",
+        "roi_align_backward_gather",
+        "roi_pool_backward_lists",
+        "roi_pool_backward_gather",
+        "deform_roi_pool_backward_lists",
+        "deform_roi_pool_backward_gather",
+        "deform_roi_pool_backward_partials",
+        "deform_roi_pool_backward_params_sum",
+        "deform_psroi_pool_backward_lists",
+        "deform_psroi_pool_backward_gather",
+        "deform_psroi_pool_backward_partials",
+        "deform_psroi_pool_backward_params_sum",
+        SORT_TEMPLATE,
     ),
 )
 
@@ -127,6 +146,94 @@ def deform_psroi_pool_backward_launch(grad_output, input, rois, trans, grad_inpu
                  grad_trans, *_deform_psroi_pool_args(input, params))
 
 
+# The deterministic backward (roi.cu's *_lists / *_gather kernels, pydeform/_contributions.py).
+
+
+class ContributionLayout(NamedTuple):
+    """Position items [K, Q, PH, PW], buckets N * classes * H * W and a bound on the
+    contributions (None where the boxes decide: adaptive sampling, ps_roi_pool's bins)."""
+
+    position_items: int
+    buckets: int
+    capacity: Optional[int]
+
+
+def contribution_layout(family, input_shape, k, params) -> ContributionLayout:
+    n, channels, height, width = input_shape
+    if family == "deform_psroi_pool":
+        bins = params.pooled_size ** 2
+        per_item, q = 4 * params.sample_per_part ** 2, params.num_classes
+        classes = params.num_classes * params.group_size ** 2
+    else:
+        bins = params.pooled_h * params.pooled_w
+        if family == "roi_align":
+            per_channel = params.max_mode
+        else:
+            per_channel = family == "roi_pool" and not params.position_sensitive
+        sensitive = getattr(params, "position_sensitive", False)
+        q = params.channels_out if per_channel else 1
+        classes = channels if per_channel else bins if sensitive else 1
+        if family == "roi_pool":
+            per_item = 1 if per_channel else None
+        else:
+            ratio = params.sampling_ratio
+            per_item = 4 if per_channel else 4 * ratio * ratio if ratio > 0 else None
+    items = k * q * bins
+    return ContributionLayout(items, n * classes * height * width, None if per_item is None else per_item * items)
+
+
+# The arrays each family's *_lists kernel reads before the cursors, and the arguments after
+# its fill flag (the geometry and the op's parameters).
+def _list_arrays(family, input, rois, optional):
+    return (input, rois) if family in ("roi_align", "roi_pool") else (rois, *optional)
+
+
+_PARAMS_ARGS = {
+    "roi_align": _roi_align_args,
+    "roi_pool": _roi_pool_args,
+    "deform_roi_pool": _deform_roi_pool_args,
+    "deform_psroi_pool": _deform_psroi_pool_args,
+}
+
+
+def backward_lists_launch(family, arrays, cursors, item, local, weight, fill, input, params, layout):
+    """Counts (``fill`` False; ``item`` / ``local`` / ``weight`` None) or stores the contributions."""
+    return _work(f"{family}_backward_lists", layout.position_items, *arrays, cursors, item, local, weight,
+                 _flag(fill), *_PARAMS_ARGS[family](input, params))
+
+
+def backward_gather_launch(family, lists, grad_output, grad_input, input, params):
+    if family in ("roi_align", "roi_pool"):
+        tail = _PARAMS_ARGS[family](input, params)
+    elif family == "deform_roi_pool":
+        tail = _geometry_args(input, params.channels, params.pooled_h, params.pooled_w)
+    else:
+        tail = (*_geometry_args(input, params.output_dim, params.pooled_size, params.pooled_size),
+                np.int64(params.group_size), np.int64(params.num_classes))
+    return _work(f"{family}_backward_gather", grad_input.size, lists.bucket_ends, lists.item, lists.weight,
+                 grad_output, grad_input, *tail)
+
+
+def param_partials_shape(family, output_size) -> tuple:
+    """[3, K*C*PH*PW] (offset x, y, mask) for deform_roi_pool, [2, ...] (trans x, y) for deform_psroi_pool."""
+    return (3 if family == "deform_roi_pool" else 2, output_size)
+
+
+def backward_partials_launch(family, grad_output, input, rois, optional, partials, params):
+    return _work(f"{family}_backward_partials", grad_output.size, grad_output, input, rois, *optional, partials,
+                 *_PARAMS_ARGS[family](input, params))
+
+
+def backward_params_sum_launch(family, partials, grads, input, params):
+    """``grads``: (grad_offset, grad_mask) or (grad_trans,); one work item per gradient element
+    (deform_roi_pool: per (k, x|y|mask, bin), whether or not offset / mask are present)."""
+    if family == "deform_roi_pool":
+        n_items = partials.shape[1] // params.channels * 3
+    else:
+        n_items = grads[0].size
+    return _work(f"{family}_backward_params_sum", n_items, partials, *grads, *_PARAMS_ARGS[family](input, params))
+
+
 class CupyRoIKernels:
     """The RoI kernel set on CuPy arrays (C-contiguous, on the current device)."""
 
@@ -134,6 +241,24 @@ class CupyRoIKernels:
     def workspace(family: str, params, shapes: dict, dtype, *, backward: bool) -> dict:
         """No scratch of its own: the kernels read and write every storage type directly."""
         return {}
+
+    @staticmethod
+    def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
+        """The scratch of the ``*_backward_deterministic`` method of ``family`` (``shapes`` as
+        for :meth:`workspace`); raises ValueError where its size depends on the boxes."""
+        k = shapes["output"][0]
+        layout = contribution_layout(family, shapes["input"], k, params)
+        if layout.capacity is None:
+            raise ValueError(
+                f"deterministic: the {family} backward's contribution lists depend on the box sizes here "
+                "(adaptive sampling or ps_roi_pool's bins), so they cannot be planned ahead; use a positive "
+                "sampling_ratio"
+            )
+        plan = contribution_plan(layout.buckets, layout.capacity, accumulation_dtype(dtype))
+        if family in ("deform_roi_pool", "deform_psroi_pool"):
+            plan["param_partials"] = (param_partials_shape(family, math.prod(shapes["output"])),
+                                      accumulation_dtype(dtype))
+        return plan
 
     @property
     def xp(self):
@@ -167,6 +292,54 @@ class CupyRoIKernels:
     def deform_psroi_pool_backward(self, grad_output, input, rois, trans, grad_input, grad_trans, params):
         self._launch(input.dtype, *deform_psroi_pool_backward_launch(
             grad_output, input, rois, trans, grad_input, grad_trans, params))
+
+    def roi_align_backward_deterministic(self, grad_output, input, rois, grad_input, params):
+        self._deterministic_input_grad("roi_align", (), grad_output, input, rois, grad_input, params)
+
+    def roi_pool_backward_deterministic(self, grad_output, input, rois, grad_input, params):
+        self._deterministic_input_grad("roi_pool", (), grad_output, input, rois, grad_input, params)
+
+    def deform_roi_pool_backward_deterministic(self, grad_output, input, rois, offset, mask, grad_input, grad_offset,
+                                               grad_mask, params):
+        optional = (offset, mask)
+        self._deterministic_input_grad("deform_roi_pool", optional, grad_output, input, rois, grad_input, params)
+        if offset is not None or mask is not None:
+            self._deterministic_params_grad("deform_roi_pool", optional, (grad_offset, grad_mask), grad_output, input,
+                                            rois, params)
+
+    def deform_psroi_pool_backward_deterministic(self, grad_output, input, rois, trans, grad_input, grad_trans,
+                                                 params):
+        self._deterministic_input_grad("deform_psroi_pool", (trans,), grad_output, input, rois, grad_input, params)
+        if trans is not None:
+            self._deterministic_params_grad("deform_psroi_pool", (trans,), (grad_trans,), grad_output, input, rois,
+                                            params)
+
+    def _deterministic_input_grad(self, family, optional, grad_output, input, rois, grad_input, params):
+        """grad_input (every element written) from sorted contribution lists."""
+        dtype = input.dtype
+        layout = contribution_layout(family, input.shape, rois.shape[0], params)
+        arrays = _list_arrays(family, input, rois, optional)
+
+        def lists_step(cursors, item, local, weight, fill):
+            self._launch(dtype, *backward_lists_launch(family, arrays, cursors, item, local, weight, fill, input,
+                                                       params, layout))
+
+        lists = contribution_lists(
+            self.xp, layout.buckets, layout.capacity, accumulation_dtype(dtype),
+            lambda counts: lists_step(counts, None, None, None, False),
+            lambda cursors, *entries: lists_step(cursors, *entries, True),
+            lambda ends, *entries: self._launch(dtype, *sort_launch(ends, *entries)),
+        )
+        self._launch(dtype, *backward_gather_launch(family, lists, grad_output, grad_input, input, params))
+
+    def _deterministic_params_grad(self, family, optional, grads, grad_output, input, rois, params):
+        """The offset / mask / trans gradients: each output element's share written to partials,
+        then summed per gradient element in a fixed order (every element written)."""
+        dtype = input.dtype
+        partials = scratch(self.xp, "param_partials", param_partials_shape(family, grad_output.size),
+                           accumulation_dtype(dtype))
+        self._launch(dtype, *backward_partials_launch(family, grad_output, input, rois, optional, partials, params))
+        self._launch(dtype, *backward_params_sum_launch(family, partials, grads, input, params))
 
     def _launch(self, storage_dtype, template, n_items, args):
         launch(KERNELS, template, storage_dtype, n_items, args)

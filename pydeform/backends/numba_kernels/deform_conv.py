@@ -510,6 +510,15 @@ class NumbaCpuDeformConv2dKernels:
         tasks = _cpu_task_count(offset.shape[0], geometry)
         _cpu_kernels()[1](flat(grad_columns), flat(grad_input), tuple(geometry), tasks, *plans)
 
+    # A task owns its channels and adds their samples in sample order, and the tasks depend on the
+    # shapes only (not on the thread count): col2im's bits are the same in every run already.
+    col2im_deterministic = col2im
+
+    @staticmethod
+    def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """Nothing beyond :meth:`col2im`'s own buffers."""
+        return {}
+
     def col2im_coord(self, input, offset, mask, grad_columns, grad_offset, grad_mask, geometry):
         mask, has_mask = _flat_mask(mask, offset, np)
         grad_mask = _flat_mask(grad_mask, grad_offset, np)[0]
@@ -573,6 +582,19 @@ class NumbaCudaDeformConv2dKernels:
             grad_offset[...] = out_offset
         if out_mask is not grad_mask:
             grad_mask[...] = out_mask
+
+    @staticmethod
+    def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
+
+        return CupyDeformConv2dKernels.col2im_deterministic_workspace(batch, geometry, dtype)
+
+    def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geometry):
+        """The CUDA C kernels' deterministic col2im (``pydeform/backends/cupy_kernels``, compiled
+        by NVRTC through CuPy): there is no Numba twin of it yet."""
+        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
+
+        CupyDeformConv2dKernels().col2im_deterministic(offset, mask, grad_columns, grad_input, geometry)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = converted_arrays(self.xp, {"offset": offset, "mask": mask})

@@ -803,6 +803,19 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
             return {}
         return {"input_hwc": ((math.prod(shapes["input"]),), np.dtype(dtype))}
 
+    # Every task of the backward's passes owns what it writes and adds in a fixed order, and the
+    # tasks depend on the shapes only (not on the thread count): its bits are the same in every
+    # run already, so the deterministic backward is the backward.
+    roi_align_backward_deterministic = _RoIKernelSet.roi_align_backward
+    roi_pool_backward_deterministic = _RoIKernelSet.roi_pool_backward
+    deform_roi_pool_backward_deterministic = _RoIKernelSet.deform_roi_pool_backward
+    deform_psroi_pool_backward_deterministic = _RoIKernelSet.deform_psroi_pool_backward
+
+    @staticmethod
+    def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
+        """Nothing beyond the backward's own buffers."""
+        return {}
+
     def _forward(self, family, input, rois, extras, output, params):
         kernels, shape = cpu_kernels(family), _shape(input, output)
         if _reads_channels_last(family, params):
@@ -821,6 +834,12 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
         kernels.input_pass(*reads, flat(grad_input), shape, params, n_rois)
         if any(g is not None for g in grad_extras):
             kernels.params_pass(*reads, *self._stand_ins(grad_extras, grad_input), shape, params, n_rois)
+
+
+def _cuda_c_kernels():
+    from ..cupy_kernels.roi import CupyRoIKernels
+
+    return CupyRoIKernels()
 
 
 class NumbaCudaRoIKernels(_RoIKernelSet):
@@ -844,6 +863,24 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         copies = {name: shape for name, shape in shapes.items() if name != "output"}
         copies["grad_output" if backward else "output"] = shapes["output"]
         return accumulator_plans(copies, dtype)
+
+    # The deterministic backwards are the CUDA C kernels' (``pydeform/backends/cupy_kernels``,
+    # compiled by NVRTC through CuPy): there are no Numba twins of them yet.
+    @staticmethod
+    def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
+        return _cuda_c_kernels().deterministic_workspace(family, params, shapes, dtype)
+
+    def roi_align_backward_deterministic(self, *args):
+        _cuda_c_kernels().roi_align_backward_deterministic(*args)
+
+    def roi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().roi_pool_backward_deterministic(*args)
+
+    def deform_roi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().deform_roi_pool_backward_deterministic(*args)
+
+    def deform_psroi_pool_backward_deterministic(self, *args):
+        _cuda_c_kernels().deform_psroi_pool_backward_deterministic(*args)
 
     def _launch(self, family, backward, n_items, *args):
         launch_cuda(cuda_kernels(family)[backward], n_items, self.xp, *args, n_items)
