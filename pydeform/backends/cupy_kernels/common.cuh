@@ -36,7 +36,21 @@ __device__ __forceinline__ void atomic_accumulate(float* address, const float va
     atomicAdd(address, value);
 }
 __device__ __forceinline__ void atomic_accumulate(double* address, const double value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+    // No atomicAdd(double*, double) before compute_60: add to the value last seen and swap the
+    // bits in if nobody changed them meanwhile, else retry with what they changed them to
+    // (compared as integers, so a NaN cannot keep the loop going).
+    unsigned long long* const bits = reinterpret_cast<unsigned long long*>(address);
+    unsigned long long seen = *bits;
+    unsigned long long expected;
+    do {
+        expected = seen;
+        const double sum = __longlong_as_double(static_cast<long long>(expected)) + value;
+        seen = atomicCAS(bits, expected, static_cast<unsigned long long>(__double_as_longlong(sum)));
+    } while (seen != expected);
+#else
     atomicAdd(address, value);
+#endif
 }
 
 // Grid-stride loop bounds, 64-bit so that work-item counts may pass 2**31 - 1:
