@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pydeform.backends.cupy_kernels._compile import kernel_source, template_argument
+from pydeform.backends.cupy_kernels._compile import DEFINES, kernel_source, template_argument
 from pydeform.backends.cupy_kernels.centernet import KERNELS as CENTERNET_KERNELS
 from pydeform.backends.cupy_kernels.centernet import CupyCenterNetKernels
 from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KERNELS
@@ -31,7 +31,7 @@ BUILD_DIR = TESTS_DIR / "_build"
 SHIM_HEADER = TESTS_DIR / "cuda_host_shim.h"
 HOST_INCLUDE_DIR = TESTS_DIR / "cuda_host_include"
 HOST_TYPES = ("float", "double")
-CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
+CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", *DEFINES)
 THREADED_FLAGS = ("-DPYDEFORM_HOST_SHIM_BLOCK_THREADS", "-pthread")
 # A threaded block that has not finished after this long is taken as deadlocked (a __syncthreads
 # that not every thread of the block reaches).

@@ -5,7 +5,16 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// The threads of every block a launch runs, THREADS_PER_BLOCK of _compile.py, which compiles the
+// sources with this define: the one number that sizes the shared per-thread arrays too.
+#ifndef PYDEFORM_THREADS_PER_BLOCK
+#error "compile with -DPYDEFORM_THREADS_PER_BLOCK=<threads per block>, as _compile.py does"
+#endif
+
 namespace pydeform {
+
+constexpr int kThreadsPerBlock = PYDEFORM_THREADS_PER_BLOCK;
+static_assert(kThreadsPerBlock >= 1 && kThreadsPerBlock <= 1024, "a CUDA block has 1 to 1024 threads");
 
 // Arithmetic happens in float for float16 / bfloat16 / float32 and in double for double.
 template <typename T> struct AccumulationType { using type = float; };
