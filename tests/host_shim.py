@@ -33,6 +33,10 @@ HOST_INCLUDE_DIR = TESTS_DIR / "cuda_host_include"
 HOST_TYPES = ("float", "double")
 CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", *DEFINES)
 THREADED_FLAGS = ("-DPYDEFORM_HOST_SHIM_BLOCK_THREADS", "-pthread")
+# Undefined behaviour a GPU would not report (a float-to-integer conversion out of range
+# saturates there, e.g. a sample count of LLONG_MAX) stops the process with a report instead. The
+# sanitizer aborts the process, so load such a library in a child process.
+SANITIZER_FLAGS = ("-fsanitize=float-cast-overflow,undefined", "-fno-sanitize-recover=all")
 # A threaded block that has not finished after this long is taken as deadlocked (a __syncthreads
 # that not every thread of the block reaches).
 BLOCK_TIMEOUT_S = 60
@@ -69,12 +73,13 @@ def _build_inputs_digest(unit, flags):
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(name, source, templates, threaded=False):
+def load_library(name, source, templates, threaded=False, extra_flags=()):
     """The shared library of CUDA C ``source`` (includes already inlined) exporting each of
     ``templates`` for float and double; rebuilt whenever the source or a shim header changes.
-    ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks)."""
+    ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks);
+    ``extra_flags``: more g++ options (e.g. SANITIZER_FLAGS), part of the library's name."""
     unit = _translation_unit(source, templates)
-    flags = (*CXX_FLAGS, *THREADED_FLAGS) if threaded else CXX_FLAGS
+    flags = (*CXX_FLAGS, *(THREADED_FLAGS if threaded else ()), *extra_flags)
     stem = f"{name}{'_threaded' if threaded else ''}_{_build_inputs_digest(unit, flags)}"
     library = BUILD_DIR / f"{stem}.so"
     if not library.exists():
@@ -94,9 +99,10 @@ def load_library(name, source, templates, threaded=False):
     return ctypes.CDLL(str(library))
 
 
-def manifest_library(manifest, threaded=False):
+def manifest_library(manifest, threaded=False, extra_flags=()):
     """The library of a kernel set's ``.cu`` file, built from the text NVRTC compiles."""
-    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded)
+    return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded,
+                        extra_flags)
 
 
 # Marshalled scalar type -> the C parameter type it stands for; anything else is a pointer.
@@ -157,14 +163,15 @@ def run_blocks(library, template, storage_dtype, args, grid, block):
 
 class HostShimLaunch:
     """Mixin for a CuPy kernel set: its launches run on the host shim, on NumPy float32 /
-    float64 arrays, from the ``.cu`` file of ``manifest``."""
+    float64 arrays, from the ``.cu`` file of ``manifest`` built with ``extra_flags`` too."""
 
     xp = np
     manifest = None
+    extra_flags = ()
 
     def _launch(self, storage_dtype, template, n_items, args):
         if n_items:
-            run_kernel(manifest_library(self.manifest), template, storage_dtype, args)
+            run_kernel(manifest_library(self.manifest, extra_flags=self.extra_flags), template, storage_dtype, args)
 
 
 class HostShimBlocksLaunch(HostShimLaunch):
@@ -186,6 +193,12 @@ class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
 
 class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
+
+
+class SanitizedHostShimRoIKernels(HostShimRoIKernels):
+    """The RoI kernels built with SANITIZER_FLAGS: only in a child process."""
+
+    extra_flags = SANITIZER_FLAGS
 
 
 class HostShimCenterNetKernels(HostShimLaunch, CupyCenterNetKernels):
