@@ -183,8 +183,8 @@ class HostShimBlocksLaunch(HostShimLaunch):
 
     def _launch(self, storage_dtype, template, n_blocks, args):
         if n_blocks:
-            run_blocks(manifest_library(self.manifest, threaded=True), template, storage_dtype, args,
-                       min(n_blocks, self.grid), self.block)
+            run_blocks(manifest_library(self.manifest, threaded=True, extra_flags=self.extra_flags), template,
+                       storage_dtype, args, min(n_blocks, self.grid), self.block)
 
 
 class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):

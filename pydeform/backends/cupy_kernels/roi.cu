@@ -207,7 +207,7 @@ __device__ __forceinline__ ScaledRoI<A> scaled_roi(const RoIItem<A>& r, const A 
 }
 
 // Adaptive sampling's samples along an axis: ceil(bin size), 0 for a size <= 0, at most
-// kMaxSamplesPerAxis. A valid roi's bin sizes are below 2**26, so the conversion is exact.
+// kMaxSamplesPerAxis. A valid roi's bin sizes are at most 2**25, so the conversion is exact.
 template <typename A>
 __device__ __forceinline__ long long adaptive_samples(const A bin_size) {
     return min(max(static_cast<long long>(ceil(bin_size)), 0LL), kMaxSamplesPerAxis);
