@@ -1,4 +1,5 @@
-"""Argument rules shared by the RoI ops: the boxes and scalar parameters."""
+"""Argument rules shared by the RoI ops: the boxes and scalar parameters, and the two limits
+that bound the work of one output element (docs/roi.md, "Bounded work")."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ import numbers
 
 import numpy as np
 
-from ._arrays import accumulation_dtype, array_library, values_checked
+from ._arrays import accumulation_dtype, array_library, check_int, values_checked
 
-__all__ = ["boxes_from_lists", "check_box_dtype", "check_positive_float", "check_roi_values", "normalize_rois"]
+__all__ = [
+    "COORDINATE_LIMIT", "MAX_SAMPLES_PER_AXIS", "boxes_from_lists", "check_box_dtype", "check_positive_float",
+    "check_roi_values", "check_samples_per_axis", "normalize_rois",
+]
+
+# The most samples a bin takes along each axis: the largest sampling_ratio / sample_per_part a
+# call may ask for, and the cap of adaptive sampling's ceil(bin size). Every backend and the
+# reference apply it; the CUDA C copy is roi.cu's kMaxSamplesPerAxis.
+MAX_SAMPLES_PER_AXIS = 1024
+# A roi whose corners, scaled by spatial_scale (in the accumulation dtype), are not all within
+# [-COORDINATE_LIMIT, COORDINATE_LIMIT] feature-map pixels is invalid: 0 outputs, no gradient. No
+# feature map is that large, float32 cannot tell whole pixels apart there, and within it every
+# bin size, sample count and rounded corner of every op is finite and fits an int64 exactly.
+# The CUDA C copy is roi.cu's kCoordinateLimit.
+COORDINATE_LIMIT = float(2**24)
 
 
 def check_positive_float(name: str, value) -> float:
@@ -55,6 +70,16 @@ def _rows_array(name: str, rows, asarray):
     if not all(_is_row(row) for row in rows) or len({len(row) for row in rows}) != 1:
         raise TypeError(f"{name}: expected an array, or a list of rows of numbers of one length, got {rows!r}")
     return asarray(np.array(rows, dtype=np.float64))
+
+
+def check_samples_per_axis(name: str, value, minimum=None) -> int:
+    """An int argument that sets the samples per bin and axis: at most MAX_SAMPLES_PER_AXIS."""
+    value = check_int(name, value, minimum)
+    if value > MAX_SAMPLES_PER_AXIS:
+        raise ValueError(
+            f"{name}: expected at most {MAX_SAMPLES_PER_AXIS} samples per bin and axis, got {value!r}"
+        )
+    return value
 
 
 def normalize_rois(rois, input, library: str, xp):

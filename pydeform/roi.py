@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 
 from ._arrays import check_arrays, check_backend, check_bool, check_finite_float, check_int, int_pair, shape_of
 from ._interop import dlpack_entry
-from ._rois import check_positive_float, normalize_rois
+from ._rois import check_positive_float, check_samples_per_axis, normalize_rois
 from ._workspace import accumulator, accumulator_plans, finish, output
 from .backends import roi_kernels
 
@@ -210,7 +210,7 @@ def roi_align_params(shapes, k, output_size, spatial_scale, sampling_ratio, alig
     channels_out = _position_sensitive_channels(channels, pooled_h, pooled_w) if position_sensitive else channels
     params = RoIAlignParams(
         channels, height, width, pooled_h, pooled_w, channels_out,
-        check_positive_float("spatial_scale", spatial_scale), check_int("sampling_ratio", sampling_ratio),
+        check_positive_float("spatial_scale", spatial_scale), check_samples_per_axis("sampling_ratio", sampling_ratio),
         aligned, mode == "max", position_sensitive,
     )
     _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
@@ -318,8 +318,10 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
     """RoI Align (Mask R-CNN), torchvision semantics; ``mode="max"`` takes the maximum sample (ONNX / mmcv).
 
     Each of the ``PH x PW`` bins of a roi averages (or maxes) ``gh x gw`` border-clamped bilinear
-    samples, ``gh = sampling_ratio`` if positive else ``ceil(roi_height / PH)`` (same for w).
-    With ``aligned=True`` box corners are shifted by -0.5 pixel (half-pixel centres).
+    samples, ``gh = sampling_ratio`` if positive else ``min(ceil(roi_height / PH), 1024)`` (same
+    for w). With ``aligned=True`` box corners are shifted by -0.5 pixel (half-pixel centres). A
+    roi with a corner beyond ``2**24`` feature-map pixels once scaled gives 0 (docs/roi.md,
+    "Bounded work").
 
     Args:
         input: ``[N, C, H, W]``.
@@ -328,7 +330,7 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, al
             dtype as ``input`` (float32 also allowed with float16 / bfloat16 inputs).
         output_size: ``PH`` or ``(PH, PW)``.
         spatial_scale: feature-map size / image size (e.g. 1/16).
-        sampling_ratio: samples per bin along each axis; ``<= 0`` for adaptive.
+        sampling_ratio: samples per bin along each axis, at most 1024; ``<= 0`` for adaptive.
         aligned: half-pixel box coordinates.
         mode: ``"avg"`` or ``"max"``.
         backend: as for :func:`pydeform.deform_conv2d`.
@@ -432,7 +434,7 @@ def deform_roi_pool_params(shapes, k, output_size, spatial_scale, sampling_ratio
     _check_shape("mask", shapes.get("mask"), (k, 1, pooled_h, pooled_w))
     params = DeformRoIPoolParams(
         channels, height, width, pooled_h, pooled_w,
-        check_positive_float("spatial_scale", spatial_scale), check_int("sampling_ratio", sampling_ratio),
+        check_positive_float("spatial_scale", spatial_scale), check_samples_per_axis("sampling_ratio", sampling_ratio),
         check_finite_float("gamma", gamma), shapes.get("offset") is not None, shapes.get("mask") is not None,
     )
     _check_shape("grad_output", shapes.get("grad_output"), roi_output_shape(params, k))
@@ -506,7 +508,7 @@ def deform_psroi_pool_params(shapes, k, output_dim, group_size, pooled_size, par
     group_size = check_int("group_size", group_size, 1)
     pooled_size = check_int("pooled_size", pooled_size, 1)
     part_size = pooled_size if part_size is None or part_size == 0 else check_int("part_size", part_size, 1)
-    sample_per_part = check_int("sample_per_part", sample_per_part, 1)
+    sample_per_part = check_samples_per_axis("sample_per_part", sample_per_part, 1)
     if output_dim is None:
         if channels % (group_size * group_size):
             raise ValueError(
@@ -562,7 +564,7 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
         group_size: position-sensitive grid size.
         pooled_size: output is ``pooled_size x pooled_size``.
         part_size: trans grid size; None or 0 means ``pooled_size``.
-        sample_per_part: samples per bin along each axis.
+        sample_per_part: samples per bin along each axis, 1 to 1024.
         trans_std: scale of ``trans``.
         spatial_scale: feature-map size / image size.
 

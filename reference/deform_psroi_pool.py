@@ -22,6 +22,8 @@ Choices the definition leaves open:
   ``trans_std * roi size * sum over valid samples of dB/dx / count``, summed over the output
   channels of the class and the bins that share a part cell. rois get no gradient.
 - ``output_dim=None`` means ``C // group_size**2``; ``part_size`` None or 0 means pooled_size.
+- A roi whose corners times spatial_scale (before the rounding) are not within COORDINATE_LIMIT
+  (docs/roi.md, "Bounded work") is invalid: 0 outputs, no gradient.
 """
 
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bilinear import sample_border_clamped, scatter_to_corners
-from .rois import cell_major, channel_major, roi_boxes, round_half_away
+from .rois import cell_major, channel_major, roi_boxes, round_half_away, scaled_box_valid
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ def deform_psroi_pool(input, rois, trans=None, output_dim=None, group_size=1, po
     pooled = layout.pooled_size
     output = np.zeros((len(layout.boxes), layout.classes * layout.per_class, pooled, pooled))
     for k in range(len(layout.boxes)):
+        if not scaled_box_valid(layout.boxes[k], layout.spatial_scale):
+            continue
         roi = _sample_roi(layout, k, trans)
         sums = np.sum(roi.samples.values * roi.valid[..., None], axis=(3, 4))
         # [classes, P, P, per_class] -> [classes * per_class, P, P]
@@ -160,6 +164,8 @@ def deform_psroi_pool_backward(grad_output, input, rois, trans=None, output_dim=
     grad_images = np.zeros(layout.images.shape)
     grad_trans = None if trans is None else np.zeros(trans.shape)
     for k in range(len(layout.boxes)):
+        if not scaled_box_valid(layout.boxes[k], layout.spatial_scale):
+            continue
         roi = _sample_roi(layout, k, trans)
         # [classes * per_class, P, P] -> [classes, P, P, 1, 1, per_class], per valid sample.
         grad_bins = grad_output[k].reshape(layout.classes, layout.per_class, pooled, pooled)

@@ -23,6 +23,9 @@ Choices the definition leaves open:
   ``mask * average``); rw and rh do not depend on the offset. rois get no gradient.
 - ps_roi_align divides by max(gh*gw, 1) like roi_align (torchvision divides by gh*gw and gives
   NaN for an adaptive roi of size 0).
+- Bounded work (docs/roi.md): adaptive gh is min(ceil(bin_h), MAX_ADAPTIVE_SAMPLES); a roi whose
+  scaled corners are not within COORDINATE_LIMIT has no samples and a size of 0, so it gives 0
+  and passes no gradient (to the input or the offsets).
 """
 
 import math
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bilinear import sample_border_clamped, scatter_to_corners
-from .rois import cell_major, channel_major, output_pair, roi_boxes
+from .rois import MAX_ADAPTIVE_SAMPLES, cell_major, channel_major, output_pair, roi_boxes, scaled_box_valid
 
 MODES = ("avg", "max")
 
@@ -56,6 +59,9 @@ def _grid(box, spatial_scale, output_size, sampling_ratio, aligned, shift_y=0.0,
     ``shift * roi size`` (deform_roi_pool's ``gamma * offset``).
     """
     pooled_h, pooled_w = output_size
+    if not scaled_box_valid(box, spatial_scale):
+        empty = np.zeros((pooled_h, pooled_w, 0, 0))
+        return _Grid(empty, empty, 1, 0.0, 0.0)
     half = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = box * spatial_scale - half
     roi_w, roi_h = x2 - x1, y2 - y1
@@ -65,7 +71,8 @@ def _grid(box, spatial_scale, output_size, sampling_ratio, aligned, shift_y=0.0,
     if sampling_ratio > 0:
         grid_h = grid_w = int(sampling_ratio)
     else:
-        grid_h, grid_w = max(math.ceil(bin_h), 0), max(math.ceil(bin_w), 0)
+        grid_h = min(max(math.ceil(bin_h), 0), MAX_ADAPTIVE_SAMPLES)
+        grid_w = min(max(math.ceil(bin_w), 0), MAX_ADAPTIVE_SAMPLES)
     start_y = (y1 + roi_h * np.asarray(shift_y)) + np.arange(pooled_h)[:, None] * bin_h
     start_x = (x1 + roi_w * np.asarray(shift_x)) + np.arange(pooled_w)[None, :] * bin_w
     shape = (pooled_h, pooled_w, grid_h, grid_w)

@@ -15,11 +15,13 @@ Choices the definition leaves open:
   names the bin rule, hstart / hend, not the size).
 - roi_pool: ties go to the first maximal pixel in row-major order; an empty bin gives 0, arg-max
   -1 and no gradient. ps_roi_pool: an empty bin gives 0 and no gradient.
+- A roi whose scaled corners are not within COORDINATE_LIMIT (docs/roi.md, "Bounded work") has
+  only empty bins.
 """
 
 import numpy as np
 
-from .rois import cell_major, channel_major, output_pair, roi_boxes, round_half_away
+from .rois import cell_major, channel_major, output_pair, roi_boxes, round_half_away, scaled_box_valid
 
 
 def _axis_bins(start, size, pooled, length):
@@ -37,6 +39,8 @@ def _bin_pixels(box, spatial_scale, output_size, height, width, end_inclusive):
     box: float64 [4] (x1, y1, x2, y2), rounded half away from zero after scaling;
     end_inclusive: the roi spans xe - xs + 1 pixels (roi_pool) rather than xe - xs.
     """
+    if not scaled_box_valid(box, spatial_scale):
+        return np.zeros(output_size + (height, width), dtype=bool)
     start_x, start_y, end_x, end_y = round_half_away(box * spatial_scale).astype(np.int64)
     extra = 1 if end_inclusive else 0
     roi_w, roi_h = max(end_x - start_x + extra, 1), max(end_y - start_y + extra, 1)

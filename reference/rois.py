@@ -3,6 +3,19 @@ size, Fast R-CNN rounding and the channel layout of the position-sensitive ops."
 
 import numpy as np
 
+# The bounds on one output element's work (docs/roi.md, "Bounded work"): a roi with a corner
+# that times spatial_scale is beyond COORDINATE_LIMIT feature-map pixels from the origin is
+# invalid (0 outputs, no gradient), and adaptive sampling takes at most MAX_ADAPTIVE_SAMPLES
+# samples per bin along each axis.
+COORDINATE_LIMIT = 2.0**24
+MAX_ADAPTIVE_SAMPLES = 1024
+
+
+def scaled_box_valid(box, spatial_scale):
+    """Whether every corner of box (x1, y1, x2, y2) times spatial_scale is within
+    +-COORDINATE_LIMIT."""
+    return bool(np.all(np.abs(np.asarray(box, dtype=np.float64) * spatial_scale) <= COORDINATE_LIMIT))
+
 
 def output_pair(output_size):
     """output_size: int or (PH, PW) -> (PH, PW) as ints."""

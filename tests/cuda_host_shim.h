@@ -104,6 +104,14 @@ inline I atomicMax(I* address, const I value) {
     *address = old < value ? value : old;
     return old;
 }
+
+template <typename I>
+inline I atomicCAS(I* address, const I compare, const I value) {
+    const std::lock_guard<std::mutex> hold(host_shim_atomic_lock);
+    const I old = *address;
+    *address = old == compare ? value : old;
+    return old;
+}
 #else
 static const HostShimDim3 threadIdx = {0, 0, 0};
 static const HostShimDim3 blockIdx = {0, 0, 0};
@@ -124,6 +132,13 @@ template <typename I>
 inline I atomicMax(I* address, const I value) {
     const I old = *address;
     *address = old < value ? value : old;
+    return old;
+}
+
+template <typename I>
+inline I atomicCAS(I* address, const I compare, const I value) {
+    const I old = *address;
+    *address = old == compare ? value : old;
     return old;
 }
 #endif

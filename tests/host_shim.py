@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pydeform.backends.cupy_kernels._compile import kernel_source, template_argument
+from pydeform.backends.cupy_kernels._compile import DEFINES, kernel_source, template_argument
 from pydeform.backends.cupy_kernels.centernet import KERNELS as CENTERNET_KERNELS
 from pydeform.backends.cupy_kernels.centernet import CupyCenterNetKernels
 from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KERNELS
@@ -32,9 +32,13 @@ BUILD_DIR = TESTS_DIR / "_build"
 SHIM_HEADER = TESTS_DIR / "cuda_host_shim.h"
 HOST_INCLUDE_DIR = TESTS_DIR / "cuda_host_include"
 HOST_TYPES = ("float", "double")
-CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC")
+CXX_FLAGS = ("-x", "c++", "-O1", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", *DEFINES)
 THREADED_FLAGS = ("-DPYDEFORM_HOST_SHIM_BLOCK_THREADS", "-pthread")
 SHUFFLED_FLAGS = ("-DPYDEFORM_HOST_SHIM_SHUFFLED", "-pthread")
+# Undefined behaviour a GPU would not report (a float-to-integer conversion out of range
+# saturates there, e.g. a sample count of LLONG_MAX) stops the process with a report instead. The
+# sanitizer aborts the process, so load such a library in a child process.
+SANITIZER_FLAGS = ("-fsanitize=float-cast-overflow,undefined", "-fno-sanitize-recover=all")
 # A threaded block that has not finished after this long is taken as deadlocked (a __syncthreads
 # that not every thread of the block reaches).
 BLOCK_TIMEOUT_S = 60
@@ -79,14 +83,15 @@ _MODELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def load_library(name, source, templates, threaded=False, model=None):
+def load_library(name, source, templates, threaded=False, model=None, extra_flags=()):
     """The shared library of CUDA C ``source`` (includes already inlined) exporting each of
     ``templates`` for float and double; rebuilt whenever the source or a shim header changes.
     ``threaded``: the shim's threaded-block model (see cuda_host_shim.h and run_blocks);
-    ``model="shuffled"``: its shuffled-threads model (run_shuffled)."""
+    ``model="shuffled"``: its shuffled-threads model (run_shuffled); ``extra_flags``: more g++
+    options (e.g. SANITIZER_FLAGS), part of the library's name."""
     unit = _translation_unit(source, templates)
     model_flags, suffix = _MODELS[model or ("threaded" if threaded else "single")]
-    flags = (*CXX_FLAGS, *model_flags)
+    flags = (*CXX_FLAGS, *model_flags, *extra_flags)
     stem = f"{name}{suffix}_{_build_inputs_digest(unit, flags)}"
     library = BUILD_DIR / f"{stem}.so"
     if not library.exists():
@@ -106,10 +111,10 @@ def load_library(name, source, templates, threaded=False, model=None):
     return ctypes.CDLL(str(library))
 
 
-def manifest_library(manifest, threaded=False, model=None):
+def manifest_library(manifest, threaded=False, model=None, extra_flags=()):
     """The library of a kernel set's ``.cu`` file, built from the text NVRTC compiles."""
     return load_library(Path(manifest.source).stem, kernel_source(manifest.source), manifest.templates, threaded,
-                        model)
+                        model, extra_flags)
 
 
 # Marshalled scalar type -> the C parameter type it stands for; anything else is a pointer.
@@ -206,14 +211,15 @@ def run_shuffled(library, template, storage_dtype, args, grid, block, order, wor
 
 class HostShimLaunch:
     """Mixin for a CuPy kernel set: its launches run on the host shim, on NumPy float32 /
-    float64 arrays, from the ``.cu`` file of ``manifest``."""
+    float64 arrays, from the ``.cu`` file of ``manifest`` built with ``extra_flags`` too."""
 
     xp = np
     manifest = None
+    extra_flags = ()
 
     def _launch(self, storage_dtype, template, n_items, args):
         if n_items:
-            run_kernel(manifest_library(self.manifest), template, storage_dtype, args)
+            run_kernel(manifest_library(self.manifest, extra_flags=self.extra_flags), template, storage_dtype, args)
 
 
 class HostShimBlocksLaunch(HostShimLaunch):
@@ -225,8 +231,8 @@ class HostShimBlocksLaunch(HostShimLaunch):
 
     def _launch(self, storage_dtype, template, n_blocks, args):
         if n_blocks:
-            run_blocks(manifest_library(self.manifest, threaded=True), template, storage_dtype, args,
-                       min(n_blocks, self.grid), self.block)
+            run_blocks(manifest_library(self.manifest, threaded=True, extra_flags=self.extra_flags), template,
+                       storage_dtype, args, min(n_blocks, self.grid), self.block)
 
 
 class HostShimShuffledLaunch(HostShimLaunch):
@@ -259,6 +265,12 @@ class HostShimShuffledDeformConv2dKernels(HostShimShuffledLaunch, CupyDeformConv
 
 class HostShimShuffledRoIKernels(HostShimShuffledLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
+
+
+class SanitizedHostShimRoIKernels(HostShimRoIKernels):
+    """The RoI kernels built with SANITIZER_FLAGS: only in a child process."""
+
+    extra_flags = SANITIZER_FLAGS
 
 
 class HostShimCenterNetKernels(HostShimLaunch, CupyCenterNetKernels):

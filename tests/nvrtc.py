@@ -64,6 +64,12 @@ def nvrtc_version():
     return _nvrtc().getVersion()
 
 
+@functools.lru_cache(maxsize=None)
+def supported_archs():
+    """The ``compute_<arch>`` numbers this NVRTC compiles for (nvrtcGetSupportedArchs)."""
+    return tuple(int(arch) for arch in _nvrtc().getSupportedArchs())
+
+
 _ARCH = re.compile(r"^\d+$")
 
 

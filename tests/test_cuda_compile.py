@@ -34,8 +34,10 @@ pytestmark = pytest.mark.skipif(
     not nvrtc.available(), reason="needs NVRTC and CUDA's headers (the test extras)"
 )
 
-ARCHS = (70, 80, 90)
-# NVRTC's notice for compute_70, which CUDA 12 still supports.
+# Maxwell (52) and Pascal (60) as well: below compute_60 there is no double atomicAdd, and
+# common.cuh, which every .cu file includes, must still compile there.
+ARCHS = (52, 60, 70, 80, 90)
+# NVRTC's notice for the architectures before compute_75, which CUDA 12 still supports.
 ARCH_DEPRECATION = "Architectures prior to '<compute/sm>_75' are deprecated"
 
 
@@ -69,8 +71,8 @@ def test_every_cu_file_has_a_manifest():
 @pytest.mark.parametrize("type_name", TEMPLATE_ARGUMENTS.values())
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.source)
 def test_kernels_compile(manifest, type_name, arch):
-    if arch < 75 and nvrtc.nvrtc_version() >= (13, 0):
-        pytest.skip("CUDA 13 no longer targets compute_70")
+    if arch not in nvrtc.supported_archs():
+        pytest.skip(f"NVRTC {nvrtc.nvrtc_version()} does not target compute_{arch}")
     expressions, result = compile_manifest(manifest, type_name, arch)
     entries = nvrtc.entry_parameter_sizes(result.ptx)
     for expression in expressions:
@@ -207,12 +209,49 @@ def cu_constant(source, name):
 
 
 def test_centernet_python_constants_match_the_cuda_source():
-    """The candidate lists are sized in Python with the shared-array capacity of the tile kernel,
-    and no launch may have more threads than its shared per-thread arrays hold."""
+    """The candidate lists are sized in Python with the shared-array capacity of the tile kernel."""
     assert centernet.DECODE_TILE == cu_constant("centernet.cu", "kDecodeTile")
-    assert THREADS_PER_BLOCK <= cu_constant("centernet.cu", "kMaxBlockThreads")
     # The block scan packs two counts of at most a tile into the halves of an int.
     assert centernet.DECODE_TILE < 2**15
+
+
+# The shared arrays of centernet.cu with one slot per thread of a block (float slots for float).
+PER_THREAD_ARRAYS = ("positive", "negative", "positives", "segment_counts")
+_SHARED_ARRAY = re.compile(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\S*E\d+([a-z_]+)\[(\d+)\];")
+
+
+def block_size_options(threads):
+    return [option for option in COMPILE_OPTIONS if not option.startswith("-DPYDEFORM_THREADS_PER_BLOCK=")] + (
+        [] if threads is None else [f"-DPYDEFORM_THREADS_PER_BLOCK={threads}"])
+
+
+def compile_centernet_float(options):
+    expressions = [name_expression(t, "float") for t in centernet.KERNELS.templates]
+    return nvrtc.compile_source(kernel_source(centernet.KERNELS.source), centernet.KERNELS.source, 80, expressions,
+                                options)
+
+
+def test_the_kernels_are_compiled_with_the_launch_block_size():
+    assert f"-DPYDEFORM_THREADS_PER_BLOCK={THREADS_PER_BLOCK}" in COMPILE_OPTIONS
+
+
+@pytest.mark.parametrize("threads", [64, THREADS_PER_BLOCK, 1024])
+def test_per_thread_shared_arrays_are_sized_by_the_block_size(threads):
+    """The block size is one number: the define the launches' THREADS_PER_BLOCK is compiled in
+    as sizes every shared array a block holds one slot per thread in."""
+    ptx = compile_centernet_float(block_size_options(threads)).ptx
+    sizes = {name: int(size) for name, size in _SHARED_ARRAY.findall(ptx)}
+    assert {name: sizes.get(name) for name in PER_THREAD_ARRAYS} == dict.fromkeys(PER_THREAD_ARRAYS, 4 * threads)
+
+
+@pytest.mark.parametrize("threads, message", [
+    (None, "compile with -DPYDEFORM_THREADS_PER_BLOCK"),
+    (0, "a CUDA block has 1 to 1024 threads"),
+    (2048, "a CUDA block has 1 to 1024 threads"),
+])
+def test_a_missing_or_impossible_block_size_does_not_compile(threads, message):
+    with pytest.raises(nvrtc.NvrtcError, match=message):
+        compile_centernet_float(block_size_options(threads))
 
 
 @pytest.mark.skipif(nvrtc.ptxas_path() is None, reason="needs ptxas (nvidia-cuda-nvcc wheel)")

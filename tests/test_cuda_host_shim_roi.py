@@ -420,3 +420,28 @@ def test_empty_bins_give_zero_and_no_gradient(op, box, options, dtype):
     output, grads = run_both(op, dtype, input, np.array([[0, *box]]), np.ones((1, channels_out, 2, 2)),
                              output_size=(2, 2), **options)
     assert not output.any() and not grads.input.any()
+
+
+class Compute52ThreadedRoIKernels(host_shim.HostShimBlocksLaunch, CupyRoIKernels):
+    """roi.cu built as for compute_52 (``__CUDA_ARCH__`` 520: double atomics through common.cuh's
+    atomicCAS loop), run as 2 blocks of 8 concurrent threads."""
+
+    manifest = KERNELS
+    extra_flags = ("-D__CUDA_ARCH__=520",)
+    grid = 2
+    block = 8
+
+
+def test_double_atomics_before_compute_60_add_up_under_contention():
+    """Below compute_60 there is no atomicAdd(double*): common.cuh adds to the value it last saw
+    and swaps the bits in with atomicCAS, retrying when another thread got there first. 16
+    concurrent threads scatter 2000 identical rois into the same pixels and every addition must
+    land (a plain read-add-write instead loses some in some runs here)."""
+    rng = np.random.default_rng(9)
+    input = rng.standard_normal((1, 2, 5, 5))
+    rois = np.tile([[0, 0.5, 0.5, 3.5, 3.5]], (2000, 1))
+    grad_output = rng.standard_normal((2000, 2, 2, 2))
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: Compute52ThreadedRoIKernels()):
+        grads = pydeform.roi_align_backward(grad_output, input, rois, 2, sampling_ratio=2)
+    expected = reference.roi_align_backward(grad_output, input, rois, 2, sampling_ratio=2)
+    assert_close("grad input", grads.input, expected["input"], np.float64)

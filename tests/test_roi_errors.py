@@ -134,9 +134,13 @@ OP_RULES = {
         ("aligned-int", setter(aligned=1), TypeError, "aligned", ["bool", "1"]),
         ("sampling-ratio-float", setter(sampling_ratio=1.5), TypeError, "sampling_ratio", ["int", "1.5"]),
         ("sampling-ratio-bool", setter(sampling_ratio=True), TypeError, "sampling_ratio", ["int", "True"]),
+        ("sampling-ratio-too-many", setter(sampling_ratio=10**5), ValueError, "sampling_ratio",
+         ["at most 1024 samples", "100000"]),
     ],
     "ps_roi_align": [
         ("sampling-ratio-float", setter(sampling_ratio=2.0), TypeError, "sampling_ratio", ["int", "2.0"]),
+        ("sampling-ratio-too-many", setter(sampling_ratio=1025), ValueError, "sampling_ratio",
+         ["at most 1024 samples", "1025"]),
     ],
     "deform_roi_pool": [
         ("offset-bins", reshaped("offset", (3, 2, 2, 3)), ValueError, "offset", ["(3, 2, 2, 2)", "(3, 2, 2, 3)"]),
@@ -153,6 +157,8 @@ OP_RULES = {
         ("gamma-string", setter(gamma="0.1"), TypeError, "gamma", ["number", "'0.1'"]),
         ("gamma-nan", setter(gamma=np.nan), ValueError, "gamma", ["finite", "nan"]),
         ("sampling-ratio-float", setter(sampling_ratio=0.0), TypeError, "sampling_ratio", ["int", "0.0"]),
+        ("sampling-ratio-too-many", setter(sampling_ratio=1025), ValueError, "sampling_ratio",
+         ["at most 1024 samples", "1025"]),
     ],
     "deform_psroi_pool": [
         ("trans-odd-channels", reshaped("trans", (3, 3, 2, 2)), ValueError, "trans",
@@ -177,6 +183,8 @@ OP_RULES = {
         ("pooled-size-bool", setter(pooled_size=True), TypeError, "pooled_size", ["int", "True"]),
         ("part-size-negative", setter(part_size=-1), ValueError, "part_size", [">= 1", "-1"]),
         ("sample-per-part-zero", setter(sample_per_part=0), ValueError, "sample_per_part", [">= 1", "0"]),
+        ("sample-per-part-too-many", setter(sample_per_part=10**5), ValueError, "sample_per_part",
+         ["at most 1024 samples", "100000"]),
         ("trans-std-string", setter(trans_std="0.1"), TypeError, "trans_std", ["number", "'0.1'"]),
         ("trans-std-inf", setter(trans_std=np.inf), ValueError, "trans_std", ["finite", "inf"]),
     ],

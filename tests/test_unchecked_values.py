@@ -33,7 +33,6 @@ INVALID = [
 ]
 ROWS = np.array(VALID[:1] + INVALID[:4] + VALID[1:] + INVALID[4:])
 VALID_AT = [0, 5, 6]
-INVALID_AT = [i for i in range(len(ROWS)) if i not in VALID_AT]
 
 OPTIONS = {
     "roi_align": dict(output_size=2, sampling_ratio=-1),  # adaptive: an infinite box would never end
@@ -83,29 +82,39 @@ def test_outside_the_block_bad_rows_still_raise():
             pydeform.roi_align(x, np.array([row]), output_size=2)
 
 
+def check_invalid_rows(op, module, rows, valid_at, options=None, dtype=np.float64):
+    """``module`` (``pydeform``, its kernels chosen by the caller, or ``reference``) gives the
+    rows of ``rows`` not in ``valid_at`` 0 outputs and no gradient, and the others what the
+    reference gives them alone; ``options`` adds to (or replaces) the op's OPTIONS."""
+    rng = np.random.default_rng(3)
+    invalid_at = [i for i in range(len(rows)) if i not in valid_at]
+    channels = 8 if op in ("ps_roi_align", "ps_roi_pool", "deform_psroi_pool") else 2
+    x = rng.standard_normal((2, channels, 6, 6)).astype(dtype)
+    per_roi = {name: rng.uniform(-0.5, 0.5, (len(rows),) + shape).astype(dtype)
+               for name, shape in PER_ROI.get(op, {}).items()}
+    options = {**OPTIONS[op], **(options or {})}
+    rows = np.asarray(rows, dtype=np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+    case = RoICase(op, x, rows.copy(), {**options, **per_roi}, None)
+    valid = RoICase(op, x, rows[valid_at], {**options, **{k: v[valid_at] for k, v in per_roi.items()}}, None)
+    out = case.forward(module)
+    grad_output = rng.standard_normal(out.shape).astype(dtype)
+    grads = RoICase(op, x, case.rois, case.options, grad_output).backward(module)
+    assert_close("output", out[valid_at], valid.forward(reference), dtype)
+    np.testing.assert_array_equal(out[invalid_at], 0.0)
+    expected = RoICase(op, x, valid.rois, valid.options, grad_output[valid_at]).backward(reference)
+    for name, grad in grads.items():
+        if name == "input":
+            assert_roi_grads_close({name: grad}, {name: expected[name]}, dtype)
+        elif grad is not None:
+            assert_roi_grads_close({name: grad[valid_at]}, {name: expected[name]}, dtype)
+            np.testing.assert_array_equal(grad[invalid_at], 0.0, err_msg=name)
+
+
 @pytest.mark.parametrize("backend", ["numba-cpu", "host-shim"])
 @pytest.mark.parametrize("op", ROI_OPS)
 def test_invalid_rois_give_zeros_and_no_gradient(op, backend):
-    rng = np.random.default_rng(3)
-    channels = 8 if op in ("ps_roi_align", "ps_roi_pool", "deform_psroi_pool") else 2
-    x = rng.standard_normal((2, channels, 6, 6))
-    per_roi = {name: rng.uniform(-0.5, 0.5, (len(ROWS),) + shape) for name, shape in PER_ROI.get(op, {}).items()}
-    case = RoICase(op, x, ROWS.copy(), {**OPTIONS[op], **per_roi}, None)
-    valid = RoICase(op, x, ROWS[VALID_AT], {**OPTIONS[op], **{k: v[VALID_AT] for k, v in per_roi.items()}}, None)
     with kernels_of(backend), unchecked_values():
-        out = case.forward(pydeform)
-        grad_output = rng.standard_normal(out.shape)
-        case = RoICase(op, x, case.rois, case.options, grad_output)
-        grads = case.backward(pydeform)
-    assert_close("output", out[VALID_AT], valid.forward(reference), np.float64)
-    np.testing.assert_array_equal(out[INVALID_AT], 0.0)
-    expected = RoICase(op, x, valid.rois, valid.options, grad_output[VALID_AT]).backward(reference)
-    for name, grad in grads.items():
-        if name == "input":
-            assert_roi_grads_close({name: grad}, {name: expected[name]}, np.float64)
-        elif grad is not None:
-            assert_roi_grads_close({name: grad[VALID_AT]}, {name: expected[name]}, np.float64)
-            np.testing.assert_array_equal(grad[INVALID_AT], 0.0, err_msg=name)
+        check_invalid_rows(op, pydeform, ROWS, VALID_AT)
 
 
 @pytest.mark.parametrize("backend", ["numba-cpu", "host-shim"])

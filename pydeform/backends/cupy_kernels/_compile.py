@@ -12,11 +12,14 @@ import numpy as np
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
+THREADS_PER_BLOCK = 256
+
+# Macros the sources are compiled with: every launch's block size, which also sizes the shared
+# per-thread arrays of the block kernels (common.cuh's kThreadsPerBlock).
+DEFINES = (f"-DPYDEFORM_THREADS_PER_BLOCK={THREADS_PER_BLOCK}",)
 # NVRTC options besides the architecture, which CuPy picks for the current device and adds
 # itself together with ``-I`` for CUDA's headers (cuda_fp16.h, cuda_bf16.h).
-COMPILE_OPTIONS = ("--std=c++17",)
-
-THREADS_PER_BLOCK = 256
+COMPILE_OPTIONS = ("--std=c++17", *DEFINES)
 # Kernels loop grid-stride, so a bounded grid covers any number of work items.
 MAX_BLOCKS = 65535
 

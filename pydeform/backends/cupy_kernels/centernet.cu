@@ -29,11 +29,10 @@ namespace pydeform {
 // The largest decode tile: the capacity of the tile kernel's shared arrays (DECODE_TILE of
 // centernet.py, which passes the tile size, at most this, to both decode kernels).
 constexpr int kDecodeTile = 2048;
+// The decode scan packs two counts of at most a tile into the halves of an int.
+static_assert(kDecodeTile < (1 << 15), "packed segment counts would carry into each other");
 // Capacity of the selection kernel's shared sample / survivor arrays.
 constexpr int kSelectCapacity = 2048;
-// Capacity of the shared per-thread arrays: the largest blockDim.x the block kernels accept
-// (THREADS_PER_BLOCK of _compile.py).
-constexpr int kMaxBlockThreads = 256;
 
 __device__ __forceinline__ float negative_infinity(float) {
     return __int_as_float(static_cast<int>(0xff800000u));
@@ -298,13 +297,14 @@ __device__ __forceinline__ void block_sum(A* values, const int thread, const int
     }
 }
 
-// The three sums of FocalTerms over the threads of a block, each thread contributing `own`.
+// The three sums of FocalTerms over the threads of a block, each thread contributing `own`; one
+// shared slot per thread, so blocks have at most kThreadsPerBlock threads (as every launch has).
 template <typename A>
 __device__ __forceinline__ FocalTerms<A> block_focal_sums(const FocalTerms<A>& own, const int thread,
                                                           const int threads) {
-    __shared__ A positive[kMaxBlockThreads];
-    __shared__ A negative[kMaxBlockThreads];
-    __shared__ A positives[kMaxBlockThreads];
+    __shared__ A positive[kThreadsPerBlock];
+    __shared__ A negative[kThreadsPerBlock];
+    __shared__ A positives[kThreadsPerBlock];
     positive[thread] = own.positive;
     negative[thread] = own.negative;
     positives[thread] = own.positives;
@@ -350,7 +350,7 @@ __global__ void centernet_decode_candidates(const T* __restrict__ heat,
     // Per thread: (positive count << 16) | nonzero count of its segment, scanned in place; both
     // counts are at most kDecodeTile < 2**15, so the packed sums neither carry into each other
     // nor reach the sign bit.
-    __shared__ int segment_counts[kMaxBlockThreads];
+    __shared__ int segment_counts[kThreadsPerBlock];
 
     const DecodeTiles t = decode_tiles(classes, height, width, k, tile);
     const long long plane_size = height * width;

@@ -5,7 +5,16 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// The threads of every block a launch runs, THREADS_PER_BLOCK of _compile.py, which compiles the
+// sources with this define: the one number that sizes the shared per-thread arrays too.
+#ifndef PYDEFORM_THREADS_PER_BLOCK
+#error "compile with -DPYDEFORM_THREADS_PER_BLOCK=<threads per block>, as _compile.py does"
+#endif
+
 namespace pydeform {
+
+constexpr int kThreadsPerBlock = PYDEFORM_THREADS_PER_BLOCK;
+static_assert(kThreadsPerBlock >= 1 && kThreadsPerBlock <= 1024, "a CUDA block has 1 to 1024 threads");
 
 // Arithmetic happens in float for float16 / bfloat16 / float32 and in double for double.
 template <typename T> struct AccumulationType { using type = float; };
@@ -36,7 +45,21 @@ __device__ __forceinline__ void atomic_accumulate(float* address, const float va
     atomicAdd(address, value);
 }
 __device__ __forceinline__ void atomic_accumulate(double* address, const double value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+    // No atomicAdd(double*, double) before compute_60: add to the value last seen and swap the
+    // bits in if nobody changed them meanwhile, else retry with what they changed them to
+    // (compared as integers, so a NaN cannot keep the loop going).
+    unsigned long long* const bits = reinterpret_cast<unsigned long long*>(address);
+    unsigned long long seen = *bits;
+    unsigned long long expected;
+    do {
+        expected = seen;
+        const double sum = __longlong_as_double(static_cast<long long>(expected)) + value;
+        seen = atomicCAS(bits, expected, static_cast<unsigned long long>(__double_as_longlong(sum)));
+    } while (seen != expected);
+#else
     atomicAdd(address, value);
+#endif
 }
 
 // Grid-stride loop bounds, 64-bit so that work-item counts may pass 2**31 - 1:

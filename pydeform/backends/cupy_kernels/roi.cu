@@ -17,6 +17,12 @@
 
 namespace pydeform {
 
+// The most samples a bin takes along each axis (adaptive sampling's cap), and the bound on a
+// valid roi's corners scaled to the feature map: MAX_SAMPLES_PER_AXIS and COORDINATE_LIMIT of
+// pydeform/_rois.py, whose argument checks keep sampling_ratio and sample_per_part within the cap.
+constexpr long long kMaxSamplesPerAxis = 1024;
+constexpr double kCoordinateLimit = 16777216.0;  // 2**24
+
 // input [batch, channels, height, width], output [K, channels_out, pooled_h, pooled_w].
 struct RoIGeometry {
     long long batch, channels, height, width, pooled_h, pooled_w, channels_out;
@@ -35,14 +41,22 @@ struct RoIGeometry {
 template <typename A>
 struct RoIItem {
     long long roi, channel, ph, pw;
-    bool valid;       // integer batch index in [0, batch), finite box; else nothing is read
+    bool valid;       // integer batch index in [0, batch), scaled box within the limit; else
+                      // nothing is read
     long long image;  // the batch index
     A x1, y1, x2, y2;
 };
 
+// Whether a box corner times spatial_scale is within kCoordinateLimit (false for NaN and +-inf).
+template <typename A>
+__device__ __forceinline__ bool scaled_within_limit(const A value, const A spatial_scale) {
+    const A scaled = value * spatial_scale;
+    return scaled >= A(-kCoordinateLimit) && scaled <= A(kCoordinateLimit);
+}
+
 template <typename A>
 __device__ __forceinline__ RoIItem<A> roi_item(const long long item, const RoIGeometry& geom,
-                                               const A* __restrict__ rois) {
+                                               const A* __restrict__ rois, const A spatial_scale) {
     RoIItem<A> r;
     r.pw = item % geom.pooled_w;
     r.ph = (item / geom.pooled_w) % geom.pooled_h;
@@ -54,13 +68,16 @@ __device__ __forceinline__ RoIItem<A> roi_item(const long long item, const RoIGe
     r.y1 = load_acc(box + 2);
     r.x2 = load_acc(box + 3);
     r.y2 = load_acc(box + 4);
-    // The Python side rejects such rows unless the call skips the host check (on the GPU under
-    // pydeform.torch / pydeform.jax, to avoid a synchronisation): a batch index that is not an
-    // integer in [0, batch) or a non-finite coordinate makes the row invalid, nothing of the
-    // input is read for it and its outputs are 0. The index is compared before the conversion,
-    // which could overflow; v - v is 0 exactly for finite v.
-    r.valid = image >= A(0) && image < A(geom.batch) && image == floor(image) && r.x1 - r.x1 == A(0) &&
-              r.y1 - r.y1 == A(0) && r.x2 - r.x2 == A(0) && r.y2 - r.y2 == A(0);
+    // A batch index that is not an integer in [0, batch) or a non-finite coordinate (rows the
+    // Python side rejects unless the call skips the host check: on the GPU under pydeform.torch /
+    // pydeform.jax, to avoid a synchronisation), or a scaled corner beyond kCoordinateLimit (a
+    // finite box can overflow once scaled), makes the row invalid: nothing of the input is read
+    // for it and its outputs are 0. Within the limit every bin size and sample count below is
+    // finite and converts to an integer exactly. The index is compared before its conversion,
+    // which could overflow.
+    r.valid = image >= A(0) && image < A(geom.batch) && image == floor(image) &&
+              scaled_within_limit(r.x1, spatial_scale) && scaled_within_limit(r.y1, spatial_scale) &&
+              scaled_within_limit(r.x2, spatial_scale) && scaled_within_limit(r.y2, spatial_scale);
     r.image = r.valid ? static_cast<long long>(image) : 0;
     return r;
 }
@@ -69,9 +86,10 @@ __device__ __forceinline__ RoIItem<A> roi_item(const long long item, const RoIGe
 template <typename T, typename Pool>
 __device__ __forceinline__ void pool_each_output(const long long n_items, const RoIGeometry& geom,
                                                  const acc_t<T>* __restrict__ rois,
+                                                 const acc_t<T> spatial_scale,
                                                  T* __restrict__ output, const Pool& pool) {
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const RoIItem<acc_t<T>> r = roi_item(item, geom, rois);
+        const RoIItem<acc_t<T>> r = roi_item(item, geom, rois, spatial_scale);
         output[item] = from_acc<T>(r.valid ? pool(r) : acc_t<T>(0));
     }
 }
@@ -80,10 +98,11 @@ __device__ __forceinline__ void pool_each_output(const long long n_items, const 
 template <typename T, typename Scatter>
 __device__ __forceinline__ void scatter_each_grad(const long long n_items, const RoIGeometry& geom,
                                                   const acc_t<T>* __restrict__ rois,
+                                                  const acc_t<T> spatial_scale,
                                                   const T* __restrict__ grad_output,
                                                   const Scatter& scatter) {
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const RoIItem<acc_t<T>> r = roi_item(item, geom, rois);
+        const RoIItem<acc_t<T>> r = roi_item(item, geom, rois, spatial_scale);
         if (r.valid) {
             scatter(r, load_acc(grad_output + item));
         }
@@ -188,8 +207,15 @@ __device__ __forceinline__ ScaledRoI<A> scaled_roi(const RoIItem<A>& r, const A 
     return roi;
 }
 
+// Adaptive sampling's samples along an axis: ceil(bin size), 0 for a size <= 0, at most
+// kMaxSamplesPerAxis. A valid roi's bin sizes are at most 2**25, so the conversion is exact.
+template <typename A>
+__device__ __forceinline__ long long adaptive_samples(const A bin_size) {
+    return min(max(static_cast<long long>(ceil(bin_size)), 0LL), kMaxSamplesPerAxis);
+}
+
 // gh x gw samples at the centres of a regular grid over bin (ph, pw): gh = sampling_ratio if
-// positive, else ceil(bin height), none for a roi of size <= 0 (same for gw).
+// positive, else adaptive_samples(bin height) (same for gw).
 template <typename A>
 __device__ __forceinline__ BinSamples<A> aligned_bin_samples(const ScaledRoI<A>& roi,
                                                              const RoIItem<A>& r,
@@ -198,8 +224,8 @@ __device__ __forceinline__ BinSamples<A> aligned_bin_samples(const ScaledRoI<A>&
     const A bin_h = roi.height / A(geom.pooled_h);
     const A bin_w = roi.width / A(geom.pooled_w);
     BinSamples<A> s;
-    s.grid_h = sampling_ratio > 0 ? sampling_ratio : max(static_cast<long long>(ceil(bin_h)), 0LL);
-    s.grid_w = sampling_ratio > 0 ? sampling_ratio : max(static_cast<long long>(ceil(bin_w)), 0LL);
+    s.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_samples(bin_h);
+    s.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_samples(bin_w);
     s.start_y = roi.start_y + A(r.ph) * bin_h;
     s.start_x = roi.start_x + A(r.pw) * bin_w;
     // Without samples the step is never used; the divisor only has to be nonzero.
@@ -440,7 +466,7 @@ __global__ void roi_align_forward(const long long n_items, const T* __restrict__
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const RoIAlignOptions<A> options = PYDEFORM_ROI_ALIGN_OPTIONS;
-    pool_each_output(n_items, geom, rois, output, [&](const RoIItem<A>& r) {
+    pool_each_output(n_items, geom, rois, spatial_scale, output, [&](const RoIItem<A>& r) {
         const T* plane =
             input + plane_offset(geom, r.image, pooled_channel(geom, r, options.position_sensitive));
         const BinSamples<A> samples = roi_align_samples(r, geom, options);
@@ -460,7 +486,7 @@ __global__ void roi_align_backward(const long long n_items, const T* __restrict_
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const RoIAlignOptions<A> options = PYDEFORM_ROI_ALIGN_OPTIONS;
-    scatter_each_grad(n_items, geom, rois, grad_output, [&](const RoIItem<A>& r, const A grad) {
+    scatter_each_grad(n_items, geom, rois, spatial_scale, grad_output, [&](const RoIItem<A>& r, const A grad) {
         const long long plane =
             plane_offset(geom, r.image, pooled_channel(geom, r, options.position_sensitive));
         const BinSamples<A> samples = roi_align_samples(r, geom, options);
@@ -487,7 +513,7 @@ __global__ void roi_pool_forward(const long long n_items, const T* __restrict__ 
     using namespace pydeform;
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
-    pool_each_output(n_items, geom, rois, output, [&](const RoIItem<A>& r) {
+    pool_each_output(n_items, geom, rois, spatial_scale, output, [&](const RoIItem<A>& r) {
         const PoolBin bin = roi_pool_bin(r, geom, spatial_scale, position_sensitive != 0);
         const T* plane =
             input + plane_offset(geom, r.image, pooled_channel(geom, r, position_sensitive != 0));
@@ -511,7 +537,7 @@ __global__ void roi_pool_backward(const long long n_items, const T* __restrict__
     using namespace pydeform;
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
-    scatter_each_grad(n_items, geom, rois, grad_output, [&](const RoIItem<A>& r, const A grad) {
+    scatter_each_grad(n_items, geom, rois, spatial_scale, grad_output, [&](const RoIItem<A>& r, const A grad) {
         const PoolBin bin = roi_pool_bin(r, geom, spatial_scale, position_sensitive != 0);
         const long long plane =
             plane_offset(geom, r.image, pooled_channel(geom, r, position_sensitive != 0));
@@ -545,7 +571,7 @@ __global__ void deform_roi_pool_forward(const long long n_items, const T* __rest
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
-    pool_each_output(n_items, geom, rois, output, [&](const RoIItem<A>& r) {
+    pool_each_output(n_items, geom, rois, spatial_scale, output, [&](const RoIItem<A>& r) {
         const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
         const T* plane = input + plane_offset(geom, r.image, r.channel);
         return b.modulation * sample_sum(b.samples, plane, geom) / sample_count(b.samples);
@@ -566,7 +592,7 @@ __global__ void deform_roi_pool_backward(
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
-    scatter_each_grad(n_items, geom, rois, grad_output, [&](const RoIItem<A>& r, const A grad) {
+    scatter_each_grad(n_items, geom, rois, spatial_scale, grad_output, [&](const RoIItem<A>& r, const A grad) {
         const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
         const long long plane = plane_offset(geom, r.image, r.channel);
         const A count = sample_count(b.samples);
@@ -608,7 +634,7 @@ __global__ void deform_psroi_pool_forward(const long long n_items, const T* __re
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformPSRoIPoolOptions<A> options = PYDEFORM_DEFORM_PSROI_POOL_OPTIONS;
-    pool_each_output(n_items, geom, rois, output, [&](const RoIItem<A>& r) {
+    pool_each_output(n_items, geom, rois, spatial_scale, output, [&](const RoIItem<A>& r) {
         const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);
         const T* plane = input + plane_offset(geom, r.image, b.input_channel);
         A sum = A(0);
@@ -636,7 +662,7 @@ __global__ void deform_psroi_pool_backward(
     using A = acc_t<T>;
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformPSRoIPoolOptions<A> options = PYDEFORM_DEFORM_PSROI_POOL_OPTIONS;
-    scatter_each_grad(n_items, geom, rois, grad_output, [&](const RoIItem<A>& r, const A grad) {
+    scatter_each_grad(n_items, geom, rois, spatial_scale, grad_output, [&](const RoIItem<A>& r, const A grad) {
         const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);
         long long count = 0;
         for_each_sample(b.samples, [&](const A y, const A x) {
@@ -691,11 +717,12 @@ struct RoIContributionLayout {
 template <typename A>
 __device__ __forceinline__ RoIItem<A> position_roi_item(const long long item, const RoIGeometry& geom,
                                                         const RoIContributionLayout& layout,
-                                                        const A* __restrict__ rois) {
+                                                        const A* __restrict__ rois, const A spatial_scale) {
     const long long bins = geom.pooled_h * geom.pooled_w;
     const long long q = (item / bins) % layout.position_channels;
     const long long roi = item / (bins * layout.position_channels);
-    return roi_item((roi * geom.channels_out + q * layout.channel_step) * bins + item % bins, geom, rois);
+    return roi_item((roi * geom.channels_out + q * layout.channel_step) * bins + item % bins, geom, rois,
+                    spatial_scale);
 }
 
 // Where one position item's contributions go: sink(class, pixel, weight) counts the
@@ -726,10 +753,10 @@ struct ContributionSink {
 template <typename A, typename Contributions>
 __device__ __forceinline__ void roi_contribution_lists(
     const long long n_items, const RoIGeometry& geom, const RoIContributionLayout& layout,
-    const A* __restrict__ rois, bucket_t* __restrict__ cursors, const ContributionLists<A>& lists,
+    const A* __restrict__ rois, const A spatial_scale, bucket_t* __restrict__ cursors, const ContributionLists<A>& lists,
     const bool fill, const Contributions& contributions) {
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const RoIItem<A> r = position_roi_item(item, geom, layout, rois);
+        const RoIItem<A> r = position_roi_item(item, geom, layout, rois, spatial_scale);
         if (r.valid) {
             ContributionSink<A> sink{cursors, lists, fill, layout.classes, geom.height * geom.width, item, r.image, 0};
             contributions(r, sink);
@@ -844,7 +871,8 @@ __global__ void roi_align_backward_lists(const long long n_items, const T* __res
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const RoIAlignOptions<A> options = PYDEFORM_ROI_ALIGN_OPTIONS;
     roi_contribution_lists(
-        n_items, geom, pooled_layout(geom, options.max_mode, options.position_sensitive), rois, cursors,
+        n_items, geom, pooled_layout(geom, options.max_mode, options.position_sensitive), rois, A(spatial_scale),
+        cursors,
         PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
         [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
             const long long channel = pooled_channel(geom, r, options.position_sensitive);
@@ -887,7 +915,7 @@ __global__ void roi_pool_backward_lists(const long long n_items, const T* __rest
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const bool sensitive = position_sensitive != 0;
     roi_contribution_lists(
-        n_items, geom, pooled_layout(geom, !sensitive, sensitive), rois, cursors,
+        n_items, geom, pooled_layout(geom, !sensitive, sensitive), rois, A(spatial_scale), cursors,
         PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
         [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
             const PoolBin bin = roi_pool_bin(r, geom, spatial_scale, sensitive);
@@ -932,7 +960,7 @@ __global__ void deform_roi_pool_backward_lists(
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
     roi_contribution_lists(
-        n_items, geom, pooled_layout(geom, false, false), rois, cursors,
+        n_items, geom, pooled_layout(geom, false, false), rois, A(spatial_scale), cursors,
         PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
         [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
             const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
@@ -964,7 +992,7 @@ __global__ void deform_roi_pool_backward_partials(
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformRoIPoolOptions<A> options = PYDEFORM_DEFORM_ROI_POOL_OPTIONS;
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const RoIItem<A> r = roi_item(item, geom, rois);
+        const RoIItem<A> r = roi_item(item, geom, rois, options.spatial_scale);
         A grad_x = A(0), grad_y = A(0), grad_mask = A(0);
         if (r.valid) {
             const DeformBin<A> b = deform_roi_pool_bin(r, geom, offset, mask, options);
@@ -1039,7 +1067,7 @@ __global__ void deform_psroi_pool_backward_lists(
     const RoIContributionLayout layout = psroi_layout(geom, num_classes, group_size);
     const long long cells = group_size * group_size;
     roi_contribution_lists(
-        n_items, geom, layout, rois, cursors,
+        n_items, geom, layout, rois, A(spatial_scale), cursors,
         PYDEFORM_CONTRIBUTION_LISTS, fill != 0,
         [&](const RoIItem<A>& r, ContributionSink<A>& emit) {
             const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);
@@ -1088,7 +1116,7 @@ __global__ void deform_psroi_pool_backward_partials(
     const RoIGeometry geom = PYDEFORM_ROI_GEOMETRY;
     const DeformPSRoIPoolOptions<A> options = PYDEFORM_DEFORM_PSROI_POOL_OPTIONS;
     for (long long item = grid_stride_begin(); item < n_items; item += grid_stride_step()) {
-        const RoIItem<A> r = roi_item(item, geom, rois);
+        const RoIItem<A> r = roi_item(item, geom, rois, options.spatial_scale);
         A grad_x = A(0), grad_y = A(0);
         if (r.valid) {
             const PSRoIBin<A> b = deform_psroi_pool_bin(r, geom, trans, options);

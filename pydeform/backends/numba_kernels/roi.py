@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 
+from ..._rois import COORDINATE_LIMIT, MAX_SAMPLES_PER_AXIS
 from ..._workspace import accumulator_plans, converted_arrays, scratch
 from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
@@ -48,9 +49,6 @@ from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
 cuda = None
 
-# Rounded roi_pool coordinates are clamped to +-2**40 before the integer conversion, so that an
-# absurd (finite) box cannot overflow int64; any box of that size covers every feature map.
-_COORDINATE_LIMIT = float(2**40)
 # From 2**52 on every float64 is an integer: rounding leaves it alone (and math.floor, which
 # returns an int64 in Numba, never sees it).
 _INTEGRAL_FROM = float(2**52)
@@ -198,16 +196,19 @@ def _element_functions(t):
     ps_sums, ps_count, _, ps_scatter = _grid_loops(t, samplers, skip_clamp_position)
 
     @t.device
-    def plane_of(k, channel, rois, shape):
+    def plane_of(k, channel, rois, shape, scale):
         """Flat index of element (0, 0) of the input plane (batch index of roi k, channel);
         -1 for an invalid roi, whose outputs are 0 and which is never read: a batch index that
         is not an integer in [0, N) or a non-finite coordinate (the Python side rejects such
-        rows unless the call skips the host check, see pydeform._arrays.unchecked_values)."""
+        rows unless the call skips the host check, see pydeform._arrays.unchecked_values), or a
+        corner that, times ``scale``, is beyond COORDINATE_LIMIT (a finite box can overflow once
+        scaled). Within the limit every bin size and sample count is finite and exact."""
         b = rois[5 * k]
         if not (b >= 0 and b < shape[_N] and b == math.floor(b)):
             return -1
         for q in range(1, 5):
-            if not (rois[5 * k + q] - rois[5 * k + q] == 0.0):  # v - v is 0 exactly for finite v
+            scaled = rois[5 * k + q] * scale
+            if not (scaled >= -COORDINATE_LIMIT and scaled <= COORDINATE_LIMIT):  # NaN fails too
                 return -1
         return (int(b) * shape[_C] + channel) * shape[_H] * shape[_W]
 
@@ -221,15 +222,16 @@ def _element_functions(t):
     @t.device
     def regular_grid(y1, x1, roi_h, roi_w, ph, pw, pooled_h, pooled_w, sampling_ratio):
         """Bin (ph, pw) of a roi with top-left (y1, x1): (top, left, bin_h, bin_w, gh, gw),
-        adaptive gh = ceil(bin_h), 0 for an empty or negative roi."""
+        adaptive gh = ceil(bin_h) clamped to [0, MAX_SAMPLES_PER_AXIS] (0 for an empty or
+        negative roi)."""
         bin_h = roi_h / pooled_h
         bin_w = roi_w / pooled_w
         if sampling_ratio > 0:
             grid_h = sampling_ratio
             grid_w = sampling_ratio
         else:
-            grid_h = max(math.ceil(bin_h), 0)
-            grid_w = max(math.ceil(bin_w), 0)
+            grid_h = min(max(math.ceil(bin_h), 0), MAX_SAMPLES_PER_AXIS)
+            grid_w = min(max(math.ceil(bin_w), 0), MAX_SAMPLES_PER_AXIS)
         return y1 + ph * bin_h, x1 + pw * bin_w, bin_h, bin_w, grid_h, grid_w
 
     @t.device
@@ -257,7 +259,7 @@ def _element_functions(t):
 
     @t.device
     def roi_align_forward(k, c, ph, pw, input, rois, first, second, shape, params):
-        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
             return 0.0
         height, width = shape[_H], shape[_W]
@@ -282,7 +284,7 @@ def _element_functions(t):
         first_item = (k * channels * pooled_h + ph) * pooled_w + pw
         channel_stride = pooled_h * pooled_w
         # Image b's element (0, 0, 0) is at b*C*H*W in both layouts.
-        base = plane_of(k, 0, rois, shape)
+        base = plane_of(k, 0, rois, shape, params[6])
         if base < 0:
             for c in range(channels):
                 output[first_item + c * channel_stride] = 0.0
@@ -329,7 +331,7 @@ def _element_functions(t):
 
     @t.device
     def roi_align_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
-        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
             return
         height, width = shape[_H], shape[_W]
@@ -346,8 +348,10 @@ def _element_functions(t):
 
     @t.device
     def rounded_index(v):
-        """round-half-away-from-zero(v) as an int, clamped to +-_COORDINATE_LIMIT."""
-        v = min(max(v, -_COORDINATE_LIMIT), _COORDINATE_LIMIT)
+        """round-half-away-from-zero(v) as an int, clamped to +-COORDINATE_LIMIT: a valid roi's
+        scaled corners are within it, and the clamp keeps the conversion defined for the corners
+        of an invalid one (whose window is never read)."""
+        v = min(max(v, -COORDINATE_LIMIT), COORDINATE_LIMIT)
         return math.floor(v + 0.5) if v >= 0 else -math.floor(0.5 - v)
 
     @t.device
@@ -387,7 +391,7 @@ def _element_functions(t):
 
     @t.device
     def roi_pool_forward(k, c, ph, pw, input, rois, first, second, shape, params):
-        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
             return 0.0
         width = shape[_W]
@@ -413,7 +417,7 @@ def _element_functions(t):
         channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
         first_item = (k * channels * pooled_h + ph) * pooled_w + pw
         channel_stride = pooled_h * pooled_w
-        base = plane_of(k, 0, rois, shape)  # image b's element (0, 0, 0), as for roi_align
+        base = plane_of(k, 0, rois, shape, params[6])  # image b's element (0, 0, 0), as for roi_align
         h0, h1, w0, w1 = pool_window(k, ph, pw, rois, params)
         if base < 0 or h1 <= h0 or w1 <= w0:
             for c in range(channels):
@@ -436,7 +440,7 @@ def _element_functions(t):
 
     @t.device
     def roi_pool_input_grad(k, c, ph, pw, grad, input, rois, first, second, grad_input, shape, params):
-        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
             return
         width = shape[_W]
@@ -488,7 +492,7 @@ def _element_functions(t):
 
     @t.device
     def deform_roi_pool_forward(k, c, ph, pw, input, rois, offset, mask, shape, params):
-        plane = plane_of(k, c, rois, shape)
+        plane = plane_of(k, c, rois, shape, params[5])
         if plane < 0:
             return 0.0
         grid = deform_grid(k, ph, pw, rois, offset, params)
@@ -500,7 +504,7 @@ def _element_functions(t):
 
     @t.device
     def deform_roi_pool_input_grad(k, c, ph, pw, grad, input, rois, offset, mask, grad_input, shape, params):
-        plane = plane_of(k, c, rois, shape)
+        plane = plane_of(k, c, rois, shape, params[5])
         if plane < 0:
             return
         height, width = shape[_H], shape[_W]
@@ -511,7 +515,7 @@ def _element_functions(t):
     @t.device
     def deform_roi_pool_params_grad(k, c, ph, pw, grad, input, rois, offset, mask, grad_offset, grad_mask, shape,
                                     params):
-        plane = plane_of(k, c, rois, shape)
+        plane = plane_of(k, c, rois, shape, params[5])
         if plane < 0:
             return
         height, width = shape[_H], shape[_W]
@@ -575,7 +579,7 @@ def _element_functions(t):
 
     @t.device
     def deform_psroi_pool_forward(k, c, ph, pw, input, rois, trans, second, shape, params):
-        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape, params[9])
         if plane < 0:
             return 0.0
         grid = psroi_grid(k, c, ph, pw, rois, trans, params)
@@ -584,7 +588,7 @@ def _element_functions(t):
 
     @t.device
     def deform_psroi_pool_input_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_input, shape, params):
-        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape, params[9])
         if plane < 0:
             return
         height, width = shape[_H], shape[_W]
@@ -594,7 +598,7 @@ def _element_functions(t):
     @t.device
     def deform_psroi_pool_params_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_trans, grad_second, shape,
                                       params):
-        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape)
+        plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape, params[9])
         if plane < 0 or not params[11]:
             return
         height, width = shape[_H], shape[_W]
