@@ -13,6 +13,14 @@ from .centernet import (
     centernet_targets,
 )
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from .deform_unet import (
+    DeformConvTranspose2dGrads,
+    DeformPool2dGrads,
+    deform_conv_transpose2d,
+    deform_conv_transpose2d_backward,
+    deform_pool2d,
+    deform_pool2d_backward,
+)
 from .roi import (
     DeformPSRoIPoolGrads,
     DeformRoIPoolGrads,
@@ -58,4 +66,12 @@ __all__ = [
     "roi_align_backward",
     "roi_pool",
     "roi_pool_backward",
+]
+__all__ += [
+    "DeformConvTranspose2dGrads",
+    "DeformPool2dGrads",
+    "deform_conv_transpose2d",
+    "deform_conv_transpose2d_backward",
+    "deform_pool2d",
+    "deform_pool2d_backward",
 ]
