@@ -69,9 +69,11 @@ def _item_functions(t):
             inside, corner, lh, lw = setup(h, w, height, width)
             value = zero
             if inside:
-                w00, w01, w10, w11 = weights_of(lh, lw, m)
+                # m times the sample (not m folded into the weights: an infinite m times a zero
+                # weight would make a NaN of an exact sample)
+                w00, w01, w10, w11 = weights_of(lh, lw, one)
                 v00, v01, v10, v11 = corners(input, plane, corner, inside, width)
-                value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
+                value = m * combine(v00, v01, v10, v11, w00, w01, w10, w11)
             if not max_mode:
                 result += value
             elif k == 0 or value > result or (value != value and result == result):
