@@ -200,10 +200,14 @@ def deform_conv_transpose2d_workspace(kernels, batch: int, geometry: DeformConv2
     ``kernels`` is the deform_conv2d kernel set that will run and ``geometry`` the one
     :func:`deform_conv_transpose2d_geometry` returns. Both passes run the kernels of
     deform_conv2d's backward (so the set's backward scratch), on column buffers
-    ``[chunk, C_out*kh*kw, H*W]``; the backward has two of them.
+    ``[chunk, C_out*kh*kw, H*W]``; the backward has two of them, and the scratch of the set's
+    direct forward where it has one (the input gradient runs it).
     """
     g = geometry
     plan = dict(kernels.workspace(batch, g, dtype, backward=True, masked=masked))
+    if backward and kernels.direct_forward:
+        # The input gradient runs the set's direct forward.
+        plan.update(kernels.workspace(batch, g, dtype, backward=False, masked=masked))
     acc = accumulation_dtype(dtype)
     chunk = _chunk_size(max(batch, 1), g, acc.itemsize, buffers=2 if backward else 1)
     column_shape = (chunk, g.in_channels * g.kernel_h * g.kernel_w, g.out_h * g.out_w)
@@ -261,7 +265,8 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
     deform_conv2d's forward and parameter gradients with ``input := grad_output`` and
     ``grad_output := input``, per chunk: ``grad_columns = weight^T @ input`` and
     ``col2im_coord`` give the offset and mask gradients; ``columns = im2col(grad_output)``
-    gives the input gradient ``weight @ columns`` and the weight gradient ``input @ columns^T``.
+    gives the input gradient ``weight @ columns`` (or the kernel set's direct forward, where
+    it has one) and the weight gradient ``input @ columns^T``.
     """
     xp, g = kernels.xp, geometry
     n = input.shape[0]
@@ -292,7 +297,11 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
             cols = columns[:b]
             kernels.im2col(grad_out, off, msk, cols, g)
             grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
-            xp.matmul(weight_g, grouped_cols, out=grad_input[start:stop].reshape(b, g.groups, -1, pixels))
+            if kernels.direct_forward:
+                # deform_conv2d's own forward (sampling and GEMM fused, faster than a GEMM on the columns).
+                kernels.forward(grad_out, off, msk, weight, None, grad_input[start:stop], g)
+            else:
+                xp.matmul(weight_g, grouped_cols, out=grad_input[start:stop].reshape(b, g.groups, -1, pixels))
             per_image = grad_weight_chunk[:b]
             xp.matmul(inp, grouped_cols.transpose(0, 1, 3, 2), out=per_image)
             for image in per_image:

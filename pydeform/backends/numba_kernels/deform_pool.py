@@ -5,9 +5,11 @@ pools the kh*kw samples of channel c; a *sample* ``((b*Goff + g)*kh*kw + k)*Ho*W
 kernel point of one offset group, shared by that group's channels (its offset and mask
 gradients sum over them).
 
-- forward and input gradient: one item per output element. On the CPU a task owns a channel
-  plane (b, c) and walks its output pixels, so the input-gradient scatter (which lands in that
-  plane only) needs no atomics; CUDA threads scatter with atomics.
+- forward: CUDA, one thread per output element; CPU, a task per output row of one offset group,
+  setting each pixel's samples up once for all the group's channels.
+- input gradient: one item per output element. On the CPU a task owns a channel plane (b, c)
+  and walks its output pixels, so the scatter (which lands in that plane only) needs no
+  atomics; CUDA threads scatter with atomics.
 - offset and mask gradients: one item per sample, looping over the group's channels.
 
 Arithmetic stays in the arrays' type: the kernels take a typed ``one`` (and the avg scale
@@ -173,25 +175,68 @@ def _item_functions(t):
         if has_mask:
             grad_mask[mask_index] = grad_m
 
-    return pooled, input_grad_item, coord_grad_item
+    return point, pooled, input_grad_item, coord_grad_item
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_kernels():
     from numba import prange
 
-    pooled, input_grad_item, coord_grad_item = _item_functions(cpu_target())
+    t = cpu_target()
+    point, _, input_grad_item, coord_grad_item = _item_functions(t)
+    setup, weights_of, corners, combine = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners, \
+        t.bilinear_combine
 
     @cpu_kernel
     def forward(input, offset, mask, has_mask, output, indices, has_indices, geometry, max_mode, scale, one,
-                n_planes):
-        pixels = geometry[12] * geometry[13]
-        for plane in prange(n_planes):
-            for item in range(plane * pixels, (plane + 1) * pixels):
-                value, arg = pooled(item, input, offset, mask, has_mask, geometry, max_mode, scale, one)
-                output[item] = value
-                if has_indices:
-                    indices[item] = arg
+                n_rows):
+        """A task per output row (b, g, y): each pixel's kh*kw samples are set up once and then
+        read for every channel of the offset group (the per-element CUDA kernel sets them up
+        once per channel)."""
+        channels, height, width, offset_groups = geometry[0], geometry[1], geometry[2], geometry[11]
+        out_h, out_w = geometry[12], geometry[13]
+        points = geometry[3] * geometry[4]
+        per_group = channels // offset_groups
+        for row in prange(n_rows):
+            y = row % out_h
+            group_row = row // out_h  # b*Goff + g
+            b = group_row // offset_groups
+            g = group_row - b * offset_groups
+            corner = np.empty(points, np.int64)
+            inside = np.empty(points, np.int64)
+            modulation = np.empty(points, output.dtype)
+            weights = np.empty((points, 4), output.dtype)
+            zero = one - one
+            for x in range(out_w):
+                p = y * out_w + x
+                for k in range(points):
+                    h, w, m, _, _ = point(b, g, k, p, offset, mask, has_mask, geometry, one)
+                    inside[k], corner[k], lh, lw = setup(h, w, height, width)
+                    modulation[k] = m
+                    weights[k, 0], weights[k, 1], weights[k, 2], weights[k, 3] = weights_of(lh, lw, one)
+                for c in range(g * per_group, (g + 1) * per_group):
+                    plane_index = b * channels + c
+                    plane = plane_index * height * width
+                    result = zero
+                    arg = 0
+                    for k in range(points):
+                        value = zero
+                        if inside[k]:
+                            v00, v01, v10, v11 = corners(input, plane, corner[k], inside[k], width)
+                            value = modulation[k] * combine(v00, v01, v10, v11, weights[k, 0], weights[k, 1],
+                                                            weights[k, 2], weights[k, 3])
+                        if not max_mode:
+                            result += value
+                        elif k == 0 or value > result or (value != value and result == result):
+                            result = value
+                            arg = k
+                    item = plane_index * out_h * out_w + p
+                    if max_mode:
+                        output[item] = result
+                    else:
+                        output[item] = result * scale
+                    if has_indices:
+                        indices[item] = arg
 
     @cpu_kernel
     def backward_input(offset, mask, has_mask, grad_output, indices, grad_input, geometry, max_mode, scale, one,
@@ -220,7 +265,7 @@ def _cuda_kernels():
     global cuda
     cuda = bind_cuda()
 
-    pooled, input_grad_item, coord_grad_item = _item_functions(cuda_target())
+    _, pooled, input_grad_item, coord_grad_item = _item_functions(cuda_target())
 
     @cuda_kernel
     def forward(input, offset, mask, has_mask, output, indices, has_indices, geometry, max_mode, scale, one,
@@ -285,7 +330,7 @@ class NumbaCpuDeformPool2dKernels:
         indices, has_indices = _standin(indices, output, np.int32, np)
         _cpu_kernels()[0](flat(input), flat(offset), mask, has_mask, flat(output), indices, has_indices,
                           tuple(geometry), max_mode, *_constants(input.dtype, geometry, max_mode),
-                          _sizes(input.shape[0], geometry)[1])
+                          input.shape[0] * geometry.offset_groups * geometry.out_h)
 
     def backward_input(self, offset, mask, grad_output, indices, grad_input, geometry, max_mode):
         mask, has_mask = _standin(mask, offset, offset.dtype, np)
