@@ -13,6 +13,14 @@ from .centernet import (
     centernet_targets,
 )
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from .deform_unet import (
+    DeformConvTranspose2dGrads,
+    DeformPool2dGrads,
+    deform_conv_transpose2d,
+    deform_conv_transpose2d_backward,
+    deform_pool2d,
+    deform_pool2d_backward,
+)
 from .roi import (
     DeformPSRoIPoolGrads,
     DeformRoIPoolGrads,
@@ -40,12 +48,18 @@ __all__ = [
     "centernet_focal_loss_backward",
     "centernet_targets",
     "DeformConv2dGrads",
+    "DeformConvTranspose2dGrads",
+    "DeformPool2dGrads",
     "DeformPSRoIPoolGrads",
     "DeformRoIPoolGrads",
     "RoIGrads",
     "__version__",
     "deform_conv2d",
     "deform_conv2d_backward",
+    "deform_conv_transpose2d",
+    "deform_conv_transpose2d_backward",
+    "deform_pool2d",
+    "deform_pool2d_backward",
     "deform_psroi_pool",
     "deform_psroi_pool_backward",
     "deform_roi_pool",

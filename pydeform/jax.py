@@ -41,6 +41,7 @@ import numpy as np
 
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
+from . import deform_unet as _deform_unet
 from . import roi as _roi
 from ._arrays import (
     _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, check_bool, dtype_mismatch, int_pair,
@@ -57,6 +58,8 @@ __all__ = [
     "centernet_focal_loss",
     "centernet_targets",
     "deform_conv2d",
+    "deform_conv_transpose2d",
+    "deform_pool2d",
     "deform_psroi_pool",
     "deform_roi_pool",
     "ps_roi_align",
@@ -359,6 +362,89 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
         "deterministic": check_bool("deterministic", deterministic),
     }
     return _DEFORM_CONV2D(arrays, static, backend)
+
+
+# Deformable U-Net operators
+
+
+def _deform_conv_transpose2d_plan(shapes, dtype, static, backend):
+    geometry = _deform_unet.deform_conv_transpose2d_geometry(
+        shapes, static["stride"], static["padding"], static["output_padding"], static["dilation"], static["groups"])
+    n = shapes["input"][0]
+    kernels, masked = _kernels("deform_conv2d", backend), shapes.get("mask") is not None
+    return (
+        (n, geometry.in_channels, geometry.height, geometry.width),
+        dtype,
+        _deform_unet.deform_conv_transpose2d_workspace(kernels, n, geometry, dtype, backward=False, masked=masked),
+        _deform_unet.deform_conv_transpose2d_workspace(kernels, n, geometry, dtype, backward=True, masked=masked),
+    )
+
+
+_DEFORM_CONV_TRANSPOSE2D = _Op(_deform_unet.deform_conv_transpose2d, _deform_unet.deform_conv_transpose2d_backward,
+                               _deform_conv_transpose2d_plan)
+
+
+def deform_conv_transpose2d(input, offset, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
+                            groups=1, mask=None, *, backend=None):
+    """:func:`pydeform.deform_conv_transpose2d` on JAX arrays, differentiable in every array argument.
+
+    ``input [N, C_in, H, W]``, ``offset [N, 2*Goff*kh*kw, H, W]``, ``weight [C_in, C_out/groups, kh,
+    kw]``, ``bias [C_out]`` or None, ``mask [N, Goff*kh*kw, H, W]`` or None; returns
+    ``[N, C_out, H_out, W_out]``.
+    """
+    arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    for name in ("input", "offset", "weight"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    _check_arrays(arrays, {"input": 4, "offset": 4, "weight": 4, "bias": 1, "mask": 4})
+    static = {
+        "stride": int_pair("stride", stride, minimum=1),
+        "padding": int_pair("padding", padding, minimum=0),
+        "output_padding": int_pair("output_padding", output_padding, minimum=0),
+        "dilation": int_pair("dilation", dilation, minimum=1),
+        "groups": groups,
+    }
+    return _DEFORM_CONV_TRANSPOSE2D(arrays, static, backend)
+
+
+def _deform_pool2d_plan(shapes, dtype, static, backend):
+    max_mode = _deform_unet._check_mode(static["mode"])
+    geometry = _deform_unet.deform_pool2d_geometry(
+        shapes, static["kernel_size"], static["stride"], static["padding"], static["dilation"])
+    n = shapes["input"][0]
+    kernels, masked = _kernels("deform_pool2d", backend), shapes.get("mask") is not None
+
+    def workspace(backward):
+        return _deform_unet.deform_pool2d_workspace(kernels, n, geometry, dtype, backward=backward, masked=masked,
+                                                    recompute_indices=max_mode)
+
+    return (n, geometry.channels, geometry.out_h, geometry.out_w), dtype, workspace(False), workspace(True)
+
+
+_DEFORM_POOL2D = _Op(_deform_unet.deform_pool2d, _deform_unet.deform_pool2d_backward, _deform_pool2d_plan)
+
+
+def deform_pool2d(input, offset, kernel_size, stride=None, padding=0, dilation=1, mode="max", mask=None, *,
+                  backend=None):
+    """:func:`pydeform.deform_pool2d` on JAX arrays, differentiable in input, offset and mask
+    (max mode recomputes the arg-max in the backward).
+
+    ``input [N, C, H, W]``, ``offset [N, 2*Goff*kh*kw, Ho, Wo]``, ``mask [N, Goff*kh*kw, Ho, Wo]``
+    or None; returns ``[N, C, Ho, Wo]``.
+    """
+    arrays = {"input": input, "offset": offset, "mask": mask}
+    for name in ("input", "offset"):
+        if arrays[name] is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    _check_arrays(arrays, {"input": 4, "offset": 4, "mask": 4})
+    static = {
+        "kernel_size": int_pair("kernel_size", kernel_size, minimum=1),
+        "stride": None if stride is None else int_pair("stride", stride, minimum=1),
+        "padding": int_pair("padding", padding, minimum=0),
+        "dilation": int_pair("dilation", dilation, minimum=1),
+        "mode": mode,
+    }
+    return _DEFORM_POOL2D(arrays, static, backend)
 
 
 def _rois(rois, dtype):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from . import centernet as _centernet
 from . import deform_conv as _deform_conv
+from . import deform_unet as _deform_unet
 from . import roi as _roi
 from ._arrays import check_finite_float, int_pair, unchecked_values
 from ._interop import to_native
@@ -39,6 +40,10 @@ from ._interop import to_native
 __all__ = [
     "CenterNetDecoder",
     "DeformConv2d",
+    "DeformConvTranspose2d",
+    "DeformConvTranspose2dPack",
+    "DeformPool2d",
+    "DeformPool2dPack",
     "DeformRoIPool",
     "DeformRoIPoolPack",
     "ModulatedDeformConv2d",
@@ -52,6 +57,8 @@ __all__ = [
     "centernet_focal_loss",
     "centernet_targets",
     "deform_conv2d",
+    "deform_conv_transpose2d",
+    "deform_pool2d",
     "deform_psroi_pool",
     "deform_roi_pool",
     "ps_roi_align",
@@ -253,6 +260,35 @@ _deform_conv2d_op, _ = _define_differentiable(
     _deform_conv2d_fake, _deform_conv.deform_conv2d, _deform_conv.deform_conv2d_backward,
     ("input", "offset", "weight", "bias", "mask"), deterministic=True,
 )
+# The Deformable U-Net operators.
+
+
+def _deform_conv_transpose2d_fake(shapes, v):
+    g = _deform_unet.deform_conv_transpose2d_geometry(shapes, v["stride"], v["padding"], v["output_padding"],
+                                                      v["dilation"], v["groups"])
+    return v["input"].new_empty((v["input"].shape[0], g.in_channels, g.height, g.width))
+
+
+def _deform_pool2d_fake(shapes, v):
+    _deform_unet._check_mode(v["mode"])
+    g = _deform_unet.deform_pool2d_geometry(shapes, v["kernel_size"], v["stride"], v["padding"], v["dilation"])
+    return v["input"].new_empty((v["input"].shape[0], g.channels, g.out_h, g.out_w))
+
+
+_deform_conv_transpose2d_op, _ = _define_differentiable(
+    "deform_conv_transpose2d",
+    "Tensor input, Tensor offset, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
+    "int[] dilation, int groups, Tensor? mask",
+    _deform_conv_transpose2d_fake, _deform_unet.deform_conv_transpose2d, _deform_unet.deform_conv_transpose2d_backward,
+    ("input", "offset", "weight", "bias", "mask"),
+)
+_deform_pool2d_op, _ = _define_differentiable(
+    "deform_pool2d",
+    "Tensor input, Tensor offset, int[] kernel_size, int[] stride, int[] padding, int[] dilation, str mode, "
+    "Tensor? mask",
+    _deform_pool2d_fake, _deform_unet.deform_pool2d, _deform_unet.deform_pool2d_backward,
+    ("input", "offset", "mask"),
+)
 _roi_align_op, _ = _define_differentiable(
     "roi_align",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio, bool aligned, str mode",
@@ -383,6 +419,49 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     """
     return _deform_conv2d_op(input, offset, weight, bias, _pair_list("stride", stride, 1),
                              _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mask)
+
+
+def deform_conv_transpose2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                            padding=0, output_padding=0, groups: int = 1, dilation=1,
+                            mask: Optional[Tensor] = None) -> Tensor:
+    """Transposed deformable convolution, the adjoint of :func:`deform_conv2d` plus a bias;
+    ``torch.nn.functional.conv_transpose2d``'s argument order, then ``mask``.
+
+    Args:
+        input (Tensor[N, C_in, H, W]): the input.
+        offset (Tensor[N, 2*Goff*kh*kw, H, W]): the (dy, dx) pair of each kernel point, on the input grid.
+        weight (Tensor[C_in, C_out/groups, kh, kw]): the weight.
+        bias (Tensor[C_out], optional): the bias.
+        stride, padding, output_padding, dilation (int or (int, int)), groups (int): as for
+            ``conv_transpose2d``.
+        mask (Tensor[N, Goff*kh*kw, H, W], optional): modulation scalars.
+
+    Returns:
+        Tensor[N, C_out, H_out, W_out]. Semantics: :func:`pydeform.deform_conv_transpose2d`.
+    """
+    return _deform_conv_transpose2d_op(
+        input, offset, weight, bias, _pair_list("stride", stride, 1), _pair_list("padding", padding, 0),
+        _pair_list("output_padding", output_padding, 0), _pair_list("dilation", dilation, 1), groups, mask)
+
+
+def deform_pool2d(input: Tensor, offset: Tensor, kernel_size, stride=None, padding=0, dilation=1, mode: str = "max",
+                  mask: Optional[Tensor] = None) -> Tensor:
+    """Dense deformable pooling (avg or max), differentiable in input, offset and mask.
+
+    Args:
+        input (Tensor[N, C, H, W]): the input.
+        offset (Tensor[N, 2*Goff*kh*kw, Ho, Wo]): the (dy, dx) pair of each kernel point.
+        kernel_size, padding, dilation (int or (int, int)); stride (int, (int, int) or None for
+            ``kernel_size``); mode (``"max"`` or ``"avg"``).
+        mask (Tensor[N, Goff*kh*kw, Ho, Wo], optional): modulation scalars.
+
+    Returns:
+        Tensor[N, C, Ho, Wo]. Semantics: :func:`pydeform.deform_pool2d` (the backward recomputes
+        the arg-max of max mode).
+    """
+    kernel = _pair_list("kernel_size", kernel_size, 1)
+    return _deform_pool2d_op(input, offset, kernel, kernel if stride is None else _pair_list("stride", stride, 1),
+                             _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mode, mask)
 
 
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -571,6 +650,125 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         points = self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
         offset, mask_logits = torch.split(self.conv_offset(x), [2 * points, points], dim=1)
         return self._convolve(x, offset, torch.sigmoid(mask_logits))
+
+
+class DeformConvTranspose2d(nn.Module):
+    """Transposed deformable convolution with ``nn.ConvTranspose2d``'s constructor, parameters
+    (``weight`` [C_in, C_out/groups, kh, kw], ``bias`` [C_out]) and initialisation, plus
+    ``deform_groups``; ``forward(input, offset, mask=None)`` with offsets and mask on the input
+    grid."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, deform_groups: int = 1):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups: {groups} must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+            )
+        if out_channels % deform_groups:
+            raise ValueError(f"deform_groups: {deform_groups} must divide out_channels ({out_channels})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.deform_groups = deform_groups
+        self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = int_pair("stride", stride, minimum=1)
+        self.padding = int_pair("padding", padding, minimum=0)
+        self.output_padding = int_pair("output_padding", output_padding, minimum=0)
+        self.dilation = int_pair("dilation", dilation, minimum=1)
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.ConvTranspose2d's: Kaiming-uniform weight, bias uniform in +-1/sqrt(fan_in)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """input Tensor[N, C_in, H, W], offset Tensor[N, 2*deform_groups*kh*kw, H, W], mask
+        Tensor[N, deform_groups*kh*kw, H, W] (optional) -> Tensor[N, C_out, H_out, W_out]."""
+        return deform_conv_transpose2d(input, offset, self.weight, self.bias, self.stride, self.padding,
+                                       self.output_padding, self.groups, self.dilation, mask)
+
+
+class DeformConvTranspose2dPack(DeformConvTranspose2d):
+    """A :class:`DeformConvTranspose2d` that predicts its offsets (and, ``modulated=True``, its
+    mask through a sigmoid) from the input with its own 3x3 convolution ``conv_offset`` on the
+    input grid, zero-initialised so that training starts from ``conv_transpose2d`` (times 0.5
+    when modulated, as DCNv2); ``forward(x)``."""
+
+    def __init__(self, *args, modulated: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modulated = modulated
+        points = self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(self.in_channels, (3 if modulated else 2) * points, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x Tensor[N, C_in, H, W] -> Tensor[N, C_out, H_out, W_out]."""
+        offset, mask = _predicted_offsets(self.conv_offset(x), self.deform_groups * self.kernel_size[0]
+                                          * self.kernel_size[1], self.modulated)
+        return super().forward(x, offset, mask)
+
+
+def _predicted_offsets(prediction: Tensor, points: int, modulated: bool):
+    """(offset, mask) of a Pack module's offset convolution: 2*points offset channels, then
+    points mask logits through a sigmoid when modulated."""
+    if not modulated:
+        return prediction, None
+    offset, mask_logits = torch.split(prediction, [2 * points, points], dim=1)
+    return offset, torch.sigmoid(mask_logits)
+
+
+class DeformPool2d(nn.Module):
+    """Dense deformable pooling as a module (``nn.MaxPool2d`` / ``nn.AvgPool2d``'s geometry
+    arguments and ``mode``); ``forward(input, offset, mask=None)``."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, mode: str = "max"):
+        super().__init__()
+        _deform_unet._check_mode(mode)
+        self.kernel_size = int_pair("kernel_size", kernel_size, minimum=1)
+        self.stride = self.kernel_size if stride is None else int_pair("stride", stride, minimum=1)
+        self.padding = int_pair("padding", padding, minimum=0)
+        self.dilation = int_pair("dilation", dilation, minimum=1)
+        self.mode = mode
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """input Tensor[N, C, H, W], offset Tensor[N, 2*Goff*kh*kw, Ho, Wo], mask
+        Tensor[N, Goff*kh*kw, Ho, Wo] (optional) -> Tensor[N, C, Ho, Wo]."""
+        return deform_pool2d(input, offset, self.kernel_size, self.stride, self.padding, self.dilation, self.mode,
+                             mask)
+
+
+class DeformPool2dPack(DeformPool2d):
+    """A :class:`DeformPool2d` that predicts its offsets (and, ``modulated=True``, its mask
+    through a sigmoid) from the input with its own convolution ``conv_offset`` of the pooling
+    geometry (so on the output grid), zero-initialised so that training starts from plain
+    pooling; ``forward(x)``."""
+
+    def __init__(self, in_channels: int, kernel_size, stride=None, padding=0, dilation=1, mode: str = "max",
+                 deform_groups: int = 1, modulated: bool = False):
+        super().__init__(kernel_size, stride, padding, dilation, mode)
+        if in_channels % deform_groups:
+            raise ValueError(f"deform_groups: {deform_groups} must divide in_channels ({in_channels})")
+        self.in_channels, self.deform_groups, self.modulated = in_channels, deform_groups, modulated
+        points = deform_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(in_channels, (3 if modulated else 2) * points, kernel_size=self.kernel_size,
+                                     stride=self.stride, padding=self.padding, dilation=self.dilation)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x Tensor[N, C, H, W] -> Tensor[N, C, Ho, Wo]."""
+        offset, mask = _predicted_offsets(self.conv_offset(x), self.deform_groups * self.kernel_size[0]
+                                          * self.kernel_size[1], self.modulated)
+        return super().forward(x, offset, mask)
 
 
 class RoIAlign(nn.Module):

@@ -27,3 +27,11 @@ from .centernet import (  # noqa: E402
 )
 
 __all__ += ["centernet_decode", "centernet_focal_loss", "centernet_focal_loss_backward", "centernet_targets"]
+from .deform_unet import (  # noqa: E402
+    deform_conv_transpose2d,
+    deform_conv_transpose2d_backward,
+    deform_pool2d,
+    deform_pool2d_backward,
+)
+
+__all__ += ["deform_conv_transpose2d", "deform_conv_transpose2d_backward", "deform_pool2d", "deform_pool2d_backward"]

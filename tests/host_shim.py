@@ -24,6 +24,8 @@ from pydeform.backends.cupy_kernels.centernet import KERNELS as CENTERNET_KERNEL
 from pydeform.backends.cupy_kernels.centernet import CupyCenterNetKernels
 from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KERNELS
 from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
+from pydeform.backends.cupy_kernels.deform_pool import KERNELS as DEFORM_POOL_KERNELS
+from pydeform.backends.cupy_kernels.deform_pool import CupyDeformPool2dKernels
 from pydeform.backends.cupy_kernels.roi import KERNELS as ROI_KERNELS
 from pydeform.backends.cupy_kernels.roi import CupyRoIKernels
 
@@ -253,6 +255,10 @@ class HostShimShuffledLaunch(HostShimLaunch):
 
 class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
     manifest = DEFORM_CONV_KERNELS
+
+
+class HostShimDeformPool2dKernels(HostShimLaunch, CupyDeformPool2dKernels):
+    manifest = DEFORM_POOL_KERNELS
 
 
 class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):

@@ -15,7 +15,7 @@ import pytest
 
 from pydeform._contributions import ContributionLists
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, roi
+from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, roi
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
@@ -27,6 +27,7 @@ from pydeform.backends.cupy_kernels._compile import (
 )
 from pydeform.centernet import CenterNetDecodeParams, CenterNetTargetsParams, FocalLossParams
 from pydeform.deform_conv import DeformConv2dGeometry
+from pydeform.deform_unet import DeformPool2dGeometry
 from pydeform.roi import DeformPSRoIPoolParams, DeformRoIPoolParams, RoIAlignParams, RoIPoolParams
 from tests import nvrtc
 
@@ -123,6 +124,27 @@ def test_deform_conv2d_arguments_match_kernel_parameters(with_mask, type_name):
     parameters (a width mismatch would pass on the host shim's x86-64 registers)."""
     launches = deform_conv2d_launches(with_mask)
     assert_arguments_match_kernel_parameters(deform_conv.KERNELS, type_name, launches)
+    for _, n_items, args in launches:
+        assert args[0] == n_items
+
+
+def deform_pool2d_launches(optional_present):
+    """Every deform_pool2d kernel's marshalled arguments, mask and indices present or not."""
+    g = DeformPool2dGeometry(4, 5, 6, 2, 3, 2, 1, 1, 1, 1, 2, 2, 3, 5)
+    a = np.empty((1, 1, 1, 1), dtype=np.float32)
+    opt = a if optional_present else None
+    return [
+        deform_pool.forward_launch(a, a, opt, a, opt, g, optional_present),
+        deform_pool.backward_input_launch(a, opt, a, opt, a, g, optional_present),
+        deform_pool.backward_coord_launch(a, a, opt, a, opt, a, opt, g, optional_present),
+    ]
+
+
+@pytest.mark.parametrize("optional_present", [True, False])
+@pytest.mark.parametrize("type_name", ["float", "__half"])
+def test_deform_pool2d_arguments_match_kernel_parameters(optional_present, type_name):
+    launches = deform_pool2d_launches(optional_present)
+    assert_arguments_match_kernel_parameters(deform_pool.KERNELS, type_name, launches)
     for _, n_items, args in launches:
         assert args[0] == n_items
 

@@ -82,6 +82,21 @@ def build_cases():
              dict(input=rng.standard_normal((2, 8, 7, 7)), rois=rois, trans=rng.uniform(-0.5, 0.5, (k, 2, 2, 2))),
              dict(group_size=2, pooled_size=2, sample_per_part=2, trans_std=0.1), ("input", "trans")),
     ]
+    # The Deformable U-Net ops.
+    cases += [
+        Case("deform_conv_transpose2d", pydeform.deform_conv_transpose2d, pydeform.deform_conv_transpose2d_backward,
+             dict(input=rng.standard_normal((2, 4, 4, 3)), offset=off_integer(rng, (2, 16, 4, 3)),
+                  weight=rng.standard_normal((4, 3, 2, 2)), bias=rng.standard_normal(6),
+                  mask=rng.uniform(0.1, 1.0, (2, 8, 4, 3))),
+             dict(stride=2, padding=(1, 0), output_padding=(1, 0), groups=2), ("input", "offset", "weight", "bias",
+                                                                               "mask")),
+        Case("deform_pool2d", pydeform.deform_pool2d, pydeform.deform_pool2d_backward,
+             dict(input=x, offset=off_integer(rng, (2, 36, 3, 3)), mask=rng.uniform(0.1, 1.0, (2, 18, 3, 3))),
+             dict(kernel_size=3, stride=2, padding=0, mode="max"), ("input", "offset", "mask")),
+        Case("deform_pool2d", pydeform.deform_pool2d, pydeform.deform_pool2d_backward,
+             dict(input=x, offset=off_integer(rng, (2, 8, 4, 4))), dict(kernel_size=2, padding=1, mode="avg"),
+             ("input", "offset")),
+    ]
     return cases
 
 
@@ -140,7 +155,8 @@ def test_check_grads_reverse_mode(case):
     check_grads(of_differentiable, [values[i] for i in differentiable], order=1, modes=["rev"])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("deform_conv2d", "roi_align", "deform_roi_pool")],
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("deform_conv2d", "roi_align", "deform_roi_pool",
+                                                             "deform_conv_transpose2d", "deform_pool2d")],
                          ids=lambda c: c.name)
 def test_vmap_maps_sequentially(case):
     """vmap over a new leading axis of the first argument equals one call per element."""

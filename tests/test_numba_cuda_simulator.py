@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("tests/numba_cuda_simulator_checks.py", "tests/numba_cuda_simulator_centernet_checks.py")
+CHECKS = (
+    "tests/numba_cuda_simulator_checks.py",
+    "tests/numba_cuda_simulator_centernet_checks.py",
+    "tests/numba_cuda_simulator_deform_unet_checks.py",
+)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ _FAMILIES = {
     "deform_conv2d": ("deform_conv", "DeformConv2dKernels"),
     "roi": ("roi", "RoIKernels"),
     "centernet": ("centernet", "CenterNetKernels"),
+    "deform_pool2d": ("deform_pool", "DeformPool2dKernels"),
 }
 
 
@@ -43,3 +44,7 @@ def roi_kernels(library: str, backend: str):
 
 def centernet_kernels(library: str, backend: str):
     return kernel_set("centernet", library, backend)
+
+
+def deform_pool2d_kernels(library: str, backend: str):
+    return kernel_set("deform_pool2d", library, backend)
