@@ -150,3 +150,25 @@ def test_shared_helpers_belong_to_no_family():
     assert compile_notice.family_of("pydeform.backends.numba_kernels.layout") is None
     assert compile_notice.family_of("pydeform.backends.numba_kernels.centernet") == "centernet"
     assert compile_notice.family_of("centernet.cu") == "centernet"
+
+
+def test_scalar_argument_types_share_one_compiled_kernel():
+    """NumPy scalars and ints for float arguments reach the kernels as the same Python types, so
+    they never compile another specialisation of a kernel already compiled (docs/benchmarks.md)."""
+    import numpy as np
+    from numba.core import event
+
+    import pydeform
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    offset = rng.standard_normal((1, 18, 6, 6)).astype(np.float32)
+    weight = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    rois = np.array([[0, 0.5, 1.0, 4.5, 5.0]], np.float32)
+    pydeform.roi_align(x, rois, 2, spatial_scale=0.5, sampling_ratio=2)
+    pydeform.deform_conv2d(x, offset, weight, padding=1)
+    with event.install_recorder("numba:compile") as compiles:
+        pydeform.roi_align(x, rois, np.int64(2), spatial_scale=np.float32(0.5), sampling_ratio=np.int32(2))
+        pydeform.roi_align(x, rois, (2, 2), spatial_scale=1, sampling_ratio=0, aligned=True, mode="max")
+        pydeform.deform_conv2d(x, offset, weight, padding=np.int32(1), stride=(np.int64(1), 1))
+    assert compiles.buffer == []
