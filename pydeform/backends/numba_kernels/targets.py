@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ..compile_notice import watch_numba_cpu_compiles, watching_numba_cuda_launch
 from . import bilinear
 from .disk_cache import cache_on_disk
 
@@ -68,6 +69,7 @@ def _prefer_passive_openmp_waits():
 @functools.lru_cache(maxsize=None)
 def cpu_target() -> Target:
     _prefer_passive_openmp_waits()
+    watch_numba_cpu_compiles()
     import numba
 
     def device(fn):
@@ -159,4 +161,5 @@ def launch_cuda(kernel, n_items: int, xp, *args) -> None:
     numba_cuda = bind_cuda()
     with numba_cuda.gpus[xp.cuda.Device().id]:
         stream = numba_cuda.external_stream(xp.cuda.get_current_stream().ptr)
-        kernel[blocks, THREADS_PER_BLOCK, stream](*args)
+        with watching_numba_cuda_launch(kernel):
+            kernel[blocks, THREADS_PER_BLOCK, stream](*args)
