@@ -184,8 +184,7 @@ def _sigma(sigma, psi, shape, kernels):
     check_arrays({"psi": psi, "sigma": sigma}, ranks={"psi": 4, "sigma": len(shape)})
     _check_shape("sigma", shape_of(sigma), shape)
     if values_checked() and sigma.size and not bool((sigma > 0).all()):
-        raise ValueError(f"sigma: expected values > 0, got a minimum of {float(np.nanmin(sigma))} "
-                         f"(or NaN)")
+        raise ValueError(f"sigma: expected values > 0, got {float(sigma.reshape(-1)[np.argmin(sigma > 0)])}")
     return np.ascontiguousarray(sigma, dtype=kernels.statistics_dtype), False
 
 

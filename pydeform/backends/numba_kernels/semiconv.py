@@ -58,18 +58,17 @@ def cpu_kernels():
                 for d in range(dims):
                     sums[(stats + k) * dims + d] = 0.0
                     unit_sums[(stats + k) * dims + d] = 0.0
-            for p in range(plane):
-                k = labels[n * plane + p]
-                if k >= 1 and k <= k_max:
+            # Pixel-major: the D accumulators of a pixel's instance are independent chains.
+            for y in range(height):
+                for x in range(width):
+                    k = labels[n * plane + y * width + x]
+                    if k < 1 or k > k_max:
+                        continue
+                    row = (stats + k - 1) * dims
+                    pixel = n * dims * plane + y * width + x
                     counts[stats + k - 1] += 1
-            for d in range(dims):
-                base = (n * dims + d) * plane
-                for y in range(height):
-                    shift = cy[d] * y
-                    for x in range(width):
-                        k = labels[n * plane + y * width + x]
-                        if k >= 1 and k <= k_max:
-                            sums[(stats + k - 1) * dims + d] += psi[base + y * width + x] + shift + cx[d] * x
+                    for d in range(dims):
+                        sums[row + d] += psi[pixel + d * plane] + cy[d] * y + cx[d] * x
             if not with_norms:
                 continue
             for k in range(k_max):
@@ -86,9 +85,10 @@ def cpu_kernels():
                     norm = distance(psi, pixel, plane, dims, cy, cx, y, x, sums, mean)
                     norm_sums[stats + k - 1] += norm
                     if norm != 0.0:  # the unit vector is 0 at the kink (NaN passes)
+                        inverse = 1.0 / norm
                         for d in range(dims):
                             diff = psi[pixel + d * plane] + cy[d] * y + cx[d] * x - sums[mean + d]
-                            unit_sums[mean + d] += diff / norm
+                            unit_sums[mean + d] += diff * inverse
 
     @cpu_kernel
     def loss_grad(psi, labels, cy, cx, means, scales, mean_units, grad, batch, dims, height, width, k_max):
