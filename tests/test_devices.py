@@ -77,10 +77,14 @@ def _arrays_in(result):
         yield result
 
 
+# The semi-convolutional ops have only CPU kernels so far and refuse CuPy arrays.
+CPU_ONLY = {name for name in pydeform.semiconv.__all__ if callable(getattr(pydeform.semiconv, name))}
+
+
 def test_every_public_op_is_covered():
     ops = {name for name in pydeform.__all__
            if callable(getattr(pydeform, name)) and not isinstance(getattr(pydeform, name), type)}
-    assert ops == set(CASES)
+    assert ops - CPU_ONLY == set(CASES)
 
 
 def _check_events(fake, result, backend, stream=STREAM_BASE + 1):
