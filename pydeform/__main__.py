@@ -51,7 +51,7 @@ def _cache_lines() -> list[str]:
 
     # Numba picks the folder per source file (NUMBA_CACHE_DIR, else __pycache__ beside it when
     # writable, else a per-user folder); every kernel module sits beside bilinear.py.
-    numba_folder = FunctionCache(bilinear.bilinear_weights).cache_path
+    numba_folder = FunctionCache(bilinear.functions).cache_path
     if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") != "0":
         cupy_folder = "none, in memory only (CUPY_CACHE_IN_MEMORY is set)"
     else:
