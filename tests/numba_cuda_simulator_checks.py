@@ -139,3 +139,8 @@ def test_simulated_numba_cuda_roi_kernels_in_float16(name):
     kernel-set methods called directly: the ops take float16 on the GPU only. (The simulator has
     no bfloat16.)"""
     roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_simulated_max_modes_propagate_nan(dtype):
+    roi_kernel_set_checks.check_max_modes_propagate_nan(dtype, kernels=NumbaCudaRoIKernels(xp=np))

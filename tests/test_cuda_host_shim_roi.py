@@ -23,6 +23,7 @@ import reference
 from pydeform.backends.cupy_kernels.roi import KERNELS, CupyRoIKernels
 from pydeform.roi import DeformPSRoIPoolParams, DeformRoIPoolParams, RoIAlignParams, RoIPoolParams
 from tests import host_shim
+from tests.roi_kernel_set_checks import check_max_modes_propagate_nan
 from tests.strategies import assert_close
 
 pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
@@ -417,3 +418,10 @@ def test_empty_bins_give_zero_and_no_gradient(op, box, options, dtype):
     output, grads = run_both(op, dtype, input, np.array([[0, *box]]), np.ones((1, channels_out, 2, 2)),
                              output_size=(2, 2), **options)
     assert not output.any() and not grads.input.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_modes_propagate_nan(dtype):
+    """roi.cu's roi_pool and roi_align max mode: NaN in a bin gives NaN, its gradient goes to the
+    first NaN (the unchecked kernel set: CheckedKernels requires finite outputs)."""
+    check_max_modes_propagate_nan(dtype, kernels=host_shim.HostShimRoIKernels())

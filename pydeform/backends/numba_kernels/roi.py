@@ -98,6 +98,17 @@ def _sample_functions(t):
     return sample, scatter_sample
 
 
+def _max_rule(t):
+    @t.device
+    def takes_over_max(value, best):
+        """Whether ``value`` takes over as the maximum from ``best``: it is larger, or NaN while
+        ``best`` is not. A NaN in a bin makes its maximum NaN (as torch's max_pool2d) and the
+        first NaN is the arg-max (as NumPy's argmax), which the gradient reaches."""
+        return best == best and not (value <= best)
+
+    return takes_over_max
+
+
 def _grid_loops(t, samplers, position):
     """The loops over one bin's samples for a sampling scheme.
 
@@ -108,6 +119,7 @@ def _grid_loops(t, samplers, position):
     """
     sample, scatter_sample = samplers
     real = t.real
+    takes_over_max = _max_rule(t)
 
     @t.device
     def sums(input, plane, grid, height, width, with_slopes):
@@ -141,8 +153,8 @@ def _grid_loops(t, samplers, position):
 
     @t.device
     def argmax(input, plane, grid, height, width):
-        """(found, largest sample, its y, its x); the first one wins ties, (False, 0, 0, 0)
-        without samples."""
+        """(found, largest sample, its y, its x); the first one wins ties, NaN wins over
+        everything (the first NaN), (False, 0, 0, 0) without samples."""
         found = False
         best = real(0)
         best_y = real(0)
@@ -152,7 +164,7 @@ def _grid_loops(t, samplers, position):
                 counted, y, x = position(grid, iy, ix, height, width)
                 if counted:
                     value, _, _ = sample(input, plane, y, x, height, width, False)
-                    if not found or value > best:
+                    if not found or takes_over_max(value, best):
                         found = True
                         best = value
                         best_y = y
@@ -179,6 +191,7 @@ def _element_functions(t):
     setup, weights_of, combine = t.border_clamped_setup, t.bilinear_weights, t.bilinear_combine
     samplers = _sample_functions(t)
     scatter_sample = samplers[1]
+    takes_over_max = _max_rule(t)
 
     @t.device
     def regular_position(grid, iy, ix, height, width):
@@ -306,7 +319,7 @@ def _element_functions(t):
                 for c in range(channels):
                     if not max_mode:
                         per_channel[c] += 0.0
-                    elif j == 0 or 0.0 > per_channel[c]:
+                    elif j == 0 or takes_over_max(0.0, per_channel[c]):
                         per_channel[c] = 0.0
                 continue
             w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
@@ -326,7 +339,7 @@ def _element_functions(t):
                     u = np.uint64(c)
                     value = combine(input_hwc[at00 + u], input_hwc[at01 + u], input_hwc[at10 + u],
                                     input_hwc[at11 + u], w00, w01, w10, w11)
-                    if j == 0 or value > per_channel[c]:
+                    if j == 0 or takes_over_max(value, per_channel[c]):
                         per_channel[c] = value
         for c in range(channels):
             output[first_item + c * channel_stride] = per_channel[c] if max_mode else per_channel[c] / max(count, 1)
@@ -390,13 +403,13 @@ def _element_functions(t):
     @t.device
     def window_argmax(input, plane, h0, h1, w0, w1, width):
         """(largest element, its flat index) of the window, the first in row-major order on
-        ties; (0, -1) for an empty window."""
+        ties, NaN over everything (the first NaN); (0, -1) for an empty window."""
         best = real(0)
         arg = -1
         for h in range(h0, h1):
             for w in range(w0, w1):
                 at = plane + h * width + w
-                if arg < 0 or input[at] > best:
+                if arg < 0 or takes_over_max(input[at], best):
                     best = input[at]
                     arg = at
         return best, arg
@@ -425,7 +438,7 @@ def _element_functions(t):
         from the channels-last copy ``input_hwc``: each window pixel's channels are one run
         (SIMD loads) compared with every channel's running maximum in ``per_channel`` at once.
         The same pixels in the same order and the same comparisons as :func:`roi_pool_forward`
-        (first pixel, then strictly greater), so the results are identical."""
+        (first pixel, then ``takes_over_max``), so the results are identical."""
         channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
         first_item = (k * channels * pooled_h + ph) * pooled_w + pw
         channel_stride = pooled_h * pooled_w
@@ -445,7 +458,7 @@ def _element_functions(t):
                 else:
                     for c in range(channels):
                         value = input_hwc[at + np.uint64(c)]
-                        if value > per_channel[c]:
+                        if takes_over_max(value, per_channel[c]):
                             per_channel[c] = value
         for c in range(channels):
             output[first_item + c * channel_stride] = per_channel[c]
