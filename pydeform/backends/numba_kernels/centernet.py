@@ -290,27 +290,28 @@ def _focal_functions(t):
 
     @t.device
     def focal_terms(p, y, alpha, beta, low, high):
-        """(positive term, negative term, 1 if positive) of one pixel, p clamped to [low, high]."""
+        """(positive term, negative term, 1 if positive) of one pixel, p clamped to [low, high];
+        a NaN term for a target outside [0, 1] (or NaN), which only an unchecked call passes."""
         p = min(max(p, low), high)
         zero, one = real(0), real(1)
         if y == one:
             return -math.log(p) * (one - p) ** alpha, zero, one
-        if y < one:
+        if y >= zero and y < one:
             return zero, -math.log(one - p) * p ** alpha * (one - y) ** beta, zero
-        return zero, zero, zero
+        return real(math.nan), zero, zero
 
     @t.device
     def focal_grad(p, y, alpha, beta, low, high, scale):
         """d loss / d p of one pixel, ``scale`` = grad_output / max(number of positives, 1)."""
         zero, one = real(0), real(1)
+        if not (y >= zero and y <= one):
+            return real(math.nan)  # a target outside [0, 1], as in focal_terms
         if not (p >= low and p <= high):
             return zero  # the clamp acts (or p is NaN): no gradient, torch.clamp's rule
         if y == one:
             return scale * (-(one - p) ** alpha / p + alpha * math.log(p) * (one - p) ** (alpha - one))
-        if y < one:
-            weight = (one - y) ** beta
-            return scale * weight * (p ** alpha / (one - p) - alpha * math.log(one - p) * p ** (alpha - one))
-        return zero
+        weight = (one - y) ** beta
+        return scale * weight * (p ** alpha / (one - p) - alpha * math.log(one - p) * p ** (alpha - one))
 
     @t.device
     def chunk_sums(pred, target, partials, chunk, n, alpha, beta, low, high):
