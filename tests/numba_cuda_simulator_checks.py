@@ -21,7 +21,7 @@ from pydeform.backends.numba_cuda import simulator_enabled
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 from tests import roi_kernel_set_checks
-from tests.kernel_set_checks import assert_unchanged, check_kernels_write_every_element
+from tests.kernel_set_checks import assert_unchanged, check_border_rule_with_nan_mask, check_kernels_write_every_element
 from tests.strategies import (
     ROI_KINDS,
     RoICase,
@@ -144,3 +144,7 @@ def test_simulated_numba_cuda_roi_kernels_in_float16(name):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_simulated_max_modes_propagate_nan(dtype):
     roi_kernel_set_checks.check_max_modes_propagate_nan(dtype, kernels=NumbaCudaRoIKernels(xp=np))
+
+
+def test_simulated_border_rule_with_nan_mask():
+    check_border_rule_with_nan_mask(kernels=NumbaCudaDeformConv2dKernels(xp=np))

@@ -169,8 +169,9 @@ def _sample_functions(t):
                 grad_w += grad * d_dw
                 grad_m += grad * combine(v00, v01, v10, v11, w00, w01, w10, w11)
         pixels = geometry[14] * geometry[15]
-        grad_offset[dy_index] = m * grad_h
-        grad_offset[dy_index + pixels] = m * grad_w
+        # Outside the image square the offset gradient is 0, not m * 0: NaN for a NaN mask.
+        grad_offset[dy_index] = m * grad_h if inside else real(0)
+        grad_offset[dy_index + pixels] = m * grad_w if inside else real(0)
         if has_mask:
             grad_mask[item] = grad_m
 

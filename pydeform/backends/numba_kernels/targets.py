@@ -7,7 +7,7 @@ are written so that no two threads share an element) and whose ``real`` is the a
 float constants and integer-to-float conversions are written ``real(...)``. CUDA kernels are
 built per accumulation dtype, so that a float32 kernel does no float64 arithmetic (float64 runs
 at 1/32 to 1/64 of the float32 rate on most GPUs); the CPU kernels compute in float64 (Python
-floats) whatever the storage type, as they always have.
+floats) whatever the storage type.
 """
 
 from __future__ import annotations
