@@ -148,3 +148,14 @@ def test_simulated_max_modes_propagate_nan(dtype):
 
 def test_simulated_border_rule_with_nan_mask():
     check_border_rule_with_nan_mask(kernels=NumbaCudaDeformConv2dKernels(xp=np))
+
+
+def test_simulated_rounding_just_below_a_half_in_float32():
+    """roi_pool rounds box corners half away from zero exactly in float32: 0.49999997 rounds to
+    0 (``floor(v + 0.5)`` would round the sum up to 1.0 and move the bin off pixel (0, 0))."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    x[0, 0, 0, 0] = 5.0
+    rois = np.array([[0, 0.49999997, 0.49999997, 2.5, 2.5]], np.float32)
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: NumbaCudaRoIKernels(xp=np)):
+        out = pydeform.roi_pool(x, rois, 1)
+    np.testing.assert_array_equal(out, reference.roi_pool(x, rois, 1))
