@@ -99,10 +99,12 @@ def one_row_problem(sample_h, sample_w):
 
 
 def check_border_rule_with_nan_mask(module=pydeform, kernels=None) -> None:
-    """``module``'s deform_conv2d_backward (run by ``kernels`` when given): samples on or outside
-    the border of (-1, H) x (-1, W), h = -1 exactly among them, get 0 offset and mask gradients
-    also where their mask value is NaN (the forward does not depend on their position, nor on the
-    mask through the position); just inside the border a NaN mask makes the offset gradient NaN."""
+    """``module``'s deform_conv2d and its backward (run by ``kernels`` when given) with a NaN mask
+    on a 3 x 7 image: the output is NaN (m * B, also where B is 0 outside), but samples on or
+    outside the border of (-1, H) x (-1, W), h = -1 exactly among them, get 0 offset and mask
+    gradients (the sample does not depend on their position there) and add nothing to the input
+    gradient, whose NaN are exactly the pixels of the two samples just inside the border; their
+    offset gradients are NaN."""
     problem = one_row_problem(sample_h=[-1.0, 3.0, 1.0, 1.0, -1.5, -0.999, 2.9],
                               sample_w=[1.0, 2.0, -1.0, 8.0, 1.0, 1.0, 2.0])
     problem["mask"][...] = np.nan
@@ -110,9 +112,13 @@ def check_border_rule_with_nan_mask(module=pydeform, kernels=None) -> None:
     context = (mock.patch.object(deform_conv_module, "deform_conv2d_kernels", lambda library, backend: kernels)
                if kernels else contextlib.nullcontext())
     with context:
+        output = to_numpy(module.deform_conv2d(**problem))
         grads = module.deform_conv2d_backward(grad_output, **problem)
-    grad_offset, grad_mask = (grads["offset"], grads["mask"]) if isinstance(grads, dict) else (grads.offset,
-                                                                                               grads.mask)
-    np.testing.assert_array_equal(to_numpy(grad_offset)[..., :5], 0.0)
-    np.testing.assert_array_equal(to_numpy(grad_mask)[..., :5], 0.0)
-    assert np.isnan(to_numpy(grad_offset)[..., 5:]).all()
+    grads = {name: to_numpy(grads[name] if isinstance(grads, dict) else getattr(grads, name))
+             for name in ("input", "offset", "mask", "weight")}
+    assert np.isnan(output).all() and np.isnan(grads["weight"]).all()
+    np.testing.assert_array_equal(grads["offset"][..., :5], 0.0)
+    np.testing.assert_array_equal(grads["mask"][..., :5], 0.0)
+    assert np.isnan(grads["offset"][..., 5:]).all()
+    # (-0.999, 1) reads pixels (0, 1) and (0, 2), (2.9, 2) pixels (2, 2) and (2, 3); row 1 none.
+    np.testing.assert_array_equal(np.argwhere(np.isnan(grads["input"][0, 0])), [[0, 1], [0, 2], [2, 2], [2, 3]])

@@ -101,8 +101,11 @@ def functions(real):
                     + weights[2] * image_hwc[at10 + u] + weights[3] * image_hwc[at11 + u]
                 )
             return
+        # m * 0 to start with (weights[0] is the mask value m for a sample outside the image):
+        # NaN for a NaN mask, like the corners' terms.
+        start = real(0) * weights[0]
         for c in range(count):
-            dest[dest_at + c] = real(0)
+            dest[dest_at + c] = start
         for k in range(4):  # corner k is bit k of inside: (h0 + k // 2, w0 + k % 2)
             if inside & (1 << k):
                 at_k = np.uint64(at + (k & 1) * channel_step + (k >> 1) * row_step)

@@ -120,7 +120,9 @@ def _sample_functions(t):
         plane_size = geometry[1] * geometry[2]
         for c in range(c_begin, c_end):
             bc = b * geometry[0] + c
-            value = real(0)
+            # m * 0 outside the image (the weights of an outside sample are (m, 0, 0, 0)): NaN
+            # for a NaN mask, like m * B everywhere else.
+            value = real(0) * w00
             if inside:
                 v00, v01, v10, v11 = corners(input, bc * plane_size, corner, inside, geometry[2])
                 value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
