@@ -51,7 +51,7 @@ def numba_cache_folder() -> str:
 
     from .numba_kernels import bilinear
 
-    return FunctionCache(bilinear.bilinear_weights).cache_path
+    return FunctionCache(bilinear.functions).cache_path
 
 
 def cupy_cache_folder() -> Optional[str]:
