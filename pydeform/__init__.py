@@ -21,6 +21,18 @@ from .deform_unet import (
     deform_pool2d,
     deform_pool2d_backward,
 )
+from .levelset import (
+    ChanVeseResult,
+    chan_vese,
+    checkerboard_level_set,
+    disk_level_set,
+    inf_sup,
+    inverse_gaussian_gradient,
+    morphological_chan_vese,
+    morphological_geodesic_active_contour,
+    next_phase,
+    sup_inf,
+)
 from .roi import (
     DeformPSRoIPoolGrads,
     DeformRoIPoolGrads,
@@ -72,4 +84,14 @@ __all__ = [
     "roi_align_backward",
     "roi_pool",
     "roi_pool_backward",
+    "ChanVeseResult",
+    "chan_vese",
+    "checkerboard_level_set",
+    "disk_level_set",
+    "inf_sup",
+    "inverse_gaussian_gradient",
+    "morphological_chan_vese",
+    "morphological_geodesic_active_contour",
+    "next_phase",
+    "sup_inf",
 ]

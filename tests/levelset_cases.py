@@ -34,6 +34,29 @@ def skimage_gac(gimage, num_iter, init_level_set="disk", smoothing=1, threshold=
                                                                       threshold, balloon, **kwargs)
 
 
+def draw_init(kind, shape, rng):
+    """An init_level_set: the name ``kind``, or for "array" a random real array of ``shape``."""
+    return rng.standard_normal(shape) if kind == "array" else kind
+
+
+CHAN_VESE_PARAMS = [dict(tol=5e-3), dict(mu=0.1, lambda1=2.0, dt=1.0, max_num_iter=80), dict(max_num_iter=3)]
+
+
+def check_chan_vese_against_scikit_image(chan_vese, init, params, rtol, atol):
+    """``chan_vese`` (with extended_output) allclose to scikit-image's, same iteration count."""
+    rng = np.random.default_rng(3)
+    image = rng.random((13, 17)) + np.indices((13, 17)).sum(0) / 20.0
+    init = draw_init(init, (13, 17), rng)
+    seg, phi, energies = chan_vese(image, init_level_set=init, extended_output=True, **params)
+    seg_sk, phi_sk, energies_sk = skimage_segmentation.chan_vese(image, init_level_set=init, extended_output=True,
+                                                                 **params)
+    assert len(energies) == len(energies_sk)
+    np.testing.assert_allclose(phi, phi_sk, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(energies, energies_sk, rtol=rtol)
+    np.testing.assert_array_equal(seg, seg_sk)
+    np.testing.assert_array_equal(chan_vese(image, init_level_set=init, **params), seg_sk)
+
+
 def gaussian_blob():
     coords = np.mgrid[-5:6, -5:6]
     return np.exp(-(coords ** 2).sum(0) / 10)

@@ -11,10 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference import levelset as ref
-from tests.levelset_cases import CHAN_VESE_CASES, SNAKE_CASES, skimage_acwe, skimage_gac
+from tests.levelset_cases import (
+    CHAN_VESE_CASES,
+    CHAN_VESE_PARAMS,
+    SNAKE_CASES,
+    check_chan_vese_against_scikit_image,
+    draw_init,
+    skimage_acwe,
+    skimage_gac,
+)
 
 morphsnakes = pytest.importorskip("skimage.segmentation.morphsnakes")
-from skimage.segmentation import chan_vese as skimage_chan_vese  # noqa: E402
 
 REFERENCE = types.SimpleNamespace(
     morphological_chan_vese=lambda *a, **k: ref.morphological_chan_vese(*a, **k)[0],
@@ -53,21 +60,16 @@ def test_init_level_sets_equal_scikit_image(shape, init):
     assert ours.dtype == np.int8
 
 
-def _init(draw_kind, shape, rng):
-    if draw_kind == "array":
-        return rng.standard_normal(shape)
-    return draw_kind
-
-
 SHAPES = [(9, 11), (2, 2), (6, 5, 7), (2, 3, 2)]
 
 
-@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1), st.sampled_from(["checkerboard", "disk", "array"]),
+@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1),
+       st.sampled_from(["checkerboard", "disk", "array"]),
        st.sampled_from([(1, 1), (2.5, 1), (1, 0.5)]), st.integers(0, 4), st.integers(0, 2**32 - 1))
 def test_acwe_equals_scikit_image_on_integer_images(shape, smoothing, phase, init, lambdas, num_iter, seed):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, shape).astype(np.uint8)
-    init = _init(init, shape, rng)
+    init = draw_init(init, shape, rng)
     calls = []
     ours, final_phase = ref.morphological_chan_vese(image, num_iter, init, smoothing, *lambdas, calls.append,
                                                     phase=phase)
@@ -80,12 +82,13 @@ def test_acwe_equals_scikit_image_on_integer_images(shape, smoothing, phase, ini
                                                               *lambdas, phase=phase)[0], ours)
 
 
-@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1), st.sampled_from(["checkerboard", "disk", "array"]),
+@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1),
+       st.sampled_from(["checkerboard", "disk", "array"]),
        st.sampled_from([-1, 0, 1, 2.5]), st.sampled_from(["auto", 0.3]), st.integers(0, 4), st.integers(0, 2**32 - 1))
 def test_gac_equals_scikit_image(shape, smoothing, phase, init, balloon, threshold, num_iter, seed):
     rng = np.random.default_rng(seed)
     gimage = rng.random(shape) * rng.choice([1.0, 1e-3, 1e3])
-    init = _init(init, shape, rng)
+    init = draw_init(init, shape, rng)
     ours, final_phase = ref.morphological_geodesic_active_contour(gimage, num_iter, init, smoothing, threshold,
                                                                   balloon, phase=phase)
     theirs = skimage_gac(gimage, num_iter, init, smoothing, threshold, balloon, phase=phase)
@@ -103,14 +106,6 @@ def test_smoothing_phase_continues_a_run():
 
 
 @pytest.mark.parametrize("init", ["checkerboard", "disk", "small disk", "array"])
-@pytest.mark.parametrize("params", [dict(), dict(mu=0.1, lambda1=2.0, dt=1.0, tol=1e-4), dict(max_num_iter=3)])
+@pytest.mark.parametrize("params", CHAN_VESE_PARAMS)
 def test_chan_vese_equals_scikit_image(init, params):
-    rng = np.random.default_rng(3)
-    image = rng.random((13, 17)) + np.indices((13, 17)).sum(0) / 20.0
-    init = rng.standard_normal((13, 17)) if init == "array" else init
-    seg, phi, energies = ref.chan_vese(image, init_level_set=init, extended_output=True, **params)
-    seg_sk, phi_sk, energies_sk = skimage_chan_vese(image, init_level_set=init, extended_output=True, **params)
-    assert len(energies) == len(energies_sk)
-    np.testing.assert_allclose(phi, phi_sk, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(energies, energies_sk, rtol=1e-10)
-    np.testing.assert_array_equal(seg, seg_sk)
+    check_chan_vese_against_scikit_image(ref.chan_vese, init, params, rtol=1e-10, atol=1e-12)
