@@ -114,6 +114,14 @@ def _batch_view(name, value, ndims, batched):
     return value if batched else value[None]
 
 
+def _kernels_for(library, backend):
+    """The level-set kernel set; only the Numba CPU one exists so far."""
+    kind = check_backend(backend, library)
+    if library != "numpy":
+        raise NotImplementedError("level-set ops: no CUDA kernels yet, pass NumPy (or CPU torch / JAX) arrays")
+    return levelset_kernels(library, kind)
+
+
 def _check_gradient_shape(name, shape):
     """np.gradient (the attachment) needs 2 elements on every axis; scikit-image raises then too."""
     if min(shape) < 2:
@@ -163,7 +171,7 @@ class _Snake:
         batched = check_bool("batched", batched)
         library = _real_array(name, image)
         images = _batch_view(name, image, (2, 3), batched)
-        self.kernels = levelset_kernels(library, check_backend(backend, library))
+        self.kernels = _kernels_for(library, backend)
         self.xp = xp = self.kernels.xp
         self.num_iter = check_int("num_iter", num_iter, minimum=0)
         self.smoothing = check_int("smoothing", smoothing, minimum=0)
@@ -222,7 +230,8 @@ def morphological_chan_vese(image, num_iter, init_level_set="checkerboard", smoo
         phase (int): 0 to start the smoothing with SI(IS(u)), 1 with IS(SI(u)) (keyword-only);
             see :func:`next_phase`.
         batched (bool): axis 0 is a batch of independent images (own means each).
-        backend: None, "numba" (NumPy arrays: the Numba CPU kernels).
+        backend: None or "numba" (NumPy arrays run on the Numba CPU kernels; CuPy arrays raise
+            NotImplementedError: no CUDA kernels yet).
 
     Returns:
         int8 array of the image's shape, the final level set (values 0 and 1).
@@ -294,7 +303,7 @@ def _curvature(u, name):
     library = _real_array("u", u)
     if u.ndim not in (2, 3):
         raise ValueError(f"u: expected a 2-d or 3-d level set, got {u.ndim}-d with shape {shape_of(u)}")
-    kernels = levelset_kernels(library, check_backend(None, library))
+    kernels = _kernels_for(library, None)
     src, dst = _padded(kernels.xp, (u[None] > 0).astype(np.uint8))
     getattr(kernels, name)(src, dst)
     return _interior(dst, False)
@@ -406,7 +415,7 @@ def chan_vese(image, mu=0.25, lambda1=1.0, lambda2=1.0, tol=1e-3, max_num_iter=5
     batched = check_bool("batched", batched)
     library = _real_array("image", image)
     images = _batch_view("image", image, (2,), batched)
-    kernels = levelset_kernels(library, check_backend(backend, library))
+    kernels = _kernels_for(library, backend)
     xp = kernels.xp
     mu, lambda1, lambda2, dt, tol = (check_finite_float(name, value) for name, value in
                                      (("mu", mu), ("lambda1", lambda1), ("lambda2", lambda2), ("dt", dt), ("tol", tol)))

@@ -5,7 +5,7 @@ Layouts (docs/levelset.md): a batch of B images of one shape S (2-D ``[H, W]`` o
 zeros one pixel wide that no kernel writes, so erosion and dilation read 0 outside the image with
 no bounds test. Every step is Jacobi: a kernel reads one level-set buffer and writes the other.
 
-A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x. Reductions are
+A task is one row (run in order on one thread) (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x. Reductions are
 deterministic: each task writes its row's partial sums, and one pass per image adds the rows in
 order. Arithmetic is IEEE float64 without contraction into FMAs, so the MorphACWE attachment
 equals NumPy's for integer-valued images and the MorphGAC attachment for any float64 gimage.
@@ -17,7 +17,19 @@ import functools
 
 import numpy as np
 
-from .targets import cpu_kernel
+from .disk_cache import cache_on_disk
+
+
+def cpu_serial_kernel(fn):
+    """Compile a kernel for one CPU thread (its ``prange`` runs as ``range``), cached on disk.
+
+    Each pass of a level-set iteration is a few hundred microseconds of work at 512x512; measured
+    on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
+    than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread.
+    """
+    import numba
+
+    return cache_on_disk(numba.njit(nogil=True, error_model="numpy", cache=True)(fn))
 
 
 def _row_bounds(task, rows):
@@ -35,7 +47,7 @@ def _kernels():
 
     # --- curvature operators: SI = max over line elements of the erosion, IS = min of dilations
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def sup_inf_2d(src, dst):
         batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
         for task in prange(batch * height):
@@ -45,7 +57,7 @@ def _kernels():
                 out[x] = mid[x] & ((up[x - 1] & down[x + 1]) | (up[x] & down[x]) | (up[x + 1] & down[x - 1])
                                    | (mid[x - 1] & mid[x + 1]))
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def inf_sup_2d(src, dst):
         batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
         for task in prange(batch * height):
@@ -65,7 +77,7 @@ def _kernels():
     # The 3-D elements are the 9 planes of 3x3 voxels through the centre; vABC is the voxel at
     # offset (A - 1, B - 1, C - 1) in (z, y, x), the centre v111 belongs to every plane.
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def curvature_3d(src, dst, dilate):
         """SI (dilate False) or IS (dilate True): every plane contains the centre r11[x], so
         SI = centre & (any plane's other 8 all set), IS = centre | (every plane has one set)."""
@@ -112,10 +124,11 @@ def _kernels():
 
     @inline
     def neighbours(i, n):
-        """(index before, index after, their distance) of i along an axis of n >= 2 elements."""
+        """(index before, index after, 1 / their distance) of i along an axis of n >= 2 elements.
+        The distance is 1 or 2, so multiplying by its inverse equals np.gradient's division."""
         before = i - 1 if i > 0 else i
         after = i + 1 if i < n - 1 else i
-        return before, after, float(after - before)
+        return before, after, 0.5 if after - before == 2 else 1.0
 
     # --- MorphACWE: the means, then the attachment fused with the gradient predicate
 
@@ -131,14 +144,14 @@ def _kernels():
             n1 += inside
         partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s0, n0, s1, n1
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def acwe_row_sums_2d(u, image, partial):
         batch, height = image.shape[0], image.shape[1]
         for task in prange(batch * height):
             b, y = row_bounds(task, height)
             acwe_row(u[b, y + 1], image[b, y], partial, task)
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def acwe_row_sums_3d(u, image, partial):
         batch, depth, height = image.shape[0], image.shape[1], image.shape[2]
         for task in prange(batch * depth * height):
@@ -146,7 +159,7 @@ def _kernels():
             z, y = zy // height, zy % height
             acwe_row(u[b, z + 1, y + 1], image[b, z, y], partial, task)
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def acwe_means(partial, rows, means):
         """means[b] = (c0, c1) from the row sums of image b, added in row order."""
         batch = means.shape[0]
@@ -166,11 +179,11 @@ def _kernels():
         return 1 if aux < 0 else (0 if aux > 0 else old)
 
     @inline
-    def slope(before, after, distance):
+    def slope(before, after, inverse):
         """One axis of np.gradient of a level set: (after - before) / distance in float64."""
-        return (float(after) - float(before)) / distance
+        return (float(after) - float(before)) * inverse
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def acwe_attach_2d(src, image, means, lambda1, lambda2, dst):
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
         for task in prange(batch * height):
@@ -183,7 +196,7 @@ def _kernels():
                 abs_du = abs(slope(up[x + 1], down[x + 1], dy)) + abs(slope(mid[x0 + 1], mid[x1 + 1], dx))
                 out[x + 1] = acwe_update(mid[x + 1], abs_du, values[x], c0, c1, lambda1, lambda2)
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def acwe_attach_3d(src, image, means, lambda1, lambda2, dst):
         batch, depth, height, width = image.shape[0], image.shape[1], image.shape[2], image.shape[3]
         for task in prange(batch * depth * height):
@@ -203,7 +216,7 @@ def _kernels():
 
     # --- MorphGAC: the balloon fused with its masked update, then the attachment
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def gac_balloon_2d(src, gimage, limit, grow, dst):
         """dst = the 3x3 box dilation (grow) or erosion of src where gimage > limit[b], else src."""
         batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
@@ -222,7 +235,7 @@ def _kernels():
                 else:
                     out[x] = mid[x]
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def gac_balloon_3d(src, gimage, limit, grow, dst):
         batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
         for task in prange(batch * depth * height):
@@ -248,7 +261,7 @@ def _kernels():
     def gac_update(old, aux):
         return 1 if aux > 0 else (0 if aux < 0 else old)
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def gac_attach_2d(src, gimage, dst):
         """u = 1 where sum_i gradient_i(gimage) gradient_i(u) > 0, 0 where < 0 (axis order)."""
         batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
@@ -259,11 +272,11 @@ def _kernels():
             g, g_up, g_down = gimage[b, y], gimage[b, y0], gimage[b, y1]
             for x in range(width):
                 x0, x1, dx = neighbours(x, width)
-                aux = ((g_down[x] - g_up[x]) / dy * slope(up[x + 1], down[x + 1], dy)
-                       + (g[x1] - g[x0]) / dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+                aux = ((g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
+                       + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
                 out[x + 1] = gac_update(mid[x + 1], aux)
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def gac_attach_3d(src, gimage, dst):
         batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
         for task in prange(batch * depth * height):
@@ -277,9 +290,9 @@ def _kernels():
             g_up, g_down = gimage[b, z, y0], gimage[b, z, y1]
             for x in range(width):
                 x0, x1, dx = neighbours(x, width)
-                aux = ((g_back[x] - g_front[x]) / dz * slope(front[x + 1], back[x + 1], dz)
-                       + (g_down[x] - g_up[x]) / dy * slope(up[x + 1], down[x + 1], dy)
-                       + (g[x1] - g[x0]) / dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+                aux = ((g_back[x] - g_front[x]) * dz * slope(front[x + 1], back[x + 1], dz)
+                       + (g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
+                       + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
                 out[x + 1] = gac_update(mid[x + 1], aux)
 
     # --- Chan-Vese: one fused Jacobi step per iteration, with the next iteration's sums
@@ -309,7 +322,7 @@ def _kernels():
             n_out += 1.0 - inside
         return s_in, n_in, s_out, n_out
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def chan_vese_row_sums(phi, image, partial):
         """partial[task, :4] = (sum f H, sum H, sum f (1 - H), sum 1 - H), H = phi > 0, one row."""
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
@@ -319,7 +332,7 @@ def _kernels():
             partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s_in, n_in, s_out, n_out
             partial[task, 4] = 0.0
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
         """new_phi = one step of phi for the active images; partial[task] = the row sums of
         new_phi (as chan_vese_row_sums) and the row's sum of squared changes."""
@@ -341,7 +354,7 @@ def _kernels():
             partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s_in, n_in, s_out, n_out
             partial[task, 4] = change
 
-    @cpu_kernel
+    @cpu_serial_kernel
     def chan_vese_stats(partial, rows, pixels, stats):
         """stats[b] = (c1, c2, RMS change) from the row sums of image b, added in row order."""
         batch = stats.shape[0]
@@ -370,7 +383,7 @@ def _rows(image):
 
 
 class NumbaCpuLevelSetKernels:
-    """Level-set kernels for NumPy arrays, parallel over rows with ``numba.prange``.
+    """Level-set kernels for NumPy arrays, one CPU thread per call (see cpu_serial_kernel).
 
     Level sets are uint8 ``[B, *(S + 2)]`` with a zero border, images float64 ``[B, *S]`` (see the
     module docstring); ``ndim`` below is the number of image axes (2 or 3).
