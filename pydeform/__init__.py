@@ -21,6 +21,18 @@ from .deform_unet import (
     deform_pool2d,
     deform_pool2d_backward,
 )
+from .levelset import (
+    ChanVeseResult,
+    chan_vese,
+    checkerboard_level_set,
+    disk_level_set,
+    inf_sup,
+    inverse_gaussian_gradient,
+    morphological_chan_vese,
+    morphological_geodesic_active_contour,
+    next_phase,
+    sup_inf,
+)
 from .roi import (
     DeformPSRoIPoolGrads,
     DeformRoIPoolGrads,
@@ -104,4 +116,14 @@ __all__ = [
     "seeded_mask_logits",
     "seeded_mask_logits_backward",
     "semiconv_embed",
+    "ChanVeseResult",
+    "chan_vese",
+    "checkerboard_level_set",
+    "disk_level_set",
+    "inf_sup",
+    "inverse_gaussian_gradient",
+    "morphological_chan_vese",
+    "morphological_geodesic_active_contour",
+    "next_phase",
+    "sup_inf",
 ]

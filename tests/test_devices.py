@@ -77,8 +77,8 @@ def _arrays_in(result):
         yield result
 
 
-# The semi-convolutional ops have only CPU kernels so far and refuse CuPy arrays.
-CPU_ONLY = {name for name in pydeform.semiconv.__all__ if callable(getattr(pydeform.semiconv, name))}
+# The semi-convolutional and level-set ops have only CPU kernels so far and refuse CuPy arrays.
+CPU_ONLY = {name for module in (pydeform.semiconv, pydeform.levelset) for name in module.__all__}
 
 
 def test_every_public_op_is_covered():

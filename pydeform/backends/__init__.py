@@ -17,6 +17,9 @@ _FAMILIES = {
     "centernet": ("centernet", "CenterNetKernels"),
     "deform_pool2d": ("deform_pool", "DeformPool2dKernels"),
     "semiconv": ("semiconv", "SemiConvKernels"),
+
+
+    "levelset": ("levelset", "LevelSetKernels"),
 }
 
 
@@ -53,3 +56,7 @@ def deform_pool2d_kernels(library: str, backend: str):
 
 def semiconv_kernels(library: str, backend: str):
     return kernel_set("semiconv", library, backend)
+
+
+def levelset_kernels(library: str, backend: str):
+    return kernel_set("levelset", library, backend)
