@@ -12,8 +12,8 @@ This module checks every argument once and calls the semi-convolutional kernel s
 :class:`pydeform.backends.numba_kernels.semiconv.NumbaCpuSemiConvKernels`). Per-instance sums
 are segmented reductions in a fixed order without a one-hot mask or atomics: results are
 bit-identical run to run and for every thread count, and the memory beyond the inputs and
-outputs is O(N * K * D). These ops run on NumPy arrays (Numba CPU kernels); GPU kernels for
-them are not part of this version.
+outputs is O(N * K * D). NumPy arrays run the Numba CPU kernels, CuPy arrays the CuPy
+RawKernels (``backend=None``) or the Numba CUDA kernels (``backend="numba"``).
 """
 
 from __future__ import annotations
@@ -97,13 +97,7 @@ class HoughPeaks(NamedTuple):
 
 
 def _kernels(library, backend):
-    kind = check_backend(backend, library)
-    if library != "numpy":
-        raise TypeError(
-            "semi-convolutional ops run on NumPy arrays (CPU) in this version; got CuPy arrays "
-            "(copy them to the host, e.g. with cupy.asnumpy)"
-        )
-    return semiconv_kernels(library, kind)
+    return semiconv_kernels(library, check_backend(backend, library))
 
 
 def _choice(name, value, choices):
@@ -152,7 +146,7 @@ def _check_index_array(name, value, library, like, dtype_kinds, expected_shape):
     _check_shape(name, shape_of(value), expected_shape)
 
 
-def _labels(labels, psi, library, num_instances):
+def _labels(labels, psi, library, num_instances, xp):
     """Check labels [N, H, W] (integer values in [0, num_instances]); return them contiguous."""
     n, _, height, width = shape_of(psi)
     _check_index_array("labels", labels, library, psi, "iu", (n, height, width))
@@ -163,29 +157,29 @@ def _labels(labels, psi, library, num_instances):
                 f"labels: expected values in [0, {num_instances}] (0 = background, 1..num_instances the "
                 f"instances), got values in [{low}, {high}]"
             )
-    return np.ascontiguousarray(labels)
+    return xp.ascontiguousarray(labels)
 
 
-def _foreground(foreground, psi, library):
+def _foreground(foreground, psi, library, xp):
     n, _, height, width = shape_of(psi)
     _check_index_array("foreground", foreground, library, psi, "b", (n, height, width))
-    return np.ascontiguousarray(foreground)
+    return xp.ascontiguousarray(foreground)
 
 
 def _sigma(sigma, psi, shape, kernels):
     """Check sigma (a number > 0, or an array of ``shape`` in psi's dtype with values > 0);
-    return (float64 sigma of ``shape``, whether it was a number)."""
+    return (sigma of ``shape`` in the kernels' statistics dtype, whether it was a number)."""
     if isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
         value = check_finite_float("sigma", sigma)
         if value <= 0:
             raise ValueError(f"sigma: expected a number > 0, got {sigma!r}")
-        return np.full(shape, value), True
+        return kernels.xp.full(shape, value, dtype=kernels.statistics_dtype(psi.dtype)), True
     _require(sigma=sigma)
     check_arrays({"psi": psi, "sigma": sigma}, ranks={"psi": 4, "sigma": len(shape)})
     _check_shape("sigma", shape_of(sigma), shape)
     if values_checked() and sigma.size and not bool((sigma > 0).all()):
         raise ValueError(f"sigma: expected values > 0, got {float(sigma.reshape(-1)[np.argmin(sigma > 0)])}")
-    return np.ascontiguousarray(sigma, dtype=kernels.statistics_dtype), False
+    return kernels.xp.ascontiguousarray(sigma, dtype=kernels.statistics_dtype(psi.dtype)), False
 
 
 def _embedding(psi, extra):
@@ -196,15 +190,15 @@ def _embedding(psi, extra):
     return check_arrays(arrays, ranks=ranks)
 
 
-def _grad_output(grad_output, like, shape):
+def _grad_output(grad_output, like, shape, xp):
     """grad_output as an array of ``like``'s dtype and ``shape`` (a number for a 0-d one)."""
     if isinstance(grad_output, numbers.Real) and not isinstance(grad_output, bool) and shape == ():
-        return np.asarray(grad_output, dtype=like.dtype)
+        return xp.asarray(grad_output, dtype=like.dtype)
     _require(grad_output=grad_output)
     check_arrays({"psi": like, "grad_output": grad_output}, ranks={"psi": like.ndim,
                                                                    "grad_output": getattr(grad_output, "ndim", 0)})
     _check_shape("grad_output", shape_of(grad_output), shape)
-    return np.ascontiguousarray(grad_output)
+    return xp.ascontiguousarray(grad_output)
 
 
 @dlpack_entry
@@ -221,14 +215,14 @@ def semiconv_embed(phi, spacing=1.0, *, backend=None):
     """
     _require(phi=phi)
     library, _ = check_arrays({"phi": phi}, ranks={"phi": 4})
-    _kernels(library, backend)
+    xp = _kernels(library, backend).xp
     cy, cx = coordinate_offsets("phi", shape_of(phi), True, spacing)
     height, width = shape_of(phi)[2:]
-    psi = output(np, "output", shape_of(phi), phi.dtype)
+    psi = output(xp, "output", shape_of(phi), phi.dtype)
     psi[...] = phi
     # Broadcast rows and columns: the [H, W] grid is never formed.
-    psi[:, 0] += (cy[0] * np.arange(height, dtype=np.float64)).astype(phi.dtype)[:, None]
-    psi[:, 1] += (cx[1] * np.arange(width, dtype=np.float64)).astype(phi.dtype)[None, :]
+    psi[:, 0] += (cy[0] * xp.arange(height, dtype=np.float64)).astype(phi.dtype)[:, None]
+    psi[:, 1] += (cx[1] * xp.arange(width, dtype=np.float64)).astype(phi.dtype)[None, :]
     return psi
 
 
@@ -236,11 +230,11 @@ def _statistics(kernels, psi, labels, offsets, num_instances, *, with_norms):
     """The kernel set's per-instance statistics in scratch: (sums or means, counts, norm_sums,
     unit_sums)."""
     n, dims = shape_of(psi)[:2]
-    acc = kernels.statistics_dtype
-    sums = scratch(np, "semiconv_means", (n, num_instances, dims), acc)
-    counts = scratch(np, "semiconv_counts", (n, num_instances), np.int64)
-    norm_sums = scratch(np, "semiconv_norm_sums", (n, num_instances), acc)
-    unit_sums = scratch(np, "semiconv_unit_sums", (n, num_instances, dims), acc)
+    xp, acc = kernels.xp, kernels.statistics_dtype(psi.dtype)
+    sums = scratch(xp, "semiconv_means", (n, num_instances, dims), acc)
+    counts = scratch(xp, "semiconv_counts", (n, num_instances), np.int64)
+    norm_sums = scratch(xp, "semiconv_norm_sums", (n, num_instances), acc)
+    unit_sums = scratch(xp, "semiconv_unit_sums", (n, num_instances, dims), acc)
     kernels.statistics(psi, labels, offsets, sums, counts, norm_sums, unit_sums, with_norms=with_norms)
     return sums, counts, norm_sums, unit_sums
 
@@ -252,8 +246,8 @@ def _loss_call(psi, labels, num_instances, reduction, coordinates, spacing, back
     num_instances = check_int("num_instances", num_instances, minimum=1)
     reduction_index = _choice("reduction", reduction, REDUCTIONS)
     offsets = coordinate_offsets("psi", shape_of(psi), coordinates, spacing)
-    labels = _labels(labels, psi, library, num_instances)
-    return kernels, np.ascontiguousarray(psi), labels, num_instances, REDUCTIONS[reduction_index], offsets
+    labels = _labels(labels, psi, library, num_instances, kernels.xp)
+    return kernels, kernels.xp.ascontiguousarray(psi), labels, num_instances, REDUCTIONS[reduction_index], offsets
 
 
 @dlpack_entry
@@ -273,18 +267,19 @@ def instance_means(psi, labels, num_instances, *, coordinates=False, spacing=1.0
     kernels, psi, labels, num_instances, _, offsets = _loss_call(psi, labels, num_instances, "mean", coordinates,
                                                                  spacing, backend)
     sums, counts, _, _ = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=False)
-    means = output(np, "means", sums.shape, psi.dtype)
-    np.divide(sums, np.maximum(counts, 1)[:, :, None], out=means, casting="unsafe")
+    xp = kernels.xp
+    means = output(xp, "means", sums.shape, psi.dtype)
+    xp.divide(sums, xp.maximum(counts, 1)[:, :, None], out=means, casting="unsafe")
     return InstanceMeans(means, counts.copy())
 
 
-def _reduce(losses, counts, reduction):
+def _reduce(losses, counts, reduction, xp):
     if reduction == "none":
         return losses
     total = losses.sum()
     if reduction == "mean":
-        total = total / max(int(np.count_nonzero(counts)), 1)
-    return np.asarray(total)
+        total = total / max(int(xp.count_nonzero(counts)), 1)
+    return xp.asarray(total)
 
 
 @dlpack_entry
@@ -308,9 +303,10 @@ def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordina
     kernels, psi, labels, num_instances, reduction, offsets = _loss_call(psi, labels, num_instances, reduction,
                                                                          coordinates, spacing, backend)
     _, counts, norm_sums, _ = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
-    losses = norm_sums / np.maximum(counts, 1)
-    result = _reduce(losses, counts, reduction)
-    out = output(np, "output", result.shape, psi.dtype)
+    xp = kernels.xp
+    losses = norm_sums / xp.maximum(counts, 1)
+    result = _reduce(losses, counts, reduction, xp)
+    out = output(xp, "output", result.shape, psi.dtype)
     out[...] = result
     return out
 
@@ -333,15 +329,16 @@ def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reducti
     kernels, psi, labels, num_instances, reduction, offsets = _loss_call(psi, labels, num_instances, reduction,
                                                                          coordinates, spacing, backend)
     n = shape_of(psi)[0]
-    grad_output = _grad_output(grad_output, psi, (n, num_instances) if reduction == "none" else ())
+    xp, acc = kernels.xp, kernels.statistics_dtype(psi.dtype)
+    grad_output = _grad_output(grad_output, psi, (n, num_instances) if reduction == "none" else (), xp)
     means, counts, _, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
-    weights = np.broadcast_to(grad_output.astype(np.float64), counts.shape)
+    weights = xp.broadcast_to(grad_output.astype(np.float64), counts.shape)
     if reduction == "mean":
-        weights = weights / max(int(np.count_nonzero(counts)), 1)
-    sizes = np.maximum(counts, 1)
-    scales = np.ascontiguousarray(weights / sizes)
-    mean_units = unit_sums / sizes[:, :, None]
-    grad = output(np, "grad_psi", shape_of(psi), psi.dtype)
+        weights = weights / max(int(xp.count_nonzero(counts)), 1)
+    sizes = xp.maximum(counts, 1)
+    scales = xp.ascontiguousarray(weights / sizes, dtype=acc)
+    mean_units = xp.ascontiguousarray(unit_sums / sizes[:, :, None], dtype=acc)
+    grad = output(xp, "grad_psi", shape_of(psi), psi.dtype)
     kernels.loss_grad(psi, labels, offsets, means, scales, mean_units, grad)
     return grad
 
@@ -356,7 +353,8 @@ def _affinity_call(psi, centers, sigma, kernel, coordinates, spacing, backend):
     kernel_index = _choice("kernel", kernel, AFFINITY_KERNELS)
     offsets = coordinate_offsets("psi", shape_of(psi), coordinates, spacing)
     sigma, scalar = _sigma(sigma, psi, shape_of(centers)[:2], kernels)
-    return kernels, np.ascontiguousarray(psi), np.ascontiguousarray(centers), sigma, scalar, kernel_index, offsets
+    xp = kernels.xp
+    return kernels, xp.ascontiguousarray(psi), xp.ascontiguousarray(centers), sigma, scalar, kernel_index, offsets
 
 
 @dlpack_entry
@@ -376,7 +374,7 @@ def affinity(psi, centers, sigma, kernel="laplacian", *, coordinates=False, spac
     kernels, psi, centers, sigma, _, kernel_index, offsets = _affinity_call(psi, centers, sigma, kernel,
                                                                             coordinates, spacing, backend)
     n, _, height, width = shape_of(psi)
-    out = output(np, "output", (n, centers.shape[1], height, width), psi.dtype)
+    out = output(kernels.xp, "output", (n, centers.shape[1], height, width), psi.dtype)
     kernels.affinity(psi, centers, sigma, offsets, out, kernel_index)
     return out
 
@@ -394,18 +392,19 @@ def affinity_backward(grad_output, psi, centers, sigma, kernel="laplacian", *, c
     kernels, psi, centers, sigma, scalar, kernel_index, offsets = _affinity_call(psi, centers, sigma, kernel,
                                                                                  coordinates, spacing, backend)
     n, dims, height, width = shape_of(psi)
-    grad_output = _grad_output(grad_output, psi, (n, centers.shape[1], height, width))
-    grad_psi = output(np, "grad_psi", shape_of(psi), psi.dtype)
-    grad_centers = output(np, "grad_centers", shape_of(centers), psi.dtype)
-    sigma_grads = scratch(np, "semiconv_grad_sigma", sigma.shape, kernels.statistics_dtype)
+    xp = kernels.xp
+    grad_output = _grad_output(grad_output, psi, (n, centers.shape[1], height, width), xp)
+    grad_psi = output(xp, "grad_psi", shape_of(psi), psi.dtype)
+    grad_centers = output(xp, "grad_centers", shape_of(centers), psi.dtype)
+    sigma_grads = scratch(xp, "semiconv_grad_sigma", sigma.shape, sigma.dtype)
     kernels.affinity_grad(grad_output, psi, centers, sigma, offsets, grad_psi, grad_centers, sigma_grads,
                           kernel_index)
-    return AffinityGrads(grad_psi, grad_centers, _sigma_grad(sigma_grads, scalar, psi.dtype))
+    return AffinityGrads(grad_psi, grad_centers, _sigma_grad(sigma_grads, scalar, psi.dtype, xp))
 
 
-def _sigma_grad(sigma_grads, scalar, dtype):
+def _sigma_grad(sigma_grads, scalar, dtype, xp):
     result = sigma_grads.sum() if scalar else sigma_grads
-    grad = output(np, "grad_sigma", np.shape(result), dtype)
+    grad = output(xp, "grad_sigma", result.shape, dtype)
     grad[...] = result
     return grad
 
@@ -421,14 +420,15 @@ def _seeded_call(scores, psi, sigma, mode, coordinates, spacing, backend):
     mode_index = _choice("mode", mode, SEED_MODES)
     offsets = coordinate_offsets("psi", shape_of(psi), coordinates, spacing)
     sigma, scalar = _sigma(sigma, psi, (regions,), kernels)
-    return kernels, np.ascontiguousarray(scores), np.ascontiguousarray(psi), sigma, scalar, mode_index, offsets
+    xp = kernels.xp
+    return kernels, xp.ascontiguousarray(scores), xp.ascontiguousarray(psi), sigma, scalar, mode_index, offsets
 
 
 def _seed_buffers(kernels, psi):
     regions, dims, height, width = shape_of(psi)
-    acc = kernels.statistics_dtype
-    return (scratch(np, "semiconv_seeds", (regions, dims), acc),
-            scratch(np, "semiconv_seed_weights", (regions, height, width), acc))
+    acc = kernels.statistics_dtype(psi.dtype)
+    return (scratch(kernels.xp, "semiconv_seeds", (regions, dims), acc),
+            scratch(kernels.xp, "semiconv_seed_weights", (regions, height, width), acc))
 
 
 @dlpack_entry
@@ -449,7 +449,7 @@ def seeded_mask_logits(scores, psi, sigma, mode="argmax", *, coordinates=False, 
     """
     kernels, scores, psi, sigma, _, mode_index, offsets = _seeded_call(scores, psi, sigma, mode, coordinates,
                                                                        spacing, backend)
-    out = output(np, "output", shape_of(scores), psi.dtype)
+    out = output(kernels.xp, "output", shape_of(scores), psi.dtype)
     kernels.seeded(scores, psi, sigma, offsets, *_seed_buffers(kernels, psi), out, mode_index)
     return out
 
@@ -467,15 +467,16 @@ def seeded_mask_logits_backward(grad_output, scores, psi, sigma, mode="argmax", 
     """
     kernels, scores, psi, sigma, scalar, mode_index, offsets = _seeded_call(scores, psi, sigma, mode, coordinates,
                                                                             spacing, backend)
-    grad_output = _grad_output(grad_output, psi, shape_of(scores))
-    grad_scores = output(np, "grad_scores", shape_of(scores), psi.dtype)
-    grad_psi = output(np, "grad_psi", shape_of(psi), psi.dtype)
+    xp = kernels.xp
+    grad_output = _grad_output(grad_output, psi, shape_of(scores), xp)
+    grad_scores = output(xp, "grad_scores", shape_of(scores), psi.dtype)
+    grad_psi = output(xp, "grad_psi", shape_of(psi), psi.dtype)
     seeds, weights = _seed_buffers(kernels, psi)
-    grad_seeds = scratch(np, "semiconv_grad_seeds", seeds.shape, seeds.dtype)
-    sigma_grads = scratch(np, "semiconv_grad_sigma", sigma.shape, kernels.statistics_dtype)
+    grad_seeds = scratch(xp, "semiconv_grad_seeds", seeds.shape, seeds.dtype)
+    sigma_grads = scratch(xp, "semiconv_grad_sigma", sigma.shape, sigma.dtype)
     kernels.seeded_grad(grad_output, scores, psi, sigma, offsets, seeds, weights, grad_seeds, grad_scores, grad_psi,
                         sigma_grads, mode_index)
-    return SeededMaskGrads(grad_scores, grad_psi, _sigma_grad(sigma_grads, scalar, psi.dtype))
+    return SeededMaskGrads(grad_scores, grad_psi, _sigma_grad(sigma_grads, scalar, psi.dtype, xp))
 
 
 @dlpack_entry
@@ -500,9 +501,10 @@ def hough_votes(psi, foreground, shape=None, *, coordinates=False, spacing=1.0, 
         raise ValueError(f"psi: expected D >= 2 channels (the vote's y and x), got shape {shape_of(psi)}")
     out_h, out_w = (height, width) if shape is None else int_pair("shape", shape, minimum=1)
     offsets = coordinate_offsets("psi", shape_of(psi), coordinates, spacing)
-    foreground = _foreground(foreground, psi, library)
-    counts = output(np, "output", (n, out_h, out_w), np.int32)
-    kernels.votes(np.ascontiguousarray(psi), foreground, offsets, counts)
+    xp = kernels.xp
+    foreground = _foreground(foreground, psi, library, xp)
+    counts = output(xp, "output", (n, out_h, out_w), np.int32)
+    kernels.votes(xp.ascontiguousarray(psi), foreground, offsets, counts)
     return counts
 
 
@@ -528,17 +530,17 @@ def hough_peaks(votes, K, *, min_votes=1, kernel=3, backend=None):
         raise TypeError(f"votes: expected dtype int32, got {np.dtype(votes.dtype).name}")
     if votes.ndim != 3:
         raise ValueError(f"votes: expected a 3-d array [N, H, W], got shape {shape_of(votes)}")
-    _kernels(lib, backend)
+    xp = _kernels(lib, backend).xp
     K = check_int("K", K, minimum=1)
     min_votes = check_int("min_votes", min_votes, minimum=1)
     n, height, width = shape_of(votes)
     heat = votes.astype(np.float32).reshape(n, 1, height, width)
     # Zero sizes and offsets: each detection's (x1, y1) is its peak cell (x, y).
-    zeros = np.zeros((n, 2, height, width), np.float32)
+    zeros = xp.zeros((n, 2, height, width), np.float32)
     detections = centernet_decode(heat, zeros, zeros, K, kernel=kernel, threshold=float(min_votes), backend=backend)
     found = detections[:, :, 5] >= 0
-    centers = np.where(found[:, :, None], detections[:, :, [1, 0]], np.float32(np.nan))
-    return HoughPeaks(centers.astype(np.float32), np.where(found, detections[:, :, 4], 0).astype(np.int32))
+    centers = xp.where(found[:, :, None], detections[:, :, [1, 0]], np.float32(np.nan))
+    return HoughPeaks(centers.astype(np.float32), xp.where(found, detections[:, :, 4], 0).astype(np.int32))
 
 
 @dlpack_entry
@@ -566,8 +568,9 @@ def assign_to_centers(psi, foreground, centers, max_distance=math.inf, *, coordi
     if isinstance(max_distance, bool) or not isinstance(max_distance, numbers.Real) or not max_distance >= 0:
         raise ValueError(f"max_distance: expected a number >= 0 (inf allowed), got {max_distance!r}")
     offsets = coordinate_offsets("psi", shape_of(psi), coordinates, spacing)
-    foreground = _foreground(foreground, psi, library)
-    labels = output(np, "output", (n, height, width), np.int32)
-    kernels.assign(np.ascontiguousarray(psi), foreground, np.ascontiguousarray(centers), offsets, labels,
+    xp = kernels.xp
+    foreground = _foreground(foreground, psi, library, xp)
+    labels = output(xp, "output", (n, height, width), np.int32)
+    kernels.assign(xp.ascontiguousarray(psi), foreground, xp.ascontiguousarray(centers), offsets, labels,
                    float(max_distance))
     return labels
