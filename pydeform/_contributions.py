@@ -110,7 +110,9 @@ class RoIContributionLayout(NamedTuple):
     input element ``(image, c, pixel)`` goes to bucket ``(image * classes + class(c)) * H*W +
     pixel`` with ``class(c) = c // cells // class_step * cells + c % cells``: the input channels
     of one class read the same positions. ``capacity`` bounds the contributions, or is None
-    where the boxes decide (adaptive sampling, ps_roi_pool's bins)."""
+    where the boxes decide (adaptive sampling, ps_roi_pool's bins: the count is then read back);
+    ``planned_capacity`` is the bound a plan made ahead of the boxes (pydeform.jax) reserves:
+    ``capacity``, or for ps_roi_pool the most any boxes can make, None where no bound is sane."""
 
     position_items: int
     position_channels: int
@@ -120,6 +122,7 @@ class RoIContributionLayout(NamedTuple):
     classes: int
     buckets: int
     capacity: Optional[int]
+    planned_capacity: Optional[int]
 
 
 def roi_contribution_layout(family: str, input_shape, k: int, params) -> RoIContributionLayout:
@@ -148,8 +151,17 @@ def roi_contribution_layout(family: str, input_shape, k: int, params) -> RoICont
             per_item = 4 if per_channel else 4 * ratio * ratio if ratio > 0 else None
     classes = channels // cells // class_step * cells
     items = k * q * bins
+    capacity = planned = None if per_item is None else per_item * items
+    if family == "roi_pool" and params.position_sensitive:
+        # A ps_roi_pool bin contributes each of its pixels once. Its rows are
+        # [floor(ph*h/PH), ceil((ph+1)*h/PH)) + y0 clipped to [0, H] (h the rounded box height),
+        # and ceil(x) <= floor(x) + 1, so the rows of a roi's bins add up to at most H + PH - 1
+        # (a telescoping sum; likewise the columns), whatever the box: at most
+        # (H + PH - 1) * (W + PW - 1) contributions per roi. Adaptive sampling has no such bound
+        # at a sane size (deform_roi_pool's offsets can stack every bin of a roi on one spot).
+        planned = k * (height + params.pooled_h - 1) * (width + params.pooled_w - 1)
     return RoIContributionLayout(items, q, step, cells, class_step, classes, n * classes * height * width,
-                                 None if per_item is None else per_item * items)
+                                 capacity, planned)
 
 
 def roi_param_partials_shape(family: str, output_size: int) -> tuple:
@@ -163,14 +175,13 @@ def roi_lists_plan(family: str, params, shapes: dict, dtype) -> dict:
     as for a kernel set's ``workspace``); raises ValueError where its size depends on the boxes."""
     output_shape = shapes["output"]
     layout = roi_contribution_layout(family, shapes["input"], output_shape[0], params)
-    if layout.capacity is None:
+    if layout.planned_capacity is None:
         raise ValueError(
-            f"deterministic: the {family} backward's contribution lists depend on the box sizes here "
-            "(adaptive sampling or ps_roi_pool's bins), so they cannot be planned ahead; use a positive "
-            "sampling_ratio"
+            f"deterministic: the {family} backward's contribution lists depend on the box sizes with adaptive "
+            "sampling, so they cannot be planned ahead; use a positive sampling_ratio"
         )
     acc = accumulation_dtype(dtype)
-    plan = contribution_plan(layout.buckets, layout.capacity, acc)
+    plan = contribution_plan(layout.buckets, layout.planned_capacity, acc)
     if family in ("deform_roi_pool", "deform_psroi_pool"):
         plan["param_partials"] = (roi_param_partials_shape(family, math.prod(output_shape)), acc)
     return plan

@@ -183,6 +183,52 @@ def test_roi_deterministic_matches_reference(data, op, dtype):
     assert_roi_grads_close(grads, case.backward(reference), dtype)
 
 
+def _listed_contributions(case, monkeypatch) -> tuple:
+    """(the contributions the host shim's deterministic backward of ``case`` lists, the
+    capacity a plan made ahead of the boxes reserves for them)."""
+    from pydeform._contributions import roi_lists_plan
+    from pydeform.backends.cupy_kernels import roi as cupy_roi
+    from tests.roi_kernel_set_checks import recorded_call
+
+    totals = []
+
+    def counted_lists(*args):
+        lists = real_lists(*args)
+        totals.append(int(lists.bucket_ends[-1]) if lists.bucket_ends.size else 0)
+        return lists
+
+    real_lists = cupy_roi.contribution_lists
+    monkeypatch.setattr(cupy_roi, "contribution_lists", counted_lists)
+    _roi_backward(case, host_shim.HostShimRoIKernels(), True)
+    _, args = recorded_call(lambda: case.backward(pydeform, deterministic=True))
+    grad_output, input, params = args[0], args[1], args[-1]
+    plan = roi_lists_plan("roi_pool", params, {"input": input.shape, "output": grad_output.shape}, input.dtype)
+    return sum(totals), plan["contribution_item"][0][0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_ps_roi_pool_plans_room_for_every_contribution(data):
+    """ps_roi_pool's deterministic backward can be planned ahead of the boxes (pydeform.jax on a
+    GPU): K * (H + PH - 1) * (W + PW - 1) contributions at most, for boxes inside, across,
+    outside and far beyond the map, and bins smaller than a pixel."""
+    case = data.draw(roi_cases(op="ps_roi_pool", with_grad=True, min_rois=1, pooled_sizes=(1, 2, 3, 7)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        listed, planned = _listed_contributions(case, monkeypatch)
+    assert listed <= planned
+
+
+def test_ps_roi_pool_plan_is_reached(monkeypatch):
+    """The bound is tight: 7 bins over a 6-pixel box overlap by a row (a column) at every inner
+    edge, 12 rows in all."""
+    rng = np.random.default_rng(0)
+    rois = np.array([[0, 0.0, 0.0, 6.0, 6.0], [0, 0.2, -0.3, 6.4, 5.6]])
+    case = RoICase("ps_roi_pool", rng.standard_normal((1, 49, 6, 6)), rois, dict(output_size=7),
+                   rng.standard_normal((2, 1, 7, 7)))
+    listed, planned = _listed_contributions(case, monkeypatch)
+    assert listed == planned == 2 * 12 * 12
+
+
 def test_numba_cuda_sets_launch_only_numba_kernels(monkeypatch):
     """The Numba CUDA kernel sets' deterministic backwards launch Numba CUDA kernels (lists,
     sort, gather; partials and parameter sums), never the CUDA C ones nor the atomic scatters. (They run, on the CUDA
