@@ -38,6 +38,23 @@ from .roi import (
     roi_pool,
     roi_pool_backward,
 )
+from .semiconv import (
+    AffinityGrads,
+    HoughPeaks,
+    InstanceMeans,
+    SeededMaskGrads,
+    affinity,
+    affinity_backward,
+    assign_to_centers,
+    hough_peaks,
+    hough_votes,
+    instance_mean_loss,
+    instance_mean_loss_backward,
+    instance_means,
+    seeded_mask_logits,
+    seeded_mask_logits_backward,
+    semiconv_embed,
+)
 
 __version__ = "0.1.0"
 
@@ -72,4 +89,19 @@ __all__ = [
     "roi_align_backward",
     "roi_pool",
     "roi_pool_backward",
+    "AffinityGrads",
+    "HoughPeaks",
+    "InstanceMeans",
+    "SeededMaskGrads",
+    "affinity",
+    "affinity_backward",
+    "assign_to_centers",
+    "hough_peaks",
+    "hough_votes",
+    "instance_mean_loss",
+    "instance_mean_loss_backward",
+    "instance_means",
+    "seeded_mask_logits",
+    "seeded_mask_logits_backward",
+    "semiconv_embed",
 ]

@@ -23,7 +23,7 @@ from pydeform.backends.numba_kernels import roi as numba_roi
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 from tests import roi_kernel_set_checks
-from tests.kernel_set_checks import assert_unchanged, check_kernels_write_every_element
+from tests.kernel_set_checks import assert_unchanged, check_border_rule_with_nan_mask, check_kernels_write_every_element
 from tests.strategies import (
     ROI_KINDS,
     RoICase,
@@ -225,3 +225,23 @@ def test_simulated_numba_cuda_roi_deterministic_bits_do_not_depend_on_the_grid(m
         assert_roi_grads_close(grads, case.backward(reference), np.float32)
         bits.add(tuple(None if g is None else g.tobytes() for g in grads.values()))
     assert len(bits) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_simulated_max_modes_propagate_nan(dtype):
+    roi_kernel_set_checks.check_max_modes_propagate_nan(dtype, kernels=NumbaCudaRoIKernels(xp=np))
+
+
+def test_simulated_border_rule_with_nan_mask():
+    check_border_rule_with_nan_mask(kernels=NumbaCudaDeformConv2dKernels(xp=np))
+
+
+def test_simulated_rounding_just_below_a_half_in_float32():
+    """roi_pool rounds box corners half away from zero exactly in float32: 0.49999997 rounds to
+    0 (``floor(v + 0.5)`` would round the sum up to 1.0 and move the bin off pixel (0, 0))."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    x[0, 0, 0, 0] = 5.0
+    rois = np.array([[0, 0.49999997, 0.49999997, 2.5, 2.5]], np.float32)
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: NumbaCudaRoIKernels(xp=np)):
+        out = pydeform.roi_pool(x, rois, 1)
+    np.testing.assert_array_equal(out, reference.roi_pool(x, rois, 1))

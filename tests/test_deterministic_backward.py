@@ -257,11 +257,12 @@ def test_numba_cuda_sets_launch_only_numba_kernels(monkeypatch):
     case = crowded_deform_conv_case()
     deform_conv2d_backward(case.grad_output, **case.arguments(), deterministic=True)
     # The backward's im2col and col2im_coord, and the deterministic kernels in place of col2im.
-    im2col, col2im_coord, _ = numba_deform_conv._cuda_kernels()
-    expected = {im2col, col2im_coord, contributions.sort_kernel(), *numba_deform_conv._cuda_deterministic_kernels()}
+    acc = np.dtype(np.float32)
+    im2col, col2im_coord, _ = numba_deform_conv._cuda_kernels(acc)
+    expected = {im2col, col2im_coord, contributions.sort_kernel(), *numba_deform_conv._cuda_deterministic_kernels(acc)}
     for name in CROWDED_ROI_OPTIONS:
         _roi_backward(crowded_roi_case(name), numba_roi.NumbaCudaRoIKernels(xp=np), True)
-        expected.update(numba_roi.cuda_deterministic_kernels(name.split("-")[0].replace("ps_", "")))
+        expected.update(numba_roi.cuda_deterministic_kernels(name.split("-")[0].replace("ps_", ""), acc))
     expected.discard(None)
     assert set(launched) == expected
 

@@ -16,6 +16,7 @@ _FAMILIES = {
     "roi": ("roi", "RoIKernels"),
     "centernet": ("centernet", "CenterNetKernels"),
     "deform_pool2d": ("deform_pool", "DeformPool2dKernels"),
+    "semiconv": ("semiconv", "SemiConvKernels"),
 }
 
 
@@ -48,3 +49,7 @@ def centernet_kernels(library: str, backend: str):
 
 def deform_pool2d_kernels(library: str, backend: str):
     return kernel_set("deform_pool2d", library, backend)
+
+
+def semiconv_kernels(library: str, backend: str):
+    return kernel_set("semiconv", library, backend)

@@ -16,10 +16,15 @@ import functools
 
 import numpy as np
 
-from .targets import bind_cuda, cuda_kernel, cuda_target
+from .targets import bind_cuda, cuda_kernel
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
 cuda = None
+
+
+def _device(fn):
+    """A device function (no float arithmetic of its own: the same for every arithmetic type)."""
+    return cuda.jit(device=True)(fn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +32,7 @@ def list_functions():
     """The device functions ``(add_contribution, bucket_span)``."""
     global cuda
     cuda = bind_cuda()
-    device = cuda_target().device
+    device = _device
 
     @device
     def add_contribution(cursors, items, locals_, weights, fill, bucket, item, local, weight):
@@ -57,7 +62,7 @@ def sort_kernel():
     ordered by ``(item, local)``, one bucket per work item."""
     global cuda
     cuda = bind_cuda()
-    device = cuda_target().device
+    device = _device
     _, bucket_span = list_functions()
 
     @device
