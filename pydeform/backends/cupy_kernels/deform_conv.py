@@ -7,7 +7,7 @@ of its CUDA signature; the kernel set and the tests' CPU host shim both launch t
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._contributions import contribution_lists, contribution_plan
+from ..._contributions import col2im_buckets, col2im_capacity, col2im_lists_plan, contribution_lists
 from ._compile import KernelManifest, launch
 from .contributions import SORT_TEMPLATE, sort_launch
 
@@ -92,16 +92,6 @@ def col2im_launch(offset, mask, grad_columns, grad_input, geom):
     return "deform_conv2d_col2im", n_items, args
 
 
-def col2im_buckets(batch, geom):
-    """The deterministic col2im's buckets: one per (image, offset group, input pixel)."""
-    return batch * geom.offset_groups * geom.height * geom.width
-
-
-def col2im_capacity(batch, geom):
-    """At most four contributions (bilinear corners) per work item."""
-    return 4 * _work_items(batch, geom)
-
-
 def col2im_count_launch(offset, mask, bucket_counts, geom):
     n_items = _work_items(offset.shape[0], geom)
     args = (np.int64(n_items), offset, *_mask_args(mask), bucket_counts, *_geometry_args(geom))
@@ -133,8 +123,7 @@ class CupyDeformConv2dKernels:
     @staticmethod
     def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
         """The contribution lists of :meth:`col2im_deterministic` on ``batch`` images."""
-        return contribution_plan(col2im_buckets(batch, geometry), col2im_capacity(batch, geometry),
-                                 accumulation_dtype(dtype))
+        return col2im_lists_plan(batch, geometry, dtype)
 
     @property
     def xp(self):
