@@ -36,6 +36,7 @@ def _item_functions(t):
     setup, weights_of, corners, combine = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners, \
         t.bilinear_combine
     gradient_of, atomic_add = t.bilinear_gradient, t.atomic_add
+    real = t.real
 
     @t.device
     def point(b, g, k, p, offset, mask, has_mask, geometry, one):
@@ -47,8 +48,9 @@ def _item_functions(t):
         i = k // kernel_w
         y = p // out_w
         dy_index = 2 * point_row * pixels + p
-        h = (y * geometry[5] - geometry[7] + i * geometry[9]) + offset[dy_index]
-        w = ((p - y * out_w) * geometry[6] - geometry[8] + (k - i * kernel_w) * geometry[10]) + offset[dy_index + pixels]
+        # The integer grid position converted first: int64 + float32 would be a float64.
+        h = real(y * geometry[5] - geometry[7] + i * geometry[9]) + offset[dy_index]
+        w = real((p - y * out_w) * geometry[6] - geometry[8] + (k - i * kernel_w) * geometry[10]) + offset[dy_index + pixels]
         mask_index = point_row * pixels + p
         m = mask[mask_index] if has_mask else one
         return h, w, m, dy_index, mask_index
