@@ -158,7 +158,7 @@ def test_roi_align_floor_at_borders_and_on_pixel_centres(aligned, sampling_ratio
     host = {"input": np.ones((2, 1, 9, 11)), "rois": rois}
     options = dict(output_size=3, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned)
     grad = pydeform.roi_align_backward(np.ones((len(rois), 1, 3, 3)), host["input"], rois, **options).input
-    floor = bc._roi_align_floor(3, 1.0, sampling_ratio, aligned)
+    floor = bc.roi.roi_align_floor(3, 1.0, sampling_ratio, aligned)
     assert floor(host, 8) == (np.count_nonzero(grad) + len(rois) * 9) * 8
 
 

@@ -100,12 +100,22 @@ def test_a_passing_registry_exits_zero():
 
 def test_numpy_helpers_agree():
     """The two NumPy formulations the selftest checks against agree at zero offsets."""
-    case, arrays, _ = next(selftest._deform_conv_cases(quick=True))
+    case, arrays, _ = next(selftest.deform_conv.DEFORM_CONV.cases(quick=True))
     arrays["offset"] = np.zeros_like(arrays["offset"])
     arrays["mask"] = np.ones_like(arrays["mask"])
-    gathered = selftest.whole_pixel_deform_conv2d(**arrays, **case.options())
-    convolved = selftest.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
+    gathered = selftest.deform_conv.whole_pixel_deform_conv2d(**arrays, **case.options())
+    convolved = selftest.deform_conv.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
     np.testing.assert_allclose(gathered, convolved, rtol=1e-12, atol=1e-12)
+
+
+def patch_everywhere(monkeypatch, name, value):
+    """Replace ``name`` in every module of the selftest package that has it (the family modules
+    import the shared helpers from selftest.common)."""
+    modules = [module for module_name, module in sorted(sys.modules.items())
+               if module_name.startswith("pydeform.selftest.") and hasattr(module, name)]
+    assert modules
+    for module in modules:
+        monkeypatch.setattr(module, name, value)
 
 
 ROI_OPS = ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")
@@ -124,8 +134,8 @@ def test_roi_checks_hold_for_the_reference(monkeypatch):
         grads = getattr(reference, f"{calls.op}_backward")(grad_output, **arrays, **case.options())
         return {name: g for name, g in grads.items() if g is not None}
 
-    monkeypatch.setattr(selftest, "run_forward", reference_forward)
-    monkeypatch.setattr(selftest, "run_backward", reference_backward)
+    patch_everywhere(monkeypatch, "run_forward", reference_forward)
+    patch_everywhere(monkeypatch, "run_backward", reference_backward)
     checks = [entry for entry in selftest.CHECKS
               if entry.op in ROI_OPS and entry.applies(selftest.NUMBA_CPU, "float64")]
     assert {entry.op for entry in checks} == set(ROI_OPS)
@@ -138,13 +148,13 @@ def test_roi_identity_checks_notice_a_wrong_answer(monkeypatch, op):
     """Each RoI identity check with a NumPy answer fails when the op's output is off (here:
     scaled by 1.01); "mask = unmasked * mask" compares two runs of the op, which the same scaling
     leaves equal."""
-    original = selftest.run_forward
+    original = selftest.common.run_forward
 
     def off_forward(calls, backend, dtype, case, arrays):
         output = original(calls, backend, dtype, case, arrays)
         return output * 1.01 if calls.op == op else output
 
-    monkeypatch.setattr(selftest, "run_forward", off_forward)
+    patch_everywhere(monkeypatch, "run_forward", off_forward)
     identities = [entry for entry in selftest.CHECKS
                   if entry.op == op and " = " in entry.name and entry.name != "mask = unmasked * mask"]
     assert identities
@@ -167,7 +177,7 @@ def test_centernet_checks_notice_a_wrong_answer(monkeypatch, function):
     op, name = CENTERNET_FUNCTIONS[function]
     (entry,) = [entry for entry in selftest.CHECKS if entry.op == op and entry.name == name]
     assert entry.run(selftest.NUMBA_CPU, "float64", True) <= entry.tolerance["float64"]
-    original = getattr(selftest, function)
+    original = getattr(selftest.centernet, function)
 
     def off(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -178,5 +188,5 @@ def test_centernet_checks_notice_a_wrong_answer(monkeypatch, function):
             return type(result)(result.heatmap * 1.01, result.wh * 1.01, *result[2:])
         return np.asarray(result * 1.01)  # 0-d stays an array
 
-    monkeypatch.setattr(selftest, function, off)
+    monkeypatch.setattr(selftest.centernet, function, off)
     assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"]
