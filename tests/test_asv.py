@@ -296,7 +296,7 @@ def test_torch_decode_on_a_planted_heatmap():
 def test_the_suite_has_a_gpu_and_a_cpu_class_for_every_op(suite):
     common = suite("common")
     covered = {"gpu": set(), "cpu": set()}
-    for module in ("deform_conv", "roi", "centernet"):
+    for module in ("deform_conv", "roi", "centernet", "deform_unet"):
         for name, value in vars(suite(module)).items():
             if isinstance(value, type) and not name.startswith("_") and getattr(value, "op", None):
                 bases = [device for device, base in (("gpu", common._GpuOp), ("cpu", common._CpuOp))

@@ -189,6 +189,13 @@ def torchvision_calls(case, host, dtype):
         with torch.autocast("cuda", dtype=tensor_dtype, enabled=autocast):
             return function(**tensors, **case.options)
 
+    return torch_autograd_calls(torch, output, differentiable, grad_output)
+
+
+def torch_autograd_calls(torch, output, differentiable, grad_output) -> Calls:
+    """The Calls of a torch peer: ``output()`` without autograd, and ``output()`` followed by its
+    gradients with respect to the tensors ``differentiable`` (``grad_output`` in the output's dtype)."""
+
     def forward():
         with torch.no_grad():
             return output()

@@ -9,10 +9,13 @@ it); RoI Pool of a ramp is the last pixel of each bin; position-sensitive poolin
 channel-constant input returns each bin's channel; deformable RoI pooling with zero offsets is
 aligned RoI Align, and its mask multiplies the output; CenterNet's decode of planted peaks
 returns them in order with their boxes, its targets of hand-worked boxes fill the slots and put
-1 at the centres, and its focal loss equals the formula.
+1 at the centres, and its focal loss equals the formula; the transposed deformable convolution
+with zero offsets is a transposed convolution and the adjoint of deform_conv2d, deformable
+pooling with zero offsets is pooling of the zero-padded input and its avg mode a depthwise
+deform_conv2d.
 
 One module per op family registers that family's checks with the :func:`check` decorator when
-imported (``deform_conv``, ``roi``, ``centernet``); :mod:`.common` holds the backends, the
+imported (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``); :mod:`.common` holds the backends, the
 registry, the checks every op gets and the runner, which crosses every registered check with
 every available backend and dtype it applies to and prints one table row per run. A new family
 adds a module and imports it below.
@@ -24,7 +27,7 @@ from .common import (
 )
 
 # Importing a family registers its checks; the table lists the ops in this order.
-from . import deform_conv, roi, centernet  # noqa: F401
+from . import deform_conv, roi, centernet, deform_unet  # noqa: F401
 
 __all__ = [
     "CHECKS",
