@@ -86,6 +86,14 @@ def test_deterministic_cases_time_the_deterministic_backward(monkeypatch):
     twin = next(case for case in twins if case.op == "roi_align")
     bc.pydeform_calls(twin, {"input": 1, "rois": 2, "grad_output": 3}).forward_backward()
     assert "deterministic" not in calls[0][1] and calls[1][1]["deterministic"] is True
+    forward_twins = [case for case in bc.cases(device="gpu") if case.forward_options]
+    assert [case.op for case in forward_twins] == list(bc.DETERMINISTIC_FORWARD_OPS) == ["deform_conv_transpose2d"]
+    calls.clear()
+    monkeypatch.setattr(pydeform, "deform_conv_transpose2d", lambda **kwargs: calls.append(("forward", kwargs)))
+    monkeypatch.setattr(pydeform, "deform_conv_transpose2d_backward",
+                        lambda grad, **kwargs: calls.append(("backward", kwargs)))
+    bc.pydeform_calls(forward_twins[0], {"input": 1, "offset": 2, "grad_output": 3}).forward_backward()
+    assert calls[0][1]["deterministic"] is True and "deterministic" not in calls[1][1]
 
 
 def test_standard_shapes_of_perf_md():

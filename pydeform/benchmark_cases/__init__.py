@@ -40,6 +40,7 @@ __all__ = [
     "BLOCK",
     "CPU_ROIS",
     "CPU_ROI_MAP",
+    "DETERMINISTIC_FORWARD_OPS",
     "DETERMINISTIC_OPS",
     "FAMILIES",
     "GPU_ROIS",
@@ -71,18 +72,27 @@ FAMILIES = (deform_conv, roi, centernet, deform_unet)
 OPS = tuple(op for family in FAMILIES for op in family.OPS)
 #: The ops whose GPU backward scatters with float atomics, so has a deterministic mode.
 DETERMINISTIC_OPS = tuple(op for family in FAMILIES for op in family.DETERMINISTIC_OPS)
+#: The ops whose GPU forward scatters with float atomics (deterministic mode of the forward).
+DETERMINISTIC_FORWARD_OPS = tuple(op for family in FAMILIES for op in getattr(family, "DETERMINISTIC_FORWARD_OPS", ()))
 
 
 def _deterministic_cases(cases):
-    """The deterministic backward (``deterministic=True``) beside the atomic one: a twin of the
-    first GPU case of each op of DETERMINISTIC_OPS, without a peer (none has a deterministic
-    backward at a comparable cost). On the CPU the Numba backward is deterministic either way."""
+    """The deterministic mode (``deterministic=True``) beside the atomic one: a twin of the
+    first GPU case of each op of DETERMINISTIC_OPS (the backward's mode) and
+    DETERMINISTIC_FORWARD_OPS (the forward's), without a peer (none has a deterministic mode at
+    a comparable cost). On the CPU the Numba kernels are deterministic either way."""
     seen = set()
     for case in cases:
-        if case.device == "gpu" and case.op in DETERMINISTIC_OPS and case.op not in seen:
+        if case.device != "gpu" or case.op in seen:
+            continue
+        if case.op in DETERMINISTIC_OPS:
             seen.add(case.op)
             yield case._replace(name=f"{case.name}-deterministic", workload=f"{case.workload}, deterministic backward",
                                 peer=None, backward_options={"deterministic": True})
+        elif case.op in DETERMINISTIC_FORWARD_OPS:
+            seen.add(case.op)
+            yield case._replace(name=f"{case.name}-deterministic", workload=f"{case.workload}, deterministic forward",
+                                peer=None, forward_options={"deterministic": True})
 
 
 def cases(op: Optional[str] = None, device: Optional[str] = None, quick: bool = False) -> list:

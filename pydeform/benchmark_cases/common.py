@@ -49,6 +49,8 @@ class Case(NamedTuple):
     backward_options: Optional[dict] = None
     # (case, host inputs, dtype) -> the peer's Calls (see peer_calls); None: no peer
     peer_builder: Optional[Callable[["Case", dict, str], "Calls"]] = None
+    # keyword arguments of the forward only (``deterministic=True`` of a forward that scatters)
+    forward_options: Optional[dict] = None
 
     @property
     def id(self) -> str:
@@ -126,7 +128,7 @@ def pydeform_calls(case: Case, arrays: dict, backend: Optional[str] = None) -> C
     inputs = {name: array for name, array in arrays.items() if name != "grad_output"}
 
     def forward():
-        return forward_op(**inputs, **case.options, backend=backend)
+        return forward_op(**inputs, **case.options, **(case.forward_options or {}), backend=backend)
 
     if not case.backward:
         return Calls(forward, None)

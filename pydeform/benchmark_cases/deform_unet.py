@@ -20,7 +20,10 @@ from .common import (
 )
 
 OPS = ("deform_conv_transpose2d", "deform_pool2d")
-DETERMINISTIC_OPS = ()
+#: The input gradient of deform_pool2d scatters with float atomics on the GPU (both modes).
+DETERMINISTIC_OPS = ("deform_pool2d",)
+#: deform_conv_transpose2d's forward scatters (deform_conv2d's col2im), its backward does not.
+DETERMINISTIC_FORWARD_OPS = ("deform_conv_transpose2d",)
 
 _KERNEL_POINTS = 9  # 3x3
 _TRANSPOSE_OPTIONS = {"stride": 2, "padding": 1, "output_padding": 1}
