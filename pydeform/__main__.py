@@ -1,4 +1,4 @@
-"""Command line: ``python -m pydeform {info,selftest,bench,demo}`` (also installed as ``pydeform``)."""
+"""Command line: ``python -m pydeform {info,selftest,bench,demo,warmup}`` (also installed as ``pydeform``)."""
 
 from __future__ import annotations
 
@@ -45,18 +45,10 @@ def _cuda_lines() -> list[str]:
 
 def _cache_lines() -> list[str]:
     """Where compiled kernels are kept between processes."""
-    from numba.core.caching import FunctionCache
+    from .backends.compile_notice import cupy_cache_folder, numba_cache_folder
 
-    from .backends.numba_kernels import bilinear
-
-    # Numba picks the folder per source file (NUMBA_CACHE_DIR, else __pycache__ beside it when
-    # writable, else a per-user folder); every kernel module sits beside bilinear.py.
-    numba_folder = FunctionCache(bilinear.bilinear_weights).cache_path
-    if os.environ.get("CUPY_CACHE_IN_MEMORY", "0") != "0":
-        cupy_folder = "none, in memory only (CUPY_CACHE_IN_MEMORY is set)"
-    else:
-        cupy_folder = os.path.expanduser(os.environ.get("CUPY_CACHE_DIR", "~/.cupy/kernel_cache"))
-    return [f"Numba kernel cache: {numba_folder}", f"CuPy kernel cache: {cupy_folder}"]
+    cupy_folder = cupy_cache_folder() or "none, in memory only (CUPY_CACHE_IN_MEMORY is set)"
+    return [f"Numba kernel cache: {numba_cache_folder()}", f"CuPy kernel cache: {cupy_folder}"]
 
 
 def info() -> int:
@@ -144,6 +136,26 @@ def main(argv=None) -> int:
     )
     demo.add_argument("--out", metavar="PATH", default="pydeform_demo.png",
                       help="where to write the PNG (default: pydeform_demo.png)")
+    from ._arrays import _GPU_DTYPES
+
+    warmup = commands.add_parser(
+        "warmup",
+        help="compile the kernels ahead of their first use (for container images and CI)",
+        description=(
+            "Compile every kernel of the chosen ops, forward and backward, for every backend usable "
+            "here (numba-cpu always; cupy and numba-cuda with a GPU) in every dtype each supports, "
+            "by running each op once on tiny inputs, with a progress bar on stderr; then print what "
+            "was compiled and how long it took. Compiled kernels go to the Numba and CuPy disk "
+            "caches (see `info`), from which later processes load them; kernels already there are "
+            "loaded, not compiled again."
+        ),
+    )
+    warmup.add_argument("--op", choices=OPS, action="append",
+                        help="compile this op's kernels (repeat for several; default: every op)")
+    warmup.add_argument("--device", choices=("cpu", "gpu"), help="compile for this device's backends only")
+    warmup.add_argument("--dtype", choices=_GPU_DTYPES, action="append",
+                        help="compile for this dtype only (repeat for several; default: every dtype "
+                        "a backend supports: float32 and float64 on the CPU, also float16 and bfloat16 on the GPU)")
     args = parser.parse_args(argv)
     # Output folders are checked before minutes of timing, not after.
     for option in ("json", "png", "out"):
@@ -159,6 +171,10 @@ def main(argv=None) -> int:
             parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
         return _bench.main(args.op, args.device, args.quick, args.rounds, args.json, args.png,
                            sys.argv[1:] if argv is None else list(argv))
+    if args.command == "warmup":
+        from . import _warmup
+
+        return _warmup.main(args.op, args.device, args.dtype)
     if args.command == "demo":
         from . import _demo
 

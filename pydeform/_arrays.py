@@ -182,15 +182,16 @@ def thread_setting(local: threading.local, name: str, value):
 
 
 def unchecked_values():
-    """A block (on this thread) in which the *values* of RoI boxes and CenterNet labels / boxes
-    are not checked on the host; shapes, dtypes and devices still are.
+    """A block (on this thread) in which the *values* of RoI boxes, CenterNet labels / boxes and
+    focal-loss targets are not checked on the host; shapes, dtypes and devices still are.
 
     On a GPU that check reads a flag back to the host, a synchronisation that
     :mod:`pydeform.torch` and :mod:`pydeform.jax` must not make on CUDA arrays (it would stall
     the stream and breaks graph capture), so they run GPU calls in this block. The kernels need
     no host check to stay in bounds: a roi whose batch index is not an integer in ``[0, N)`` or
-    that has a non-finite coordinate gives 0 outputs and no gradient, and an object whose label
-    is outside ``[0, num_classes)`` or whose box is not finite is not drawn.
+    that has a non-finite coordinate gives 0 outputs and no gradient, an object whose label
+    is outside ``[0, num_classes)`` or whose box is not finite is not drawn, and a focal-loss
+    target outside ``[0, 1]`` (or NaN) makes the loss and that pixel's gradient NaN.
     """
     return thread_setting(_local, "unchecked", True)
 

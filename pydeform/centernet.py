@@ -361,7 +361,17 @@ def _focal_call(pred, target, alpha, beta, backend, grad_output=None):
     params = FocalLossParams(_non_negative("alpha", alpha), _non_negative("beta", beta))
     kernels = centernet_kernels(library, kind)
     xp = kernels.xp
-    return kernels, xp.ascontiguousarray(pred), xp.ascontiguousarray(target), params
+    target = xp.ascontiguousarray(target)
+    if target.size and values_checked():
+        # One device-to-host transfer of a flag on the GPU; written so that NaN counts as outside.
+        outside = ~((target >= 0) & (target <= 1))
+        if bool(outside.any()):
+            index = tuple(int(i) for i in np.unravel_index(int(xp.argmax(outside)), target.shape))
+            raise ValueError(
+                f"target: element {list(index)} is {float(target[index])}; expected values in [0, 1] "
+                f"(a heatmap like centernet_targets' one)"
+            )
+    return kernels, xp.ascontiguousarray(pred), target, params
 
 
 def _non_negative(name, value):

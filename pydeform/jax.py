@@ -155,6 +155,27 @@ def _callback(run, names: tuple, backend):
     return callback
 
 
+def _varying_axes(values) -> frozenset:
+    """The mesh axes along which any of ``values`` varies inside ``shard_map`` (none elsewhere)."""
+    typeof = getattr(jax, "typeof", None)  # JAX without it has no varying-axes types
+    if typeof is None:
+        return frozenset()
+    axes = set()
+    for value in values:
+        aval = typeof(value)
+        manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; before: aval.vma
+        axes.update(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    return frozenset(axes)
+
+
+def _varying(value, axes: frozenset):
+    """``value`` typed as varying along ``axes`` too, as JAX types a primitive's operands and
+    results inside ``shard_map``: a callback's results carry no varying axes of their own, and a
+    custom_vjp's gradients must have the type of their inputs."""
+    missing = tuple(sorted(axes - _varying_axes([value])))
+    return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
 def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
     """Run ``run(native arrays, backend) -> {name: result}`` on ``arrays`` (JAX arrays or tracers).
 
@@ -171,7 +192,8 @@ def _launch(run, arrays: dict, outputs: dict, plan: dict, backend) -> dict:
     slots = {**outputs, **plan}
     results = {slot: jax.ShapeDtypeStruct(tuple(shape), dtype) for slot, (shape, dtype) in slots.items()}
     flat = buffer_callback(_callback(run, names, backend), results, vmap_method="sequential")(*values)
-    return {name: flat[name] for name in outputs}
+    axes = _varying_axes(values)
+    return {name: _varying(flat[name], axes) for name in outputs}
 
 
 def _fallback(run, names, values, outputs, backend) -> dict:
@@ -268,7 +290,10 @@ class _Op:
         self.plan({name: tuple(arrays[name].shape) for name in present}, np.dtype(arrays[present[0]].dtype),
                   forward_static, backend, deterministic)
         op = self._vjp(present, key, backend)
-        return op(*(arrays[name] for name in present))
+        # Under shard_map every array enters varying along the same axes (a replicated weight
+        # too), so each gradient has its input's type; JAX sums a replicated input's gradient.
+        axes = _varying_axes(arrays[name] for name in present)
+        return op(*(_varying(arrays[name], axes) for name in present))
 
     @functools.lru_cache(maxsize=None)
     def _vjp(self, present: tuple, key: tuple, backend):

@@ -390,6 +390,10 @@ _centernet_targets_op = _define(
 
 # ---------------------------------------------------------------------------------------------
 # Functional API
+#
+# Each function is wrapped with torch.fx.wrap, as torchvision's ops are: torch.fx.symbolic_trace
+# records a call as one call_function node instead of tracing into the Python argument handling
+# (list-of-boxes conversion, pair checks), which cannot run on Proxy values.
 
 
 def _pair_list(name: str, value, minimum: int) -> list:
@@ -413,6 +417,7 @@ def _rois(boxes, input: Tensor) -> Tensor:
     return torch.cat(rows)
 
 
+@torch.fx.wrap
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
                   dilation=1, mask: Optional[Tensor] = None) -> Tensor:
     """Deformable convolution v1, or v2 (DCNv2) with ``mask``; torchvision's signature.
@@ -432,6 +437,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
                              _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mask)
 
 
+@torch.fx.wrap
 def deform_conv_transpose2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
                             padding=0, output_padding=0, groups: int = 1, dilation=1,
                             mask: Optional[Tensor] = None) -> Tensor:
@@ -457,6 +463,7 @@ def deform_conv_transpose2d(input: Tensor, offset: Tensor, weight: Tensor, bias:
         torch.are_deterministic_algorithms_enabled())
 
 
+@torch.fx.wrap
 def deform_pool2d(input: Tensor, offset: Tensor, kernel_size, stride=None, padding=0, dilation=1, mode: str = "max",
                   mask: Optional[Tensor] = None) -> Tensor:
     """Dense deformable pooling (avg or max), differentiable in input, offset and mask.
@@ -477,6 +484,7 @@ def deform_pool2d(input: Tensor, offset: Tensor, kernel_size, stride=None, paddi
                              _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mode, mask)
 
 
+@torch.fx.wrap
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
               aligned: bool = False, mode: str = "avg") -> Tensor:
     """RoI Align (torchvision's signature; ``mode="max"`` as ONNX / mmcv).
@@ -495,24 +503,28 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sam
                          check_finite_float("spatial_scale", spatial_scale), sampling_ratio, aligned, mode)
 
 
+@torch.fx.wrap
 def ps_roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
     """Position-sensitive RoI Align: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_align_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
                             check_finite_float("spatial_scale", spatial_scale), sampling_ratio)
 
 
+@torch.fx.wrap
 def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """RoI Pool: input Tensor[N, C, H, W] -> Tensor[K, C, PH, PW]."""
     return _roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
                         check_finite_float("spatial_scale", spatial_scale))
 
 
+@torch.fx.wrap
 def ps_roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """Position-sensitive RoI Pool: input Tensor[N, C_out*PH*PW, H, W] -> Tensor[K, C_out, PH, PW]."""
     return _ps_roi_pool_op(input, _rois(boxes, input), _pair_list("output_size", output_size, 1),
                            check_finite_float("spatial_scale", spatial_scale))
 
 
+@torch.fx.wrap
 def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output_size=7, spatial_scale: float = 1.0,
                     sampling_ratio: int = 0, gamma: float = 0.1, mask: Optional[Tensor] = None) -> Tensor:
     """Deformable RoI pooling (mmcv's signature, plus ``mask`` for the modulated variant).
@@ -532,6 +544,7 @@ def deform_roi_pool(input: Tensor, rois, offset: Optional[Tensor] = None, output
                                check_finite_float("gamma", gamma), mask)
 
 
+@torch.fx.wrap
 def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, output_dim: Optional[int] = None,
                       group_size: int = 1, pooled_size: int = 7, part_size: Optional[int] = None,
                       sample_per_part: int = 4, trans_std: float = 0.0, spatial_scale: float = 1.0) -> Tensor:
@@ -543,6 +556,7 @@ def deform_psroi_pool(input: Tensor, rois, trans: Optional[Tensor] = None, outpu
                                  check_finite_float("spatial_scale", spatial_scale))
 
 
+@torch.fx.wrap
 def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: int = 100, *, kernel: int = 3,
                      cat_spec_wh: bool = False, down_ratio: float = 1.0, threshold: Optional[float] = None) -> Tensor:
     """Top-K CenterNet detections: heat Tensor[B, C, H, W], wh Tensor[B, 2 or 2C, H, W],
@@ -552,6 +566,7 @@ def centernet_decode(heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None, K: 
                                 None if threshold is None else check_finite_float("threshold", threshold))
 
 
+@torch.fx.wrap
 def centernet_targets(boxes: Tensor, labels: Tensor, num_classes: int, output_size, *, down_ratio: float = 4,
                       min_overlap: float = 0.7, max_objects: int = 128) -> _centernet.CenterNetTargets:
     """CenterNet training targets of boxes Tensor[B, M, 4] and labels Tensor[B, M] (-1 pads):
@@ -563,6 +578,7 @@ def centernet_targets(boxes: Tensor, labels: Tensor, num_classes: int, output_si
         check_finite_float("down_ratio", down_ratio), check_finite_float("min_overlap", min_overlap), max_objects))
 
 
+@torch.fx.wrap
 def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta: float = 4) -> Tensor:
     """CenterNet's focal loss of pred / target Tensor[B, C, H, W]: a 0-d tensor, differentiable
     in ``pred``. Semantics: :func:`pydeform.centernet_focal_loss`."""
@@ -573,7 +589,18 @@ def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta
 # Modules
 
 
-class _DeformableConvolution(nn.Module):
+class _Module(nn.Module):
+    """Base of the modules here: refuses ``torch.jit.script`` with a message saying so (TorchScript
+    cannot compile the Python argument handling of the functions; see docs/torch.md)."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__}: pydeform.torch does not support TorchScript (torch.jit.script); "
+            "use torch.compile, torch.export or torch.fx instead"
+        )
+
+
+class _DeformableConvolution(_Module):
     """What torchvision's and mmcv's deformable convolution modules share: the geometry
     attributes and the ``weight`` [C_out, C_in/groups, kh, kw] and ``bias`` [C_out] parameters."""
 
@@ -665,7 +692,7 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         return self._convolve(x, offset, torch.sigmoid(mask_logits))
 
 
-class DeformConvTranspose2d(nn.Module):
+class DeformConvTranspose2d(_Module):
     """Transposed deformable convolution with ``nn.ConvTranspose2d``'s constructor, parameters
     (``weight`` [C_in, C_out/groups, kh, kw], ``bias`` [C_out]) and initialisation, plus
     ``deform_groups``; ``forward(input, offset, mask=None)`` with offsets and mask on the input
@@ -739,7 +766,7 @@ def _predicted_offsets(prediction: Tensor, points: int, modulated: bool):
     return offset, torch.sigmoid(mask_logits)
 
 
-class DeformPool2d(nn.Module):
+class DeformPool2d(_Module):
     """Dense deformable pooling as a module (``nn.MaxPool2d`` / ``nn.AvgPool2d``'s geometry
     arguments and ``mode``); ``forward(input, offset, mask=None)``."""
 
@@ -784,7 +811,7 @@ class DeformPool2dPack(DeformPool2d):
         return super().forward(x, offset, mask)
 
 
-class RoIAlign(nn.Module):
+class RoIAlign(_Module):
     """torchvision's ``RoIAlign(output_size, spatial_scale, sampling_ratio, aligned=False)``;
     ``forward(input, rois)``: input Tensor[N, C, H, W], rois Tensor[K, 5] or list of
     Tensor[L, 4] -> Tensor[K, C, PH, PW]."""
@@ -798,7 +825,7 @@ class RoIAlign(nn.Module):
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
 
-class PSRoIAlign(nn.Module):
+class PSRoIAlign(_Module):
     """torchvision's ``PSRoIAlign(output_size, spatial_scale, sampling_ratio)``."""
 
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int):
@@ -809,32 +836,33 @@ class PSRoIAlign(nn.Module):
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
-class _RoIPoolModule(nn.Module):
-    """RoIPool and PSRoIPool: ``pool(input, rois, output_size, spatial_scale)``."""
-
-    pool = None
+class _RoIPoolModule(_Module):
+    """RoIPool and PSRoIPool: ``output_size`` and ``spatial_scale``."""
 
     def __init__(self, output_size, spatial_scale: float):
         super().__init__()
         self.output_size, self.spatial_scale = output_size, spatial_scale
 
-    def forward(self, input: Tensor, rois) -> Tensor:
-        return self.pool(input, rois, self.output_size, self.spatial_scale)
+
+# The modules call the functions through this module's globals, which torch.fx patches while
+# it traces (a function held elsewhere, e.g. as a class attribute, would be traced through).
 
 
 class RoIPool(_RoIPoolModule):
     """torchvision's ``RoIPool(output_size, spatial_scale)``."""
 
-    pool = staticmethod(roi_pool)
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale)
 
 
 class PSRoIPool(_RoIPoolModule):
     """torchvision's ``PSRoIPool(output_size, spatial_scale)``."""
 
-    pool = staticmethod(ps_roi_pool)
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
 
 
-class DeformRoIPool(nn.Module):
+class DeformRoIPool(_Module):
     """mmcv's ``DeformRoIPool(output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1)``;
     ``forward(input, rois, offset=None)``."""
 
@@ -906,7 +934,7 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
                                self.sampling_ratio, self.gamma, mask)
 
 
-class CenterNetDecoder(nn.Module):
+class CenterNetDecoder(_Module):
     """CenterNet's decoding as a module: ``forward(heat, wh, reg=None)`` -> Tensor[B, K, 6]
     (see :func:`centernet_decode`)."""
 

@@ -35,3 +35,20 @@ from .deform_unet import (  # noqa: E402
 )
 
 __all__ += ["deform_conv_transpose2d", "deform_conv_transpose2d_backward", "deform_pool2d", "deform_pool2d_backward"]
+from .semiconv import (  # noqa: E402
+    affinity,
+    affinity_backward,
+    assign_to_centers,
+    hough_votes,
+    instance_mean_loss,
+    instance_mean_loss_backward,
+    instance_means,
+    seeded_mask_logits,
+    seeded_mask_logits_backward,
+    semiconv_embed,
+)
+
+__all__ += [
+    "semiconv_embed", "instance_means", "instance_mean_loss", "instance_mean_loss_backward", "affinity",
+    "affinity_backward", "seeded_mask_logits", "seeded_mask_logits_backward", "hough_votes", "assign_to_centers",
+]

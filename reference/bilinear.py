@@ -155,7 +155,9 @@ def scatter_to_corners(grad_images, batch_index, corners, grad_values):
 
     grad_images: float64 [B, C, H, W] (accumulated into); batch_index: int, broadcastable to ``S``;
     corners: shape ``[4, *S]``; grad_values: [*S, C], the gradient of the sampled values.
+    A corner that is not valid adds exactly nothing (not 0 * grad, NaN for a NaN grad, to the
+    pixel it points at).
     """
     for k in range(4):
-        np.add.at(grad_images, (batch_index, slice(None), corners.rows[k], corners.cols[k]),
-                  corners.weights[k][..., None] * grad_values)
+        added = np.where(corners.valid[k][..., None], corners.weights[k][..., None] * grad_values, 0.0)
+        np.add.at(grad_images, (batch_index, slice(None), corners.rows[k], corners.cols[k]), added)

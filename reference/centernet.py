@@ -164,6 +164,7 @@ def _focal_terms(pred, target, beta):
     """(clamped p, positive mask y == 1, negative weight (1 - y)^beta where y < 1 else 0)."""
     p = np.clip(np.asarray(pred, dtype=np.float64), CLAMP_LOW, CLAMP_HIGH)
     y = np.asarray(target, dtype=np.float64)
+    assert np.all((y >= 0) & (y <= 1)), "target values outside [0, 1]"
     negative = y < 1
     neg_weight = np.where(negative, (1 - np.where(negative, y, 0.0)) ** beta, 0.0)
     return p, y == 1, neg_weight

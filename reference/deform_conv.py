@@ -105,7 +105,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
 
     Returns a dict of float64 arrays shaped like the arguments: ``input``, ``offset``,
     ``weight``, ``bias`` (None without bias), ``mask`` (None without mask). Where a sample lies
-    outside (-1, H) x (-1, W) its offset and mask gradients are 0 (the forward is 0 there).
+    outside (-1, H) x (-1, W) its offset and mask gradients are 0 (the forward does not depend on
+    its position there), also where its mask value is NaN.
     """
     input, offset, weight, bias, mask, grad_output = map(
         _as_float64, (input, offset, weight, bias, mask, grad_output))
@@ -124,8 +125,10 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     grad_columns = grad_columns.transpose(0, 1, 3, 4, 5, 2)
 
     grad_modulation = np.sum(grad_columns * samples.values, axis=-1)
-    grad_dy = modulation * np.sum(grad_columns * samples.d_dh, axis=-1)
-    grad_dx = modulation * np.sum(grad_columns * samples.d_dw, axis=-1)
+    # Outside (-1, H) x (-1, W) the offset gradient is 0 whatever the mask, a NaN one too.
+    inside = samples.corners.valid.any(axis=0)
+    grad_dy = np.where(inside, modulation * np.sum(grad_columns * samples.d_dh, axis=-1), 0.0)
+    grad_dx = np.where(inside, modulation * np.sum(grad_columns * samples.d_dw, axis=-1), 0.0)
     grad_images = np.zeros((n * offset_groups, channels // offset_groups) + input.shape[2:])
     scatter_to_corners(grad_images, sampled.batch_index, samples.corners,
                        modulation[..., None] * grad_columns)

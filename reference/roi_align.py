@@ -17,7 +17,8 @@ Choices the definition leaves open:
   NaN (the divisor is max(gh*gw, 1)). A positive ``sampling_ratio`` samples such a roi at the
   positions the formula gives (all on one point for size 0), as torchvision does.
 - Max mode: a sample outside the image takes part with value 0 (rule B's value there); ties go
-  to the first sample in (iy, ix) row-major order; a bin with no samples gives 0 and passes no
+  to the first sample in (iy, ix) row-major order; a NaN sample is the maximum, the first NaN
+  the arg-max (NumPy's max and argmax); a bin with no samples gives 0 and passes no
   gradient. The gradient reaches the arg-max sample's 4 corners only.
 - deform_roi_pool: the offset gradient includes the mask factor (the exact derivative of
   ``mask * average``); rw and rh do not depend on the offset. rois get no gradient.

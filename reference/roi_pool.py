@@ -13,8 +13,9 @@ Choices the definition leaves open:
 - ps_roi_pool's roi size is ``max(xe - xs, 1)``, without roi_pool's ``+ 1``: the RoI ops follow
   torchvision, and torchvision's ps_roi_pool has no ``+ 1`` ("an average over the roi_pool bin"
   names the bin rule, hstart / hend, not the size).
-- roi_pool: ties go to the first maximal pixel in row-major order; an empty bin gives 0, arg-max
-  -1 and no gradient. ps_roi_pool: an empty bin gives 0 and no gradient.
+- roi_pool: ties go to the first maximal pixel in row-major order, a NaN pixel is the maximum
+  and the first NaN the arg-max (NumPy's max and argmax); an empty bin gives 0, arg-max -1 and
+  no gradient. ps_roi_pool: an empty bin gives 0 and no gradient.
 - A roi whose scaled corners are not within COORDINATE_LIMIT (docs/roi.md, "Bounded work") has
   only empty bins.
 """

@@ -13,6 +13,8 @@ launch in ``FakeCupy.events``.
 
 from __future__ import annotations
 
+import contextlib
+
 import operator
 import sys
 import types
@@ -272,7 +274,7 @@ def fake_gpu(monkeypatch) -> FakeCupy:
     their array library)."""
     from pydeform.backends import kernel_set
     from pydeform.backends.cupy_kernels import _compile
-    from pydeform.backends.numba_kernels import centernet, deform_conv, roi, targets
+    from pydeform.backends.numba_kernels import centernet, deform_conv, deform_pool, roi, semiconv, targets
 
     fake = FakeCupy()
     numba_cuda = FakeNumbaCuda(fake)
@@ -280,9 +282,13 @@ def fake_gpu(monkeypatch) -> FakeCupy:
     monkeypatch.setattr(_compile, "_kernel", lambda manifest, template, type_name, device_id:
                         fake.raw_kernel(template, device_id))
     monkeypatch.setattr(targets, "bind_cuda", lambda: numba_cuda)
-    monkeypatch.setattr(deform_conv, "_cuda_kernels", numba_cuda.kernels)
-    monkeypatch.setattr(roi, "cuda_kernels", lambda family: numba_cuda.kernels())
-    monkeypatch.setattr(centernet, "cuda_kernels", numba_cuda.kernels)
+    monkeypatch.setattr(deform_conv, "_cuda_kernels", lambda dtype: numba_cuda.kernels())
+    monkeypatch.setattr(roi, "cuda_kernels", lambda family, dtype: numba_cuda.kernels())
+    monkeypatch.setattr(centernet, "cuda_kernels", lambda dtype: numba_cuda.kernels())
+    monkeypatch.setattr(deform_pool, "_cuda_kernels", lambda dtype: numba_cuda.kernels())
+    monkeypatch.setattr(semiconv, "cuda_kernels", lambda: numba_cuda.kernels(9))
+    # The stand-in kernels are not Numba dispatchers: nothing to watch for a first compile.
+    monkeypatch.setattr(targets, "watching_numba_cuda_launch", lambda kernel: contextlib.nullcontext())
     kernel_set.cache_clear()
     yield fake
     kernel_set.cache_clear()

@@ -28,6 +28,8 @@ from pydeform.backends.cupy_kernels.deform_pool import KERNELS as DEFORM_POOL_KE
 from pydeform.backends.cupy_kernels.deform_pool import CupyDeformPool2dKernels
 from pydeform.backends.cupy_kernels.roi import KERNELS as ROI_KERNELS
 from pydeform.backends.cupy_kernels.roi import CupyRoIKernels
+from pydeform.backends.cupy_kernels.semiconv import KERNELS as SEMICONV_KERNELS
+from pydeform.backends.cupy_kernels.semiconv import CupySemiConvKernels
 
 TESTS_DIR = Path(__file__).resolve().parent
 BUILD_DIR = TESTS_DIR / "_build"
@@ -308,5 +310,19 @@ class HostShimBlocksCenterNetKernels(HostShimBlocksLaunch, CupyCenterNetKernels)
 
     def __init__(self, grid, block, decode_tile):
         super().__init__(decode_tile)
+        self.grid = grid
+        self.block = block
+
+
+class HostShimSemiConvKernels(HostShimLaunch, CupySemiConvKernels):
+    manifest = SEMICONV_KERNELS
+
+
+class HostShimBlocksSemiConvKernels(HostShimBlocksLaunch, CupySemiConvKernels):
+    """The semi-convolutional kernels as ``grid`` blocks of ``block`` threads."""
+
+    manifest = SEMICONV_KERNELS
+
+    def __init__(self, grid, block):
         self.grid = grid
         self.block = block

@@ -4,9 +4,14 @@ through ``kernels.xp``)."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 
+import pydeform
 import reference
+from pydeform import deform_conv as deform_conv_module
 from pydeform.deform_conv import _prepare
 from tests.strategies import ARRAY_NAMES, DeformConvCase, assert_close, to_numpy
 
@@ -75,3 +80,45 @@ def check_kernels_write_every_element(kernels, case: DeformConvCase, seed: int) 
     assert_close("grad input", grad_input, expected["input"], dtype)
     np.testing.assert_array_equal(to_numpy(device_grad_columns), grad_columns, err_msg="grad_columns was modified")
     assert_unchanged(device_case, case)
+
+
+def one_row_problem(sample_h, sample_w):
+    """A 1x1 kernel with stride (3, 1) on a 3 x P image, P = len(sample_h): one output row,
+    whose pixel x samples (sample_h[x], sample_w[x])."""
+    rng = np.random.default_rng(5)
+    points = len(sample_h)
+    offset = np.zeros((1, 2, 1, points))
+    offset[0, 0, 0] = sample_h
+    offset[0, 1, 0] = np.asarray(sample_w) - np.arange(points)
+    return {"input": rng.standard_normal((1, 2, 3, points)),
+            "offset": offset,
+            "weight": rng.standard_normal((3, 2, 1, 1)),
+            "bias": rng.standard_normal(3),
+            "mask": rng.uniform(0.5, 1.5, (1, 1, 1, points)),
+            "stride": (3, 1)}
+
+
+def check_border_rule_with_nan_mask(module=pydeform, kernels=None) -> None:
+    """``module``'s deform_conv2d and its backward (run by ``kernels`` when given) with a NaN mask
+    on a 3 x 7 image: the output is NaN (m * B, also where B is 0 outside), but samples on or
+    outside the border of (-1, H) x (-1, W), h = -1 exactly among them, get 0 offset and mask
+    gradients (the sample does not depend on their position there) and add nothing to the input
+    gradient, whose NaN are exactly the pixels of the two samples just inside the border; their
+    offset gradients are NaN."""
+    problem = one_row_problem(sample_h=[-1.0, 3.0, 1.0, 1.0, -1.5, -0.999, 2.9],
+                              sample_w=[1.0, 2.0, -1.0, 8.0, 1.0, 1.0, 2.0])
+    problem["mask"][...] = np.nan
+    grad_output = np.ones((1, 3, 1, 7))
+    context = (mock.patch.object(deform_conv_module, "deform_conv2d_kernels", lambda library, backend: kernels)
+               if kernels else contextlib.nullcontext())
+    with context:
+        output = to_numpy(module.deform_conv2d(**problem))
+        grads = module.deform_conv2d_backward(grad_output, **problem)
+    grads = {name: to_numpy(grads[name] if isinstance(grads, dict) else getattr(grads, name))
+             for name in ("input", "offset", "mask", "weight")}
+    assert np.isnan(output).all() and np.isnan(grads["weight"]).all()
+    np.testing.assert_array_equal(grads["offset"][..., :5], 0.0)
+    np.testing.assert_array_equal(grads["mask"][..., :5], 0.0)
+    assert np.isnan(grads["offset"][..., 5:]).all()
+    # (-0.999, 1) reads pixels (0, 1) and (0, 2), (2.9, 2) pixels (2, 2) and (2, 3); row 1 none.
+    np.testing.assert_array_equal(np.argwhere(np.isnan(grads["input"][0, 0])), [[0, 1], [0, 2], [2, 2], [2, 3]])

@@ -21,7 +21,7 @@ from pydeform.backends.numba_cuda import simulator_enabled
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 from tests import roi_kernel_set_checks
-from tests.kernel_set_checks import assert_unchanged, check_kernels_write_every_element
+from tests.kernel_set_checks import assert_unchanged, check_border_rule_with_nan_mask, check_kernels_write_every_element
 from tests.strategies import (
     ROI_KINDS,
     RoICase,
@@ -139,3 +139,23 @@ def test_simulated_numba_cuda_roi_kernels_in_float16(name):
     kernel-set methods called directly: the ops take float16 on the GPU only. (The simulator has
     no bfloat16.)"""
     roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_simulated_max_modes_propagate_nan(dtype):
+    roi_kernel_set_checks.check_max_modes_propagate_nan(dtype, kernels=NumbaCudaRoIKernels(xp=np))
+
+
+def test_simulated_border_rule_with_nan_mask():
+    check_border_rule_with_nan_mask(kernels=NumbaCudaDeformConv2dKernels(xp=np))
+
+
+def test_simulated_rounding_just_below_a_half_in_float32():
+    """roi_pool rounds box corners half away from zero exactly in float32: 0.49999997 rounds to
+    0 (``floor(v + 0.5)`` would round the sum up to 1.0 and move the bin off pixel (0, 0))."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    x[0, 0, 0, 0] = 5.0
+    rois = np.array([[0, 0.49999997, 0.49999997, 2.5, 2.5]], np.float32)
+    with mock.patch.object(roi_module, "roi_kernels", lambda library, backend: NumbaCudaRoIKernels(xp=np)):
+        out = pydeform.roi_pool(x, rois, 1)
+    np.testing.assert_array_equal(out, reference.roi_pool(x, rois, 1))

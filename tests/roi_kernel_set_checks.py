@@ -7,6 +7,7 @@ arguments) it is given; the real kernel set then runs that call with its output 
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -103,3 +104,33 @@ def check_kernels_write_every_element(kernels, case: RoICase) -> None:
     for run, expected in ((RoICase.forward, case.forward(reference)), (RoICase.backward, case.backward(reference))):
         method, args = recorded_call(lambda: run(device_case, pydeform), xp)
         check_kernel_call(kernels, method, in_storage_dtype(method, args, dtype), expected)
+
+
+def check_max_modes_propagate_nan(dtype, kernels=None, module=pydeform) -> None:
+    """roi_pool and roi_align(mode="max") of ``module`` (run by ``kernels`` when given) on a bin
+    whose channel 0 holds a larger value, then two NaN: the output is NaN, and the gradient goes
+    to the first NaN in scan order (roi_pool: row-major pixels; roi_align: the (iy, ix) samples,
+    here on pixels), as NumPy's argmax and max_pool2d's NaN rule; channel 1 (no NaN) is
+    unaffected."""
+    rng = np.random.default_rng(9)
+    input = rng.uniform(0, 1, (1, 2, 4, 4)).astype(dtype)
+    input[0, 0, 1, 1] = 2.0  # the first sample of roi_align, before the NaN ones
+    input[0, 0, 1, 3] = input[0, 0, 3, 1] = np.nan
+    # roi_pool's box spans every pixel; roi_align's 2 x 2 samples of its one bin lie on pixels
+    # (1, 1), (1, 3), (3, 1), (3, 3).
+    calls = {"roi_pool": (np.array([[0, 0, 0, 3, 3]], dtype), {}),
+             "roi_align": (np.array([[0, 0, 0, 4, 4]], dtype), {"sampling_ratio": 2, "mode": "max"})}
+    clean = input[0, 1]
+    for op, (rois, options) in calls.items():
+        samples = clean if op == "roi_pool" else clean[1::2, 1::2]
+        context = (mock.patch.object(roi_module, "roi_kernels", lambda library, backend: kernels) if kernels
+                   else contextlib.nullcontext())
+        with context:
+            output = to_numpy(getattr(module, op)(input, rois, 1, **options))
+            grads = getattr(module, op + "_backward")(np.ones((1, 2, 1, 1), dtype), input, rois, 1, **options)
+        grad_input = to_numpy(grads["input"] if isinstance(grads, dict) else grads.input)
+        np.testing.assert_array_equal(output[0, :, 0, 0], [np.nan, samples.max()], err_msg=op)
+        expected = np.zeros((2, 4, 4))
+        expected[0, 1, 3] = 1.0
+        expected[1][clean == samples.max()] = 1.0
+        np.testing.assert_array_equal(grad_input[0], expected, err_msg=op)

@@ -45,6 +45,14 @@ def box_at(b, m, value):
     return change
 
 
+def target_at(index, value):
+    def change(arguments):
+        arguments["target"] = arguments["target"].copy()
+        arguments["target"][index] = value
+
+    return change
+
+
 def gpu_array(name):
     def change(arguments):
         arguments[name] = CupyLikeArray(arguments[name])
@@ -120,6 +128,11 @@ FOCAL_RULES = {
     "target-on-gpu": (gpu_array("target"), TypeError, "target", "numpy array like pred"),
     "pred-rank": (reshaped("pred", (2, 3, 3)), ValueError, "pred", "expected a 4-d array"),
     "target-shape": (reshaped("target", (1, 2, 3, 4)), ValueError, "target", r"expected shape \(1, 2, 3, 3\)"),
+    "target-nan": (target_at((0, 1, 2, 0), np.nan), ValueError, "target",
+                   r"element \[0, 1, 2, 0\] is nan; expected values in \[0, 1\]"),
+    "target-above-1": (target_at((0, 0, 1, 1), 1.5), ValueError, "target", r"\[0, 0, 1, 1\] is 1.5"),
+    "target-inf": (target_at((0, 1, 0, 2), np.inf), ValueError, "target", r"\[0, 1, 0, 2\] is inf"),
+    "target-negative": (target_at((0, 0, 0, 0), -0.25), ValueError, "target", r"\[0, 0, 0, 0\] is -0.25"),
     "alpha-negative": (setter(alpha=-1), ValueError, "alpha", "finite number >= 0, got -1.0"),
     "alpha-str": (setter(alpha="2"), TypeError, "alpha", "expected a number"),
     "beta-inf": (setter(beta=float("inf")), ValueError, "beta", "finite number, got inf"),

@@ -21,6 +21,7 @@ import pydeform.deform_conv as deform_conv_module
 from pydeform import deform_conv2d, deform_conv2d_backward
 from pydeform.deform_conv import DeformConv2dGeometry
 from tests import host_shim
+from tests.kernel_set_checks import check_border_rule_with_nan_mask
 from tests.strategies import DeformConvCase, assert_close, assert_grads_close, deform_conv_cases
 
 pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
@@ -258,3 +259,9 @@ def test_sampling_boundaries():
     grads = run_backward(case)
     assert_grads_close(grads, case.reference_backward(), np.float64)
     assert (grads.offset[0][:, outside] == 0).all() and (grads.mask[0][:, outside] == 0).all()
+
+
+def test_border_rule_with_nan_mask():
+    """deform_conv.cu's offset and mask gradients at border samples (the unchecked kernel set:
+    CheckedKernels requires finite results)."""
+    check_border_rule_with_nan_mask(kernels=host_shim.HostShimDeformConv2dKernels())

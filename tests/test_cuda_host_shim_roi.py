@@ -23,6 +23,7 @@ import reference
 from pydeform.backends.cupy_kernels.roi import KERNELS, CupyRoIKernels
 from pydeform.roi import DeformPSRoIPoolParams, DeformRoIPoolParams, RoIAlignParams, RoIPoolParams
 from tests import host_shim
+from tests.roi_kernel_set_checks import check_max_modes_propagate_nan
 from tests.strategies import assert_close
 
 pytestmark = pytest.mark.skipif(not host_shim.compiler_available(), reason="needs g++")
@@ -445,3 +446,10 @@ def test_double_atomics_before_compute_60_add_up_under_contention():
         grads = pydeform.roi_align_backward(grad_output, input, rois, 2, sampling_ratio=2)
     expected = reference.roi_align_backward(grad_output, input, rois, 2, sampling_ratio=2)
     assert_close("grad input", grads.input, expected["input"], np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_modes_propagate_nan(dtype):
+    """roi.cu's roi_pool and roi_align max mode: NaN in a bin gives NaN, its gradient goes to the
+    first NaN (the unchecked kernel set: CheckedKernels requires finite outputs)."""
+    check_max_modes_propagate_nan(dtype, kernels=host_shim.HostShimRoIKernels())

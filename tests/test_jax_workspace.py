@@ -369,7 +369,7 @@ def test_numba_cuda_centernet_half_copies_come_from_the_planned_slots(monkeypatc
     it is floating, and every planned scratch slot is used."""
     kernels = NumbaCudaCenterNetKernels(xp=np, chunk=16)
     launched = []
-    monkeypatch.setattr(kernels, "_kernels", lambda: range(6))  # the six kernels, never run
+    monkeypatch.setattr(kernels, "_kernels", lambda dtype: range(6))  # the six kernels, never run
     monkeypatch.setattr(kernels, "_run", lambda kernel, n_items, *args: launched.append(args))
     monkeypatch.setattr(centernet, "centernet_kernels", lambda library, backend: kernels)
     monkeypatch.setattr(centernet, "check_arrays", lambda arrays, ranks: ("numpy", np.dtype(np.float16)))

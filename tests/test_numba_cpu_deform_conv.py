@@ -18,7 +18,12 @@ from pydeform import deform_conv as deform_conv_module
 from pydeform import deform_conv2d, deform_conv2d_backward
 from pydeform.backends.numba_kernels import deform_conv as deform_conv_kernels
 from pydeform.backends.numba_kernels.deform_conv import NumbaCpuDeformConv2dKernels
-from tests.kernel_set_checks import CASE_ARRAYS, assert_unchanged, check_kernels_write_every_element
+from tests.kernel_set_checks import (
+    CASE_ARRAYS,
+    assert_unchanged,
+    check_border_rule_with_nan_mask,
+    check_kernels_write_every_element,
+)
 from tests.strategies import (
     ARRAY_NAMES,
     DeformConvCase,
@@ -291,3 +296,7 @@ def test_direct_forward_is_the_same_on_any_thread_count():
     finally:
         numba.set_num_threads(threads)
     np.testing.assert_array_equal(alone, everyone)
+
+
+def test_border_rule_with_nan_mask():
+    check_border_rule_with_nan_mask()

@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 import pydeform
 import reference
 from pydeform.backends.numba_kernels.roi import NumbaCpuRoIKernels
-from tests.roi_kernel_set_checks import check_kernel_call, check_kernels_write_every_element, recorded_call
+from tests.roi_kernel_set_checks import (
+    check_kernel_call,
+    check_kernels_write_every_element,
+    check_max_modes_propagate_nan,
+    recorded_call,
+)
 from tests.strategies import (
     ROI_KINDS,
     ROI_OPS,
@@ -324,3 +329,10 @@ def test_non_finite_offsets_count_as_outside(op, bad):
     expected = far_case.backward(reference)
     assert_roi_grads_close(grads, expected, np.float64)
     assert np.all(grads[name][poisoned] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_max_modes_propagate_nan(dtype):
+    """roi_pool and roi_align(mode="max"), whose CPU forwards read a channels-last copy and whose
+    backwards find the arg-max per element: NaN in a bin gives NaN, its gradient goes to the first NaN."""
+    check_max_modes_propagate_nan(dtype)

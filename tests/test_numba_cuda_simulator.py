@@ -20,6 +20,7 @@ CHECKS = (
     "tests/numba_cuda_simulator_checks.py",
     "tests/numba_cuda_simulator_centernet_checks.py",
     "tests/numba_cuda_simulator_deform_unet_checks.py",
+    "tests/numba_cuda_simulator_semiconv_checks.py",
 )
 
 

@@ -49,7 +49,7 @@ def record_launches(dtype_name: str) -> list:
     dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
     acc = np.float64 if dtype == np.float64 else np.float32
     launches = []
-    names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(), KERNELS)}
+    names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(np.dtype(acc)), KERNELS)}
 
     def recorder(kernel, n_items, xp, *args):
         launches.append((names[id(kernel)], kernel, args))
@@ -94,7 +94,7 @@ def record_roi_launches(dtype_name: str) -> list:
     acc = np.float64 if dtype == np.float64 else np.float32
     names = {}
     for family in ROI_FAMILIES:
-        forward, backward = kernels_module.cuda_kernels(family)
+        forward, backward = kernels_module.cuda_kernels(family, np.dtype(acc))
         names[id(forward)], names[id(backward)] = f"{family}_forward", f"{family}_backward"
     launches = []
 
@@ -133,9 +133,23 @@ def target_compute_capability(cc: tuple) -> None:
     numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=cc)
 
 
+# A PTX instruction (after an optional predicate guard) whose opcode has a .f64 part: arithmetic,
+# comparison, conversion to or from float64, a float64 load / store / move or atomic.
+F64_INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*\.f64\b[\w.]*)", re.M)
+
+
+def f64_instructions(ptx: str) -> dict:
+    """``{opcode: count}`` of the float64 instructions in ``ptx``."""
+    counts: dict = {}
+    for opcode in F64_INSTRUCTION.findall(ptx):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def compile_kernel(kernel, signature, cc: tuple) -> dict:
-    """Child process: ``{"signature", "return", "target", "atomics"}`` of ``kernel`` compiled to
-    PTX for ``cc``, or ``{"signature", "error"}``."""
+    """Child process: ``{"signature", "return", "target", "atomics", "f64"}`` of ``kernel``
+    compiled to PTX for ``cc`` (``"f64"``: :func:`f64_instructions`), or
+    ``{"signature", "error"}``."""
     from pydeform.backends.numba_cuda import cuda
 
     try:
@@ -147,6 +161,7 @@ def compile_kernel(kernel, signature, cc: tuple) -> dict:
         "return": str(return_type),
         "target": re.findall(r"^\.target\s+(\S+)", ptx, re.M),
         "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", ptx))),
+        "f64": f64_instructions(ptx),
     }
 
 
@@ -190,8 +205,8 @@ def compiled(request):
 def check_compiled(compiled, dtype, kernel, tuples, scatters):
     """The kernel compiled for the child's compute capability, returns nothing, takes 1-d
     C-contiguous arrays of the arithmetic dtype only (flat views), has the tuple arguments
-    ``tuples`` in its signature, and uses native atomic adds of the arithmetic type exactly
-    when it ``scatters``."""
+    ``tuples`` in its signature, uses native atomic adds of the arithmetic type exactly
+    when it ``scatters``, and computes in float32 only when that is the arithmetic dtype."""
     cc, results = compiled
     entry = results[dtype][kernel]
     assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
@@ -202,6 +217,15 @@ def check_compiled(compiled, dtype, kernel, tuples, scatters):
     assert arrays and set(arrays) == {(arithmetic, "1", "C")}, entry["signature"]
     assert all(t in entry["signature"] for t in tuples), entry["signature"]
     assert entry["atomics"] == ([f"atom.global.add.f{arithmetic[-2:]}"] if scatters else [])
+    check_float32_only(entry, dtype, kernel)
+
+
+def check_float32_only(entry, dtype, kernel):
+    """A kernel whose arithmetic dtype is float32 has no float64 instruction at all: float64
+    runs at 1/32 to 1/64 of the float32 rate on most GPUs, and the simulator (which evaluates
+    in NumPy) would never show it."""
+    if ARITHMETIC[dtype] == "float32":
+        assert entry["f64"] == {}, f"{kernel} ({dtype}): float64 instructions {entry['f64']}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -19,6 +19,7 @@ from tests.test_numba_ptx import (
     ARITHMETIC,
     COMPUTE_CAPABILITIES,
     DTYPES,
+    check_float32_only,
     child_results,
     compile_kernel,
     target_compute_capability,
@@ -38,7 +39,7 @@ def record_launches(dtype_name: str) -> list:
 
     dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
     acc = np.dtype(ARITHMETIC[dtype_name])
-    names = {id(kernel): name for kernel, name in zip(kernels_module.cuda_kernels(), KERNELS)}
+    names = {id(kernel): name for kernel, name in zip(kernels_module.cuda_kernels(acc), KERNELS)}
     launches = []
 
     def recorder(kernel, n_items, xp, *args):
@@ -103,7 +104,8 @@ def test_centernet_kernel_compiles_to_ptx(compiled, dtype, kernel):
     """Compiled for the child's compute capability, returns nothing, float arrays only in the
     arithmetic dtype (half types are converted before a launch), flat C-contiguous arrays, and
     atomics only in the targets kernel (its heatmap max), none in the decode or the focal loss
-    (whose sums are deterministic)."""
+    (whose sums are deterministic), and no float64 instruction where the arithmetic is float32
+    (but in the targets kernel)."""
     cc, results = compiled
     entry = results[dtype][kernel]
     assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
@@ -116,6 +118,8 @@ def test_centernet_kernel_compiles_to_ptx(compiled, dtype, kernel):
     # Numba has no native float atomic max: a compare-and-swap loop on the value's bits.
     expected = [f"atom.global.cas.b{ARITHMETIC[dtype][-2:]}"] if kernel == "targets" else []
     assert entry["atomics"] == expected
+    if kernel != "targets":  # float64 geometry by design, as in the CUDA C kernel (exact radius and centre)
+        check_float32_only(entry, dtype, kernel)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def record_launches(dtype_name: str) -> list:
 
     dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
     acc = np.dtype(ARITHMETIC[dtype_name])
-    names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(), KERNELS)}
+    names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(acc), KERNELS)}
     launches = []
 
     def recorder(kernel, n_items, xp, *args):
@@ -95,7 +95,7 @@ def test_deform_pool2d_kernel_compiles_to_ptx(compiled, dtype, kernel):
     """Compiled for the child's compute capability, returns nothing, flat C-contiguous arrays:
     floats in the arithmetic dtype only (half types are converted before a launch) and the int32
     indices; the geometry tuple, flags and typed constants; native atomic adds of the arithmetic
-    type only in the input-gradient scatter."""
+    type only in the input-gradient scatter; no float64 instruction where the arithmetic is float32."""
     cc, results = compiled
     entry = results[dtype][kernel]
     assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
@@ -108,6 +108,8 @@ def test_deform_pool2d_kernel_compiles_to_ptx(compiled, dtype, kernel):
     assert f"{arithmetic}, {arithmetic}, int64)" in entry["signature"]  # scale, one, item count
     expected = [f"atom.global.add.f{arithmetic[-2:]}"] if kernel == "backward_input" else []
     assert entry["atomics"] == expected
+    if arithmetic == "float32":
+        assert entry["f64"] == {}, f"{kernel} ({dtype}): float64 instructions {entry['f64']}"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pytest
 
+import reference
 from reference import deform_conv2d, deform_conv2d_backward
+from tests.kernel_set_checks import check_border_rule_with_nan_mask, one_row_problem
 
 
 @dataclass(frozen=True)
@@ -169,22 +171,6 @@ def test_offset_groups_split_the_channels():
     np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
 
 
-def one_row_problem(sample_h, sample_w):
-    """A 1x1 kernel with stride (3, 1) on a 3 x P image, P = len(sample_h): one output row,
-    whose pixel x samples (sample_h[x], sample_w[x])."""
-    rng = np.random.default_rng(5)
-    points = len(sample_h)
-    offset = np.zeros((1, 2, 1, points))
-    offset[0, 0, 0] = sample_h
-    offset[0, 1, 0] = np.asarray(sample_w) - np.arange(points)
-    return {"input": rng.standard_normal((1, 2, 3, points)),
-            "offset": offset,
-            "weight": rng.standard_normal((3, 2, 1, 1)),
-            "bias": rng.standard_normal(3),
-            "mask": rng.uniform(0.5, 1.5, (1, 1, 1, points)),
-            "stride": (3, 1)}
-
-
 def test_boundary_samples_and_the_gradient_rule():
     """Samples on or outside the border of (-1, H) x (-1, W) read 0 and get no offset or mask
     gradient, even at h = -1 exactly where the one-sided derivative is not 0; just inside the
@@ -254,3 +240,7 @@ def test_gradient_cases_reach_past_the_border(geometry):
     partly = ((sample_h > -1) & (sample_h < 0)) | ((sample_h > geometry.height - 1)
                                                    & (sample_h < geometry.height))
     assert outside.any() and partly.any() and (~outside & ~partly).any()
+
+
+def test_border_rule_with_nan_mask():
+    check_border_rule_with_nan_mask(reference)

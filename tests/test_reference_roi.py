@@ -491,3 +491,13 @@ def test_directional_derivatives(case, name):
     eps = 1e-6
     numeric = (loss(eps) - loss(-eps)) / (2 * eps)
     assert analytic != 0 and analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def test_max_modes_propagate_nan():
+    """roi_pool and roi_align(mode="max"): a NaN in a bin makes its output NaN, and the gradient
+    goes to the first NaN (NumPy's max and argmax)."""
+    import reference
+
+    from tests.roi_kernel_set_checks import check_max_modes_propagate_nan
+
+    check_max_modes_propagate_nan(np.float64, module=reference)

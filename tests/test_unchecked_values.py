@@ -2,7 +2,8 @@
 what pydeform.torch and pydeform.jax do on the GPU, where the check would synchronise): the
 kernels themselves keep invalid rows out. A roi whose batch index is not an integer in [0, N)
 or that has a non-finite coordinate gives 0 outputs and no gradient, the other rois are
-unaffected; a CenterNet object with a label outside [-1, C) or a non-finite box is not drawn.
+unaffected; a CenterNet object with a label outside [-1, C) or a non-finite box is not drawn; a
+focal-loss target outside [0, 1] makes the loss NaN.
 Run on the Numba CPU kernels and on the CUDA C kernels through the host shim."""
 
 from __future__ import annotations
@@ -131,3 +132,25 @@ def test_centernet_targets_skip_bad_labels_and_boxes(backend):
         np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-12, atol=1e-12,
                                    err_msg=name)
     assert got.heatmap.max() == 1.0 and got.reg_mask.sum() == 1
+
+
+@pytest.mark.parametrize("backend", ["numba-cpu", "host-shim"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1.5, -0.25])
+def test_focal_loss_of_a_target_outside_0_1_is_nan(backend, bad):
+    """Unchecked, a target value outside [0, 1] (or NaN) is not left out: the loss is NaN and so
+    is that pixel's gradient; the other pixels' gradients are those of a target 0 there."""
+    rng = np.random.default_rng(4)
+    pred = rng.uniform(0.05, 0.95, (1, 2, 3, 4))
+    target = rng.uniform(0.0, 0.9, pred.shape)
+    target[0, 0, 1, 1] = 1.0
+    bad_target, at = target.copy(), (0, 1, 2, 3)
+    bad_target[at] = bad
+    with kernels_of(backend), unchecked_values():
+        loss = pydeform.centernet_focal_loss(pred, bad_target)
+        grad = pydeform.centernet_focal_loss_backward(np.array(0.5), pred, bad_target)
+    assert np.isnan(loss)
+    target[at] = 0.0
+    expected = reference.centernet_focal_loss_backward(0.5, pred, target)
+    assert np.isnan(grad[at])
+    grad[at] = expected[at]
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-15)

@@ -16,6 +16,10 @@ _FAMILIES = {
     "roi": ("roi", "RoIKernels"),
     "centernet": ("centernet", "CenterNetKernels"),
     "deform_pool2d": ("deform_pool", "DeformPool2dKernels"),
+    "semiconv": ("semiconv", "SemiConvKernels"),
+
+
+    "levelset": ("levelset", "LevelSetKernels"),
 }
 
 
@@ -48,3 +52,11 @@ def centernet_kernels(library: str, backend: str):
 
 def deform_pool2d_kernels(library: str, backend: str):
     return kernel_set("deform_pool2d", library, backend)
+
+
+def semiconv_kernels(library: str, backend: str):
+    return kernel_set("semiconv", library, backend)
+
+
+def levelset_kernels(library: str, backend: str):
+    return kernel_set("levelset", library, backend)

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..compile_notice import watching_cupy_build
+
 KERNEL_DIR = Path(__file__).resolve().parent
 
 THREADS_PER_BLOCK = 256
@@ -84,13 +86,15 @@ def _inline_includes(filename, included):
 def _module(manifest, type_name, device_id):
     import cupy
 
-    # One module per device: NVRTC compiles for the architecture of the device current at the
-    # first get_function.
-    return cupy.RawModule(
+    # One module per device: NVRTC compiles for the architecture of the current device.
+    module = cupy.RawModule(
         code=kernel_source(manifest.source),
         options=COMPILE_OPTIONS,
         name_expressions=[name_expression(t, type_name) for t in manifest.templates],
     )
+    with watching_cupy_build(manifest.source, type_name):
+        module.compile()  # here rather than at the first get_function, to tell a compile from a cache load
+    return module
 
 
 @functools.lru_cache(maxsize=None)

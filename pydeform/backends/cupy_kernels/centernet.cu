@@ -40,6 +40,12 @@ __device__ __forceinline__ float negative_infinity(float) {
 __device__ __forceinline__ double negative_infinity(double) {
     return __longlong_as_double(static_cast<long long>(0xfff0000000000000ULL));
 }
+__device__ __forceinline__ float quiet_nan(float) {
+    return __int_as_float(0x7fc00000);
+}
+__device__ __forceinline__ double quiet_nan(double) {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
 
 // The decode order: (score_a, index_a) comes before (score_b, index_b).
 template <typename A>
@@ -241,8 +247,8 @@ constexpr double kClampHigh = 1.0 - 1e-4;
 
 template <typename A>
 struct FocalTerms {
-    A positive;  // -log(p) (1 - p)^alpha where y == 1
-    A negative;  // -log(1 - p) p^alpha (1 - y)^beta where y < 1
+    A positive;  // -log(p) (1 - p)^alpha where y == 1; NaN where y is outside [0, 1]
+    A negative;  // -log(1 - p) p^alpha (1 - y)^beta where 0 <= y < 1
     A positives; // 1 where y == 1
 };
 
@@ -261,15 +267,22 @@ __device__ __forceinline__ FocalTerms<A> focal_terms(const A pred, const A y, co
     if (y == A(1)) {
         terms.positive = -log(p) * pow(A(1) - p, alpha);
         terms.positives = A(1);
-    } else if (y < A(1)) {
+    } else if (y >= A(0) && y < A(1)) {
         terms.negative = -log(A(1) - p) * pow(p, alpha) * pow(A(1) - y, beta);
+    } else {
+        // A target outside [0, 1] or NaN, which only an unchecked call passes: the loss is NaN.
+        terms.positive = quiet_nan(A(0));
     }
     return terms;
 }
 
-// d(terms)/d(pred): zero where the clamp acts (pred outside [low, high], torch.clamp's rule).
+// d(terms)/d(pred): zero where the clamp acts (pred outside [low, high], torch.clamp's rule); NaN
+// for a target outside [0, 1], as in focal_terms.
 template <typename A>
 __device__ __forceinline__ A focal_derivative(const A pred, const A y, const A alpha, const A beta) {
+    if (!(y >= A(0) && y <= A(1))) {
+        return quiet_nan(A(0));
+    }
     if (!(pred >= A(kClampLow) && pred <= A(kClampHigh))) {
         return A(0);
     }
@@ -277,11 +290,8 @@ __device__ __forceinline__ A focal_derivative(const A pred, const A y, const A a
     if (y == A(1)) {
         return -pow(A(1) - p, alpha) / p + alpha * log(p) * pow(A(1) - p, alpha - A(1));
     }
-    if (y < A(1)) {
-        return (pow(p, alpha) / (A(1) - p) - alpha * log(A(1) - p) * pow(p, alpha - A(1))) *
-               pow(A(1) - y, beta);
-    }
-    return A(0);
+    return (pow(p, alpha) / (A(1) - p) - alpha * log(A(1) - p) * pow(p, alpha - A(1))) *
+           pow(A(1) - y, beta);
 }
 
 // In-place fixed-order tree sum of values[0 .. threads) into values[0]; every thread calls it.

@@ -160,8 +160,10 @@ __global__ void deform_conv2d_col2im_coord(
                         grad_column * corner_dot(sample.corners.weight, corner_values);
                 }
             }
-            grad_offset[sample.offset_index] = from_acc<T>(sample.modulation * grad_h);
-            grad_offset[sample.offset_index + out_size] = from_acc<T>(sample.modulation * grad_w);
+            // Outside (-1, H) x (-1, W) the offset gradient is 0, not m * 0: NaN for a NaN mask.
+            const A modulation = sample.corners.any_valid ? sample.modulation : A(0);
+            grad_offset[sample.offset_index] = from_acc<T>(modulation * grad_h);
+            grad_offset[sample.offset_index + out_size] = from_acc<T>(modulation * grad_w);
             if (has_mask) {
                 grad_mask[sample.mask_index] = from_acc<T>(grad_modulation);
             }

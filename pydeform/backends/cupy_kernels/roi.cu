@@ -164,21 +164,29 @@ __device__ __forceinline__ A sample_sum(const BinSamples<A>& samples, const T* p
     return sum;
 }
 
+// Whether `value` takes over as the maximum from `best`: it is larger, or NaN while `best` is
+// not. A NaN in a bin makes its maximum NaN (as torch's max_pool2d) and the first NaN is the
+// arg-max (as NumPy's argmax), which the gradient reaches.
+template <typename A>
+__device__ __forceinline__ bool takes_over_max(const A value, const A best) {
+    return best == best && !(value <= best);
+}
+
 template <typename A>
 struct MaxSample {
     A value, y, x;
     bool found;  // false (value 0) for a bin without samples
 };
 
-// The largest sample of a bin and its position; on ties the first in (iy, ix) order. A sample
-// outside the image takes part with its value 0.
+// The largest sample of a bin and its position; on ties the first in (iy, ix) order, NaN over
+// everything (takes_over_max). A sample outside the image takes part with its value 0.
 template <typename A, typename T>
 __device__ __forceinline__ MaxSample<A> max_sample(const BinSamples<A>& samples, const T* plane,
                                                    const RoIGeometry& geom) {
     MaxSample<A> best{A(0), A(0), A(0), false};
     for_each_sample(samples, [&](const A y, const A x) {
         const A value = sample_corners(roi_corners(geom, y, x), plane);
-        if (!best.found || value > best.value) {
+        if (!best.found || takes_over_max(value, best.value)) {
             best = MaxSample<A>{value, y, x, true};
         }
     });
@@ -316,14 +324,14 @@ struct MaxPixel {
     long long index;  // h * width + w; -1 (value 0) for an empty bin
 };
 
-// The first maximum of a bin in row-major order.
+// The first maximum of a bin in row-major order (NaN over everything: takes_over_max).
 template <typename A, typename T>
 __device__ __forceinline__ MaxPixel<A> max_pixel(const PoolBin& bin, const T* plane,
                                                  const long long width) {
     MaxPixel<A> best{A(0), -1};
     for_each_pixel(bin, width, [&](const long long index) {
         const A value = load_acc(plane + index);
-        if (best.index < 0 || value > best.value) {
+        if (best.index < 0 || takes_over_max(value, best.value)) {
             best = MaxPixel<A>{value, index};
         }
     });

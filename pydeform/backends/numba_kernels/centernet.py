@@ -37,7 +37,7 @@ import numpy as np
 
 from ..._arrays import accumulation_dtype
 from ..._workspace import accumulator_plans, converted_arrays, scratch
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda, typed_floats
 
 # Flat scores per CPU decode task (pass 1); its heap of K candidates stays in cache.
 CPU_CHUNK = 16384
@@ -58,6 +58,8 @@ cuda = None
 
 
 def _decode_functions(t):
+    real = t.real
+
     @t.device
     def better(score_a, index_a, score_b, index_b):
         """The strict total order of the top-K: higher score first, then lower flat index."""
@@ -117,7 +119,7 @@ def _decode_functions(t):
         neighbour within ``half`` pixels is larger (NaN neighbours never are), else 0; 0 for NaN."""
         value = heat[index]
         if value != value:
-            return 0.0
+            return real(0)
         pixel = index % (height * width)
         y = pixel // width
         x = pixel - y * width
@@ -126,7 +128,7 @@ def _decode_functions(t):
             row = plane + yy * width
             for xx in range(max(x - half, 0), min(x + half + 1, width)):
                 if heat[row + xx] > value:
-                    return 0.0
+                    return real(0)
         return value
 
     @t.device
@@ -142,7 +144,7 @@ def _decode_functions(t):
             # Once the heap is full, index i (above every index in it) enters only with a score
             # above the root's; its score is its value or 0, so most pixels need no peak test.
             value = heat[b * per_image + i]
-            if count == capacity and not value > scores[base] and not 0.0 > scores[base]:
+            if count == capacity and not value > scores[base] and not real(0) > scores[base]:
                 continue
             score = peak_score(heat, b * per_image + i, height, width, kernel // 2)
             count = offer(scores, indices, base, count, capacity, score, i)
@@ -158,17 +160,17 @@ def _decode_functions(t):
         y = pixel // width
         x = pixel - y * width
         if has_reg:
-            xs = x + reg[(b * 2) * pixels + pixel]
-            ys = y + reg[(b * 2 + 1) * pixels + pixel]
+            xs = real(x) + reg[(b * 2) * pixels + pixel]
+            ys = real(y) + reg[(b * 2 + 1) * pixels + pixel]
         else:
-            xs = x + 0.5
-            ys = y + 0.5
+            xs = real(x) + real(0.5)
+            ys = real(y) + real(0.5)
         size_channel = b * (2 * classes if cat_spec_wh else 2) + (2 * c if cat_spec_wh else 0)
-        half_w = wh[size_channel * pixels + pixel] / 2
-        half_h = wh[(size_channel + 1) * pixels + pixel] / 2
+        half_w = wh[size_channel * pixels + pixel] / real(2)
+        half_h = wh[(size_channel + 1) * pixels + pixel] / real(2)
         label = c
         if has_threshold and score < threshold:
-            score = 0.0
+            score = real(0)
             label = -1
         row = slot * 6
         detections[row] = (xs - half_w) * down_ratio
@@ -176,7 +178,7 @@ def _decode_functions(t):
         detections[row + 2] = (xs + half_w) * down_ratio
         detections[row + 3] = (ys + half_h) * down_ratio
         detections[row + 4] = score
-        detections[row + 5] = label
+        detections[row + 5] = real(label)
 
     @t.device
     def merge_image(b, wh, reg, chunk_scores, chunk_indices, scores, indices, detections, chunk_size, capacity,
@@ -198,8 +200,8 @@ def _decode_functions(t):
             write_detection(detections, b * k + slot, scores[base + slot], indices[base + slot], b, wh, reg, params)
         for slot in range(b * k + kept, (b + 1) * k):
             for column in range(5):
-                detections[slot * 6 + column] = 0.0
-            detections[slot * 6 + 5] = -1.0
+                detections[slot * 6 + column] = real(0)
+            detections[slot * 6 + 5] = real(-1)
 
     return chunk_candidates, merge_image
 
@@ -220,6 +222,10 @@ def _max_into(t):
 
 
 def _targets_functions(t):
+    """The targets' per-object function. Its geometry (clipped box, radius, centre, Gaussian) is
+    float64 on every target, with float64 params, as in the CUDA C kernel: the radius and the
+    centre are truncated to integers, which must be exactly the reference's. One thread per
+    object and per Gaussian pixel: the float64 rate does not matter."""
     max_into = _max_into(t)
 
     @t.device
@@ -280,33 +286,38 @@ def _targets_functions(t):
 
 
 def _focal_functions(t):
+    real = t.real
+
     @t.device
     def focal_terms(p, y, alpha, beta, low, high):
-        """(positive term, negative term, 1 if positive) of one pixel, p clamped to [low, high]."""
+        """(positive term, negative term, 1 if positive) of one pixel, p clamped to [low, high];
+        a NaN term for a target outside [0, 1] (or NaN), which only an unchecked call passes."""
         p = min(max(p, low), high)
-        if y == 1:
-            return -math.log(p) * (1 - p) ** alpha, 0.0, 1.0
-        if y < 1:
-            return 0.0, -math.log(1 - p) * p ** alpha * (1 - y) ** beta, 0.0
-        return 0.0, 0.0, 0.0
+        zero, one = real(0), real(1)
+        if y == one:
+            return -math.log(p) * (one - p) ** alpha, zero, one
+        if y >= zero and y < one:
+            return zero, -math.log(one - p) * p ** alpha * (one - y) ** beta, zero
+        return real(math.nan), zero, zero
 
     @t.device
     def focal_grad(p, y, alpha, beta, low, high, scale):
         """d loss / d p of one pixel, ``scale`` = grad_output / max(number of positives, 1)."""
+        zero, one = real(0), real(1)
+        if not (y >= zero and y <= one):
+            return real(math.nan)  # a target outside [0, 1], as in focal_terms
         if not (p >= low and p <= high):
-            return 0.0  # the clamp acts (or p is NaN): no gradient, torch.clamp's rule
-        if y == 1:
-            return scale * (-(1 - p) ** alpha / p + alpha * math.log(p) * (1 - p) ** (alpha - 1))
-        if y < 1:
-            weight = (1 - y) ** beta
-            return scale * weight * (p ** alpha / (1 - p) - alpha * math.log(1 - p) * p ** (alpha - 1))
-        return 0.0
+            return zero  # the clamp acts (or p is NaN): no gradient, torch.clamp's rule
+        if y == one:
+            return scale * (-(one - p) ** alpha / p + alpha * math.log(p) * (one - p) ** (alpha - one))
+        weight = (one - y) ** beta
+        return scale * weight * (p ** alpha / (one - p) - alpha * math.log(one - p) * p ** (alpha - one))
 
     @t.device
     def chunk_sums(pred, target, partials, chunk, n, alpha, beta, low, high):
-        pos = 0.0
-        neg = 0.0
-        positives = 0.0
+        pos = real(0)
+        neg = real(0)
+        positives = real(0)
         for i in range(chunk * FOCAL_CHUNK, min((chunk + 1) * FOCAL_CHUNK, n)):
             a, b, c = focal_terms(pred[i], target[i], alpha, beta, low, high)
             pos += a
@@ -318,7 +329,7 @@ def _focal_functions(t):
 
     @t.device
     def total(partials, sums, column, n_chunks):
-        value = 0.0
+        value = real(0)
         for chunk in range(n_chunks):
             value += partials[3 * chunk + column]
         sums[column] = value
@@ -380,11 +391,14 @@ def cpu_kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_kernels():
-    """The CUDA kernels, in the order of :func:`cpu_kernels`, grid-stride loops over items."""
+def cuda_kernels(dtype):
+    """The CUDA kernels computing in ``dtype`` (the accumulation dtype), in the order of
+    :func:`cpu_kernels`, grid-stride loops over items. The targets kernel does its geometry in
+    float64 whatever ``dtype`` (see :func:`_targets_functions`)."""
     global cuda
     cuda = bind_cuda()
-    t = cuda_target()
+    t = cuda_target(dtype)
+    real = t.real
     chunk_candidates, merge_image = _decode_functions(t)
     draw_object = _targets_functions(t)
     _, focal_grad, chunk_sums, total = _focal_functions(t)
@@ -426,7 +440,7 @@ def cuda_kernels():
 
     @cuda_kernel
     def grad(grad_output, pred, target, sums, grad_pred, alpha, beta, low, high):
-        scale = grad_output[0] / max(sums[2], 1.0)
+        scale = grad_output[0] / max(sums[2], real(1))
         for i in range(cuda.grid(1), pred.size, cuda.gridsize(1)):
             grad_pred[i] = focal_grad(pred[i], target[i], alpha, beta, low, high, scale)
 
@@ -448,7 +462,8 @@ def _clamp_bounds(dtype):
 
 class _CenterNetKernelSet:
     """The kernel-set interface of :mod:`pydeform.centernet` over the kernels of one target;
-    subclasses give ``xp``, ``_kernels()``, ``_run(kernel, n_items, *args)`` and
+    subclasses give ``xp``, ``_kernels(dtype)`` (for the accumulation dtype),
+    ``_floats(values, dtype)`` (the kernels' float arguments), ``_run(kernel, n_items, *args)`` and
     ``_chunk(per_image, k)``, the number of flat scores per decode task (pass 1). float16 /
     bfloat16 arrays (CUDA only) are read from float32 copies in planned scratch slots, and a
     half-type gradient is written back from one."""
@@ -486,8 +501,8 @@ class _CenterNetKernelSet:
         heat, wh, reg = converted_arrays(self.xp, {"heat": heat, "wh": wh, "reg": reg})
         # A stand-in for an absent reg that is never read, not a view of another argument.
         reg = xp.zeros(1, heat.dtype) if reg is None else reg
-        candidates, merge = self._kernels()[:2]
-        batch, params = params.batch, tuple(params)
+        candidates, merge = self._kernels(detections.dtype)[:2]
+        batch, params = params.batch, self._floats(params, detections.dtype)
         self._run(candidates, n_tasks, flat(heat), *buffers[:2], chunk, capacity, params, n_tasks)
         self._run(merge, batch, flat(wh), flat(reg), *buffers, flat(detections), chunk, capacity, params)
 
@@ -496,7 +511,8 @@ class _CenterNetKernelSet:
         # are heatmap planes.
         items = params.batch * min(params.max_boxes, params.max_objects)
         arrays = (boxes, labels, heatmap, wh, reg, ind, reg_mask)
-        self._run(self._kernels()[2], items, *(flat(a) for a in arrays), tuple(params))
+        # Python floats on every target: the geometry is float64 (see _targets_functions).
+        self._run(self._kernels(boxes.dtype)[2], items, *(flat(a) for a in arrays), tuple(params))
 
     @staticmethod
     def focal_loss_workspace(size: int, dtype, *, backward: bool = False) -> dict:
@@ -517,18 +533,17 @@ class _CenterNetKernelSet:
         plan = self.focal_loss_workspace(n, pred.dtype)
         partials = scratch(self.xp, FOCAL_PARTIALS_SLOT, *plan[FOCAL_PARTIALS_SLOT])
         pred, target = converted_arrays(self.xp, {"pred": pred, "target": target})
-        focal_partials, focal_total = self._kernels()[3:5]
-        low, high = _clamp_bounds(sums.dtype)
-        self._run(focal_partials, n_chunks, flat(pred), flat(target), partials, n, params.alpha, params.beta, low,
-                  high)
+        focal_partials, focal_total = self._kernels(sums.dtype)[3:5]
+        floats = self._floats((params.alpha, params.beta, *_clamp_bounds(sums.dtype)), sums.dtype)
+        self._run(focal_partials, n_chunks, flat(pred), flat(target), partials, n, *floats)
         self._run(focal_total, 3, partials, sums, n_chunks)
 
     def focal_loss_grad(self, grad_output, pred, target, sums, grad_pred, params):
         grad_output, pred, target, computed = converted_arrays(
             self.xp, {"grad_output": grad_output, "pred": pred, "target": target, "grad_pred": grad_pred})
-        low, high = _clamp_bounds(sums.dtype)
-        self._run(self._kernels()[5], pred.size, grad_output.reshape(1), flat(pred), flat(target), sums,
-                  flat(computed), params.alpha, params.beta, low, high)
+        floats = self._floats((params.alpha, params.beta, *_clamp_bounds(sums.dtype)), sums.dtype)
+        self._run(self._kernels(sums.dtype)[5], pred.size, grad_output.reshape(1), flat(pred), flat(target), sums,
+                  flat(computed), *floats)
         if computed is not grad_pred:
             grad_pred[...] = computed
 
@@ -545,8 +560,13 @@ class NumbaCpuCenterNetKernels(_CenterNetKernelSet):
         return self.chunk
 
     @staticmethod
-    def _kernels():
+    def _kernels(dtype):
         return cpu_kernels()
+
+    @staticmethod
+    def _floats(values, dtype):
+        """Python floats: the CPU kernels compute in float64."""
+        return tuple(values)
 
     @staticmethod
     def _run(kernel, n_items, *args):
@@ -573,8 +593,12 @@ class NumbaCudaCenterNetKernels(_CenterNetKernelSet):
         return cuda_chunk(per_image, k) if self.chunk is None else self.chunk
 
     @staticmethod
-    def _kernels():
-        return cuda_kernels()
+    def _kernels(dtype):
+        return cuda_kernels(dtype)
+
+    @staticmethod
+    def _floats(values, dtype):
+        return typed_floats(values, dtype)
 
     def _run(self, kernel, n_items, *args):
         launch_cuda(kernel, n_items, self.xp, *args)

@@ -64,6 +64,7 @@ cuda = None
 
 def _sample_functions(t):
     """Compile the per-sample functions for target ``t``."""
+    real = t.real
     setup, weights_of, corners = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners
     combine, gradient_of, atomic_add = t.bilinear_combine, t.bilinear_gradient, t.atomic_add
 
@@ -76,8 +77,8 @@ def _sample_functions(t):
         pixels = out_h * out_w
         # offset channel of dy: (b*Goff + g)*2*kh*kw + 2*ij = 2*point_row; dx is the next one
         dy_index = 2 * point_row * pixels + y * out_w + x
-        h = y * stride_h - pad_h + i * dil_h + offset[dy_index]
-        w = x * stride_w - pad_w + j * dil_w + offset[dy_index + pixels]
+        h = real(y * stride_h - pad_h + i * dil_h) + offset[dy_index]
+        w = real(x * stride_w - pad_w + j * dil_w) + offset[dy_index + pixels]
         return h, w, dy_index
 
     @t.device
@@ -93,7 +94,7 @@ def _sample_functions(t):
         ij = point_row % points
         i = ij // kernel_w
         h, w, dy_index = position(point_row, i, ij - i * kernel_w, y, p - y * out_w, offset, geometry)
-        m = mask[item] if has_mask else 1.0
+        m = mask[item] if has_mask else real(1)
         return point_row // points, ij * pixels + p, h, w, m, dy_index
 
     @t.device
@@ -119,7 +120,9 @@ def _sample_functions(t):
         plane_size = geometry[1] * geometry[2]
         for c in range(c_begin, c_end):
             bc = b * geometry[0] + c
-            value = 0.0
+            # m * 0 outside the image (the weights of an outside sample are (m, 0, 0, 0)): NaN
+            # for a NaN mask, like m * B everywhere else.
+            value = real(0) * w00
             if inside:
                 v00, v01, v10, v11 = corners(input, bc * plane_size, corner, inside, geometry[2])
                 value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
@@ -154,10 +157,10 @@ def _sample_functions(t):
         c_begin, c_end, b = channel_span(group_row, geometry)
         block = geometry[4] * geometry[5] * geometry[14] * geometry[15]
         plane_size = geometry[1] * geometry[2]
-        w00, w01, w10, w11 = weights_of(lh, lw, 1.0)
-        grad_h = 0.0
-        grad_w = 0.0
-        grad_m = 0.0
+        w00, w01, w10, w11 = weights_of(lh, lw, real(1))
+        grad_h = real(0)
+        grad_w = real(0)
+        grad_m = real(0)
         if inside:
             for c in range(c_begin, c_end):
                 bc = b * geometry[0] + c
@@ -168,8 +171,9 @@ def _sample_functions(t):
                 grad_w += grad * d_dw
                 grad_m += grad * combine(v00, v01, v10, v11, w00, w01, w10, w11)
         pixels = geometry[14] * geometry[15]
-        grad_offset[dy_index] = m * grad_h
-        grad_offset[dy_index + pixels] = m * grad_w
+        # Outside the image square the offset gradient is 0, not m * 0: NaN for a NaN mask.
+        grad_offset[dy_index] = m * grad_h if inside else real(0)
+        grad_offset[dy_index + pixels] = m * grad_w if inside else real(0)
         if has_mask:
             grad_mask[item] = grad_m
 
@@ -375,11 +379,12 @@ def _cpu_kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels():
+def _cuda_kernels(dtype):
+    """``(im2col, col2im_coord, col2im)`` computing in ``dtype``, the accumulation dtype."""
     global cuda
     cuda = bind_cuda()
 
-    _, _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target())
+    _, _, _, im2col_sample, col2im_sample, col2im_coord_sample = _sample_functions(cuda_target(dtype))
 
     @cuda_kernel
     def im2col(input, offset, mask, has_mask, columns, geometry, n_items):
@@ -558,7 +563,9 @@ class NumbaCudaDeformConv2dKernels:
         return accumulator_plans(shapes, dtype)
 
     def _launch(self, index, n_items, *args):
-        launch_cuda(_cuda_kernels()[index], n_items, self.xp, *args, n_items)
+        """Launch kernel ``index`` of :func:`_cuda_kernels` for the dtype of the first argument
+        (converted arrays are in the accumulation dtype)."""
+        launch_cuda(_cuda_kernels(args[0].dtype)[index], n_items, self.xp, *args, n_items)
 
     def im2col(self, input, offset, mask, columns, geometry):
         input, offset, mask = converted_arrays(self.xp, {"input": input, "offset": offset, "mask": mask})

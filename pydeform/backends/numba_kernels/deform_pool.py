@@ -261,11 +261,12 @@ def _cpu_kernels():
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernels():
+def _cuda_kernels(dtype):
+    """The CUDA kernels computing in ``dtype`` (the accumulation dtype of the arrays)."""
     global cuda
     cuda = bind_cuda()
 
-    _, pooled, input_grad_item, coord_grad_item = _item_functions(cuda_target())
+    _, pooled, input_grad_item, coord_grad_item = _item_functions(cuda_target(dtype))
 
     @cuda_kernel
     def forward(input, offset, mask, has_mask, output, indices, has_indices, geometry, max_mode, scale, one,
@@ -389,7 +390,9 @@ class NumbaCudaDeformPool2dKernels:
         return accumulator_plans(shapes, dtype)
 
     def _launch(self, index, n_items, *args):
-        launch_cuda(_cuda_kernels()[index], n_items, self.xp, *args, n_items)
+        """Launch kernel ``index`` built for the dtype of the first argument (converted: the
+        accumulation dtype)."""
+        launch_cuda(_cuda_kernels(args[0].dtype)[index], n_items, self.xp, *args, n_items)
 
     def forward(self, input, offset, mask, output, indices, geometry, max_mode):
         xp = self.xp

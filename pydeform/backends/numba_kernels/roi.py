@@ -44,13 +44,13 @@ import numpy as np
 from ..._rois import COORDINATE_LIMIT, MAX_SAMPLES_PER_AXIS
 from ..._workspace import accumulator_plans, converted_arrays, scratch
 from .layout import channels_last
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda, typed_floats
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
 cuda = None
 
-# From 2**52 on every float64 is an integer: rounding leaves it alone (and math.floor, which
-# returns an int64 in Numba, never sees it).
+# From 2**52 on every float64 (and from 2**23 every float32) is an integer: rounding leaves it
+# alone (and math.floor, which returns an int64 in Numba on the CPU, never sees it).
 _INTEGRAL_FROM = float(2**52)
 
 
@@ -60,6 +60,7 @@ _N, _C, _H, _W, _C_OUT, _PH, _PW = range(7)
 
 def _sample_functions(t):
     """Rule-B sampling at one position: value, position derivatives, scatter of a gradient."""
+    real = t.real
     setup, corners, weights_of = t.border_clamped_setup, t.border_clamped_corners, t.bilinear_weights
     combine, gradient_of, atomic_add = t.bilinear_combine, t.bilinear_gradient, t.atomic_add
 
@@ -70,12 +71,12 @@ def _sample_functions(t):
         unless ``with_slopes``."""
         inside, corner, row_step, col_step, ly, lx, slope_y, slope_x = setup(y, x, height, width)
         if not inside:
-            return 0.0, 0.0, 0.0
+            return real(0), real(0), real(0)
         v00, v01, v10, v11 = corners(input, plane, corner, row_step, col_step)
-        w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
+        w00, w01, w10, w11 = weights_of(ly, lx, real(1))
         value = combine(v00, v01, v10, v11, w00, w01, w10, w11)
         if not with_slopes:
-            return value, 0.0, 0.0
+            return value, real(0), real(0)
         d_dy, d_dx = gradient_of(v00, v01, v10, v11, ly, lx)
         return value, slope_y * d_dy, slope_x * d_dx
 
@@ -95,6 +96,17 @@ def _sample_functions(t):
     return sample, scatter_sample
 
 
+def _max_rule(t):
+    @t.device
+    def takes_over_max(value, best):
+        """Whether ``value`` takes over as the maximum from ``best``: it is larger, or NaN while
+        ``best`` is not. A NaN in a bin makes its maximum NaN (as torch's max_pool2d) and the
+        first NaN is the arg-max (as NumPy's argmax), which the gradient reaches."""
+        return best == best and not (value <= best)
+
+    return takes_over_max
+
+
 def _grid_loops(t, samplers, position):
     """The loops over one bin's samples for a sampling scheme.
 
@@ -104,15 +116,17 @@ def _grid_loops(t, samplers, position):
     whether it takes part, and where it is read.
     """
     sample, scatter_sample = samplers
+    real = t.real
+    takes_over_max = _max_rule(t)
 
     @t.device
     def sums(input, plane, grid, height, width, with_slopes):
         """(sum of the counted samples, their number, sums of their d/dy and d/dx); the
         derivative sums are 0 unless ``with_slopes``."""
-        value = 0.0
+        value = real(0)
         count = 0
-        sum_dy = 0.0
-        sum_dx = 0.0
+        sum_dy = real(0)
+        sum_dx = real(0)
         for iy in range(grid[4]):
             for ix in range(grid[5]):
                 counted, y, x = position(grid, iy, ix, height, width)
@@ -137,18 +151,18 @@ def _grid_loops(t, samplers, position):
 
     @t.device
     def argmax(input, plane, grid, height, width):
-        """(found, largest sample, its y, its x); the first one wins ties, (False, 0, 0, 0)
-        without samples."""
+        """(found, largest sample, its y, its x); the first one wins ties, NaN wins over
+        everything (the first NaN), (False, 0, 0, 0) without samples."""
         found = False
-        best = 0.0
-        best_y = 0.0
-        best_x = 0.0
+        best = real(0)
+        best_y = real(0)
+        best_x = real(0)
         for iy in range(grid[4]):
             for ix in range(grid[5]):
                 counted, y, x = position(grid, iy, ix, height, width)
                 if counted:
                     value, _, _ = sample(input, plane, y, x, height, width, False)
-                    if not found or value > best:
+                    if not found or takes_over_max(value, best):
                         found = True
                         best = value
                         best_y = y
@@ -171,26 +185,29 @@ def _element_functions(t):
     """Compile every family's element functions for ``t``; returns a dict keyed by family name
     of ``(forward, input_grad, params_grad, source_channel)``, and under "shared_bins", by
     family, the CPU forward of one bin for all channels from a channels-last input."""
-    atomic_add = t.atomic_add
+    real, atomic_add = t.real, t.atomic_add
     setup, weights_of, combine = t.border_clamped_setup, t.bilinear_weights, t.bilinear_combine
     samplers = _sample_functions(t)
     scatter_sample = samplers[1]
+    takes_over_max = _max_rule(t)
 
     @t.device
     def regular_position(grid, iy, ix, height, width):
         """roi_align's sample (iy, ix) of a bin: y = top + (iy + 0.5) * bin_h / gh (the
         order of operations of docs/roi.md), always counted."""
-        return True, grid[0] + (iy + 0.5) * grid[2] / grid[4], grid[1] + (ix + 0.5) * grid[3] / grid[5]
+        return (True, grid[0] + (real(iy) + real(0.5)) * grid[2] / real(grid[4]),
+                grid[1] + (real(ix) + real(0.5)) * grid[3] / real(grid[5]))
 
     @t.device
     def skip_clamp_position(grid, iy, ix, height, width):
         """deform_psroi_pool's sample: y = top + iy * sub_h, skipped outside [-0.5, H - 0.5]
         (a NaN too) and clamped into [0, H - 1]; same for x."""
-        y = grid[0] + iy * grid[2]
-        x = grid[1] + ix * grid[3]
-        if not (y >= -0.5 and y <= height - 0.5 and x >= -0.5 and x <= width - 0.5):
-            return False, 0.0, 0.0
-        return True, min(max(y, 0.0), height - 1.0), min(max(x, 0.0), width - 1.0)
+        y = grid[0] + real(iy) * grid[2]
+        x = grid[1] + real(ix) * grid[3]
+        half = real(0.5)
+        if not (y >= -half and y <= real(height) - half and x >= -half and x <= real(width) - half):
+            return False, real(0), real(0)
+        return True, min(max(y, real(0)), real(height - 1)), min(max(x, real(0)), real(width - 1))
 
     aligned_sums, aligned_count, aligned_argmax, aligned_scatter = _grid_loops(t, samplers, regular_position)
     ps_sums, ps_count, _, ps_scatter = _grid_loops(t, samplers, skip_clamp_position)
@@ -204,11 +221,11 @@ def _element_functions(t):
         corner that, times ``scale``, is beyond COORDINATE_LIMIT (a finite box can overflow once
         scaled). Within the limit every bin size and sample count is finite and exact."""
         b = rois[5 * k]
-        if not (b >= 0 and b < shape[_N] and b == math.floor(b)):
+        if not (b >= real(0) and b < real(shape[_N]) and b == real(math.floor(b))):
             return -1
         for q in range(1, 5):
             scaled = rois[5 * k + q] * scale
-            if not (scaled >= -COORDINATE_LIMIT and scaled <= COORDINATE_LIMIT):  # NaN fails too
+            if not (scaled >= -real(COORDINATE_LIMIT) and scaled <= real(COORDINATE_LIMIT)):  # NaN fails too
                 return -1
         return (int(b) * shape[_C] + channel) * shape[_H] * shape[_W]
 
@@ -224,15 +241,15 @@ def _element_functions(t):
         """Bin (ph, pw) of a roi with top-left (y1, x1): (top, left, bin_h, bin_w, gh, gw),
         adaptive gh = ceil(bin_h) clamped to [0, MAX_SAMPLES_PER_AXIS] (0 for an empty or
         negative roi)."""
-        bin_h = roi_h / pooled_h
-        bin_w = roi_w / pooled_w
+        bin_h = roi_h / real(pooled_h)
+        bin_w = roi_w / real(pooled_w)
         if sampling_ratio > 0:
             grid_h = sampling_ratio
             grid_w = sampling_ratio
         else:
-            grid_h = min(max(math.ceil(bin_h), 0), MAX_SAMPLES_PER_AXIS)
-            grid_w = min(max(math.ceil(bin_w), 0), MAX_SAMPLES_PER_AXIS)
-        return y1 + ph * bin_h, x1 + pw * bin_w, bin_h, bin_w, grid_h, grid_w
+            grid_h = min(max(int(math.ceil(bin_h)), 0), MAX_SAMPLES_PER_AXIS)
+            grid_w = min(max(int(math.ceil(bin_w)), 0), MAX_SAMPLES_PER_AXIS)
+        return y1 + real(ph) * bin_h, x1 + real(pw) * bin_w, bin_h, bin_w, grid_h, grid_w
 
     @t.device
     def no_params_grad(k, c, ph, pw, grad, input, rois, first, second, grad_first, grad_second, shape, params):
@@ -247,28 +264,28 @@ def _element_functions(t):
     @t.device
     def align_grid(k, ph, pw, rois, params):
         _, _, _, pooled_h, pooled_w, _, scale, sampling_ratio, aligned, _, _ = params
-        shift = 0.5 if aligned else 0.0
+        shift = real(0.5) if aligned else real(0)
         x1 = rois[5 * k + 1] * scale - shift
         y1 = rois[5 * k + 2] * scale - shift
         roi_w = rois[5 * k + 3] * scale - shift - x1
         roi_h = rois[5 * k + 4] * scale - shift - y1
         if not aligned:
-            roi_w = max(roi_w, 1.0)
-            roi_h = max(roi_h, 1.0)
+            roi_w = max(roi_w, real(1))
+            roi_h = max(roi_h, real(1))
         return regular_grid(y1, x1, roi_h, roi_w, ph, pw, pooled_h, pooled_w, sampling_ratio)
 
     @t.device
     def roi_align_forward(k, c, ph, pw, input, rois, first, second, shape, params):
         plane = plane_of(k, align_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
-            return 0.0
+            return real(0)
         height, width = shape[_H], shape[_W]
         grid = align_grid(k, ph, pw, rois, params)
         if params[9]:
             _, best, _, _ = aligned_argmax(input, plane, grid, height, width)
             return best
         value, count, _, _ = aligned_sums(input, plane, grid, height, width, False)
-        return value / max(count, 1)
+        return value / real(max(count, 1))
 
     @t.device
     def roi_align_bin_forward(k, ph, pw, input_hwc, rois, output, shape, params, per_channel):
@@ -304,7 +321,7 @@ def _element_functions(t):
                 for c in range(channels):
                     if not max_mode:
                         per_channel[c] += 0.0
-                    elif j == 0 or 0.0 > per_channel[c]:
+                    elif j == 0 or takes_over_max(0.0, per_channel[c]):
                         per_channel[c] = 0.0
                 continue
             w00, w01, w10, w11 = weights_of(ly, lx, 1.0)
@@ -324,7 +341,7 @@ def _element_functions(t):
                     u = np.uint64(c)
                     value = combine(input_hwc[at00 + u], input_hwc[at01 + u], input_hwc[at10 + u],
                                     input_hwc[at11 + u], w00, w01, w10, w11)
-                    if j == 0 or value > per_channel[c]:
+                    if j == 0 or takes_over_max(value, per_channel[c]):
                         per_channel[c] = value
         for c in range(channels):
             output[first_item + c * channel_stride] = per_channel[c] if max_mode else per_channel[c] / max(count, 1)
@@ -342,17 +359,29 @@ def _element_functions(t):
                 scatter_sample(grad_input, plane, y, x, height, width, grad)
         else:
             aligned_scatter(grad_input, plane, grid, height, width,
-                            grad / max(aligned_count(grid, height, width), 1))
+                            grad / real(max(aligned_count(grid, height, width), 1)))
 
     # roi_pool / ps_roi_pool. params: RoIPoolParams.
+
+    @t.device
+    def half_away(v):
+        """round-half-away-from-zero(v) (CUDA's round), exact: the fraction is compared with a
+        half, so that no rounding of ``|v| + 0.5`` carries a value just below a half up."""
+        magnitude = abs(v)
+        if not (magnitude < real(_INTEGRAL_FROM)):
+            return v
+        rounded = real(math.floor(magnitude))
+        if magnitude - rounded >= real(0.5):
+            rounded += real(1)
+        return rounded if v >= real(0) else -rounded
 
     @t.device
     def rounded_index(v):
         """round-half-away-from-zero(v) as an int, clamped to +-COORDINATE_LIMIT: a valid roi's
         scaled corners are within it, and the clamp keeps the conversion defined for the corners
         of an invalid one (whose window is never read)."""
-        v = min(max(v, -COORDINATE_LIMIT), COORDINATE_LIMIT)
-        return math.floor(v + 0.5) if v >= 0 else -math.floor(0.5 - v)
+        limit = real(COORDINATE_LIMIT)
+        return int(half_away(min(max(v, -limit), limit)))
 
     @t.device
     def pool_channel(c, ph, pw, params):
@@ -378,13 +407,13 @@ def _element_functions(t):
     @t.device
     def window_argmax(input, plane, h0, h1, w0, w1, width):
         """(largest element, its flat index) of the window, the first in row-major order on
-        ties; (0, -1) for an empty window."""
-        best = 0.0
+        ties, NaN over everything (the first NaN); (0, -1) for an empty window."""
+        best = real(0)
         arg = -1
         for h in range(h0, h1):
             for w in range(w0, w1):
                 at = plane + h * width + w
-                if arg < 0 or input[at] > best:
+                if arg < 0 or takes_over_max(input[at], best):
                     best = input[at]
                     arg = at
         return best, arg
@@ -393,19 +422,19 @@ def _element_functions(t):
     def roi_pool_forward(k, c, ph, pw, input, rois, first, second, shape, params):
         plane = plane_of(k, pool_channel(c, ph, pw, params), rois, shape, params[6])
         if plane < 0:
-            return 0.0
+            return real(0)
         width = shape[_W]
         h0, h1, w0, w1 = pool_window(k, ph, pw, rois, params)
         if not params[7]:
             best, _ = window_argmax(input, plane, h0, h1, w0, w1, width)
             return best
         if h1 <= h0 or w1 <= w0:
-            return 0.0
-        value = 0.0
+            return real(0)
+        value = real(0)
         for h in range(h0, h1):
             for w in range(w0, w1):
                 value += input[plane + h * width + w]
-        return value / ((h1 - h0) * (w1 - w0))
+        return value / real((h1 - h0) * (w1 - w0))
 
     @t.device
     def roi_pool_bin_forward(k, ph, pw, input_hwc, rois, output, shape, params, per_channel):
@@ -413,7 +442,7 @@ def _element_functions(t):
         from the channels-last copy ``input_hwc``: each window pixel's channels are one run
         (SIMD loads) compared with every channel's running maximum in ``per_channel`` at once.
         The same pixels in the same order and the same comparisons as :func:`roi_pool_forward`
-        (first pixel, then strictly greater), so the results are identical."""
+        (first pixel, then ``takes_over_max``), so the results are identical."""
         channels, pooled_h, pooled_w = shape[_C_OUT], shape[_PH], shape[_PW]
         first_item = (k * channels * pooled_h + ph) * pooled_w + pw
         channel_stride = pooled_h * pooled_w
@@ -433,7 +462,7 @@ def _element_functions(t):
                 else:
                     for c in range(channels):
                         value = input_hwc[at + np.uint64(c)]
-                        if value > per_channel[c]:
+                        if takes_over_max(value, per_channel[c]):
                             per_channel[c] = value
         for c in range(channels):
             output[first_item + c * channel_stride] = per_channel[c]
@@ -450,7 +479,7 @@ def _element_functions(t):
             if arg >= 0:
                 atomic_add(grad_input, arg, grad)
         elif h1 > h0 and w1 > w0:
-            share = grad / ((h1 - h0) * (w1 - w0))
+            share = grad / real((h1 - h0) * (w1 - w0))
             for h in range(h0, h1):
                 for w in range(w0, w1):
                     atomic_add(grad_input, plane + h * width + w, share)
@@ -466,10 +495,11 @@ def _element_functions(t):
         """(y1, x1, roi_h, roi_w) of bin (ph, pw): the roi's start moved by
         roi size * gamma * offset[k, :, ph, pw] (x first)."""
         _, _, _, pooled_h, pooled_w, scale, _, gamma, has_offset, _ = params
-        x1 = rois[5 * k + 1] * scale - 0.5
-        y1 = rois[5 * k + 2] * scale - 0.5
-        roi_w = rois[5 * k + 3] * scale - 0.5 - x1
-        roi_h = rois[5 * k + 4] * scale - 0.5 - y1
+        half = real(0.5)
+        x1 = rois[5 * k + 1] * scale - half
+        y1 = rois[5 * k + 2] * scale - half
+        roi_w = rois[5 * k + 3] * scale - half - x1
+        roi_h = rois[5 * k + 4] * scale - half - y1
         if has_offset:
             at = (2 * k * pooled_h + ph) * pooled_w + pw
             x1 += roi_w * (gamma * offset[at])
@@ -485,7 +515,7 @@ def _element_functions(t):
     def deform_sample_grad(k, ph, pw, grad, mask, count, params):
         """The gradient of each of the ``count`` samples of bin (ph, pw): the output is
         mask * (sum of samples) / count."""
-        value = grad / max(count, 1)
+        value = grad / real(max(count, 1))
         if params[9]:
             value *= mask[(k * params[3] + ph) * params[4] + pw]
         return value
@@ -494,10 +524,10 @@ def _element_functions(t):
     def deform_roi_pool_forward(k, c, ph, pw, input, rois, offset, mask, shape, params):
         plane = plane_of(k, c, rois, shape, params[5])
         if plane < 0:
-            return 0.0
+            return real(0)
         grid = deform_grid(k, ph, pw, rois, offset, params)
         value, count, _, _ = aligned_sums(input, plane, grid, shape[_H], shape[_W], False)
-        value /= max(count, 1)
+        value /= real(max(count, 1))
         if params[9]:
             value *= mask[(k * params[3] + ph) * params[4] + pw]
         return value
@@ -529,17 +559,9 @@ def _element_functions(t):
             atomic_add(grad_offset, at, gamma * roi_w * grad_sample * sum_dx)
             atomic_add(grad_offset, at + pooled_h * pooled_w, gamma * roi_h * grad_sample * sum_dy)
         if has_mask:
-            atomic_add(grad_mask, (k * pooled_h + ph) * pooled_w + pw, grad * value / max(count, 1))
+            atomic_add(grad_mask, (k * pooled_h + ph) * pooled_w + pw, grad * value / real(max(count, 1)))
 
     # deform_psroi_pool. params: DeformPSRoIPoolParams; first = trans.
-
-    @t.device
-    def half_away(v):
-        """round-half-away-from-zero(v) as a float."""
-        if not (abs(v) < _INTEGRAL_FROM):
-            return v
-        rounded = float(math.floor(abs(v) + 0.5))
-        return rounded if v >= 0 else -rounded
 
     @t.device
     def psroi_channel(c, ph, pw, params):
@@ -555,14 +577,15 @@ def _element_functions(t):
         of bin (ph, pw) of output channel c; part cell floor(ph*part_size/P) in integer
         arithmetic. (Flat: Numba's parfor analysis trips over nested tuples.)"""
         _, _, _, output_dim, _, pooled, part_size, samples, trans_std, scale, classes, has_trans = params
-        x1 = half_away(rois[5 * k + 1]) * scale - 0.5
-        y1 = half_away(rois[5 * k + 2]) * scale - 0.5
-        roi_w = max((half_away(rois[5 * k + 3]) + 1.0) * scale - 0.5 - x1, 0.1)
-        roi_h = max((half_away(rois[5 * k + 4]) + 1.0) * scale - 0.5 - y1, 0.1)
-        bin_w = roi_w / pooled
-        bin_h = roi_h / pooled
-        left = pw * bin_w + x1
-        top = ph * bin_h + y1
+        half, one, least = real(0.5), real(1), real(0.1)
+        x1 = half_away(rois[5 * k + 1]) * scale - half
+        y1 = half_away(rois[5 * k + 2]) * scale - half
+        roi_w = max((half_away(rois[5 * k + 3]) + one) * scale - half - x1, least)
+        roi_h = max((half_away(rois[5 * k + 4]) + one) * scale - half - y1, least)
+        bin_w = roi_w / real(pooled)
+        bin_h = roi_h / real(pooled)
+        left = real(pw) * bin_w + x1
+        top = real(ph) * bin_h + y1
         at = -1
         if has_trans:
             class_id = c // (output_dim // classes)
@@ -570,7 +593,7 @@ def _element_functions(t):
             at += pw * part_size // pooled
             left += trans[at] * trans_std * roi_w
             top += trans[at + part_size * part_size] * trans_std * roi_h
-        return top, left, bin_h / samples, bin_w / samples, roi_h, roi_w, at
+        return top, left, bin_h / real(samples), bin_w / real(samples), roi_h, roi_w, at
 
     @t.device
     def psroi_grid(k, c, ph, pw, rois, trans, params):
@@ -581,10 +604,10 @@ def _element_functions(t):
     def deform_psroi_pool_forward(k, c, ph, pw, input, rois, trans, second, shape, params):
         plane = plane_of(k, psroi_channel(c, ph, pw, params), rois, shape, params[9])
         if plane < 0:
-            return 0.0
+            return real(0)
         grid = psroi_grid(k, c, ph, pw, rois, trans, params)
         value, count, _, _ = ps_sums(input, plane, grid, shape[_H], shape[_W], False)
-        return value / max(count, 1)
+        return value / real(max(count, 1))
 
     @t.device
     def deform_psroi_pool_input_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_input, shape, params):
@@ -593,7 +616,7 @@ def _element_functions(t):
             return
         height, width = shape[_H], shape[_W]
         grid = psroi_grid(k, c, ph, pw, rois, trans, params)
-        ps_scatter(grad_input, plane, grid, height, width, grad / max(ps_count(grid, height, width), 1))
+        ps_scatter(grad_input, plane, grid, height, width, grad / real(max(ps_count(grid, height, width), 1)))
 
     @t.device
     def deform_psroi_pool_params_grad(k, c, ph, pw, grad, input, rois, trans, second, grad_trans, grad_second, shape,
@@ -605,7 +628,7 @@ def _element_functions(t):
         top, left, sub_h, sub_w, roi_h, roi_w, at = psroi_bin(k, c, ph, pw, rois, trans, params)
         grid = (top, left, sub_h, sub_w, params[7], params[7])
         _, count, sum_dy, sum_dx = ps_sums(input, plane, grid, height, width, True)
-        grad_sample = grad / max(count, 1)
+        grad_sample = grad / real(max(count, 1))
         trans_std, part_size = params[8], params[6]
         atomic_add(grad_trans, at, trans_std * roi_w * grad_sample * sum_dx)
         atomic_add(grad_trans, at + part_size * part_size, trans_std * roi_h * grad_sample * sum_dy)
@@ -641,8 +664,8 @@ def _cpu_functions():
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_functions():
-    t = cuda_target()
+def _cuda_functions(dtype):
+    t = cuda_target(dtype)
     return _element_functions(t), _split_function(t)
 
 
@@ -713,12 +736,13 @@ def cpu_kernels(family: str) -> CpuKernels:
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_kernels(family: str):
-    """A family's CUDA kernels ``(forward, backward)``, one thread per output element."""
+def cuda_kernels(family: str, dtype):
+    """A family's CUDA kernels ``(forward, backward)`` computing in ``dtype`` (the accumulation
+    dtype), one thread per output element."""
     global cuda
     cuda = bind_cuda()
 
-    elements, split = _cuda_functions()
+    elements, split = _cuda_functions(dtype)
     forward, input_grad, params_grad, _ = elements[family]
 
     @cuda_kernel
@@ -887,13 +911,19 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         _cuda_c_kernels().deform_psroi_pool_backward_deterministic(*args)
 
     def _launch(self, family, backward, n_items, *args):
-        launch_cuda(cuda_kernels(family)[backward], n_items, self.xp, *args, n_items)
+        """Launch a family's kernel on ``args``, the last one the param record: the kernel built
+        for the dtype of the first argument (input or grad_output, converted: the accumulation
+        dtype), with the float fields of the record in that dtype."""
+        *arrays, params = args
+        dtype = arrays[0].dtype
+        launch_cuda(cuda_kernels(family, dtype)[backward], n_items, self.xp, *arrays, typed_floats(params, dtype),
+                    n_items)
 
     def _forward(self, family, input, rois, extras, output, params):
         input, *extras = converted_arrays(self.xp, {"input": input, **extras})
         (computed,) = converted_arrays(self.xp, {"output": output})
         self._launch(family, False, output.size, flat(input), flat(rois), *self._stand_ins(extras, input),
-                     flat(computed), _shape(input, output), tuple(params))
+                     flat(computed), _shape(input, output), params)
         if computed is not output:
             output[...] = computed
 
@@ -903,5 +933,5 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         self._launch(
             family, True, grad_output.size,
             flat(grad_output), flat(input), flat(rois), *self._stand_ins(extras, input),
-            flat(grad_input), *self._stand_ins(grad_extras, grad_input), _shape(input, grad_output), tuple(params),
+            flat(grad_input), *self._stand_ins(grad_extras, grad_input), _shape(input, grad_output), params,
         )

@@ -1,9 +1,13 @@
 """The two Numba targets: how a shared function is compiled, and how a kernel is launched.
 
-Op modules write their per-item arithmetic once as plain Python and build their kernels with
-:func:`build_for_cpu` / :func:`build_for_cuda`, which hand them a :class:`Target` whose
-``device`` compiles a helper for that target and whose ``atomic_add`` scatters into an array
-(a plain add on the CPU, where kernels are written so that no two threads share an element).
+Op modules write their per-item arithmetic once as plain Python and build their kernels from a
+:class:`Target` (:func:`cpu_target`, :func:`cuda_target`) whose ``device`` compiles a helper for
+that target, whose ``atomic_add`` scatters into an array (a plain add on the CPU, where kernels
+are written so that no two threads share an element) and whose ``real`` is the arithmetic type:
+float constants and integer-to-float conversions are written ``real(...)``. CUDA kernels are
+built per accumulation dtype, so that a float32 kernel does no float64 arithmetic (float64 runs
+at 1/32 to 1/64 of the float32 rate on most GPUs); the CPU kernels compute in float64 (Python
+floats) whatever the storage type.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from ..compile_notice import watch_numba_cpu_compiles, watching_numba_cuda_launch
 from . import bilinear
 from .disk_cache import cache_on_disk
 
@@ -25,6 +30,7 @@ MAX_BLOCKS = 65536
 
 class Target(NamedTuple):
     name: str
+    real: type  # the arithmetic type: np.float32 or np.float64
     device: Callable  # compiles a plain Python function for this target
     atomic_add: Callable  # atomic_add(array1d, index, value)
     zero_padded_setup: Callable
@@ -49,8 +55,9 @@ _HELPERS = (
 )
 
 
-def _compiled_helpers(device):
-    return {name: device(getattr(bilinear, name)) for name in _HELPERS}
+def _compiled_helpers(device, real):
+    helpers = bilinear.functions(real)
+    return {name: device(helpers[name]) for name in _HELPERS}
 
 
 def _prefer_passive_openmp_waits():
@@ -68,6 +75,7 @@ def _prefer_passive_openmp_waits():
 @functools.lru_cache(maxsize=None)
 def cpu_target() -> Target:
     _prefer_passive_openmp_waits()
+    watch_numba_cpu_compiles()
     import numba
 
     def device(fn):
@@ -77,7 +85,7 @@ def cpu_target() -> Target:
     def add(array, index, value):
         array[index] += value
 
-    return Target("cpu", device, add, **_compiled_helpers(device))
+    return Target("cpu", np.float64, device, add, **_compiled_helpers(device, np.float64))
 
 
 # numba.cuda, bound as a module global on first CUDA use: importing it costs ~0.6 s that the CPU
@@ -97,7 +105,8 @@ def bind_cuda():
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_target() -> Target:
+def cuda_target(dtype) -> Target:
+    """The CUDA target computing in ``dtype`` (float32 or float64, a NumPy dtype)."""
     bind_cuda()
 
     def device(fn):
@@ -107,7 +116,8 @@ def cuda_target() -> Target:
     def add(array, index, value):
         cuda.atomic.add(array, index, value)
 
-    return Target("cuda", device, add, **_compiled_helpers(device))
+    real = np.dtype(dtype).type
+    return Target("cuda", real, device, add, **_compiled_helpers(device, real))
 
 
 def cpu_kernel(fn, fastmath=False):
@@ -136,6 +146,13 @@ def cuda_kernel(fn):
     return cache_on_disk(bind_cuda().jit(cache=True)(fn))
 
 
+def typed_floats(values, dtype) -> tuple:
+    """``values`` (a param record, scalars) with every Python float as a scalar of ``dtype``:
+    the float arguments of a CUDA kernel built for that arithmetic type (a Python float
+    argument is a float64)."""
+    return tuple(np.dtype(dtype).type(v) if isinstance(v, float) else v for v in values)
+
+
 def flat(array):
     """A 1-d view of a C-contiguous array: the kernels index flat."""
     return array.reshape(-1)
@@ -159,4 +176,5 @@ def launch_cuda(kernel, n_items: int, xp, *args) -> None:
     numba_cuda = bind_cuda()
     with numba_cuda.gpus[xp.cuda.Device().id]:
         stream = numba_cuda.external_stream(xp.cuda.get_current_stream().ptr)
-        kernel[blocks, THREADS_PER_BLOCK, stream](*args)
+        with watching_numba_cuda_launch(kernel):
+            kernel[blocks, THREADS_PER_BLOCK, stream](*args)

@@ -1,0 +1,103 @@
+"""CPU speed of instance_mean_loss forward + backward against the same loss written in PyTorch
+ops (index_add segment sums, autograd), timed side by side in one process (median of repeated
+calls after two untimed ones), torch on as many threads as Numba; and the memory pydeform's
+pair of calls allocates besides its gradient output (traced NumPy allocations), which is
+O(N * K * D).
+
+Shape: N=8, D=8, 256x256, K=32 instances (labels 0..K on blocks), float32; target ratio >= 5.
+
+Usage: ``python asv_benchmarks/compare_semiconv_cpu.py [--batch N] [--dims D] [--size S]
+[--instances K] [--repeats R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+import pydeform
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_deform_unet_cpu import median_seconds  # noqa: E402
+
+
+def torch_instance_mean_loss(psi, labels, num_instances):
+    """The "mean" instance mean loss in PyTorch ops: per-instance sums by index_add over
+    segment ids ``n * (K + 1) + label`` (the background is a segment left out of the loss)."""
+    import torch
+
+    n, dims, height, width = psi.shape
+    segments = (labels.reshape(n, -1) + torch.arange(n).reshape(n, 1) * (num_instances + 1)).reshape(-1)
+    pixels = psi.reshape(n, dims, -1).transpose(1, 2).reshape(-1, dims)
+    total = n * (num_instances + 1)
+    counts = torch.bincount(segments, minlength=total).to(psi.dtype).clamp(min=1)
+    means = torch.zeros(total, dims, dtype=psi.dtype).index_add(0, segments, pixels) / counts[:, None]
+    norms = torch.linalg.vector_norm(pixels - means[segments], dim=1)
+    losses = (torch.zeros(total, dtype=psi.dtype).index_add(0, segments, norms) / counts).reshape(n, -1)[:, 1:]
+    nonempty = (torch.bincount(segments, minlength=total).reshape(n, -1)[:, 1:] > 0).sum().clamp(min=1)
+    return losses.sum() / nonempty
+
+
+def block_labels(rng, batch, size, num_instances):
+    """Labels 0..K on a grid of blocks (each image its own shuffle), int64 [N, S, S]."""
+    side = int(np.ceil(np.sqrt(num_instances + 1)))
+    cell = -(-size // side)
+    blocks = np.stack([rng.permutation(side * side) % (num_instances + 1) for _ in range(batch)])
+    grid = blocks.reshape(batch, side, side).repeat(cell, axis=1).repeat(cell, axis=2)
+    return np.ascontiguousarray(grid[:, :size, :size]).astype(np.int64)
+
+
+def measure(batch=8, dims=8, size=256, num_instances=32, repeats=15) -> dict:
+    import numba
+    import torch
+
+    torch.set_num_threads(numba.get_num_threads())
+    rng = np.random.default_rng(0)
+    psi = rng.standard_normal((batch, dims, size, size)).astype(np.float32)
+    labels = block_labels(rng, batch, size, num_instances)
+
+    def ours():
+        pydeform.instance_mean_loss(psi, labels, num_instances)
+        return pydeform.instance_mean_loss_backward(1.0, psi, labels, num_instances)
+
+    psi_t = torch.from_numpy(psi).requires_grad_(True)
+    labels_t = torch.from_numpy(labels)
+
+    def peer():
+        psi_t.grad = None
+        torch_instance_mean_loss(psi_t, labels_t, num_instances).backward()
+        return psi_t.grad
+
+    np.testing.assert_allclose(ours(), peer().numpy(), rtol=1e-3, atol=1e-9)
+    times = {"pydeform instance_mean_loss fwd+bwd": median_seconds(ours, repeats),
+             "torch index_add loss fwd+bwd": median_seconds(peer, repeats)}
+    tracemalloc.start()
+    ours()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"times": times, "ratio": times["torch index_add loss fwd+bwd"] / times["pydeform instance_mean_loss fwd+bwd"],
+            "extra_bytes": peak - psi.nbytes, "n_k_d_bytes": batch * num_instances * dims * 8}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dims", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--instances", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    result = measure(args.batch, args.dims, args.size, args.instances, args.repeats)
+    for name, seconds in result["times"].items():
+        print(f"{name}: {seconds * 1e3:.2f} ms")
+    print(f"allocated besides the gradient: {result['extra_bytes']} bytes "
+          f"(N*K*D float64 = {result['n_k_d_bytes']} bytes)")
+    print(f"torch / pydeform: {result['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Level-set kernels for the Numba CPU target: morphological snakes and Chan-Vese.
+
+Layouts (docs/levelset.md): a batch of B images of one shape S (2-D ``[H, W]`` or 3-D
+``[D, H, W]``); images float64 ``[B, *S]``; level sets uint8 ``[B, *(S + 2)]`` with a border of
+zeros one pixel wide that no kernel writes, so erosion and dilation read 0 outside the image with
+no bounds test. Every step is Jacobi: a kernel reads one level-set buffer and writes the other.
+
+A task is one row (run in order on one thread) (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x. Reductions are
+deterministic: each task writes its row's partial sums, and one pass per image adds the rows in
+order. Arithmetic is IEEE float64 without contraction into FMAs, so the MorphACWE attachment
+equals NumPy's for integer-valued images and the MorphGAC attachment for any float64 gimage.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .disk_cache import cache_on_disk
+
+
+def cpu_serial_kernel(fn):
+    """Compile a kernel for one CPU thread (its ``prange`` runs as ``range``), cached on disk.
+
+    Each pass of a level-set iteration is a few hundred microseconds of work at 512x512; measured
+    on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
+    than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread.
+    """
+    import numba
+
+    return cache_on_disk(numba.njit(nogil=True, error_model="numpy", cache=True)(fn))
+
+
+def _row_bounds(task, rows):
+    b = task // rows
+    return b, task - b * rows
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    import numba
+    from numba import prange
+
+    inline = numba.njit(inline="always", nogil=True)
+    row_bounds = inline(_row_bounds)
+
+    # --- curvature operators: SI = max over line elements of the erosion, IS = min of dilations
+
+    @cpu_serial_kernel
+    def sup_inf_2d(src, dst):
+        batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            up, mid, down, out = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1]
+            for x in range(1, width + 1):
+                out[x] = mid[x] & ((up[x - 1] & down[x + 1]) | (up[x] & down[x]) | (up[x + 1] & down[x - 1])
+                                   | (mid[x - 1] & mid[x + 1]))
+
+    @cpu_serial_kernel
+    def inf_sup_2d(src, dst):
+        batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            up, mid, down, out = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1]
+            for x in range(1, width + 1):
+                out[x] = mid[x] | ((up[x - 1] | down[x + 1]) & (up[x] | down[x]) & (up[x + 1] | down[x - 1])
+                                   & (mid[x - 1] | mid[x + 1]))
+
+    @inline
+    def rows_3d(src, b, z, y):
+        """The 9 rows around voxel row (z, y) of image b (padded coordinates of the centre - 1)."""
+        return (src[b, z, y], src[b, z, y + 1], src[b, z, y + 2],
+                src[b, z + 1, y], src[b, z + 1, y + 1], src[b, z + 1, y + 2],
+                src[b, z + 2, y], src[b, z + 2, y + 1], src[b, z + 2, y + 2])
+
+    # The 3-D elements are the 9 planes of 3x3 voxels through the centre; vABC is the voxel at
+    # offset (A - 1, B - 1, C - 1) in (z, y, x), the centre v111 belongs to every plane.
+
+    @cpu_serial_kernel
+    def curvature_3d(src, dst, dilate):
+        """SI (dilate False) or IS (dilate True): every plane contains the centre r11[x], so
+        SI = centre & (any plane's other 8 all set), IS = centre | (every plane has one set)."""
+        batch, depth, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2, src.shape[3] - 2
+        for task in prange(batch * depth * height):
+            b, zy = row_bounds(task, depth * height)
+            z, y = zy // height, zy % height
+            r00, r01, r02, r10, r11, r12, r20, r21, r22 = rows_3d(src, b, z, y)
+            out = dst[b, z + 1, y + 1]
+            for x in range(1, width + 1):
+                v000, v001, v002 = r00[x - 1], r00[x], r00[x + 1]
+                v010, v011, v012 = r01[x - 1], r01[x], r01[x + 1]
+                v020, v021, v022 = r02[x - 1], r02[x], r02[x + 1]
+                v100, v101, v102 = r10[x - 1], r10[x], r10[x + 1]
+                v110, v112 = r11[x - 1], r11[x + 1]
+                v120, v121, v122 = r12[x - 1], r12[x], r12[x + 1]
+                v200, v201, v202 = r20[x - 1], r20[x], r20[x + 1]
+                v210, v211, v212 = r21[x - 1], r21[x], r21[x + 1]
+                v220, v221, v222 = r22[x - 1], r22[x], r22[x + 1]
+                if dilate:
+                    out[x] = r11[x] | (
+                        (v001 | v011 | v021 | v101 | v121 | v201 | v211 | v221)
+                        & (v010 | v011 | v012 | v110 | v112 | v210 | v211 | v212)
+                        & (v100 | v101 | v102 | v110 | v112 | v120 | v121 | v122)
+                        & (v000 | v011 | v022 | v100 | v122 | v200 | v211 | v222)
+                        & (v002 | v011 | v020 | v102 | v120 | v202 | v211 | v220)
+                        & (v000 | v101 | v202 | v010 | v212 | v020 | v121 | v222)
+                        & (v002 | v101 | v200 | v012 | v210 | v022 | v121 | v220)
+                        & (v000 | v110 | v220 | v001 | v221 | v002 | v112 | v222)
+                        & (v020 | v110 | v200 | v021 | v201 | v022 | v112 | v202))
+                else:
+                    out[x] = r11[x] & (
+                        (v001 & v011 & v021 & v101 & v121 & v201 & v211 & v221)
+                        | (v010 & v011 & v012 & v110 & v112 & v210 & v211 & v212)
+                        | (v100 & v101 & v102 & v110 & v112 & v120 & v121 & v122)
+                        | (v000 & v011 & v022 & v100 & v122 & v200 & v211 & v222)
+                        | (v002 & v011 & v020 & v102 & v120 & v202 & v211 & v220)
+                        | (v000 & v101 & v202 & v010 & v212 & v020 & v121 & v222)
+                        | (v002 & v101 & v200 & v012 & v210 & v022 & v121 & v220)
+                        | (v000 & v110 & v220 & v001 & v221 & v002 & v112 & v222)
+                        | (v020 & v110 & v200 & v021 & v201 & v022 & v112 & v202))
+
+    # --- gradient helpers: np.gradient's rule, central inside and one-sided at the ends
+
+    @inline
+    def neighbours(i, n):
+        """(index before, index after, 1 / their distance) of i along an axis of n >= 2 elements.
+        The distance is 1 or 2, so multiplying by its inverse equals np.gradient's division."""
+        before = i - 1 if i > 0 else i
+        after = i + 1 if i < n - 1 else i
+        return before, after, 0.5 if after - before == 2 else 1.0
+
+    # --- MorphACWE: the means, then the attachment fused with the gradient predicate
+
+    @inline
+    def acwe_row(level, values, partial, task):
+        """partial[task] = (sum I (1 - u), sum 1 - u, sum I u, sum u) over one row."""
+        s0 = n0 = s1 = n1 = 0.0
+        for x in range(values.shape[0]):
+            inside = float(level[x + 1])
+            s0 += values[x] * (1.0 - inside)
+            n0 += 1.0 - inside
+            s1 += values[x] * inside
+            n1 += inside
+        partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s0, n0, s1, n1
+
+    @cpu_serial_kernel
+    def acwe_row_sums_2d(u, image, partial):
+        batch, height = image.shape[0], image.shape[1]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            acwe_row(u[b, y + 1], image[b, y], partial, task)
+
+    @cpu_serial_kernel
+    def acwe_row_sums_3d(u, image, partial):
+        batch, depth, height = image.shape[0], image.shape[1], image.shape[2]
+        for task in prange(batch * depth * height):
+            b, zy = row_bounds(task, depth * height)
+            z, y = zy // height, zy % height
+            acwe_row(u[b, z + 1, y + 1], image[b, z, y], partial, task)
+
+    @cpu_serial_kernel
+    def acwe_means(partial, rows, means):
+        """means[b] = (c0, c1) from the row sums of image b, added in row order."""
+        batch = means.shape[0]
+        for b in prange(batch):
+            s0 = n0 = s1 = n1 = 0.0
+            for r in range(b * rows, (b + 1) * rows):
+                s0 += partial[r, 0]
+                n0 += partial[r, 1]
+                s1 += partial[r, 2]
+                n1 += partial[r, 3]
+            means[b, 0] = s0 / (n0 + 1e-8)
+            means[b, 1] = s1 / (n1 + 1e-8)
+
+    @inline
+    def acwe_update(old, abs_du, value, c0, c1, lambda1, lambda2):
+        aux = abs_du * (lambda1 * (value - c1) ** 2 - lambda2 * (value - c0) ** 2)
+        return 1 if aux < 0 else (0 if aux > 0 else old)
+
+    @inline
+    def slope(before, after, inverse):
+        """One axis of np.gradient of a level set: (after - before) / distance in float64."""
+        return (float(after) - float(before)) * inverse
+
+    @cpu_serial_kernel
+    def acwe_attach_2d(src, image, means, lambda1, lambda2, dst):
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            c0, c1 = means[b, 0], means[b, 1]
+            y0, y1, dy = neighbours(y, height)
+            mid, up, down, out, values = src[b, y + 1], src[b, y0 + 1], src[b, y1 + 1], dst[b, y + 1], image[b, y]
+            for x in range(width):
+                x0, x1, dx = neighbours(x, width)
+                abs_du = abs(slope(up[x + 1], down[x + 1], dy)) + abs(slope(mid[x0 + 1], mid[x1 + 1], dx))
+                out[x + 1] = acwe_update(mid[x + 1], abs_du, values[x], c0, c1, lambda1, lambda2)
+
+    @cpu_serial_kernel
+    def acwe_attach_3d(src, image, means, lambda1, lambda2, dst):
+        batch, depth, height, width = image.shape[0], image.shape[1], image.shape[2], image.shape[3]
+        for task in prange(batch * depth * height):
+            b, zy = row_bounds(task, depth * height)
+            z, y = zy // height, zy % height
+            c0, c1 = means[b, 0], means[b, 1]
+            z0, z1, dz = neighbours(z, depth)
+            y0, y1, dy = neighbours(y, height)
+            mid, front, back = src[b, z + 1, y + 1], src[b, z0 + 1, y + 1], src[b, z1 + 1, y + 1]
+            up, down = src[b, z + 1, y0 + 1], src[b, z + 1, y1 + 1]
+            out, values = dst[b, z + 1, y + 1], image[b, z, y]
+            for x in range(width):
+                x0, x1, dx = neighbours(x, width)
+                abs_du = (abs(slope(front[x + 1], back[x + 1], dz)) + abs(slope(up[x + 1], down[x + 1], dy))
+                          + abs(slope(mid[x0 + 1], mid[x1 + 1], dx)))
+                out[x + 1] = acwe_update(mid[x + 1], abs_du, values[x], c0, c1, lambda1, lambda2)
+
+    # --- MorphGAC: the balloon fused with its masked update, then the attachment
+
+    @cpu_serial_kernel
+    def gac_balloon_2d(src, gimage, limit, grow, dst):
+        """dst = the 3x3 box dilation (grow) or erosion of src where gimage > limit[b], else src."""
+        batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            up, mid, down, out, values, bound = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1], gimage[b, y], \
+                limit[b]
+            for x in range(1, width + 1):
+                if values[x - 1] > bound:
+                    if grow:
+                        out[x] = (up[x - 1] | up[x] | up[x + 1] | mid[x - 1] | mid[x] | mid[x + 1] | down[x - 1]
+                                  | down[x] | down[x + 1])
+                    else:
+                        out[x] = (up[x - 1] & up[x] & up[x + 1] & mid[x - 1] & mid[x] & mid[x + 1] & down[x - 1]
+                                  & down[x] & down[x + 1])
+                else:
+                    out[x] = mid[x]
+
+    @cpu_serial_kernel
+    def gac_balloon_3d(src, gimage, limit, grow, dst):
+        batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
+        for task in prange(batch * depth * height):
+            b, zy = row_bounds(task, depth * height)
+            z, y = zy // height, zy % height
+            rows = rows_3d(src, b, z, y)
+            out, values, bound = dst[b, z + 1, y + 1], gimage[b, z, y], limit[b]
+            for x in range(1, width + 1):
+                if values[x - 1] > bound:
+                    if grow:
+                        v = 0
+                        for row in rows:
+                            v |= row[x - 1] | row[x] | row[x + 1]
+                    else:
+                        v = 1
+                        for row in rows:
+                            v &= row[x - 1] & row[x] & row[x + 1]
+                    out[x] = v
+                else:
+                    out[x] = rows[4][x]
+
+    @inline
+    def gac_update(old, aux):
+        return 1 if aux > 0 else (0 if aux < 0 else old)
+
+    @cpu_serial_kernel
+    def gac_attach_2d(src, gimage, dst):
+        """u = 1 where sum_i gradient_i(gimage) gradient_i(u) > 0, 0 where < 0 (axis order)."""
+        batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            y0, y1, dy = neighbours(y, height)
+            mid, up, down, out = src[b, y + 1], src[b, y0 + 1], src[b, y1 + 1], dst[b, y + 1]
+            g, g_up, g_down = gimage[b, y], gimage[b, y0], gimage[b, y1]
+            for x in range(width):
+                x0, x1, dx = neighbours(x, width)
+                aux = ((g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
+                       + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+                out[x + 1] = gac_update(mid[x + 1], aux)
+
+    @cpu_serial_kernel
+    def gac_attach_3d(src, gimage, dst):
+        batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
+        for task in prange(batch * depth * height):
+            b, zy = row_bounds(task, depth * height)
+            z, y = zy // height, zy % height
+            z0, z1, dz = neighbours(z, depth)
+            y0, y1, dy = neighbours(y, height)
+            mid, front, back = src[b, z + 1, y + 1], src[b, z0 + 1, y + 1], src[b, z1 + 1, y + 1]
+            up, down, out = src[b, z + 1, y0 + 1], src[b, z + 1, y1 + 1], dst[b, z + 1, y + 1]
+            g, g_front, g_back = gimage[b, z, y], gimage[b, z0, y], gimage[b, z1, y]
+            g_up, g_down = gimage[b, z, y0], gimage[b, z, y1]
+            for x in range(width):
+                x0, x1, dx = neighbours(x, width)
+                aux = ((g_back[x] - g_front[x]) * dz * slope(front[x + 1], back[x + 1], dz)
+                       + (g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
+                       + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+                out[x + 1] = gac_update(mid[x + 1], aux)
+
+    # --- Chan-Vese: one fused Jacobi step per iteration, with the next iteration's sums
+
+    @inline
+    def chan_vese_pixel(phi, up, down, x, x0, x1, value, c1, c2, mu, lambda1, lambda2, dt):
+        centre, right, left = phi[x], phi[x1], phi[x0]
+        below, above = down[x], up[x]
+        dx_mid, dy_mid = (right - left) / 2.0, (below - above) / 2.0
+        k1 = 1.0 / np.sqrt(1e-16 + (right - centre) ** 2 + dy_mid ** 2)
+        k2 = 1.0 / np.sqrt(1e-16 + (centre - left) ** 2 + dy_mid ** 2)
+        k3 = 1.0 / np.sqrt(1e-16 + dx_mid ** 2 + (below - centre) ** 2)
+        k4 = 1.0 / np.sqrt(1e-16 + dx_mid ** 2 + (centre - above) ** 2)
+        curvature = right * k1 + left * k2 + below * k3 + above * k4
+        delta = 1.0 / (1.0 + centre ** 2)
+        force = -lambda1 * (value - c1) ** 2 + lambda2 * (value - c2) ** 2
+        return (centre + dt * delta * (mu * curvature + force)) / (1.0 + mu * dt * delta * (k1 + k2 + k3 + k4))
+
+    @inline
+    def region_sums(phi, values, width):
+        s_in = n_in = s_out = n_out = 0.0
+        for x in range(width):
+            inside = 1.0 if phi[x] > 0 else 0.0
+            s_in += values[x] * inside
+            n_in += inside
+            s_out += values[x] * (1.0 - inside)
+            n_out += 1.0 - inside
+        return s_in, n_in, s_out, n_out
+
+    @cpu_serial_kernel
+    def chan_vese_row_sums(phi, image, partial):
+        """partial[task, :4] = (sum f H, sum H, sum f (1 - H), sum 1 - H), H = phi > 0, one row."""
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            s_in, n_in, s_out, n_out = region_sums(phi[b, y], image[b, y], width)
+            partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s_in, n_in, s_out, n_out
+            partial[task, 4] = 0.0
+
+    @cpu_serial_kernel
+    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
+        """new_phi = one step of phi for the active images; partial[task] = the row sums of
+        new_phi (as chan_vese_row_sums) and the row's sum of squared changes."""
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        for task in prange(batch * height):
+            b, y = row_bounds(task, height)
+            if not active[b]:
+                continue
+            c1, c2 = stats[b, 0], stats[b, 1]
+            y0, y1, _ = neighbours(y, height)
+            row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
+            change = 0.0
+            for x in range(width):
+                x0, x1, _ = neighbours(x, width)
+                value = chan_vese_pixel(row, up, down, x, x0, x1, values[x], c1, c2, mu, lambda1, lambda2, dt)
+                out[x] = value
+                change += (value - row[x]) ** 2
+            s_in, n_in, s_out, n_out = region_sums(out, values, width)
+            partial[task, 0], partial[task, 1], partial[task, 2], partial[task, 3] = s_in, n_in, s_out, n_out
+            partial[task, 4] = change
+
+    @cpu_serial_kernel
+    def chan_vese_stats(partial, rows, pixels, stats):
+        """stats[b] = (c1, c2, RMS change) from the row sums of image b, added in row order."""
+        batch = stats.shape[0]
+        for b in prange(batch):
+            s_in = n_in = s_out = n_out = change = 0.0
+            for r in range(b * rows, (b + 1) * rows):
+                s_in += partial[r, 0]
+                n_in += partial[r, 1]
+                s_out += partial[r, 2]
+                n_out += partial[r, 3]
+                change += partial[r, 4]
+            stats[b, 0] = s_in / n_in if n_in != 0 else s_in
+            stats[b, 1] = s_out / n_out if n_out != 0 else s_out
+            stats[b, 2] = np.sqrt(change / pixels)
+
+    return dict(sup_inf_2d=sup_inf_2d, inf_sup_2d=inf_sup_2d, curvature_3d=curvature_3d,
+                acwe_row_sums_2d=acwe_row_sums_2d, acwe_row_sums_3d=acwe_row_sums_3d, acwe_means=acwe_means,
+                acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d, gac_balloon_2d=gac_balloon_2d, gac_balloon_3d=gac_balloon_3d,
+                gac_attach_2d=gac_attach_2d, gac_attach_3d=gac_attach_3d, chan_vese_row_sums=chan_vese_row_sums,
+                chan_vese_step=chan_vese_step, chan_vese_stats=chan_vese_stats)
+
+
+def _rows(image):
+    """The number of rows (tasks) of one image: every axis of its shape but the last."""
+    return int(np.prod(image.shape[1:-1]))
+
+
+class NumbaCpuLevelSetKernels:
+    """Level-set kernels for NumPy arrays, one CPU thread per call (see cpu_serial_kernel).
+
+    Level sets are uint8 ``[B, *(S + 2)]`` with a zero border, images float64 ``[B, *S]`` (see the
+    module docstring); ``ndim`` below is the number of image axes (2 or 3).
+    """
+
+    xp = np
+
+    @staticmethod
+    def _pick(name, ndim):
+        return _kernels()[f"{name}_{ndim}d"]
+
+    def sup_inf(self, src, dst):
+        if src.ndim == 3:
+            _kernels()["sup_inf_2d"](src, dst)
+        else:
+            _kernels()["curvature_3d"](src, dst, False)
+
+    def inf_sup(self, src, dst):
+        if src.ndim == 3:
+            _kernels()["inf_sup_2d"](src, dst)
+        else:
+            _kernels()["curvature_3d"](src, dst, True)
+
+    def acwe_means(self, u, image, partial, means):
+        """means [B, 2] float64 = (c0, c1) of each image; partial: scratch [B * rows, 4]."""
+        self._pick("acwe_row_sums", image.ndim - 1)(u, image, partial)
+        _kernels()["acwe_means"](partial, _rows(image), means)
+
+    def acwe_attach(self, src, image, means, lambda1, lambda2, dst):
+        self._pick("acwe_attach", image.ndim - 1)(src, image, means, lambda1, lambda2, dst)
+
+    def gac_balloon(self, src, gimage, limit, grow, dst):
+        self._pick("gac_balloon", gimage.ndim - 1)(src, gimage, limit, grow, dst)
+
+    def gac_attach(self, src, gimage, dst):
+        self._pick("gac_attach", gimage.ndim - 1)(src, gimage, dst)
+
+    def chan_vese_start(self, phi, image, partial, stats):
+        """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
+        kernels = _kernels()
+        kernels["chan_vese_row_sums"](phi, image, partial)
+        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+
+    def chan_vese_step(self, phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
+        """new_phi = one step for the images where active [B] uint8 is set; stats becomes
+        (c1, c2, RMS change) of new_phi for them."""
+        kernels = _kernels()
+        kernels["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial)
+        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)

@@ -1,0 +1,24 @@
+"""The Numba CUDA semi-convolutional kernels run by Numba's CUDA simulator on host arrays.
+
+Not collected by a plain pytest run: ``tests/test_numba_cuda_simulator.py`` runs this module in
+a process of its own with ``NUMBA_ENABLE_CUDASIM=1``. Every CUDA thread is a Python thread, so
+the shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pydeform.backends.numba_cuda import simulator_enabled
+from pydeform.backends.numba_kernels.semiconv import NumbaCudaSemiConvKernels
+from tests.semiconv_checks import check_all_ops, ops_running
+
+if not simulator_enabled():
+    raise RuntimeError("run this module with NUMBA_ENABLE_CUDASIM=1 (see tests/test_numba_cuda_simulator.py)")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_ops_match_reference(dtype):
+    with ops_running(NumbaCudaSemiConvKernels(xp=np)):
+        check_all_ops(np.random.default_rng(0), dtype)

@@ -1,0 +1,17 @@
+"""The semi-convolutional CPU comparison of docs/benchmarks.md runs, agrees with the PyTorch
+peer and reports both times, the memory and the ratio (tiny shapes)."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "asv_benchmarks" / "compare_semiconv_cpu.py"
+
+
+def test_comparison_reports_times_memory_and_ratio(capsys):
+    spec = importlib.util.spec_from_file_location("compare_semiconv_cpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batch", "2", "--dims", "3", "--size", "9", "--instances", "4", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and sum(line.endswith(" ms") for line in lines) == 2
+    assert lines[2].startswith("allocated besides the gradient") and lines[3].endswith("x")

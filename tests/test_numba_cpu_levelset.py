@@ -1,0 +1,199 @@
+"""pydeform's level-set ops on NumPy arrays (the Numba CPU kernels) against the reference and
+scikit-image: bit-identical snakes, Chan-Vese allclose with the same iteration count, the batched
+form equal to a loop, the callback, the smoothing phase, argument errors, inputs unchanged."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydeform
+from pydeform import levelset
+from reference import levelset as ref
+from tests.levelset_cases import (
+    CHAN_VESE_CASES,
+    CHAN_VESE_PARAMS,
+    SNAKE_CASES,
+    check_chan_vese_against_scikit_image,
+    draw_init,
+    skimage_acwe,
+    skimage_gac,
+)
+
+SHAPES = [(2, 2), (3, 5), (9, 11), (2, 2, 2), (3, 3, 3), (4, 3, 5)]
+
+
+@pytest.mark.parametrize("case", SNAKE_CASES + CHAN_VESE_CASES, ids=lambda c: c.__name__)
+def test_scikit_image_cases(case):
+    case(levelset)
+
+
+def test_public_names():
+    for name in ("morphological_chan_vese", "morphological_geodesic_active_contour", "chan_vese", "sup_inf",
+                 "inf_sup", "checkerboard_level_set", "disk_level_set", "inverse_gaussian_gradient", "next_phase"):
+        assert getattr(pydeform, name) is getattr(levelset, name) and name in pydeform.__all__
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(SHAPES), st.integers(0, 2**32 - 1))
+def test_curvature_operators_equal_the_reference(shape, seed):
+    u = (np.random.default_rng(seed).random(shape) < 0.5).astype(np.int8)
+    np.testing.assert_array_equal(levelset.sup_inf(u), ref.sup_inf(u))
+    np.testing.assert_array_equal(levelset.inf_sup(u), ref.inf_sup(u))
+
+
+@settings(max_examples=25)
+@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1),
+       st.sampled_from(["checkerboard", "disk", "array"]),
+       st.sampled_from([(1, 1), (2.5, 1), (1, 0.5)]), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_acwe_equals_the_reference(shape, smoothing, phase, init, lambdas, num_iter, seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, shape).astype(np.uint8)
+    init = draw_init(init, shape, rng)
+    calls = []
+    ours = levelset.morphological_chan_vese(image, num_iter, init, smoothing, *lambdas, calls.append, phase=phase)
+    expected, _ = ref.morphological_chan_vese(image, num_iter, init, smoothing, *lambdas, phase=phase)
+    np.testing.assert_array_equal(ours, expected)
+    assert ours.dtype == np.int8 and ours.shape == shape and len(calls) == num_iter + 1
+
+
+@settings(max_examples=25)
+@given(st.sampled_from(SHAPES), st.integers(0, 3), st.integers(0, 1),
+       st.sampled_from(["checkerboard", "disk", "array"]),
+       st.sampled_from([-1, 0, 1, 2.5]), st.sampled_from(["auto", 0.3]), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_gac_equals_the_reference(shape, smoothing, phase, init, balloon, threshold, num_iter, seed):
+    rng = np.random.default_rng(seed)
+    gimage = rng.random(shape) * rng.choice([1.0, 1e-3, 1e3])
+    init = draw_init(init, shape, rng)
+    ours = levelset.morphological_geodesic_active_contour(gimage, num_iter, init, smoothing, threshold, balloon,
+                                                          phase=phase)
+    expected, _ = ref.morphological_geodesic_active_contour(gimage, num_iter, init, smoothing, threshold, balloon,
+                                                            phase=phase)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_larger_runs_equal_scikit_image():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (40, 50))
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 8, smoothing=3, phase=1),
+                                  skimage_acwe(image, 8, smoothing=3, phase=1))
+    gimage = levelset.inverse_gaussian_gradient(rng.random((40, 50)), alpha=50, sigma=2)
+    np.testing.assert_array_equal(levelset.morphological_geodesic_active_contour(gimage, 12, balloon=-1, smoothing=2),
+                                  skimage_gac(gimage, 12, balloon=-1, smoothing=2))
+    volume = rng.integers(0, 9, (9, 10, 11))
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(volume, 4, "disk", smoothing=2),
+                                  skimage_acwe(volume, 4, "disk", smoothing=2))
+
+
+def test_phase_continues_a_run_exactly():
+    image = np.random.default_rng(1).integers(0, 9, (12, 12))
+    whole = levelset.morphological_chan_vese(image, 6, "disk", smoothing=3)
+    half = levelset.morphological_chan_vese(image, 3, "disk", smoothing=3)
+    rest = levelset.morphological_chan_vese(image, 3, half, smoothing=3, phase=levelset.next_phase(0, 3, 3))
+    np.testing.assert_array_equal(rest, whole)
+
+
+def test_nan_and_infinite_values_propagate_as_in_scikit_image():
+    image = np.random.default_rng(2).integers(0, 9, (8, 9)).astype(np.float64)
+    image[3, 4] = np.nan
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3), skimage_acwe(image, 3))
+    gimage = np.random.default_rng(3).random((8, 9))
+    gimage[2, 2], gimage[5, 6] = np.inf, np.nan
+    np.testing.assert_array_equal(levelset.morphological_geodesic_active_contour(gimage, 3, balloon=1, threshold=0.5),
+                                  skimage_gac(gimage, 3, balloon=1, threshold=0.5))
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 7), (2, 3, 4, 5)])
+def test_batched_snakes_equal_a_loop(shape):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, shape)
+    gimages = rng.random(shape)
+    init = rng.standard_normal(shape)
+    calls = []
+    acwe = levelset.morphological_chan_vese(images, 3, init, 2, iter_callback=calls.append, phase=1, batched=True)
+    gac = levelset.morphological_geodesic_active_contour(gimages, 3, init, 1, balloon=-1, batched=True)
+    shared = levelset.morphological_geodesic_active_contour(gimages, 2, init[0], 1, balloon=1, batched=True)
+    for b in range(shape[0]):
+        np.testing.assert_array_equal(acwe[b], levelset.morphological_chan_vese(images[b], 3, init[b], 2, phase=1))
+        np.testing.assert_array_equal(gac[b], levelset.morphological_geodesic_active_contour(gimages[b], 3, init[b], 1,
+                                                                                             balloon=-1))
+        np.testing.assert_array_equal(shared[b], levelset.morphological_geodesic_active_contour(
+            gimages[b], 2, init[0], 1, balloon=1))
+    assert len(calls) == 4 and calls[0].shape == shape
+
+
+def test_batched_chan_vese_stops_each_image_on_its_own():
+    rng = np.random.default_rng(5)
+    images = np.stack([np.kron(rng.random((3, 3)), np.ones((4, 4))), rng.random((12, 12)), np.zeros((12, 12))])
+    seg, phi, energies = levelset.chan_vese(images, tol=1e-3, max_num_iter=60, extended_output=True, batched=True)
+    for b in range(3):
+        seg_b, phi_b, energies_b = levelset.chan_vese(images[b], tol=1e-3, max_num_iter=60, extended_output=True)
+        np.testing.assert_array_equal(seg[b], seg_b)
+        np.testing.assert_allclose(phi[b], phi_b, rtol=1e-12, atol=1e-14)
+        assert len(energies[b]) == len(energies_b)
+    assert len({len(e) for e in energies}) > 1
+
+
+@pytest.mark.parametrize("init", ["checkerboard", "disk", "small disk", "array"])
+@pytest.mark.parametrize("params", CHAN_VESE_PARAMS)
+def test_chan_vese_equals_scikit_image(init, params):
+    # the sums run in another order than NumPy's pairwise ones; many steps amplify that
+    check_chan_vese_against_scikit_image(levelset.chan_vese, init, params, rtol=1e-6, atol=1e-8)
+
+
+def test_inputs_are_unchanged():
+    rng = np.random.default_rng(6)
+    image, init = rng.integers(0, 9, (6, 7)).astype(np.float64), rng.standard_normal((6, 7))
+    image_copy, init_copy = image.copy(), init.copy()
+    levelset.morphological_chan_vese(image, 2, init)
+    levelset.morphological_geodesic_active_contour(image, 2, init, balloon=1)
+    levelset.chan_vese(image, init_level_set=init, max_num_iter=3)
+    levelset.sup_inf(init)
+    np.testing.assert_array_equal(image, image_copy)
+    np.testing.assert_array_equal(init, init_copy)
+
+
+def test_inverse_gaussian_gradient_equals_scikit_image():
+    from skimage.segmentation import inverse_gaussian_gradient
+
+    image = np.random.default_rng(8).random((12, 14))
+    np.testing.assert_array_equal(levelset.inverse_gaussian_gradient(image, 20.0, 1.5),
+                                  inverse_gaussian_gradient(image, 20.0, 1.5))
+
+
+SNAKES = [levelset.morphological_chan_vese, levelset.morphological_geodesic_active_contour]
+
+
+@pytest.mark.parametrize("snake", SNAKES)
+def test_argument_errors(snake):
+    with pytest.raises(ValueError, match="image"):
+        snake(np.zeros(5), 1, np.zeros(5))
+    with pytest.raises(ValueError, match="image"):
+        snake(np.zeros((2, 3, 4, 5)), 1, np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="init_level_set"):
+        snake(np.zeros((4, 5)), 1, np.zeros((4, 5, 1)))
+    with pytest.raises(ValueError, match="init_level_set"):
+        snake(np.zeros((4, 5)), 1, "square")
+    with pytest.raises(ValueError, match="phase"):
+        snake(np.zeros((4, 5)), 1, phase=2)
+    with pytest.raises(ValueError, match="num_iter"):
+        snake(np.zeros((4, 5)), -1)
+    with pytest.raises(TypeError, match="image"):
+        snake(np.zeros((4, 5), dtype=complex), 1)
+    with pytest.raises(ValueError, match="batched"):
+        snake(np.zeros((4, 5)), 1, batched=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (1, 3, 3), (3, 3, 1)])
+def test_size_one_axes_raise_like_scikit_image(shape):
+    with pytest.raises(ValueError):
+        skimage_acwe(np.zeros(shape), 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        levelset.morphological_chan_vese(np.zeros(shape), 1)
+    with pytest.raises(ValueError):
+        skimage_gac(np.zeros(shape), 0)
+    with pytest.raises(ValueError, match="at least 2"):
+        levelset.morphological_geodesic_active_contour(np.zeros(shape), 0)
+    # no iteration, no gradient: scikit-image's MorphACWE returns the initial level set
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(np.zeros(shape), 0),
+                                  skimage_acwe(np.zeros(shape), 0))
