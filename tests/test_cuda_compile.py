@@ -137,6 +137,7 @@ def deform_pool2d_launches(optional_present):
         deform_pool.forward_launch(a, a, opt, a, opt, g, optional_present),
         deform_pool.backward_input_launch(a, opt, a, opt, a, g, optional_present),
         deform_pool.backward_coord_launch(a, a, opt, a, opt, a, opt, g, optional_present),
+        deform_pool.backward_input_gather_launch(a, a, a, a, opt, a, g, optional_present),
     ]
 
 

@@ -146,15 +146,21 @@ class CupyDeformConv2dKernels:
     def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geom):
         """col2im by sorted contribution lists (:mod:`pydeform._contributions`): the same sums
         in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+        lists = self.col2im_contribution_lists(offset, mask, geom)
+        self._launch(offset.dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
+                                                         grad_input, geom))
+
+    def col2im_contribution_lists(self, offset, mask, geom):
+        """The sorted contribution lists of col2im's scatter (buckets ``(b*Goff + g)*H*W + pixel``,
+        items the work items ``(b, g, i, j, y, x)``, weights m * corner weight): they depend on
+        the offsets and mask only, so deform_pool2d's deterministic input gradient reuses them."""
         dtype, batch = offset.dtype, offset.shape[0]
-        lists = contribution_lists(
+        return contribution_lists(
             self.xp, col2im_buckets(batch, geom), col2im_capacity(batch, geom), accumulation_dtype(dtype),
             lambda counts: self._launch(dtype, *col2im_count_launch(offset, mask, counts, geom)),
             lambda cursors, *entries: self._launch(dtype, *col2im_fill_launch(offset, mask, cursors, *entries, geom)),
             lambda ends, *entries: self._launch(dtype, *sort_launch(ends, *entries)),
         )
-        self._launch(dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
-                                                  grad_input, geom))
 
     def _launch(self, storage_dtype, template, n_items, args):
         launch(KERNELS, template, storage_dtype, n_items, args)

@@ -342,6 +342,15 @@ class NumbaCpuDeformPool2dKernels:
                           tuple(geometry), max_mode, *_constants(offset.dtype, geometry, max_mode),
                           _sizes(offset.shape[0], geometry)[1])
 
+    # A task owns a channel plane and adds its samples in sample order, and the tasks depend on the
+    # shapes only (not on the thread count): backward_input's bits are the same in every run already.
+    backward_input_deterministic = backward_input
+
+    @staticmethod
+    def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """Nothing beyond :meth:`backward_input`'s own buffers."""
+        return {}
+
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry, max_mode):
         mask, has_mask = _standin(mask, offset, offset.dtype, np)
         indices = _standin(indices, grad_output, np.int32, np)[0]
@@ -409,6 +418,20 @@ class NumbaCudaDeformPool2dKernels:
         indices = _standin(indices, grad_output, np.int32, xp)[0]
         self._launch(1, _sizes(offset.shape[0], geometry)[0], flat(offset), mask, has_mask, flat(grad_output),
                      indices, flat(grad_input), tuple(geometry), max_mode, *constants)
+
+    @staticmethod
+    def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
+
+        return CupyDeformPool2dKernels.backward_input_deterministic_workspace(batch, geometry, dtype)
+
+    def backward_input_deterministic(self, offset, mask, grad_output, indices, grad_input, geometry, max_mode):
+        """The CUDA C kernels' deterministic input gradient (``pydeform/backends/cupy_kernels``,
+        compiled by NVRTC through CuPy): there is no Numba twin of it yet."""
+        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
+
+        CupyDeformPool2dKernels().backward_input_deterministic(offset, mask, grad_output, indices, grad_input,
+                                                               geometry, max_mode)
 
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry, max_mode):
         xp = self.xp
