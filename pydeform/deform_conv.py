@@ -264,6 +264,29 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     return out
 
 
+def sampled_gradients(kernels, geometry, sampled, offset, mask, grad_out, weight_t, grad_columns, columns,
+                      grad_weight_chunk, grad_offset, grad_mask, grad_weight_g):
+    """One chunk of the backward's gradients that sample ``sampled`` [B, C, H, W]: with
+    ``grad_out`` [B, G, C_out/G, Ho*Wo] as the output gradient, ``grad_columns = weight^T @
+    grad_out``, the offset and mask gradients (``col2im_coord``), and the weight gradient
+    ``grad_out @ im2col(sampled)^T`` added into ``grad_weight_g`` (through the per-image
+    ``grad_weight_chunk``). Returns ``columns`` grouped as [B, G, C/G*kh*kw, Ho*Wo]; ``grad_columns``
+    is left for the input gradient. Shared with the transposed convolution's backward, which
+    samples its output gradient."""
+    xp, g = kernels.xp, geometry
+    b = sampled.shape[0]
+    group_rows = weight_t.shape[1]
+    xp.matmul(weight_t, grad_out, out=grad_columns.reshape(b, g.groups, group_rows, -1))
+    kernels.col2im_coord(sampled, offset, mask, grad_columns, grad_offset, grad_mask, g)
+    kernels.im2col(sampled, offset, mask, columns, g)
+    grouped_cols = columns.reshape(b, g.groups, group_rows, -1)
+    xp.matmul(grad_out, grouped_cols.transpose(0, 1, 3, 2), out=grad_weight_chunk)
+    # In-place adds: no weight-sized temporary outside the planned buffers.
+    for image in grad_weight_chunk:
+        grad_weight_g += image
+    return grouped_cols
+
+
 def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight, bias, geometry,
                                deterministic=False):
     """The backward driver, shared by every backend; returns :class:`DeformConv2dGrads`.
@@ -281,7 +304,6 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
     col2im = kernels.col2im_deterministic if deterministic else kernels.col2im
     weight_g = _grouped(converted(xp, "weight", weight), g)
     weight_t = weight_g.transpose(0, 2, 1)
-    group_rows = weight_g.shape[2]
     grad_input = accumulator(xp, "grad_input", input.shape, dtype)
     grad_offset = output(xp, "grad_offset", offset.shape, dtype)
     grad_mask = None if mask is None else output(xp, "grad_mask", mask.shape, dtype)
@@ -297,17 +319,9 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
         inp, off, msk = input[start:stop], offset[start:stop], _batch(mask, start, stop)
         grad_out = converted(xp, "grad_output", grad_output[start:stop]).reshape(b, g.groups, -1, g.out_h * g.out_w)
         gcols = grad_columns[:b]
-        xp.matmul(weight_t, grad_out, out=gcols.reshape(b, g.groups, group_rows, -1))
-        kernels.col2im_coord(inp, off, msk, gcols, grad_offset[start:stop], _batch(grad_mask, start, stop), g)
+        sampled_gradients(kernels, g, inp, off, msk, grad_out, weight_t, gcols, columns[:b], grad_weight_chunk[:b],
+                          grad_offset[start:stop], _batch(grad_mask, start, stop), grad_weight_g)
         col2im(off, msk, gcols, grad_input[start:stop], g)
-        cols = columns[:b]
-        kernels.im2col(inp, off, msk, cols, g)
-        grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
-        per_image = grad_weight_chunk[:b]
-        xp.matmul(grad_out, grouped_cols.transpose(0, 1, 3, 2), out=per_image)
-        # In-place adds: no weight-sized temporary outside the planned buffers.
-        for image in per_image:
-            grad_weight_g += image
     grad_bias = None
     if bias is not None:
         grad_bias = accumulator(xp, "grad_bias", bias.shape, dtype)

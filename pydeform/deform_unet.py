@@ -42,7 +42,9 @@ from ._arrays import (
 from ._interop import dlpack_entry
 from ._workspace import accumulator, accumulator_plans, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels, deform_pool2d_kernels
-from .deform_conv import DeformConv2dGeometry, _batch, _chunk_size, _grouped, deform_conv2d_geometry
+from .deform_conv import (
+    DeformConv2dGeometry, _batch, _chunk_size, _grouped, deform_conv2d_geometry, sampled_gradients,
+)
 
 __all__ = [
     "DeformConvTranspose2dGrads",
@@ -284,7 +286,6 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
     plan = deform_conv_transpose2d_workspace(kernels, n, g, dtype, backward=True, masked=mask is not None)
     weight_g = _grouped(converted(xp, "weight", weight), g)
     weight_t = weight_g.transpose(0, 2, 1)
-    group_rows = weight_g.shape[2]
     grad_input = accumulator(xp, "grad_input", input.shape, dtype)
     grad_offset = output(xp, "grad_offset", offset.shape, dtype)
     grad_mask = None if mask is None else output(xp, "grad_mask", mask.shape, dtype)
@@ -301,21 +302,14 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
             b = stop - start
             grad_out, off, msk = grad_output[start:stop], offset[start:stop], _batch(mask, start, stop)
             inp = converted(xp, "input", input[start:stop]).reshape(b, g.groups, -1, pixels)
-            gcols = grad_columns[:b]
-            xp.matmul(weight_t, inp, out=gcols.reshape(b, g.groups, group_rows, -1))
-            kernels.col2im_coord(grad_out, off, msk, gcols, grad_offset[start:stop], _batch(grad_mask, start, stop), g)
-            cols = columns[:b]
-            kernels.im2col(grad_out, off, msk, cols, g)
-            grouped_cols = cols.reshape(b, g.groups, group_rows, -1)
+            grouped_cols = sampled_gradients(
+                kernels, g, grad_out, off, msk, inp, weight_t, grad_columns[:b], columns[:b], grad_weight_chunk[:b],
+                grad_offset[start:stop], _batch(grad_mask, start, stop), grad_weight_g)
             if kernels.direct_forward:
                 # deform_conv2d's own forward (sampling and GEMM fused, faster than a GEMM on the columns).
                 kernels.forward(grad_out, off, msk, weight, None, grad_input[start:stop], g)
             else:
                 xp.matmul(weight_g, grouped_cols, out=grad_input[start:stop].reshape(b, g.groups, -1, pixels))
-            per_image = grad_weight_chunk[:b]
-            xp.matmul(inp, grouped_cols.transpose(0, 1, 3, 2), out=per_image)
-            for image in per_image:
-                grad_weight_g += image
     grad_bias = None
     if bias is not None:
         grad_bias = accumulator(xp, "grad_bias", bias.shape, dtype)
