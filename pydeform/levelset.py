@@ -71,13 +71,20 @@ def _image_shape(image_shape) -> tuple:
     return tuple(int(n) for n in shape)
 
 
+def _along(axis, ndim):
+    """The shape that lays a 1-D array along ``axis`` of an ``ndim``-d broadcast."""
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
 def checkerboard_level_set(image_shape, square_size=5):
     """A checkerboard of squares (cubes) of ``square_size``: 1 where an odd number of the
     coordinates ``index // square_size`` is odd; int8 NumPy array."""
     shape = _image_shape(image_shape)
     square_size = check_int("square_size", square_size, minimum=1)
-    grid = np.mgrid[tuple(slice(n) for n in shape)] // square_size
-    return np.bitwise_xor.reduce(grid & 1, axis=0).astype(np.int8)
+    parity = np.zeros(shape, np.int8)
+    for axis, n in enumerate(shape):  # one axis at a time, broadcast: no index grid
+        parity ^= (np.arange(n) // square_size & 1).astype(np.int8).reshape(_along(axis, len(shape)))
+    return parity
 
 
 def disk_level_set(image_shape, *, center=None, radius=None):
@@ -90,9 +97,10 @@ def disk_level_set(image_shape, *, center=None, radius=None):
         raise ValueError(f"center: expected {len(shape)} coordinates, got {center!r}")
     if radius is None:
         radius = min(shape) * 3.0 / 8.0
-    grid = np.mgrid[tuple(slice(n) for n in shape)]
-    grid = (grid.T - np.asarray(center)).T
-    return np.int8(radius - np.sqrt(np.sum(grid ** 2, 0)) > 0)
+    squared = 0
+    for axis, (n, c) in enumerate(zip(shape, center)):  # the axes' squares added in axis order
+        squared = squared + ((np.arange(n) - c) ** 2).reshape(_along(axis, len(shape)))
+    return np.int8(radius - np.sqrt(np.broadcast_to(squared, shape)) > 0)
 
 
 # --- argument checks, shared by every op ---------------------------------------------------------
