@@ -12,7 +12,8 @@ and writes the other). Kernel methods (all arrays C-contiguous on the kernel set
 - ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic.
 - ``acwe_attach(src, image, means, lambda1, lambda2, dst)``: the attachment step.
 - ``gac_balloon(src, gimage, limit, grow, dst)``: the balloon step where gimage > limit [B].
-- ``gac_attach(src, gimage, dst)``: the attachment step.
+- ``gac_attach(src, gradient, dst)``: the attachment step; gradient [B, ndim, *S] is
+  np.gradient of each gimage along its image axes (computed once per run).
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
   lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
 
@@ -295,12 +296,15 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
     _check_gradient_shape("gimage", shape_of(images)[1:])
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
+    # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
+    axes = tuple(range(1, images.ndim))
+    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter else None
     run.report()
     for _ in range(run.num_iter):
         if balloon:
             run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
             run.swap()
-        run.kernels.gac_attach(run.u, images, run.spare)
+        run.kernels.gac_attach(run.u, gradient, run.spare)
         run.swap()
         run.smooth()
         run.report()

@@ -145,8 +145,9 @@ def _kernels():
 
     @inline
     def slope(before, after, inverse):
-        """One axis of np.gradient of a level set: (after - before) / distance in float64."""
-        return (float(after) - float(before)) * inverse
+        """One axis of np.gradient of a level set: (after - before) / distance in float64 (the
+        difference taken in int32, exact, converted once)."""
+        return float(np.int32(after) - np.int32(before)) * inverse
 
     @inline
     def select_sign(aux, old):
@@ -217,9 +218,8 @@ def _kernels():
     def acwe_pixel(mid, up, down, dy, front, back, dz, value, x, x0, x1, dx, c0, c1, lambda1, lambda2):
         """The attachment at image column x (x0, x1, dx: its neighbours along x). In 2-D front and
         back are mid: their slope is 0.0 and adds nothing (the sum of |slopes| is exact)."""
-        abs_du = (float(abs(np.int32(back[x + 1]) - np.int32(front[x + 1]))) * dz
-                  + float(abs(np.int32(down[x + 1]) - np.int32(up[x + 1]))) * dy
-                  + float(abs(np.int32(mid[x1 + 1]) - np.int32(mid[x0 + 1]))) * dx)
+        abs_du = (abs(slope(front[x + 1], back[x + 1], dz)) + abs(slope(up[x + 1], down[x + 1], dy))
+                  + abs(slope(mid[x0 + 1], mid[x1 + 1], dx)))
         aux = abs_du * (lambda1 * square(value - c1) - lambda2 * square(value - c0))
         return select_sign(-aux, mid[x + 1])
 
@@ -302,36 +302,34 @@ def _kernels():
                 out[x] = (box & masked) | (rows[4][x] & (masked ^ 1))
 
     @inline
-    def gac_pixel_2d(mid, up, down, dy, g, g_up, g_down, x, x0, x1, dx):
+    def gac_pixel_2d(mid, up, down, dy, g_y, g_x, x, x0, x1, dx):
         """u = 1 where sum_i gradient_i(gimage) gradient_i(u) > 0, 0 where < 0 (axis order)."""
-        aux = ((g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
-               + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+        aux = g_y[x] * slope(up[x + 1], down[x + 1], dy) + g_x[x] * slope(mid[x0 + 1], mid[x1 + 1], dx)
         return select_sign(aux, mid[x + 1])
 
     @cpu_serial_kernel
-    def gac_attach_2d(src, gimage, dst):
-        batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
+    def gac_attach_2d(src, gradient, dst):
+        batch, height, width = gradient.shape[0], gradient.shape[2], gradient.shape[3]
         last = width - 1
         for task in prange(batch * height):
             b, y = row_bounds(task, height)
             y0, y1, dy = neighbours(y, height)
             mid, up, down, out = src[b, y + 1], src[b, y0 + 1], src[b, y1 + 1], dst[b, y + 1]
-            g, g_up, g_down = gimage[b, y], gimage[b, y0], gimage[b, y1]
-            out[1] = gac_pixel_2d(mid, up, down, dy, g, g_up, g_down, 0, 0, 1, 1.0)
+            g_y, g_x = gradient[b, 0, y], gradient[b, 1, y]
+            out[1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, 0, 0, 1, 1.0)
             for x in range(1, last):
-                out[x + 1] = gac_pixel_2d(mid, up, down, dy, g, g_up, g_down, x, x - 1, x + 1, 0.5)
-            out[last + 1] = gac_pixel_2d(mid, up, down, dy, g, g_up, g_down, last, last - 1, last, 1.0)
+                out[x + 1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, x, x - 1, x + 1, 0.5)
+            out[last + 1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, last, last - 1, last, 1.0)
 
     @inline
-    def gac_pixel_3d(mid, up, down, dy, front, back, dz, g, g_up, g_down, g_front, g_back, x, x0, x1, dx):
-        aux = ((g_back[x] - g_front[x]) * dz * slope(front[x + 1], back[x + 1], dz)
-               + (g_down[x] - g_up[x]) * dy * slope(up[x + 1], down[x + 1], dy)
-               + (g[x1] - g[x0]) * dx * slope(mid[x0 + 1], mid[x1 + 1], dx))
+    def gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, x, x0, x1, dx):
+        aux = (g_z[x] * slope(front[x + 1], back[x + 1], dz) + g_y[x] * slope(up[x + 1], down[x + 1], dy)
+               + g_x[x] * slope(mid[x0 + 1], mid[x1 + 1], dx))
         return select_sign(aux, mid[x + 1])
 
     @cpu_serial_kernel
-    def gac_attach_3d(src, gimage, dst):
-        batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
+    def gac_attach_3d(src, gradient, dst):
+        batch, depth, height, width = gradient.shape[0], gradient.shape[2], gradient.shape[3], gradient.shape[4]
         last = width - 1
         for task in prange(batch * depth * height):
             b, zy = row_bounds(task, depth * height)
@@ -340,14 +338,11 @@ def _kernels():
             y0, y1, dy = neighbours(y, height)
             mid, front, back = src[b, z + 1, y + 1], src[b, z0 + 1, y + 1], src[b, z1 + 1, y + 1]
             up, down, out = src[b, z + 1, y0 + 1], src[b, z + 1, y1 + 1], dst[b, z + 1, y + 1]
-            g, g_front, g_back = gimage[b, z, y], gimage[b, z0, y], gimage[b, z1, y]
-            g_up, g_down = gimage[b, z, y0], gimage[b, z, y1]
-            out[1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g, g_up, g_down, g_front, g_back, 0, 0, 1, 1.0)
+            g_z, g_y, g_x = gradient[b, 0, z, y], gradient[b, 1, z, y], gradient[b, 2, z, y]
+            out[1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, 0, 0, 1, 1.0)
             for x in range(1, last):
-                out[x + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g, g_up, g_down, g_front, g_back, x,
-                                          x - 1, x + 1, 0.5)
-            out[last + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g, g_up, g_down, g_front, g_back, last,
-                                         last - 1, last, 1.0)
+                out[x + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, x, x - 1, x + 1, 0.5)
+            out[last + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, last, last - 1, last, 1.0)
 
     # --- Chan-Vese: one fused Jacobi step per iteration, with the next iteration's sums
 
@@ -496,8 +491,8 @@ class NumbaCpuLevelSetKernels:
     def gac_balloon(self, src, gimage, limit, grow, dst):
         self._pick("gac_balloon", gimage.ndim - 1)(src, gimage, limit, grow, dst)
 
-    def gac_attach(self, src, gimage, dst):
-        self._pick("gac_attach", gimage.ndim - 1)(src, gimage, dst)
+    def gac_attach(self, src, gradient, dst):
+        self._pick("gac_attach", gradient.ndim - 2)(src, gradient, dst)
 
     def chan_vese_start(self, phi, image, partial, stats):
         """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
