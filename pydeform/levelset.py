@@ -12,7 +12,8 @@ and writes the other). Kernel methods (all arrays C-contiguous on the kernel set
 - ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic.
 - ``acwe_attach(src, image, means, lambda1, lambda2, dst)``: the attachment step.
 - ``gac_balloon(src, gimage, limit, grow, dst)``: the balloon step where gimage > limit [B].
-- ``gac_attach(src, gimage, dst)``: the attachment step.
+- ``gac_attach(src, gradient, dst)``: the attachment step; gradient [B, ndim, *S] is
+  np.gradient of each gimage along its image axes (computed once per run).
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
   lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
 
@@ -71,13 +72,20 @@ def _image_shape(image_shape) -> tuple:
     return tuple(int(n) for n in shape)
 
 
+def _along(axis, ndim):
+    """The shape that lays a 1-D array along ``axis`` of an ``ndim``-d broadcast."""
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
 def checkerboard_level_set(image_shape, square_size=5):
     """A checkerboard of squares (cubes) of ``square_size``: 1 where an odd number of the
     coordinates ``index // square_size`` is odd; int8 NumPy array."""
     shape = _image_shape(image_shape)
     square_size = check_int("square_size", square_size, minimum=1)
-    grid = np.mgrid[tuple(slice(n) for n in shape)] // square_size
-    return np.bitwise_xor.reduce(grid & 1, axis=0).astype(np.int8)
+    parity = np.zeros(shape, np.int8)
+    for axis, n in enumerate(shape):  # one axis at a time, broadcast: no index grid
+        parity ^= (np.arange(n) // square_size & 1).astype(np.int8).reshape(_along(axis, len(shape)))
+    return parity
 
 
 def disk_level_set(image_shape, *, center=None, radius=None):
@@ -90,9 +98,10 @@ def disk_level_set(image_shape, *, center=None, radius=None):
         raise ValueError(f"center: expected {len(shape)} coordinates, got {center!r}")
     if radius is None:
         radius = min(shape) * 3.0 / 8.0
-    grid = np.mgrid[tuple(slice(n) for n in shape)]
-    grid = (grid.T - np.asarray(center)).T
-    return np.int8(radius - np.sqrt(np.sum(grid ** 2, 0)) > 0)
+    squared = 0
+    for axis, (n, c) in enumerate(zip(shape, center)):  # the axes' squares added in axis order
+        squared = squared + ((np.arange(n) - c) ** 2).reshape(_along(axis, len(shape)))
+    return np.int8(radius - np.sqrt(np.broadcast_to(squared, shape)) > 0)
 
 
 # --- argument checks, shared by every op ---------------------------------------------------------
@@ -287,12 +296,15 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
     _check_gradient_shape("gimage", shape_of(images)[1:])
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
+    # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
+    axes = tuple(range(1, images.ndim))
+    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter else None
     run.report()
     for _ in range(run.num_iter):
         if balloon:
             run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
             run.swap()
-        run.kernels.gac_attach(run.u, images, run.spare)
+        run.kernels.gac_attach(run.u, gradient, run.spare)
         run.swap()
         run.smooth()
         run.report()

@@ -10,11 +10,12 @@ pytest.importorskip("skimage")
 SCRIPT = Path(__file__).resolve().parents[1] / "asv_benchmarks" / "compare_levelset_cpu.py"
 
 
-def test_comparison_reports_every_time_ratio_and_agreement(capsys):
+@pytest.mark.parametrize("statistic", [[], ["--best"]])
+def test_comparison_reports_every_time_ratio_and_agreement(capsys, statistic):
     spec = importlib.util.spec_from_file_location("compare_levelset_cpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--size", "32", "--repeats", "1"])
+    module.main(["--size", "32", "--repeats", "1", *statistic])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.endswith(" ms") for line in lines) == 10
     assert sum(line.endswith("x") for line in lines) == 5

@@ -161,6 +161,23 @@ def test_inverse_gaussian_gradient_equals_scikit_image():
                                   inverse_gaussian_gradient(image, 20.0, 1.5))
 
 
+
+@pytest.mark.parametrize("shape", [(1,), (7, 9), (0, 3), (12, 5), (3, 4, 5), (6, 1, 2)])
+def test_initial_level_sets_equal_scikit_image(shape):
+    from skimage.segmentation import checkerboard_level_set, disk_level_set
+
+    for square_size in (1, 2, 5):
+        ours, theirs = levelset.checkerboard_level_set(shape, square_size), checkerboard_level_set(shape, square_size)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours, theirs)
+    for center, radius in [(None, None), (tuple(0.3 * n + 0.1 for n in shape), 2.5), ((1,) * len(shape), None)]:
+        if 0 in shape and radius is None:
+            continue
+        ours = levelset.disk_level_set(shape, center=center, radius=radius)
+        theirs = disk_level_set(shape, center=center, radius=radius)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours, theirs)
+
 SNAKES = [levelset.morphological_chan_vese, levelset.morphological_geodesic_active_contour]
 
 
