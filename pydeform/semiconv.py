@@ -43,6 +43,7 @@ from .centernet import _check_shape, _require, centernet_decode
 __all__ = [
     "AffinityGrads",
     "HoughPeaks",
+    "InstanceLossStatistics",
     "InstanceMeans",
     "SeededMaskGrads",
     "affinity",
@@ -68,6 +69,17 @@ class InstanceMeans(NamedTuple):
 
     means: object
     counts: object
+
+
+class InstanceLossStatistics(NamedTuple):
+    """What :func:`instance_mean_loss` computes on its way and its backward needs (in the
+    kernel set's statistics dtype: float64 on the CPU, the accumulation dtype on the GPU):
+    means [N, K, D] (0 for an empty instance), counts int64 [N, K] and unit_sums [N, K, D], the
+    per-instance sums of the unit vectors ``e_u``."""
+
+    means: object
+    counts: object
+    unit_sums: object
 
 
 class AffinityGrads(NamedTuple):
@@ -284,7 +296,7 @@ def _reduce(losses, counts, reduction, xp):
 
 @dlpack_entry
 def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordinates=False, spacing=1.0,
-                       backend=None):
+                       return_statistics=False, backend=None):
     """The instance mean loss of the semi-convolutional paper (eq. 5, un-squared distance).
 
     ``L[n, k] = (1/|S|) sum over u in S of ||psi_u - mean_S||`` for the pixels S of instance k
@@ -296,24 +308,54 @@ def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordina
         num_instances (int): K >= 1.
         reduction (str): "none" (L [N, K]), "sum", or "mean" (the sum over the number of
             non-empty instances, 0 if none).
+        return_statistics (bool): also return the :class:`InstanceLossStatistics` that
+            :func:`instance_mean_loss_backward` takes as ``statistics`` (it then reads psi once
+            instead of three times).
 
     Returns:
-        Tensor[N, K] or Tensor[]: psi's dtype.
+        Tensor[N, K] or Tensor[]: psi's dtype; with ``return_statistics`` the pair
+        ``(loss, InstanceLossStatistics)``.
     """
+    return_statistics = check_bool("return_statistics", return_statistics)
     kernels, psi, labels, num_instances, reduction, offsets = _loss_call(psi, labels, num_instances, reduction,
                                                                          coordinates, spacing, backend)
-    _, counts, norm_sums, _ = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    means, counts, norm_sums, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
     xp = kernels.xp
     losses = norm_sums / xp.maximum(counts, 1)
     result = _reduce(losses, counts, reduction, xp)
     out = output(xp, "output", result.shape, psi.dtype)
     out[...] = result
-    return out
+    if not return_statistics:
+        return out
+    statistics = InstanceLossStatistics(*(output(xp, name, value.shape, value.dtype) for name, value in
+                                          (("means", means), ("counts", counts), ("unit_sums", unit_sums))))
+    for kept, value in zip(statistics, (means, counts, unit_sums)):
+        kept[...] = value
+    return out, statistics
+
+
+def _saved_statistics(statistics, kernels, psi, num_instances):
+    """Check the ``statistics`` a forward returned for psi [N, D, H, W] and K instances."""
+    if not isinstance(statistics, InstanceLossStatistics):
+        raise TypeError(f"statistics: expected the InstanceLossStatistics of instance_mean_loss(..., "
+                        f"return_statistics=True), got {type(statistics).__qualname__}")
+    n, dims = shape_of(psi)[:2]
+    acc = kernels.statistics_dtype(psi.dtype)
+    expected = {"means": ((n, num_instances, dims), acc), "counts": ((n, num_instances), np.dtype(np.int64)),
+                "unit_sums": ((n, num_instances, dims), acc)}
+    for name, value in statistics._asdict().items():
+        shape, dtype = expected[name]
+        if array_library(f"statistics.{name}", value) != array_library("psi", psi):
+            raise TypeError(f"statistics.{name}: expected an array of psi's library")
+        if np.dtype(value.dtype) != dtype:
+            raise TypeError(f"statistics.{name}: expected dtype {dtype.name}, got {np.dtype(value.dtype).name}")
+        _check_shape(f"statistics.{name}", shape_of(value), shape)
+    return tuple(kernels.xp.ascontiguousarray(value) for value in statistics)
 
 
 @dlpack_entry
 def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reduction="mean", *, coordinates=False,
-                                spacing=1.0, backend=None):
+                                spacing=1.0, statistics=None, backend=None):
     """Gradient of :func:`instance_mean_loss` with respect to psi (or phi with coordinates):
     ``w[n, k] / |S| * (e_u - mean over S of e)`` inside instance k, with the unit vector
     ``e_u = (psi_u - mean_S) / ||psi_u - mean_S||`` (0 where that norm is 0) and ``w`` the
@@ -322,6 +364,9 @@ def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reducti
     Args:
         grad_output (Tensor[N, K] for "none", else Tensor[] or a number): the loss's gradient.
         psi, labels, num_instances, reduction, coordinates, spacing: as for the loss.
+        statistics (InstanceLossStatistics, optional): the forward's, from
+            ``instance_mean_loss(..., return_statistics=True)`` on the same psi and labels; the
+            backward then makes one pass over psi instead of recomputing them in two.
 
     Returns:
         Tensor[N, D, H, W]: psi's dtype.
@@ -331,7 +376,10 @@ def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reducti
     n = shape_of(psi)[0]
     xp, acc = kernels.xp, kernels.statistics_dtype(psi.dtype)
     grad_output = _grad_output(grad_output, psi, (n, num_instances) if reduction == "none" else (), xp)
-    means, counts, _, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    if statistics is None:
+        means, counts, _, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    else:
+        means, counts, unit_sums = _saved_statistics(statistics, kernels, psi, num_instances)
     weights = xp.broadcast_to(grad_output.astype(np.float64), counts.shape)
     if reduction == "mean":
         weights = weights / max(int(xp.count_nonzero(counts)), 1)
