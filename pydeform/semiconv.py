@@ -588,7 +588,9 @@ def hough_peaks(votes, K, *, min_votes=1, kernel=3, backend=None):
     detections = centernet_decode(heat, zeros, zeros, K, kernel=kernel, threshold=float(min_votes), backend=backend)
     found = detections[:, :, 5] >= 0
     centers = xp.where(found[:, :, None], detections[:, :, [1, 0]], np.float32(np.nan))
-    return HoughPeaks(centers.astype(np.float32), xp.where(found, detections[:, :, 4], 0).astype(np.int32))
+    peak_votes = xp.where(found, detections[:, :, 4], 0)
+    return HoughPeaks(xp.ascontiguousarray(centers, dtype=np.float32),
+                      xp.ascontiguousarray(peak_votes, dtype=np.int32))
 
 
 @dlpack_entry
