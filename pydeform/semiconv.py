@@ -49,6 +49,7 @@ __all__ = [
     "affinity",
     "affinity_backward",
     "assign_to_centers",
+    "check_label_values",
     "hough_peaks",
     "hough_votes",
     "instance_mean_loss",
@@ -57,6 +58,8 @@ __all__ = [
     "seeded_mask_logits",
     "seeded_mask_logits_backward",
     "semiconv_embed",
+    "semiconv_workspace",
+    "sigma_split",
 ]
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -158,17 +161,23 @@ def _check_index_array(name, value, library, like, dtype_kinds, expected_shape):
     _check_shape(name, shape_of(value), expected_shape)
 
 
-def _labels(labels, psi, library, num_instances, xp):
-    """Check labels [N, H, W] (integer values in [0, num_instances]); return them contiguous."""
-    n, _, height, width = shape_of(psi)
-    _check_index_array("labels", labels, library, psi, "iu", (n, height, width))
-    if values_checked() and labels.size:
+def check_label_values(labels, num_instances):
+    """Labels must lie in [0, num_instances] (read on the host: a GPU array synchronises)."""
+    if labels.size:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high > num_instances:
             raise ValueError(
                 f"labels: expected values in [0, {num_instances}] (0 = background, 1..num_instances the "
                 f"instances), got values in [{low}, {high}]"
             )
+
+
+def _labels(labels, psi, library, num_instances, xp):
+    """Check labels [N, H, W] (integer values in [0, num_instances]); return them contiguous."""
+    n, _, height, width = shape_of(psi)
+    _check_index_array("labels", labels, library, psi, "iu", (n, height, width))
+    if values_checked():
+        check_label_values(labels, num_instances)
     return xp.ascontiguousarray(labels)
 
 
@@ -211,6 +220,56 @@ def _grad_output(grad_output, like, shape, xp):
                                                                    "grad_output": getattr(grad_output, "ndim", 0)})
     _check_shape("grad_output", shape_of(grad_output), shape)
     return xp.ascontiguousarray(grad_output)
+
+
+def semiconv_workspace(kernels, op, shapes, dtype, num_instances=None, reduction="mean"):
+    """What the driver of ``op`` ("instance_means", "instance_mean_loss", "affinity" or
+    "seeded_mask_logits") requests from :mod:`pydeform._workspace`, for argument ``shapes``
+    ({name: shape}; no "sigma" for a number) and embeddings of ``dtype``: ``(outputs, forward
+    scratch, backward scratch)``, each {slot: (shape, dtype)}. The loss's outputs include its
+    :class:`InstanceLossStatistics` (``return_statistics=True``) and its backward takes them,
+    so it needs no scratch; a number sigma's gradient slot is planned as backward scratch."""
+    acc = kernels.statistics_dtype(dtype)
+    n, dims, height, width = shapes["psi"]
+    if op in ("instance_means", "instance_mean_loss"):
+        stats = {"semiconv_means": ((n, num_instances, dims), acc), "semiconv_counts": ((n, num_instances), np.int64),
+                 "semiconv_norm_sums": ((n, num_instances), acc),
+                 "semiconv_unit_sums": ((n, num_instances, dims), acc)}
+        if op == "instance_means":
+            return {"means": ((n, num_instances, dims), dtype), "counts": ((n, num_instances), np.int64)}, stats, {}
+        loss_shape = (n, num_instances) if reduction == "none" else ()
+        return ({"output": (loss_shape, dtype), "means": stats["semiconv_means"], "counts": stats["semiconv_counts"],
+                 "unit_sums": stats["semiconv_unit_sums"]}, stats, {})
+    scalar = {} if "sigma" in shapes else {"grad_sigma": ((), dtype)}
+    if op == "affinity":
+        k = shapes["centers"][1]
+        return ({"output": ((n, k, height, width), dtype)}, {},
+                {"semiconv_grad_sigma": ((n, k), acc), **scalar})
+    seeds = {"semiconv_seeds": ((n, dims), acc), "semiconv_seed_weights": ((n, height, width), acc)}
+    return ({"output": ((n, height, width), dtype)}, seeds,
+            {**seeds, "semiconv_grad_seeds": ((n, dims), acc), "semiconv_grad_sigma": ((n,), acc), **scalar})
+
+
+def sigma_split(function):
+    """``function`` (:func:`affinity`, :func:`seeded_mask_logits` or their backwards) taking
+    sigma as the pair of the framework layers: ``sigma`` an array or None, ``sigma_value`` the
+    number used when it is None (then the result has no ``grad_sigma``: a number gets none)."""
+
+    def call(sigma=None, sigma_value=1.0, **arguments):
+        result = function(sigma=sigma_value if sigma is None else sigma, **arguments)
+        return result._replace(grad_sigma=None) if sigma is None and hasattr(result, "grad_sigma") else result
+
+    return call
+
+
+def peaks_of_detections(detections, xp):
+    """:class:`HoughPeaks` of the [N, K, 6] detections of :func:`pydeform.centernet_decode` run
+    on votes with zero sizes and offsets (each detection's (x1, y1) is its peak cell)."""
+    found = detections[:, :, 5] >= 0
+    # stack: a new C-contiguous (y, x) array, where a column gather would keep a strided layout.
+    cells = xp.stack([detections[:, :, 1], detections[:, :, 0]], axis=-1)
+    centers = xp.where(found[:, :, None], cells, np.float32(np.nan))
+    return HoughPeaks(centers.astype(np.float32), xp.where(found, detections[:, :, 4], 0).astype(np.int32))
 
 
 @dlpack_entry
@@ -282,7 +341,9 @@ def instance_means(psi, labels, num_instances, *, coordinates=False, spacing=1.0
     xp = kernels.xp
     means = output(xp, "means", sums.shape, psi.dtype)
     xp.divide(sums, xp.maximum(counts, 1)[:, :, None], out=means, casting="unsafe")
-    return InstanceMeans(means, counts.copy())
+    kept_counts = output(xp, "counts", counts.shape, counts.dtype)
+    kept_counts[...] = counts
+    return InstanceMeans(means, kept_counts)
 
 
 def _reduce(losses, counts, reduction, xp):
@@ -583,14 +644,9 @@ def hough_peaks(votes, K, *, min_votes=1, kernel=3, backend=None):
     min_votes = check_int("min_votes", min_votes, minimum=1)
     n, height, width = shape_of(votes)
     heat = votes.astype(np.float32).reshape(n, 1, height, width)
-    # Zero sizes and offsets: each detection's (x1, y1) is its peak cell (x, y).
     zeros = xp.zeros((n, 2, height, width), np.float32)
     detections = centernet_decode(heat, zeros, zeros, K, kernel=kernel, threshold=float(min_votes), backend=backend)
-    found = detections[:, :, 5] >= 0
-    centers = xp.where(found[:, :, None], detections[:, :, [1, 0]], np.float32(np.nan))
-    peak_votes = xp.where(found, detections[:, :, 4], 0)
-    return HoughPeaks(xp.ascontiguousarray(centers, dtype=np.float32),
-                      xp.ascontiguousarray(peak_votes, dtype=np.int32))
+    return peaks_of_detections(detections, xp)
 
 
 @dlpack_entry

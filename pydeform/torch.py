@@ -398,17 +398,6 @@ def _semiconv_embed_backward(grad_output, phi, spacing):
     return grad_output.copy()
 
 
-def _sigma_split(function):
-    """The array-level ``function`` (an op or its backward) taking sigma as the schema's pair."""
-
-    def call(sigma, sigma_value, **arguments):
-        result = function(sigma=sigma_value if sigma is None else sigma, **arguments)
-        # A number gets no gradient.
-        return result._replace(grad_sigma=None) if sigma is None and hasattr(result, "grad_sigma") else result
-
-    return call
-
-
 _semiconv_embed_op, _ = _define_differentiable(
     "semiconv_embed", "Tensor phi, float[] spacing", lambda shapes, v: torch.empty_like(v["phi"]),
     _semiconv.semiconv_embed, _semiconv_embed_backward, ("phi",),
@@ -417,13 +406,14 @@ _affinity_op, _ = _define_differentiable(
     "affinity",
     "Tensor psi, Tensor centers, Tensor? sigma, float sigma_value, str kernel, bool coordinates, float[] spacing",
     lambda shapes, v: v["psi"].new_empty((shapes["psi"][0], shapes["centers"][1], *shapes["psi"][2:])),
-    _sigma_split(_semiconv.affinity), _sigma_split(_semiconv.affinity_backward), ("psi", "centers", "sigma"),
+    _semiconv.sigma_split(_semiconv.affinity), _semiconv.sigma_split(_semiconv.affinity_backward),
+    ("psi", "centers", "sigma"),
 )
 _seeded_mask_logits_op, _ = _define_differentiable(
     "seeded_mask_logits",
     "Tensor scores, Tensor psi, Tensor? sigma, float sigma_value, str mode, bool coordinates, float[] spacing",
-    lambda shapes, v: torch.empty_like(v["scores"]), _sigma_split(_semiconv.seeded_mask_logits),
-    _sigma_split(_semiconv.seeded_mask_logits_backward), ("scores", "psi", "sigma"),
+    lambda shapes, v: torch.empty_like(v["scores"]), _semiconv.sigma_split(_semiconv.seeded_mask_logits),
+    _semiconv.sigma_split(_semiconv.seeded_mask_logits_backward), ("scores", "psi", "sigma"),
 )
 
 
