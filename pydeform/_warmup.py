@@ -19,7 +19,7 @@ from . import selftest as st
 from ._bench import _Progress
 from .backends.compile_notice import cupy_cache_folder, numba_cache_folder, silenced
 from .benchmark_cases import OPS
-from .centernet import centernet_decode, centernet_focal_loss, centernet_focal_loss_backward, centernet_targets
+from .centernet import centernet_decode, centernet_focal_loss, centernet_targets
 
 
 def _op_calls(calls: st.OpCalls) -> Callable:
@@ -27,26 +27,28 @@ def _op_calls(calls: st.OpCalls) -> Callable:
 
     def run(backend, dtype):
         case, arrays, grad_output = next(calls.cases(True))
-        st.run_forward(calls, backend, dtype, case, arrays)
-        st.run_backward(calls, backend, dtype, case, arrays, grad_output)
+        st.common.run_forward(calls, backend, dtype, case, arrays)
+        st.common.run_backward(calls, backend, dtype, case, arrays, grad_output)
 
     return run
 
 
 def _centernet_decode(backend, dtype):
-    arrays, _ = st._centernet_decode_arrays(np.random.default_rng(0), planted=True)
-    centernet_decode(**st._on_device(backend, dtype, arrays), **st.DECODE_OPTIONS[0], backend=backend.option)
+    arrays, _ = st.centernet._centernet_decode_arrays(np.random.default_rng(0), planted=True)
+    centernet_decode(**st.common.on_device(backend, dtype, arrays), **st.centernet.DECODE_OPTIONS[0],
+                     backend=backend.option)
 
 
 def _centernet_targets(backend, dtype):
-    boxes = backend.to_device(np.array([st.TARGET_BOXES], dtype=np.float64), dtype)
-    centernet_targets(boxes, backend.xp.asarray(np.array([st.TARGET_LABELS])), 3, (16, 20), backend=backend.option)
+    boxes = backend.to_device(np.array([st.centernet.TARGET_BOXES], dtype=np.float64), dtype)
+    centernet_targets(boxes, backend.xp.asarray(np.array([st.centernet.TARGET_LABELS])), 3, (16, 20),
+                      backend=backend.option)
 
 
 def _centernet_focal_loss(backend, dtype):
-    pred, target = st._focal_arrays(np.random.default_rng(0))
+    pred, target = st.centernet._focal_arrays(np.random.default_rng(0))
     centernet_focal_loss(backend.to_device(pred, dtype), backend.to_device(target, dtype), backend=backend.option)
-    st._focal_grad(backend, dtype, pred, target)
+    st.centernet._focal_grad(backend, dtype, pred, target)
 
 
 class WarmupOp(NamedTuple):
@@ -55,16 +57,18 @@ class WarmupOp(NamedTuple):
 
 
 WARMUP = {
-    "deform_conv2d": WarmupOp(_op_calls(st.DEFORM_CONV)),
-    "roi_align": WarmupOp(_op_calls(st.ROI_ALIGN)),
-    "roi_pool": WarmupOp(_op_calls(st.ROI_POOL)),
-    "ps_roi_align": WarmupOp(_op_calls(st.PS_ROI_ALIGN)),
-    "ps_roi_pool": WarmupOp(_op_calls(st.PS_ROI_POOL)),
-    "deform_roi_pool": WarmupOp(_op_calls(st.DEFORM_ROI_POOL)),
-    "deform_psroi_pool": WarmupOp(_op_calls(st.DEFORM_PSROI_POOL)),
+    "deform_conv2d": WarmupOp(_op_calls(st.deform_conv.DEFORM_CONV)),
+    "roi_align": WarmupOp(_op_calls(st.roi.ROI_ALIGN)),
+    "roi_pool": WarmupOp(_op_calls(st.roi.ROI_POOL)),
+    "ps_roi_align": WarmupOp(_op_calls(st.roi.PS_ROI_ALIGN)),
+    "ps_roi_pool": WarmupOp(_op_calls(st.roi.PS_ROI_POOL)),
+    "deform_roi_pool": WarmupOp(_op_calls(st.roi.DEFORM_ROI_POOL)),
+    "deform_psroi_pool": WarmupOp(_op_calls(st.roi.DEFORM_PSROI_POOL)),
     "centernet_decode": WarmupOp(_centernet_decode),
-    "centernet_targets": WarmupOp(_centernet_targets, st._boxes_dtype),
+    "centernet_targets": WarmupOp(_centernet_targets, st.centernet._boxes_dtype),
     "centernet_focal_loss": WarmupOp(_centernet_focal_loss),
+    "deform_conv_transpose2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_CONV_TRANSPOSE)),
+    "deform_pool2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_POOL)),
 }
 
 

@@ -21,6 +21,9 @@ None):
 - ``backward_input(offset, mask, grad_output, indices, grad_input, geometry, max_mode)`` adds
   into ``grad_input`` (accumulation dtype, zero-filled by the driver); ``indices`` is given in
   max mode;
+- ``backward_input_deterministic(...)``: the same input gradient, its bits the same in every run
+  (every element written), with ``backward_input_deterministic_workspace(batch, geometry,
+  dtype)`` its scratch;
 - ``backward_coord(input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry,
   max_mode)`` writes every element of the offset and mask gradients;
 - ``workspace(batch, geometry, dtype, *, backward, masked)``: the set's own scratch slots.
@@ -33,7 +36,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ._arrays import (
-    accumulation_dtype, array_library, check_arrays, check_backend, check_int, int_pair, shape_of, values_checked,
+    accumulation_dtype, array_library, check_arrays, check_backend, check_bool, check_int, int_pair, shape_of,
+    values_checked,
 )
 from ._interop import dlpack_entry
 from ._workspace import accumulator, accumulator_plans, converted, finish, output, scratch
@@ -194,14 +198,15 @@ def _prepare_transpose(arrays: dict, options: tuple, backend):
 
 
 def deform_conv_transpose2d_workspace(kernels, batch: int, geometry: DeformConv2dGeometry, dtype, *,
-                                      backward: bool, masked: bool) -> dict:
+                                      backward: bool, masked: bool, deterministic: bool = False) -> dict:
     """The scratch buffers one forward (or backward) call uses: ``{slot: (shape, dtype)}``.
 
     ``kernels`` is the deform_conv2d kernel set that will run and ``geometry`` the one
     :func:`deform_conv_transpose2d_geometry` returns. Both passes run the kernels of
     deform_conv2d's backward (so the set's backward scratch), on column buffers
     ``[chunk, C_out*kh*kw, H*W]``; the backward has two of them, and the scratch of the set's
-    direct forward where it has one (the input gradient runs it).
+    direct forward where it has one (the input gradient runs it). A ``deterministic`` forward
+    adds the set's contribution lists of ``col2im_deterministic`` for one chunk.
     """
     g = geometry
     plan = dict(kernels.workspace(batch, g, dtype, backward=True, masked=masked))
@@ -215,6 +220,8 @@ def deform_conv_transpose2d_workspace(kernels, batch: int, geometry: DeformConv2
     input_chunk = (chunk, g.out_channels, g.out_h, g.out_w)
     plan["grad_columns"] = (column_shape, acc)
     if not backward:
+        if deterministic:
+            plan.update(kernels.col2im_deterministic_workspace(chunk, g, dtype))
         plan.update(accumulator_plans({
             "weight": weight_shape, "bias": (g.in_channels,), "input": input_chunk,
             "output": (batch, g.in_channels, g.height, g.width),
@@ -229,17 +236,20 @@ def deform_conv_transpose2d_workspace(kernels, batch: int, geometry: DeformConv2
     return plan
 
 
-def run_deform_conv_transpose2d_forward(kernels, input, offset, mask, weight, bias, geometry):
+def run_deform_conv_transpose2d_forward(kernels, input, offset, mask, weight, bias, geometry, deterministic=False):
     """The forward driver (arrays checked and contiguous), on deform_conv2d's kernels.
 
     Per chunk of images: ``columns[b, group] = weight[group]^T @ input[b, group]`` (batched
     GEMM; weight ``[C_in, C_out/G, kh, kw]`` is deform_conv2d's ``[C_out', C/G, kh, kw]`` of the
-    adjoint), then ``col2im`` splats the columns onto the output with the offsets and mask.
+    adjoint), then ``col2im`` splats the columns onto the output with the offsets and mask
+    (``deterministic``: the kernel set's ``col2im_deterministic``).
     """
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     dtype = input.dtype
-    plan = deform_conv_transpose2d_workspace(kernels, n, g, dtype, backward=False, masked=mask is not None)
+    plan = deform_conv_transpose2d_workspace(kernels, n, g, dtype, backward=False, masked=mask is not None,
+                                             deterministic=deterministic)
+    col2im = kernels.col2im_deterministic if deterministic else kernels.col2im
     # The adjoint's weight is [C_in, C_out/G, kh, kw] = [its C_out, its C/G, kh, kw], grouped
     # as [G, C_in/G, C_out/G*kh*kw]; its transpose maps input channels to columns.
     weight_t = _grouped(converted(xp, "weight", weight), g).transpose(0, 2, 1)
@@ -253,7 +263,7 @@ def run_deform_conv_transpose2d_forward(kernels, input, offset, mask, weight, bi
             cols = grad_columns[:b]
             inp = converted(xp, "input", input[start:stop]).reshape(b, g.groups, -1, g.out_h * g.out_w)
             xp.matmul(weight_t, inp, out=cols.reshape(b, g.groups, weight_t.shape[1], -1))
-            kernels.col2im(offset[start:stop], _batch(mask, start, stop), cols, result[start:stop], g)
+            col2im(offset[start:stop], _batch(mask, start, stop), cols, result[start:stop], g)
     if bias is not None:
         result += converted(xp, "bias", bias).reshape(1, -1, 1, 1)
     return finish(xp, "output", result, dtype)
@@ -322,7 +332,7 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
 
 @dlpack_entry
 def deform_conv_transpose2d(input, offset, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
-                            groups=1, mask=None, *, backend=None):
+                            groups=1, mask=None, *, backend=None, deterministic=False):
     r"""Transposed deformable convolution: the adjoint of :func:`pydeform.deform_conv2d`, plus a bias.
 
     .. math::
@@ -345,17 +355,22 @@ def deform_conv_transpose2d(input, offset, weight, bias=None, stride=1, padding=
         groups: weight groups (``C_in`` and ``C_out`` divisible by it).
         mask: ``[N, Goff*kh*kw, H, W]`` modulation scalars, or None.
         backend: as for :func:`pydeform.deform_conv2d`.
+        deterministic: compute the output so that its bits are the same in every run and for
+            every launch configuration (its splat is deform_conv2d's input-gradient scatter: on
+            the GPU sorted contribution lists instead of float atomics; the Numba CPU forward
+            always is).
 
     Returns:
         ``[N, C_out, H_out, W_out]`` with ``H_out = (H-1)*sh - 2*ph + dh*(kh-1) + output_padding_h + 1``
         (same for W), same array type, device and dtype as ``input``.
     """
+    check_bool("deterministic", deterministic)
     kernels, a, geometry = _prepare_transpose(
         {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask},
         (stride, padding, output_padding, dilation, groups), backend,
     )
     return run_deform_conv_transpose2d_forward(
-        kernels, a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry)
+        kernels, a["input"], a["offset"], a["mask"], a["weight"], a["bias"], geometry, deterministic)
 
 
 @dlpack_entry
@@ -471,16 +486,19 @@ def _prepare_pool(arrays: dict, options: tuple, backend, indices=None, mode="max
 
 
 def deform_pool2d_workspace(kernels, batch: int, geometry: DeformPool2dGeometry, dtype, *, backward: bool,
-                            masked: bool, recompute_indices: bool) -> dict:
+                            masked: bool, recompute_indices: bool, deterministic: bool = False) -> dict:
     """The scratch buffers one forward (or backward) call uses: ``{slot: (shape, dtype)}``: the
-    kernel set's own, the input gradient's float32 accumulator for half types and, for a max-mode
-    backward not given the indices (``recompute_indices``), the indices and the pooled values of
-    the forward that recomputes them."""
+    kernel set's own, the input gradient's float32 accumulator for half types, for a max-mode
+    backward not given the indices (``recompute_indices``) the indices and the pooled values of
+    the forward that recomputes them, and for a ``deterministic`` backward the contribution lists
+    of the set's ``backward_input_deterministic``."""
     g = geometry
     plan = dict(kernels.workspace(batch, g, dtype, backward=backward, masked=masked))
     output_shape = (batch, g.channels, g.out_h, g.out_w)
     if backward:
         plan.update(accumulator_plans({"grad_input": (batch, g.channels, g.height, g.width)}, dtype))
+        if deterministic:
+            plan.update(kernels.backward_input_deterministic_workspace(batch, g, dtype))
         if recompute_indices:
             plan["indices"] = (output_shape, np.dtype(np.int32))
             plan["pooled"] = (output_shape, np.dtype(dtype))
@@ -498,9 +516,11 @@ def run_deform_pool2d_forward(kernels, input, offset, mask, geometry, max_mode: 
     return (out, indices) if return_indices else out
 
 
-def run_deform_pool2d_backward(kernels, grad_output, input, offset, mask, indices, geometry, max_mode: bool):
+def run_deform_pool2d_backward(kernels, grad_output, input, offset, mask, indices, geometry, max_mode: bool,
+                               deterministic: bool = False):
     """The backward driver; returns :class:`DeformPool2dGrads`. In max mode without
-    ``indices`` the forward kernel recomputes them first."""
+    ``indices`` the forward kernel recomputes them first; ``deterministic``: the input gradient
+    by the kernel set's ``backward_input_deterministic``."""
     xp, g = kernels.xp, geometry
     n = input.shape[0]
     dtype = input.dtype
@@ -513,7 +533,8 @@ def run_deform_pool2d_backward(kernels, grad_output, input, offset, mask, indice
             indices = scratch(xp, "indices", shape, np.int32)
             kernels.forward(input, offset, mask, scratch(xp, "pooled", shape, dtype), indices, g, True)
         kernels.backward_coord(input, offset, mask, grad_output, indices, grad_offset, grad_mask, g, max_mode)
-        kernels.backward_input(offset, mask, grad_output, indices, grad_input, g, max_mode)
+        backward_input = kernels.backward_input_deterministic if deterministic else kernels.backward_input
+        backward_input(offset, mask, grad_output, indices, grad_input, g, max_mode)
     return DeformPool2dGrads(finish(xp, "grad_input", grad_input, dtype), grad_offset, grad_mask)
 
 
@@ -552,11 +573,14 @@ def deform_pool2d(input, offset, kernel_size, stride=None, padding=0, dilation=1
 
 @dlpack_entry
 def deform_pool2d_backward(grad_output, input, offset, kernel_size, stride=None, padding=0, dilation=1, mode="max",
-                           mask=None, indices=None, *, backend=None) -> DeformPool2dGrads:
+                           mask=None, indices=None, *, backend=None, deterministic=False) -> DeformPool2dGrads:
     """Gradients of :func:`deform_pool2d` with respect to input, offset and mask.
 
     avg spreads ``grad / (kh*kw)`` over every kernel point; max routes the whole gradient through
     the arg-max point (``indices`` from ``return_indices=True``, or recomputed when None).
+    ``deterministic``: compute the input gradient so that its bits are the same in every run
+    and for every launch configuration (on the GPU sorted contribution lists instead of float
+    atomics; the Numba CPU backward always is).
 
     Returns:
         :class:`DeformPool2dGrads` ``(input, offset, mask)``; ``mask`` is None when not given.
@@ -564,9 +588,10 @@ def deform_pool2d_backward(grad_output, input, offset, kernel_size, stride=None,
     if grad_output is None:
         raise TypeError("grad_output: expected an array, got None")
     max_mode = _check_mode(mode)
+    check_bool("deterministic", deterministic)
     kernels, a, geometry = _prepare_pool(
         {"grad_output": grad_output, "input": input, "offset": offset, "mask": mask},
         (kernel_size, stride, padding, dilation), backend, indices, mode,
     )
     return run_deform_pool2d_backward(kernels, a["grad_output"], a["input"], a["offset"], a["mask"],
-                                      a.get("indices"), geometry, max_mode)
+                                      a.get("indices"), geometry, max_mode, deterministic)

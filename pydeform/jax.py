@@ -280,14 +280,16 @@ class _Op:
     backend=)`` are the array-level API functions; ``plan(shapes, dtype, static, backend,
     deterministic)`` checks the shapes and static arguments and returns ``(output shape, output
     dtype, forward plan, backward plan)`` (scratch plans, see :func:`_launch`); ``dtype`` is the
-    first array's. A static ``deterministic`` (the ops whose backward has a deterministic mode)
-    goes to the backward only.
+    first array's. A static ``deterministic`` (the ops with a deterministic mode) goes to the
+    backward only, or to the forward only with ``deterministic_forward`` (an op whose forward
+    scatters: deform_conv_transpose2d).
     Gradients are returned for every array argument; ``no_grad`` ones (the boxes, a target) get
     zeros. A backward returning one array (not a NamedTuple) gives the first argument's gradient.
     """
 
-    def __init__(self, forward, backward, plan, no_grad=()):
+    def __init__(self, forward, backward, plan, no_grad=(), deterministic_forward=False):
         self.forward, self.backward, self.plan, self.no_grad = forward, backward, plan, no_grad
+        self.deterministic_forward = deterministic_forward
 
     def __call__(self, arrays: dict, static: dict, backend):
         check_backend(backend, _library())
@@ -305,15 +307,17 @@ class _Op:
 
     @functools.lru_cache(maxsize=None)
     def _vjp(self, present: tuple, key: tuple, backend):
-        backward_static = dict(key)
-        static, deterministic = _split_deterministic(backward_static)
+        static, deterministic = _split_deterministic(dict(key))
+        forward_static, backward_static = static, dict(key)
+        if self.deterministic_forward:
+            forward_static, backward_static = dict(key), static
 
         def plan(arrays: dict):
             shapes = {name: tuple(a.shape) for name, a in arrays.items()}
             return (*self.plan(shapes, np.dtype(arrays[present[0]].dtype), static, backend, deterministic), shapes)
 
         def run_forward(arrays, backend):
-            return {"output": self.forward(**arrays, **static, backend=backend)}
+            return {"output": self.forward(**arrays, **forward_static, backend=backend)}
 
         def run_backward(arrays, backend):
             grads = self.backward(**arrays, **backward_static, backend=backend)
@@ -402,7 +406,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 # Deformable U-Net operators
 
 
-def _deform_conv_transpose2d_plan(shapes, dtype, static, backend):
+def _deform_conv_transpose2d_plan(shapes, dtype, static, backend, deterministic):
     geometry = _deform_unet.deform_conv_transpose2d_geometry(
         shapes, static["stride"], static["padding"], static["output_padding"], static["dilation"], static["groups"])
     n = shapes["input"][0]
@@ -410,22 +414,25 @@ def _deform_conv_transpose2d_plan(shapes, dtype, static, backend):
     return (
         (n, geometry.in_channels, geometry.height, geometry.width),
         dtype,
-        _deform_unet.deform_conv_transpose2d_workspace(kernels, n, geometry, dtype, backward=False, masked=masked),
+        _deform_unet.deform_conv_transpose2d_workspace(kernels, n, geometry, dtype, backward=False, masked=masked,
+                                                       deterministic=deterministic),
         _deform_unet.deform_conv_transpose2d_workspace(kernels, n, geometry, dtype, backward=True, masked=masked),
     )
 
 
 _DEFORM_CONV_TRANSPOSE2D = _Op(_deform_unet.deform_conv_transpose2d, _deform_unet.deform_conv_transpose2d_backward,
-                               _deform_conv_transpose2d_plan)
+                               _deform_conv_transpose2d_plan, deterministic_forward=True)
 
 
 def deform_conv_transpose2d(input, offset, weight, bias=None, stride=1, padding=0, output_padding=0, dilation=1,
-                            groups=1, mask=None, *, backend=None):
+                            groups=1, mask=None, *, backend=None, deterministic=False):
     """:func:`pydeform.deform_conv_transpose2d` on JAX arrays, differentiable in every array argument.
 
     ``input [N, C_in, H, W]``, ``offset [N, 2*Goff*kh*kw, H, W]``, ``weight [C_in, C_out/groups, kh,
     kw]``, ``bias [C_out]`` or None, ``mask [N, Goff*kh*kw, H, W]`` or None; returns
-    ``[N, C_out, H_out, W_out]``.
+    ``[N, C_out, H_out, W_out]``. ``deterministic`` (static): run the forward's splat in its
+    deterministic mode (bit-identical outputs, see :func:`pydeform.deform_conv_transpose2d`; the
+    backward has no scatter).
     """
     arrays = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     for name in ("input", "offset", "weight"):
@@ -438,11 +445,12 @@ def deform_conv_transpose2d(input, offset, weight, bias=None, stride=1, padding=
         "output_padding": int_pair("output_padding", output_padding, minimum=0),
         "dilation": int_pair("dilation", dilation, minimum=1),
         "groups": groups,
+        "deterministic": check_bool("deterministic", deterministic),
     }
     return _DEFORM_CONV_TRANSPOSE2D(arrays, static, backend)
 
 
-def _deform_pool2d_plan(shapes, dtype, static, backend):
+def _deform_pool2d_plan(shapes, dtype, static, backend, deterministic):
     max_mode = _deform_unet._check_mode(static["mode"])
     geometry = _deform_unet.deform_pool2d_geometry(
         shapes, static["kernel_size"], static["stride"], static["padding"], static["dilation"])
@@ -451,7 +459,7 @@ def _deform_pool2d_plan(shapes, dtype, static, backend):
 
     def workspace(backward):
         return _deform_unet.deform_pool2d_workspace(kernels, n, geometry, dtype, backward=backward, masked=masked,
-                                                    recompute_indices=max_mode)
+                                                    recompute_indices=max_mode, deterministic=deterministic)
 
     return (n, geometry.channels, geometry.out_h, geometry.out_w), dtype, workspace(False), workspace(True)
 
@@ -460,12 +468,13 @@ _DEFORM_POOL2D = _Op(_deform_unet.deform_pool2d, _deform_unet.deform_pool2d_back
 
 
 def deform_pool2d(input, offset, kernel_size, stride=None, padding=0, dilation=1, mode="max", mask=None, *,
-                  backend=None):
+                  backend=None, deterministic=False):
     """:func:`pydeform.deform_pool2d` on JAX arrays, differentiable in input, offset and mask
     (max mode recomputes the arg-max in the backward).
 
     ``input [N, C, H, W]``, ``offset [N, 2*Goff*kh*kw, Ho, Wo]``, ``mask [N, Goff*kh*kw, Ho, Wo]``
-    or None; returns ``[N, C, Ho, Wo]``.
+    or None; returns ``[N, C, Ho, Wo]``. ``deterministic`` (static): run the backward in its
+    deterministic mode (see :func:`pydeform.deform_pool2d_backward`).
     """
     arrays = {"input": input, "offset": offset, "mask": mask}
     for name in ("input", "offset"):
@@ -478,6 +487,7 @@ def deform_pool2d(input, offset, kernel_size, stride=None, padding=0, dilation=1
         "padding": int_pair("padding", padding, minimum=0),
         "dilation": int_pair("dilation", dilation, minimum=1),
         "mode": mode,
+        "deterministic": check_bool("deterministic", deterministic),
     }
     return _DEFORM_POOL2D(arrays, static, backend)
 

@@ -7,9 +7,10 @@ differentiable op has its backward registered with ``register_autograd``, the ba
 custom op (``torch.ops.pydeform.<op>_backward``) running the analytic backward kernels; so
 ``torch.compile(..., fullgraph=True)`` traces them without graph breaks.
 
-The backwards of deform_conv2d and the RoI ops follow ``torch.use_deterministic_algorithms``:
-while it is on, autograd runs them in their deterministic mode (``deterministic=True`` of the
-array API: bit-identical gradients in every run).
+The scatters of deform_conv2d's, the RoI ops' and deform_pool2d's backwards and of
+deform_conv_transpose2d's forward follow ``torch.use_deterministic_algorithms``: while it is on
+they run in their deterministic mode (``deterministic=True`` of the array API: bit-identical
+results in every run).
 
 CPU tensors run the Numba CPU kernels. CUDA tensors run the CuPy kernels on the tensor's device
 and on PyTorch's current stream, with every array the op allocates (outputs and scratch) taken
@@ -195,24 +196,32 @@ def _shapes(values: dict, tensor_names: list) -> dict:
     return {n: (None if values[n] is None else tuple(values[n].shape)) for n in tensor_names}
 
 
+_DETERMINISTIC_ARGUMENT = ", bool deterministic=False"
+
+
 def _define_differentiable(name: str, arguments: str, output_fake, forward, backward, grad_names: tuple,
-                           deterministic: bool = False):
+                           deterministic: bool = False, deterministic_forward: bool = False):
     """A forward op running ``forward`` (array level), its backward op
     ``<name>_backward(grad_output, <arguments>)`` running ``backward`` and returning one tensor
     per entry of ``grad_names`` (an empty one for an absent optional argument), and the
     autograd formula connecting them. ``output_fake(shapes, values)`` gives the forward's output.
     ``deterministic``: the backward has a deterministic mode; its op takes a last argument
     ``bool deterministic=False``, which autograd sets to
-    ``torch.are_deterministic_algorithms_enabled()`` when the backward runs."""
+    ``torch.are_deterministic_algorithms_enabled()`` when the backward runs.
+    ``deterministic_forward``: the forward has one; the forward op takes that last argument
+    (the functional wrapper sets it), the backward op does not."""
     names, tensor_names = _argument_names(arguments), _tensor_names(arguments)
-    backward_arguments = f"Tensor grad_output, {arguments}" + (", bool deterministic=False" if deterministic else "")
+    forward_arguments = arguments + (_DETERMINISTIC_ARGUMENT if deterministic_forward else "")
+    forward_names = _argument_names(forward_arguments)
+    backward_arguments = f"Tensor grad_output, {arguments}" + (_DETERMINISTIC_ARGUMENT if deterministic else "")
     backward_names = _argument_names(backward_arguments)
 
     def forward_fake(*args):
         values = dict(zip(names, args))
         return output_fake(_shapes(values, tensor_names), values)
 
-    forward_op = _define(name, arguments, "Tensor", lambda *args: _call(forward, names, args), forward_fake)
+    forward_op = _define(name, forward_arguments, "Tensor", lambda *args: _call(forward, forward_names, args),
+                         forward_fake)
 
     def slots(grads, grad_output):
         """One tensor per gradient: empty where the argument (so its gradient) is absent."""
@@ -234,7 +243,8 @@ def _define_differentiable(name: str, arguments: str, output_fake, forward, back
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*(inputs[i] for i in tensor_positions))
-        ctx.inputs = [None if i in tensor_positions else v for i, v in enumerate(inputs)]
+        # The forward's deterministic flag (last) is not the backward's to take.
+        ctx.inputs = [None if i in tensor_positions else v for i, v in enumerate(inputs[:len(names)])]
 
     def grad_formula(ctx, grad_output):
         inputs = list(ctx.inputs)
@@ -243,7 +253,8 @@ def _define_differentiable(name: str, arguments: str, output_fake, forward, back
         mode = (torch.are_deterministic_algorithms_enabled(),) if deterministic else ()
         grads = backward_op(grad_output, *inputs, *mode)
         grads = dict(zip(grad_names, grads if isinstance(grads, tuple) else (grads,)))
-        return tuple(grads[n] if n in grads and inputs[i] is not None else None for i, n in enumerate(names))
+        gradients = tuple(grads[n] if n in grads and inputs[i] is not None else None for i, n in enumerate(names))
+        return gradients + (None,) * (len(forward_names) - len(names))  # none for a deterministic flag
 
     forward_op.register_autograd(grad_formula, setup_context=setup_context)
     return forward_op, backward_op
@@ -291,14 +302,14 @@ _deform_conv_transpose2d_op, _ = _define_differentiable(
     "Tensor input, Tensor offset, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
     "int[] dilation, int groups, Tensor? mask",
     _deform_conv_transpose2d_fake, _deform_unet.deform_conv_transpose2d, _deform_unet.deform_conv_transpose2d_backward,
-    ("input", "offset", "weight", "bias", "mask"),
+    ("input", "offset", "weight", "bias", "mask"), deterministic_forward=True,
 )
 _deform_pool2d_op, _ = _define_differentiable(
     "deform_pool2d",
     "Tensor input, Tensor offset, int[] kernel_size, int[] stride, int[] padding, int[] dilation, str mode, "
     "Tensor? mask",
     _deform_pool2d_fake, _deform_unet.deform_pool2d, _deform_unet.deform_pool2d_backward,
-    ("input", "offset", "mask"),
+    ("input", "offset", "mask"), deterministic=True,
 )
 _roi_align_op, _ = _define_differentiable(
     "roi_align",
@@ -573,11 +584,13 @@ def deform_conv_transpose2d(input: Tensor, offset: Tensor, weight: Tensor, bias:
         mask (Tensor[N, Goff*kh*kw, H, W], optional): modulation scalars.
 
     Returns:
-        Tensor[N, C_out, H_out, W_out]. Semantics: :func:`pydeform.deform_conv_transpose2d`.
+        Tensor[N, C_out, H_out, W_out]. Semantics: :func:`pydeform.deform_conv_transpose2d`; its
+        splat runs in the deterministic mode while ``torch.use_deterministic_algorithms`` is on.
     """
     return _deform_conv_transpose2d_op(
         input, offset, weight, bias, _pair_list("stride", stride, 1), _pair_list("padding", padding, 0),
-        _pair_list("output_padding", output_padding, 0), _pair_list("dilation", dilation, 1), groups, mask)
+        _pair_list("output_padding", output_padding, 0), _pair_list("dilation", dilation, 1), groups, mask,
+        torch.are_deterministic_algorithms_enabled())
 
 
 @torch.fx.wrap

@@ -262,6 +262,10 @@ class HostShimDeformConv2dKernels(HostShimLaunch, CupyDeformConv2dKernels):
 class HostShimDeformPool2dKernels(HostShimLaunch, CupyDeformPool2dKernels):
     manifest = DEFORM_POOL_KERNELS
 
+    @staticmethod
+    def _deform_conv_kernels():
+        return HostShimDeformConv2dKernels()
+
 
 class HostShimRoIKernels(HostShimLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
@@ -273,6 +277,20 @@ class HostShimShuffledDeformConv2dKernels(HostShimShuffledLaunch, CupyDeformConv
 
 class HostShimShuffledRoIKernels(HostShimShuffledLaunch, CupyRoIKernels):
     manifest = ROI_KERNELS
+
+
+class HostShimShuffledDeformPool2dKernels(HostShimShuffledLaunch, CupyDeformPool2dKernels):
+    """The deterministic input gradient's contribution lists come from deform_conv.cu's
+    kernels, shuffled alike (their own order: seed + 1)."""
+
+    manifest = DEFORM_POOL_KERNELS
+
+    def __init__(self, grid, block, seed, workers=4):
+        super().__init__(grid, block, seed, workers)
+        self.deform_conv_kernels = HostShimShuffledDeformConv2dKernels(grid, block, seed + 1, workers)
+
+    def _deform_conv_kernels(self):
+        return self.deform_conv_kernels
 
 
 class SanitizedHostShimRoIKernels(HostShimRoIKernels):

@@ -18,6 +18,8 @@ import reference
 from pydeform import deform_conv as deform_conv_module
 from pydeform import roi as roi_module
 from pydeform.backends.numba_cuda import simulator_enabled
+from pydeform.backends.numba_kernels import deform_conv as numba_deform_conv
+from pydeform.backends.numba_kernels import roi as numba_roi
 from pydeform.backends.numba_kernels.deform_conv import NumbaCudaDeformConv2dKernels
 from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 from tests import roi_kernel_set_checks
@@ -74,6 +76,60 @@ def test_simulated_numba_cuda_kernels_match_reference(geometry, dtype):
     assert_grads_close(grads, case.reference_backward(), dtype)
     assert_unchanged(case, before)
     check_kernels_write_every_element(kernels, case, seed=8)
+
+
+def simulated_backward(case, deterministic):
+    kernels = NumbaCudaDeformConv2dKernels(xp=np)
+    with mock.patch.object(deform_conv_module, "deform_conv2d_kernels", lambda library, backend: kernels):
+        return pydeform.deform_conv2d_backward(case.grad_output, **case.arguments(), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_simulated_numba_cuda_deterministic_backward_matches_reference(geometry, dtype):
+    """The deterministic input gradient's kernels (lists, sort, gather) beside the others."""
+    case = build_case(np.random.default_rng(7), dtype=dtype, **geometry)
+    before = case.map_arrays(np.copy)
+    assert_grads_close(simulated_backward(case, True), case.reference_backward(), dtype)
+    assert_unchanged(case, before)
+
+
+# Grids of the launches below: one thread, an odd small grid, the simulator's default.
+GRIDS = ((1, 1), (3, 7), None)
+
+
+def launches_with(monkeypatch, grid):
+    """Launch the Numba CUDA kernels of both kernel-set modules on ``grid`` (blocks, threads),
+    or as usual for None."""
+    if grid is None:
+        return
+
+    def launch(kernel, n_items, xp, *args):
+        if n_items:
+            kernel[grid](*args)
+
+    monkeypatch.setattr(numba_deform_conv, "launch_cuda", launch)
+    monkeypatch.setattr(numba_roi, "launch_cuda", launch)
+
+
+def test_simulated_numba_cuda_deterministic_bits_do_not_depend_on_the_grid(monkeypatch):
+    """Every sample of a 3x3 kernel over a 4x4 output lands near one pixel (many contributions
+    per bucket): the same input-gradient bits on every grid."""
+    rng = np.random.default_rng(5)
+    case = build_case(rng, n=1, channels=2, out_channels=2, size=(4, 4), kernel=(3, 3), padding=1,
+                      dtype=np.float32)
+    ys = np.arange(4).reshape(1, 1, 4, 1) + np.arange(3).reshape(3, 1, 1, 1) - 1
+    xs = np.arange(4).reshape(1, 1, 1, 4) + np.arange(3).reshape(1, 3, 1, 1) - 1
+    target = rng.uniform(-0.45, 0.45, (3, 3, 4, 4, 2)) + (1.3, 1.6)
+    case.offset[...] = np.stack([target[..., 0] - ys, target[..., 1] - xs], axis=2).reshape(1, 18, 4, 4)
+    bits = set()
+    for grid in GRIDS:
+        with monkeypatch.context() as patch:
+            launches_with(patch, grid)
+            grads = simulated_backward(case, True)
+        assert_grads_close(grads, case.reference_backward(), np.float32)
+        bits.add(grads.input.tobytes())
+    assert len(bits) == 1
 
 
 # The RoI kernels (pydeform.backends.numba_kernels.roi), run through the public ops (their kernel
@@ -139,6 +195,36 @@ def test_simulated_numba_cuda_roi_kernels_in_float16(name):
     kernel-set methods called directly: the ops take float16 on the GPU only. (The simulator has
     no bfloat16.)"""
     roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, np.float16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", ROI_PROBLEMS)
+def test_simulated_numba_cuda_roi_deterministic_backward_matches_reference(name, dtype):
+    """The deterministic backward's kernels (lists, sort, gather; partials and parameter sums),
+    called directly with the arguments the op prepares: every gradient as the reference's."""
+    roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, dtype),
+                                                            deterministic=True)
+
+
+@pytest.mark.parametrize("name", ROI_PROBLEMS)
+def test_simulated_numba_cuda_roi_deterministic_backward_in_float16(name):
+    roi_kernel_set_checks.check_kernels_write_every_element(NumbaCudaRoIKernels(xp=np), roi_problem(name, np.float16),
+                                                            deterministic=True)
+
+
+@pytest.mark.parametrize("name", ROI_PROBLEMS)
+def test_simulated_numba_cuda_roi_deterministic_bits_do_not_depend_on_the_grid(monkeypatch, name):
+    case = roi_problem(name, np.float32)
+    kernels = NumbaCudaRoIKernels(xp=np)
+    bits = set()
+    for grid in GRIDS:
+        with monkeypatch.context() as patch:
+            launches_with(patch, grid)
+            patch.setattr(roi_module, "roi_kernels", lambda library, backend: kernels)
+            grads = case.backward(pydeform, deterministic=True)
+        assert_roi_grads_close(grads, case.backward(reference), np.float32)
+        bits.add(tuple(None if g is None else g.tobytes() for g in grads.values()))
+    assert len(bits) == 1
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])

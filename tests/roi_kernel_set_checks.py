@@ -48,7 +48,7 @@ def recorded_call(run, xp=np):
 
 def gradient_arguments(method, args) -> dict:
     """The gradient arrays (or None) among a backward call's arguments, by argument name."""
-    names = GRADIENTS[method]
+    names = GRADIENTS[method.removesuffix("_deterministic")]
     return dict(zip(names, args[-1 - len(names):-1]))
 
 
@@ -92,16 +92,21 @@ def in_storage_dtype(method, args, dtype) -> tuple:
     )
 
 
-def check_kernels_write_every_element(kernels, case: RoICase) -> None:
-    """The forward and the backward method of ``case.op`` on ``kernels`` (arrays moved to
-    ``kernels.xp``), each called directly with the arguments the op prepares. The calls are
-    recorded from the op on arrays of the accumulation dtype (the ops take float16 / bfloat16
-    on the GPU only) and replayed with the storage-dtype arrays in ``case``'s dtype."""
+def check_kernels_write_every_element(kernels, case: RoICase, deterministic: bool = False) -> None:
+    """The forward and the backward method (``deterministic``: its deterministic twin) of
+    ``case.op`` on ``kernels`` (arrays moved to ``kernels.xp``), each called directly with the
+    arguments the op prepares. The calls are recorded from the op on arrays of the accumulation
+    dtype (the ops take float16 / bfloat16 on the GPU only) and replayed with the storage-dtype
+    arrays in ``case``'s dtype."""
     xp = kernels.xp
     dtype = case.input.dtype
     acc = np.float64 if dtype == np.float64 else np.float32
     device_case = case.map_arrays(lambda a: xp.asarray(a.astype(acc) if a.dtype.itemsize < 4 else a))
-    for run, expected in ((RoICase.forward, case.forward(reference)), (RoICase.backward, case.backward(reference))):
+
+    def backward(roi_case, module):
+        return roi_case.backward(module, deterministic=deterministic)
+
+    for run, expected in ((RoICase.forward, case.forward(reference)), (backward, case.backward(reference))):
         method, args = recorded_call(lambda: run(device_case, pydeform), xp)
         check_kernel_call(kernels, method, in_storage_dtype(method, args, dtype), expected)
 

@@ -86,6 +86,14 @@ def test_deterministic_cases_time_the_deterministic_backward(monkeypatch):
     twin = next(case for case in twins if case.op == "roi_align")
     bc.pydeform_calls(twin, {"input": 1, "rois": 2, "grad_output": 3}).forward_backward()
     assert "deterministic" not in calls[0][1] and calls[1][1]["deterministic"] is True
+    forward_twins = [case for case in bc.cases(device="gpu") if case.forward_options]
+    assert [case.op for case in forward_twins] == list(bc.DETERMINISTIC_FORWARD_OPS) == ["deform_conv_transpose2d"]
+    calls.clear()
+    monkeypatch.setattr(pydeform, "deform_conv_transpose2d", lambda **kwargs: calls.append(("forward", kwargs)))
+    monkeypatch.setattr(pydeform, "deform_conv_transpose2d_backward",
+                        lambda grad, **kwargs: calls.append(("backward", kwargs)))
+    bc.pydeform_calls(forward_twins[0], {"input": 1, "offset": 2, "grad_output": 3}).forward_backward()
+    assert calls[0][1]["deterministic"] is True and "deterministic" not in calls[1][1]
 
 
 def test_standard_shapes_of_perf_md():
@@ -158,7 +166,7 @@ def test_roi_align_floor_at_borders_and_on_pixel_centres(aligned, sampling_ratio
     host = {"input": np.ones((2, 1, 9, 11)), "rois": rois}
     options = dict(output_size=3, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned)
     grad = pydeform.roi_align_backward(np.ones((len(rois), 1, 3, 3)), host["input"], rois, **options).input
-    floor = bc._roi_align_floor(3, 1.0, sampling_ratio, aligned)
+    floor = bc.roi.roi_align_floor(3, 1.0, sampling_ratio, aligned)
     assert floor(host, 8) == (np.count_nonzero(grad) + len(rois) * 9) * 8
 
 
@@ -296,7 +304,7 @@ def test_torch_decode_on_a_planted_heatmap():
 def test_the_suite_has_a_gpu_and_a_cpu_class_for_every_op(suite):
     common = suite("common")
     covered = {"gpu": set(), "cpu": set()}
-    for module in ("deform_conv", "roi", "centernet"):
+    for module in ("deform_conv", "roi", "centernet", "deform_unet"):
         for name, value in vars(suite(module)).items():
             if isinstance(value, type) and not name.startswith("_") and getattr(value, "op", None):
                 bases = [device for device, base in (("gpu", common._GpuOp), ("cpu", common._CpuOp))

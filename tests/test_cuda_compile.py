@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 
-from pydeform._contributions import ContributionLists
+from pydeform._contributions import ContributionLists, roi_contribution_layout
 from pydeform.backends import cupy_kernels
 from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, roi
 from pydeform.backends.cupy_kernels._compile import (
@@ -137,6 +137,7 @@ def deform_pool2d_launches(optional_present):
         deform_pool.forward_launch(a, a, opt, a, opt, g, optional_present),
         deform_pool.backward_input_launch(a, opt, a, opt, a, g, optional_present),
         deform_pool.backward_coord_launch(a, a, opt, a, opt, a, opt, g, optional_present),
+        deform_pool.backward_input_gather_launch(a, a, a, a, opt, a, g, optional_present),
     ]
 
 
@@ -177,7 +178,7 @@ def deterministic_roi_launches(a, opt, params):
     lists = ContributionLists(a, a, a, a)
     launches = [contributions.sort_launch(a, a, a, a)]
     for family, p in params.items():
-        layout = roi.contribution_layout(family, a.shape, 2, p)
+        layout = roi_contribution_layout(family, a.shape, 2, p)
         optional = (opt, opt) if family == "deform_roi_pool" else (opt,)
         arrays = roi._list_arrays(family, a, a, optional)
         launches.append(roi.backward_lists_launch(family, arrays, a, a, a, a, True, a, p, layout))

@@ -183,40 +183,101 @@ def test_roi_deterministic_matches_reference(data, op, dtype):
     assert_roi_grads_close(grads, case.backward(reference), dtype)
 
 
-def test_numba_cuda_sets_run_the_cuda_c_deterministic_backward(monkeypatch):
-    """The Numba CUDA kernel sets hand their deterministic backwards to the CUDA C kernels; here
-    those run on the host shim, so the bits are the shim's own."""
-    import pydeform.backends.cupy_kernels.deform_conv as cupy_deform_conv
+def _listed_contributions(case, monkeypatch) -> tuple:
+    """(the contributions the host shim's deterministic backward of ``case`` lists, the
+    capacity a plan made ahead of the boxes reserves for them)."""
+    from pydeform._contributions import roi_lists_plan
+    from pydeform.backends.cupy_kernels import roi as cupy_roi
+    from tests.roi_kernel_set_checks import recorded_call
+
+    totals = []
+
+    def counted_lists(*args):
+        lists = real_lists(*args)
+        totals.append(int(lists.bucket_ends[-1]) if lists.bucket_ends.size else 0)
+        return lists
+
+    real_lists = cupy_roi.contribution_lists
+    monkeypatch.setattr(cupy_roi, "contribution_lists", counted_lists)
+    _roi_backward(case, host_shim.HostShimRoIKernels(), True)
+    _, args = recorded_call(lambda: case.backward(pydeform, deterministic=True))
+    grad_output, input, params = args[0], args[1], args[-1]
+    plan = roi_lists_plan("roi_pool", params, {"input": input.shape, "output": grad_output.shape}, input.dtype)
+    return sum(totals), plan["contribution_item"][0][0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_ps_roi_pool_plans_room_for_every_contribution(data):
+    """ps_roi_pool's deterministic backward can be planned ahead of the boxes (pydeform.jax on a
+    GPU): K * (H + PH - 1) * (W + PW - 1) contributions at most, for boxes inside, across,
+    outside and far beyond the map, and bins smaller than a pixel."""
+    case = data.draw(roi_cases(op="ps_roi_pool", with_grad=True, min_rois=1, pooled_sizes=(1, 2, 3, 7)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        listed, planned = _listed_contributions(case, monkeypatch)
+    assert listed <= planned
+
+
+def test_ps_roi_pool_plan_is_reached(monkeypatch):
+    """The bound is tight: 7 bins over a 6-pixel box overlap by a row (a column) at every inner
+    edge, 12 rows in all."""
+    rng = np.random.default_rng(0)
+    rois = np.array([[0, 0.0, 0.0, 6.0, 6.0], [0, 0.2, -0.3, 6.4, 5.6]])
+    case = RoICase("ps_roi_pool", rng.standard_normal((1, 49, 6, 6)), rois, dict(output_size=7),
+                   rng.standard_normal((2, 1, 7, 7)))
+    listed, planned = _listed_contributions(case, monkeypatch)
+    assert listed == planned == 2 * 12 * 12
+
+
+def test_numba_cuda_sets_launch_only_numba_kernels(monkeypatch):
+    """The Numba CUDA kernel sets' deterministic backwards launch Numba CUDA kernels (lists,
+    sort, gather; partials and parameter sums), never the CUDA C ones nor the atomic scatters. (They run, on the CUDA
+    simulator, in tests/numba_cuda_simulator_checks.py.)"""
+    from numba.cuda.dispatcher import CUDADispatcher
+
+    from pydeform.backends.cupy_kernels import _compile
+    from pydeform.backends.numba_kernels import contributions
     from pydeform.backends.numba_kernels import deform_conv as numba_deform_conv
     from pydeform.backends.numba_kernels import roi as numba_roi
 
-    monkeypatch.setattr(cupy_deform_conv, "CupyDeformConv2dKernels", host_shim.HostShimDeformConv2dKernels)
-    monkeypatch.setattr(numba_roi, "_cuda_c_kernels", host_shim.HostShimRoIKernels)
+    def no_cuda_c(*args):
+        raise AssertionError("a CUDA C kernel was launched")
+
+    launched = []
+
+    def record(kernel, n_items, xp, *args):
+        assert isinstance(kernel, CUDADispatcher), kernel
+        launched.append(kernel)
+
+    monkeypatch.setattr(_compile, "launch", no_cuda_c)
+    monkeypatch.setattr(numba_deform_conv, "launch_cuda", record)
+    monkeypatch.setattr(numba_roi, "launch_cuda", record)
+    monkeypatch.setattr(deform_conv_module, "deform_conv2d_kernels",
+                        lambda library, backend: numba_deform_conv.NumbaCudaDeformConv2dKernels(xp=np))
     case = crowded_deform_conv_case()
-    numba_set = numba_deform_conv.NumbaCudaDeformConv2dKernels(xp=np)
-    grad_input = np.zeros_like(case.input)
-    shim_grad_input = np.zeros_like(case.input)
-    geometry = deform_conv_module.deform_conv2d_geometry(
-        {name: getattr(case, name).shape for name in ("input", "offset", "weight")}, 1, 1, 1)
-    grad_columns = np.random.default_rng(3).standard_normal((2, 36, 36)).astype(np.float32)
-    numba_set.col2im_deterministic(case.offset, case.mask, grad_columns, grad_input, geometry)
-    host_shim.HostShimDeformConv2dKernels().col2im_deterministic(case.offset, case.mask, grad_columns,
-                                                                 shim_grad_input, geometry)
-    assert grad_input.tobytes() == shim_grad_input.tobytes()
-    roi_case = crowded_roi_case("deform_roi_pool")
-    grads = _roi_backward(roi_case, numba_roi.NumbaCudaRoIKernels(xp=np), True)
-    assert _bits(grads.values()) == _bits(_roi_backward(roi_case, host_shim.HostShimRoIKernels(), True).values())
+    deform_conv2d_backward(case.grad_output, **case.arguments(), deterministic=True)
+    # The backward's im2col and col2im_coord, and the deterministic kernels in place of col2im.
+    acc = np.dtype(np.float32)
+    im2col, col2im_coord, _ = numba_deform_conv._cuda_kernels(acc)
+    expected = {im2col, col2im_coord, contributions.sort_kernel(), *numba_deform_conv._cuda_deterministic_kernels(acc)}
+    for name in CROWDED_ROI_OPTIONS:
+        _roi_backward(crowded_roi_case(name), numba_roi.NumbaCudaRoIKernels(xp=np), True)
+        expected.update(numba_roi.cuda_deterministic_kernels(name.split("-")[0].replace("ps_", ""), acc))
+    expected.discard(None)
+    assert set(launched) == expected
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", [None, "numba"])
 def test_gpu_deterministic_bits_across_runs_and_grid_sizes(monkeypatch, backend):
-    """On a GPU: the deterministic backwards give the same bits in repeated runs and with the
-    grid capped at 1 and 7 blocks, and agree with the reference. (CPU twins: the shuffled-shim
-    tests above.)"""
+    """On a GPU: the deterministic backwards (the CUDA C kernels, and the Numba CUDA kernels with
+    backend="numba") give the same bits in repeated runs and with the grid capped at 1 and 7
+    blocks, and agree with the reference. (CPU twins: the shuffled-shim tests above, and the
+    Numba CUDA simulator's in tests/numba_cuda_simulator_checks.py.)"""
     import cupy
 
     from pydeform.backends.cupy_kernels import _compile
+    from pydeform.backends.numba_kernels import targets
 
     cases = [(crowded_deform_conv_case(), None)] + [(crowded_roi_case(name), name) for name in CROWDED_ROI_OPTIONS]
     for case, name in cases:
@@ -224,6 +285,7 @@ def test_gpu_deterministic_bits_across_runs_and_grid_sizes(monkeypatch, backend)
         runs = []
         for max_blocks in (_compile.MAX_BLOCKS, _compile.MAX_BLOCKS, 1, 7):
             monkeypatch.setattr(_compile, "MAX_BLOCKS", max_blocks)
+            monkeypatch.setattr(targets, "MAX_BLOCKS", max_blocks)
             if name is None:
                 grads = deform_conv2d_backward(on_gpu.grad_output, **on_gpu.arguments(), backend=backend,
                                                deterministic=True)

@@ -301,3 +301,34 @@ def test_deterministic_is_a_static_backward_argument():
         pdj.roi_pool(jnp.asarray(x), jnp.asarray(rois), 2, deterministic=1)
     with pytest.raises(TypeError, match="^deterministic: expected a bool"):
         pdj.deform_conv2d(jnp.asarray(x), jnp.asarray(offset), jnp.asarray(weight), padding=1, deterministic="yes")
+
+
+def test_deterministic_reaches_the_deform_unet_scatters():
+    """deform_conv_transpose2d's ``deterministic`` reaches its forward (the splat), deform_pool2d's
+    its backward; checked once; on the CPU the bits are the array API's in either mode."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((1, 2, 4, 4))
+    offset = rng.standard_normal((1, 18, 4, 4))
+    weight = rng.standard_normal((2, 3, 3, 3))
+    expected = pydeform.deform_conv_transpose2d(x, offset, weight, stride=2, padding=1, deterministic=True)
+    for deterministic in (False, True):
+        got = jax.jit(lambda v, d=deterministic: pdj.deform_conv_transpose2d(
+            v, jnp.asarray(offset), jnp.asarray(weight), stride=2, padding=1, deterministic=d))(jnp.asarray(x))
+        assert np.asarray(got).tobytes() == expected.tobytes()
+    grad = jax.grad(lambda v: pdj.deform_conv_transpose2d(v, jnp.asarray(offset), jnp.asarray(weight), stride=2,
+                                                          padding=1, deterministic=True).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad), pydeform.deform_conv_transpose2d_backward(
+        np.ones(expected.shape), x, offset, weight, stride=2, padding=1).input)
+    image = rng.standard_normal((1, 2, 8, 8))
+    pool_offset = rng.standard_normal((1, 18, 4, 4))
+    for mode in ("avg", "max"):
+        grad = jax.jit(jax.grad(lambda v, m=mode: pdj.deform_pool2d(
+            v, jnp.asarray(pool_offset), 3, stride=2, padding=1, mode=m, deterministic=True).sum()))(
+            jnp.asarray(image))
+        expected_grads = pydeform.deform_pool2d_backward(np.ones((1, 2, 4, 4)), image, pool_offset, 3, stride=2,
+                                                         padding=1, mode=mode, deterministic=True)
+        assert np.asarray(grad).tobytes() == expected_grads.input.tobytes()
+    with pytest.raises(TypeError, match="^deterministic: expected a bool"):
+        pdj.deform_conv_transpose2d(jnp.asarray(x), jnp.asarray(offset), jnp.asarray(weight), deterministic=1)
+    with pytest.raises(TypeError, match="^deterministic: expected a bool"):
+        pdj.deform_pool2d(jnp.asarray(image), jnp.asarray(pool_offset), 3, stride=2, padding=1, deterministic=None)

@@ -394,3 +394,18 @@ def test_numba_cuda_centernet_half_copies_come_from_the_planned_slots(monkeypatc
             run()
         assert_launches_use_the_plan([a for args in launched for a in args if isinstance(a, np.ndarray)], buffers,
                                      work)
+
+
+@pytest.mark.parametrize("kernels", [CupyRoIKernels(), NumbaCudaRoIKernels(xp=np)], ids=["cupy", "numba"])
+def test_deterministic_roi_plans_on_the_gpu_sets(kernels):
+    """The GPU kernel sets plan the deterministic backward's lists ahead of the boxes where a
+    bound exists: ps_roi_pool reserves K * (H + PH - 1) * (W + PW - 1) contributions; adaptive
+    sampling raises, naming the argument."""
+    shapes = {"input": (2, 2 * 9, 6, 5), "rois": (4, 5)}
+    params = roi.roi_pool_params(shapes, 4, 3, 1.0, True)
+    plan = roi.roi_workspace(kernels, params, shapes, np.float32, backward=True, deterministic=True)
+    assert plan["contribution_item"] == ((4 * (6 + 3 - 1) * (5 + 3 - 1),), np.int64)
+    assert plan["bucket_counts"] == ((2 * 9 * 6 * 5,), np.uint64)
+    params = roi.roi_align_params(shapes, 4, 3, 1.0, 0, True, "avg", False)
+    with pytest.raises(ValueError, match="^deterministic: .*adaptive sampling"):
+        roi.roi_workspace(kernels, params, shapes, np.float32, backward=True, deterministic=True)

@@ -32,6 +32,15 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 KERNELS = ("im2col", "col2im_coord", "col2im")
 ROI_FAMILIES = ("roi_align", "roi_pool", "deform_roi_pool", "deform_psroi_pool")
 ROI_KERNELS = tuple(f"{family}_{step}" for family in ROI_FAMILIES for step in ("forward", "backward"))
+# The deterministic backward's kernels (pydeform/backends/numba_kernels/contributions.py): the
+# sort, deform_conv2d's col2im lists and gather, every RoI family's lists and gather, and the
+# deform families' partials and parameter sums.
+DETERMINISTIC_KERNELS = ("contribution_lists_sort", "col2im_lists", "col2im_gather") + tuple(
+    f"{family}_{step}" for family in ROI_FAMILIES
+    for step in ("lists", "gather") + (("partials", "params_sum") if family.startswith("deform") else ())
+)
+# Those that list contributions, with integer atomics only (the counts and the cursors).
+LISTING_KERNELS = tuple(name for name in DETERMINISTIC_KERNELS if name.endswith("_lists"))
 # Kernel arithmetic dtype by storage dtype: half types are converted to float32 before a launch.
 ARITHMETIC = {"float32": "float32", "float64": "float64", "float16": "float32", "bfloat16": "float32"}
 
@@ -42,6 +51,7 @@ def record_launches(dtype_name: str) -> list:
     import ml_dtypes
     import numpy as np
 
+    from pydeform.backends.numba_kernels import contributions
     from pydeform.backends.numba_kernels import deform_conv as kernels_module
     from pydeform.deform_conv import _prepare
     from tests.strategies import build_case
@@ -50,6 +60,9 @@ def record_launches(dtype_name: str) -> list:
     acc = np.float64 if dtype == np.float64 else np.float32
     launches = []
     names = {id(kernel): name for kernel, name in zip(kernels_module._cuda_kernels(np.dtype(acc)), KERNELS)}
+    names.update({id(kernel): name for kernel, name in zip(kernels_module._cuda_deterministic_kernels(np.dtype(acc)),
+                                                          ("col2im_lists", "col2im_gather"))})
+    names[id(contributions.sort_kernel())] = "contribution_lists_sort"
 
     def recorder(kernel, n_items, xp, *args):
         launches.append((names[id(kernel)], kernel, args))
@@ -72,6 +85,7 @@ def record_launches(dtype_name: str) -> list:
         grad_mask = None if mask is None else np.zeros_like(mask)
         kernels.col2im_coord(input, offset, mask, columns, np.zeros_like(offset), grad_mask, geometry)
         kernels.col2im(offset, mask, columns, np.zeros(input.shape, acc), geometry)
+        kernels.col2im_deterministic(offset, mask, columns, np.zeros(input.shape, acc), geometry)
     return launches
 
 
@@ -86,16 +100,20 @@ def record_roi_launches(dtype_name: str) -> list:
     import numpy as np
 
     import pydeform
+    from pydeform.backends.numba_kernels import contributions
     from pydeform.backends.numba_kernels import roi as kernels_module
     from tests.roi_kernel_set_checks import in_storage_dtype, recorded_call
     from tests.strategies import build_roi_case
 
     dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
     acc = np.float64 if dtype == np.float64 else np.float32
-    names = {}
+    names = {id(contributions.sort_kernel()): "contribution_lists_sort"}
     for family in ROI_FAMILIES:
         forward, backward = kernels_module.cuda_kernels(family, np.dtype(acc))
         names[id(forward)], names[id(backward)] = f"{family}_forward", f"{family}_backward"
+        for step, kernel in zip(("lists", "gather", "partials", "params_sum"),
+                                kernels_module.cuda_deterministic_kernels(family, np.dtype(acc))):
+            names[id(kernel)] = f"{family}_{step}"
     launches = []
 
     def recorder(kernel, n_items, xp, *args):
@@ -118,7 +136,7 @@ def record_roi_launches(dtype_name: str) -> list:
     for op, variants in optional.items():
         for options in variants:
             case = build_roi_case(op, rng, acc, channels=4, size=(4, 4), kinds=("inside", "huge"), **options)
-            for run in (case.forward, case.backward):
+            for run in (case.forward, case.backward, lambda module: case.backward(module, deterministic=True)):
                 method, args = recorded_call(lambda: run(pydeform))
                 getattr(kernels, method)(*in_storage_dtype(method, args, dtype))
     return launches
@@ -240,6 +258,26 @@ def test_kernel_compiles_to_ptx(compiled, dtype, kernel):
 def test_roi_kernel_compiles_to_ptx(compiled, dtype, kernel):
     # shape = (N, C, H, W, C_out, PH, PW) and the op's param record; backward kernels scatter.
     check_compiled(compiled, dtype, kernel, ["UniTuple(int64, 7)", "Tuple(int64"], kernel.endswith("_backward"))
+
+
+@pytest.mark.parametrize("kernel", DETERMINISTIC_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deterministic_kernel_compiles_to_ptx(compiled, dtype, kernel):
+    """The deterministic backward's kernels: their float arrays of the arithmetic dtype, their
+    integer arrays the lists' int64 keys and uint64 bucket counts, no float atomics (the
+    listing kernels count and claim slots with 64-bit integer atomics; the others none), and
+    float32 arithmetic only where that is the arithmetic dtype."""
+    cc, results = compiled
+    entry = results[dtype][kernel]
+    assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
+    assert entry["return"] == "none"
+    assert entry["target"] == [f"sm_{cc[0]}{cc[1]}"]
+    arrays = set(re.findall(r"Array\((\w+), (\d+), '(\w)'", entry["signature"]))
+    floats = {array for array in arrays if array[0].startswith("float")}
+    assert floats == {(ARITHMETIC[dtype], "1", "C")}, entry["signature"]
+    assert arrays - floats <= {("int64", "1", "C"), ("uint64", "1", "C")}, entry["signature"]
+    assert entry["atomics"] == (["atom.global.add.u64"] if kernel in LISTING_KERNELS else [])
+    check_float32_only(entry, dtype, kernel)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def test_quick_selftest_passes_on_numba_cpu():
     assert lines[0].split() == ["op", "backend", "dtype", "check", "max", "error", "tolerance", "time", "result"]
     ops = {entry.op for entry in selftest.CHECKS}
     assert ops == {"deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
-                   "deform_psroi_pool", "centernet_decode", "centernet_targets", "centernet_focal_loss"}
+                   "deform_psroi_pool", "centernet_decode", "centernet_targets", "centernet_focal_loss",
+                   "deform_conv_transpose2d", "deform_pool2d"}
     rows = [line.split() for line in lines if line.split()[0] in ops]
     cpu_checks = [(entry.op, dtype) for entry in selftest.CHECKS
                   for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
@@ -38,7 +39,9 @@ def test_quick_selftest_passes_on_numba_cpu():
                  "affine image = affine at bin centres", "ramp image = last pixel of each bin",
                  "channel-constant input = its channels", "zero offsets = roi_align aligned",
                  "mask = unmasked * mask", "grad trans vs finite difference", "planted peaks = top-K",
-                 "slots and peaks by hand", "loss = NumPy formula", "grad pred vs finite difference"):
+                 "slots and peaks by hand", "loss = NumPy formula", "grad pred vs finite difference",
+                 "zero offsets = transposed convolution", "adjoint of deform_conv2d",
+                 "zero offsets = pooling of the zero-padded input", "avg = depthwise deform_conv2d"):
         assert name in result.stdout
     assert "FAIL" not in result.stdout
     assert f"{len(rows)} checks passed, 0 failed" in result.stdout
@@ -100,12 +103,32 @@ def test_a_passing_registry_exits_zero():
 
 def test_numpy_helpers_agree():
     """The two NumPy formulations the selftest checks against agree at zero offsets."""
-    case, arrays, _ = next(selftest._deform_conv_cases(quick=True))
+    case, arrays, _ = next(selftest.deform_conv.DEFORM_CONV.cases(quick=True))
     arrays["offset"] = np.zeros_like(arrays["offset"])
     arrays["mask"] = np.ones_like(arrays["mask"])
-    gathered = selftest.whole_pixel_deform_conv2d(**arrays, **case.options())
-    convolved = selftest.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
+    gathered = selftest.deform_conv.whole_pixel_deform_conv2d(**arrays, **case.options())
+    convolved = selftest.deform_conv.ordinary_conv2d(arrays["input"], arrays["weight"], arrays["bias"], **case.options())
     np.testing.assert_allclose(gathered, convolved, rtol=1e-12, atol=1e-12)
+
+
+def patch_everywhere(monkeypatch, name, value):
+    """Replace ``name`` in every module of the selftest package that has it (the family modules
+    import the shared helpers from selftest.common)."""
+    modules = [module for module_name, module in sorted(sys.modules.items())
+               if module_name.startswith("pydeform.selftest.") and hasattr(module, name)]
+    assert modules
+    for module in modules:
+        monkeypatch.setattr(module, name, value)
+
+
+def reference_forward(calls, backend, dtype, case, arrays):
+    """run_forward of the selftest on the test suite's float64 reference instead of the op."""
+    return getattr(reference, calls.op)(**arrays, **case.options())
+
+
+def reference_backward(calls, backend, dtype, case, arrays, grad_output):
+    grads = getattr(reference, f"{calls.op}_backward")(grad_output, **arrays, **case.options())
+    return {name: g for name, g in grads.items() if g is not None}
 
 
 ROI_OPS = ("roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool", "deform_psroi_pool")
@@ -117,15 +140,8 @@ def test_roi_checks_hold_for_the_reference(monkeypatch):
     independently of pydeform: run on the test suite's float64 reference instead of an op, every
     check passes."""
 
-    def reference_forward(calls, backend, dtype, case, arrays):
-        return getattr(reference, calls.op)(**arrays, **case.options())
-
-    def reference_backward(calls, backend, dtype, case, arrays, grad_output):
-        grads = getattr(reference, f"{calls.op}_backward")(grad_output, **arrays, **case.options())
-        return {name: g for name, g in grads.items() if g is not None}
-
-    monkeypatch.setattr(selftest, "run_forward", reference_forward)
-    monkeypatch.setattr(selftest, "run_backward", reference_backward)
+    patch_everywhere(monkeypatch, "run_forward", reference_forward)
+    patch_everywhere(monkeypatch, "run_backward", reference_backward)
     checks = [entry for entry in selftest.CHECKS
               if entry.op in ROI_OPS and entry.applies(selftest.NUMBA_CPU, "float64")]
     assert {entry.op for entry in checks} == set(ROI_OPS)
@@ -138,13 +154,13 @@ def test_roi_identity_checks_notice_a_wrong_answer(monkeypatch, op):
     """Each RoI identity check with a NumPy answer fails when the op's output is off (here:
     scaled by 1.01); "mask = unmasked * mask" compares two runs of the op, which the same scaling
     leaves equal."""
-    original = selftest.run_forward
+    original = selftest.common.run_forward
 
     def off_forward(calls, backend, dtype, case, arrays):
         output = original(calls, backend, dtype, case, arrays)
         return output * 1.01 if calls.op == op else output
 
-    monkeypatch.setattr(selftest, "run_forward", off_forward)
+    patch_everywhere(monkeypatch, "run_forward", off_forward)
     identities = [entry for entry in selftest.CHECKS
                   if entry.op == op and " = " in entry.name and entry.name != "mask = unmasked * mask"]
     assert identities
@@ -167,7 +183,7 @@ def test_centernet_checks_notice_a_wrong_answer(monkeypatch, function):
     op, name = CENTERNET_FUNCTIONS[function]
     (entry,) = [entry for entry in selftest.CHECKS if entry.op == op and entry.name == name]
     assert entry.run(selftest.NUMBA_CPU, "float64", True) <= entry.tolerance["float64"]
-    original = getattr(selftest, function)
+    original = getattr(selftest.centernet, function)
 
     def off(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -178,5 +194,44 @@ def test_centernet_checks_notice_a_wrong_answer(monkeypatch, function):
             return type(result)(result.heatmap * 1.01, result.wh * 1.01, *result[2:])
         return np.asarray(result * 1.01)  # 0-d stays an array
 
-    monkeypatch.setattr(selftest, function, off)
+    monkeypatch.setattr(selftest.centernet, function, off)
     assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"]
+
+
+DEFORM_UNET_OPS = ("deform_conv_transpose2d", "deform_pool2d")
+
+
+def test_deform_unet_checks_hold_for_the_reference(monkeypatch):
+    """The Deformable U-Net checks' NumPy answers (transposed convolution, pooling of the
+    zero-padded input, the depthwise deform_conv2d twin) and their finite-difference set-up hold
+    for the test suite's float64 reference in place of the ops."""
+
+    patch_everywhere(monkeypatch, "run_forward", reference_forward)
+    patch_everywhere(monkeypatch, "run_backward", reference_backward)
+    monkeypatch.setattr(selftest.deform_unet, "deform_conv_transpose2d",
+                        lambda *args, backend=None, **kwargs: reference.deform_conv_transpose2d(*args, **kwargs))
+    checks = [entry for entry in selftest.CHECKS
+              if entry.op in DEFORM_UNET_OPS and entry.applies(selftest.NUMBA_CPU, "float64")]
+    assert {entry.op for entry in checks} == set(DEFORM_UNET_OPS) and len(checks) == 12
+    for entry in checks:
+        assert entry.run(selftest.NUMBA_CPU, "float64", False) <= entry.tolerance["float64"], (entry.op, entry.name)
+
+
+@pytest.mark.parametrize("op", DEFORM_UNET_OPS)
+def test_deform_unet_identity_checks_notice_a_wrong_answer(monkeypatch, op):
+    """Each closed-form check of the two ops fails when the op's output is off by 1%."""
+    original_forward = selftest.common.run_forward
+    original_transpose = selftest.deform_unet.deform_conv_transpose2d
+
+    def off_forward(calls, backend, dtype, case, arrays):
+        output = original_forward(calls, backend, dtype, case, arrays)
+        return output * 1.01 if calls.op == op else output
+
+    patch_everywhere(monkeypatch, "run_forward", off_forward)
+    if op == "deform_conv_transpose2d":
+        monkeypatch.setattr(selftest.deform_unet, "deform_conv_transpose2d",
+                            lambda *args, **kwargs: original_transpose(*args, **kwargs) * 1.01)
+    identities = [entry for entry in selftest.CHECKS if entry.op == op and " vs " not in entry.name]
+    assert len(identities) == 2
+    for entry in identities:
+        assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"], entry.name

@@ -162,3 +162,40 @@ def test_autocast_rule_is_registered(name):
     """Under torch.autocast("cuda") both ops run in the autocast dtype (the rule every op shares)."""
     for op in (name, name + "_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pydeform::{op}", "AutocastCUDA"), op
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_scatters_follow_use_deterministic_algorithms(monkeypatch, deterministic):
+    """The transposed convolution's forward and deformable pooling's backward get
+    torch.are_deterministic_algorithms_enabled() as the array API's ``deterministic``; the ops
+    also take it explicitly."""
+    from pydeform import deform_unet
+
+    seen = []
+    for driver in ("run_deform_conv_transpose2d_forward", "run_deform_pool2d_backward"):
+        original = getattr(deform_unet, driver)
+
+        def recording(*args, original=original, driver=driver):
+            seen.append((driver, args[-1]))
+            return original(*args)
+
+        monkeypatch.setattr(deform_unet, driver, recording)
+    _, transpose_args = _transpose_args(0)
+    _, pool_args = _pool_args("avg")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        pt.deform_conv_transpose2d(*transpose_args[:4], *transpose_args[4:6], transpose_args[6],
+                                   transpose_args[8], transpose_args[7], transpose_args[9]).sum().backward()
+        pt.deform_pool2d(*pool_args).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [("run_deform_conv_transpose2d_forward", deterministic),
+                    ("run_deform_pool2d_backward", deterministic)]
+    explicit = ops.deform_conv_transpose2d.default(*(a.detach() if isinstance(a, torch.Tensor) else a
+                                                     for a in transpose_args), True)
+    grad = ops.deform_pool2d_backward.default(torch.ones_like(pt.deform_pool2d(*pool_args)),
+                                              *(a.detach() if isinstance(a, torch.Tensor) else a for a in pool_args),
+                                              True)
+    assert explicit.shape[1] == transpose_args[2].shape[1] * transpose_args[8]
+    torch.testing.assert_close(grad[0], pool_args[0].grad)

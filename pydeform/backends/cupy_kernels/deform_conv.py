@@ -7,7 +7,7 @@ of its CUDA signature; the kernel set and the tests' CPU host shim both launch t
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._contributions import contribution_lists, contribution_plan
+from ..._contributions import col2im_buckets, col2im_capacity, col2im_lists_plan, contribution_lists
 from ._compile import KernelManifest, launch
 from .contributions import SORT_TEMPLATE, sort_launch
 
@@ -92,16 +92,6 @@ def col2im_launch(offset, mask, grad_columns, grad_input, geom):
     return "deform_conv2d_col2im", n_items, args
 
 
-def col2im_buckets(batch, geom):
-    """The deterministic col2im's buckets: one per (image, offset group, input pixel)."""
-    return batch * geom.offset_groups * geom.height * geom.width
-
-
-def col2im_capacity(batch, geom):
-    """At most four contributions (bilinear corners) per work item."""
-    return 4 * _work_items(batch, geom)
-
-
 def col2im_count_launch(offset, mask, bucket_counts, geom):
     n_items = _work_items(offset.shape[0], geom)
     args = (np.int64(n_items), offset, *_mask_args(mask), bucket_counts, *_geometry_args(geom))
@@ -133,8 +123,7 @@ class CupyDeformConv2dKernels:
     @staticmethod
     def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
         """The contribution lists of :meth:`col2im_deterministic` on ``batch`` images."""
-        return contribution_plan(col2im_buckets(batch, geometry), col2im_capacity(batch, geometry),
-                                 accumulation_dtype(dtype))
+        return col2im_lists_plan(batch, geometry, dtype)
 
     @property
     def xp(self):
@@ -157,15 +146,21 @@ class CupyDeformConv2dKernels:
     def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geom):
         """col2im by sorted contribution lists (:mod:`pydeform._contributions`): the same sums
         in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+        lists = self.col2im_contribution_lists(offset, mask, geom)
+        self._launch(offset.dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
+                                                         grad_input, geom))
+
+    def col2im_contribution_lists(self, offset, mask, geom):
+        """The sorted contribution lists of col2im's scatter (buckets ``(b*Goff + g)*H*W + pixel``,
+        items the work items ``(b, g, i, j, y, x)``, weights m * corner weight): they depend on
+        the offsets and mask only, so deform_pool2d's deterministic input gradient reuses them."""
         dtype, batch = offset.dtype, offset.shape[0]
-        lists = contribution_lists(
+        return contribution_lists(
             self.xp, col2im_buckets(batch, geom), col2im_capacity(batch, geom), accumulation_dtype(dtype),
             lambda counts: self._launch(dtype, *col2im_count_launch(offset, mask, counts, geom)),
             lambda cursors, *entries: self._launch(dtype, *col2im_fill_launch(offset, mask, cursors, *entries, geom)),
             lambda ends, *entries: self._launch(dtype, *sort_launch(ends, *entries)),
         )
-        self._launch(dtype, *col2im_gather_launch(lists.bucket_ends, lists.item, lists.weight, grad_columns,
-                                                  grad_input, geom))
 
     def _launch(self, storage_dtype, template, n_items, args):
         launch(KERNELS, template, storage_dtype, n_items, args)

@@ -9,6 +9,7 @@
 
 #include "common.cuh"
 #include "bilinear.cuh"
+#include "contributions.cuh"
 
 namespace pydeform {
 
@@ -155,6 +156,47 @@ __global__ void deform_pool2d_backward_input(const long long n_items, const T* _
                 deform_pool2d_scatter(element, k, geom, offset, mask, has_mask, grad / A(points), grad_input);
             }
         }
+    }
+}
+
+// The deterministic input gradient (contributions.cuh). The contribution lists are deform_conv2d's
+// deterministic col2im lists on the same samples (deform_conv.cu's count, fill and sort, run on the
+// depthwise geometry): buckets (b*Goff + g)*H*W + pixel, items the samples
+// ((b*Goff + g)*kh*kw + k)*Ho*Wo + p, weights m * corner weight. grad_input[b, c, pixel] = sum
+// over the sorted list of its bucket of weight * the element (b, c, p)'s gradient through
+// sample k (avg: grad / (kh*kw); max: grad where the element's arg-max is k, else nothing). One
+// work item per element of grad_input (all written).
+template <typename T>
+__global__ void deform_pool2d_backward_input_gather(const long long n_items, PYDEFORM_SORTED_LIST_PARAMS,
+                                                    const T* __restrict__ grad_output,
+                                                    const int* __restrict__ indices, const int max_mode,
+                                                    pydeform::acc_t<T>* __restrict__ grad_input,
+                                                    PYDEFORM_DEFORM_POOL2D_GEOMETRY_PARAMS) {
+    using namespace pydeform;
+    using A = acc_t<T>;
+    const DeformPool2dGeometry geom = PYDEFORM_DEFORM_POOL2D_GEOMETRY;
+    const long long plane_size = geom.height * geom.width;
+    const long long pixels = geom.out_h * geom.out_w;
+    const long long points = geom.kernel_h * geom.kernel_w;
+    const long long per_group = geom.channels / geom.offset_groups;
+    for (long long element = grid_stride_begin(); element < n_items; element += grid_stride_step()) {
+        const long long pixel = element % plane_size;
+        const long long plane = element / plane_size;  // b*C + c
+        const long long channel = plane % geom.channels;
+        const long long bucket =
+            ((plane / geom.channels) * geom.offset_groups + channel / per_group) * plane_size + pixel;
+        const T* grads = grad_output + plane * pixels;
+        A sum = A(0);
+        for (long long slot = bucket_begin(bucket_ends, bucket); slot < static_cast<long long>(bucket_ends[bucket]);
+             ++slot) {
+            const long long p = contribution_item[slot] % pixels;
+            if (!max_mode) {
+                sum += contribution_weight[slot] * (A(load_acc(grads + p)) / A(points));
+            } else if (indices[plane * pixels + p] == (contribution_item[slot] / pixels) % points) {
+                sum += contribution_weight[slot] * A(load_acc(grads + p));
+            }
+        }
+        grad_input[element] = sum;
     }
 }
 

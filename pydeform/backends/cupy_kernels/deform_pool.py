@@ -7,7 +7,9 @@ of its CUDA signature; the kernel set and the tests' CPU host shim both launch t
 
 import numpy as np
 
+from ...deform_conv import DeformConv2dGeometry
 from ._compile import KernelManifest, launch
+from .deform_conv import CupyDeformConv2dKernels
 
 KERNELS = KernelManifest(
     source="deform_pool.cu",
@@ -15,6 +17,7 @@ KERNELS = KernelManifest(
         "deform_pool2d_forward",
         "deform_pool2d_backward_input",
         "deform_pool2d_backward_coord",
+        "deform_pool2d_backward_input_gather",
     ),
 )
 
@@ -57,6 +60,21 @@ def backward_coord_launch(input, offset, mask, grad_output, indices, grad_offset
     return "deform_pool2d_backward_coord", n_items, args
 
 
+def backward_input_gather_launch(bucket_ends, item, weight, grad_output, indices, grad_input, geom, max_mode):
+    n_items = grad_input.size
+    args = (np.int64(n_items), bucket_ends, item, weight, grad_output, indices, np.int32(max_mode), grad_input,
+            *_geometry_args(geom))
+    return "deform_pool2d_backward_input_gather", n_items, args
+
+
+def depthwise_geometry(geom) -> DeformConv2dGeometry:
+    """deform_conv2d's geometry of the depthwise convolution that samples where the pooling does
+    (its col2im's contribution lists are the pooling's)."""
+    return DeformConv2dGeometry(geom.channels, geom.height, geom.width, geom.channels, geom.kernel_h, geom.kernel_w,
+                                geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dilation_h,
+                                geom.dilation_w, geom.channels, geom.offset_groups, geom.out_h, geom.out_w)
+
+
 class CupyDeformPool2dKernels:
     """The deform_pool2d kernel set on CuPy arrays (C-contiguous, on the current device)."""
 
@@ -81,6 +99,24 @@ class CupyDeformPool2dKernels:
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geom, max_mode):
         self._launch(input.dtype, *backward_coord_launch(
             input, offset, mask, grad_output, indices, grad_offset, grad_mask, geom, max_mode))
+
+    @staticmethod
+    def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """The contribution lists of :meth:`backward_input_deterministic` on ``batch`` images."""
+        return CupyDeformConv2dKernels.col2im_deterministic_workspace(batch, depthwise_geometry(geometry), dtype)
+
+    def backward_input_deterministic(self, offset, mask, grad_output, indices, grad_input, geom, max_mode):
+        """:meth:`backward_input` by sorted contribution lists (deform_conv2d's deterministic
+        col2im lists on the same samples, then a gather per grad_input element): bit-identical
+        run to run; writes every grad_input element."""
+        lists = self._deform_conv_kernels().col2im_contribution_lists(offset, mask, depthwise_geometry(geom))
+        self._launch(offset.dtype, *backward_input_gather_launch(
+            lists.bucket_ends, lists.item, lists.weight, grad_output, indices, grad_input, geom, max_mode))
+
+    @staticmethod
+    def _deform_conv_kernels():
+        """The deform_conv2d kernel set whose contribution lists the deterministic backward uses."""
+        return CupyDeformConv2dKernels()
 
     def _launch(self, storage_dtype, template, n_items, args):
         launch(KERNELS, template, storage_dtype, n_items, args)

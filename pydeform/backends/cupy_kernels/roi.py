@@ -8,13 +8,10 @@ bfloat16 storage, float64 for float64). Each returns ``(template, n_items, args)
 item per output element; the kernel set and the tests' CPU host shim both launch through them.
 """
 
-import math
-from typing import NamedTuple, Optional
-
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._contributions import contribution_lists, contribution_plan
+from ..._contributions import contribution_lists, roi_contribution_layout, roi_lists_plan, roi_param_partials_shape
 from ..._workspace import scratch
 from ._compile import KernelManifest, launch
 from .contributions import SORT_TEMPLATE, sort_launch
@@ -149,39 +146,6 @@ def deform_psroi_pool_backward_launch(grad_output, input, rois, trans, grad_inpu
 # The deterministic backward (roi.cu's *_lists / *_gather kernels, pydeform/_contributions.py).
 
 
-class ContributionLayout(NamedTuple):
-    """Position items [K, Q, PH, PW], buckets N * classes * H * W and a bound on the
-    contributions (None where the boxes decide: adaptive sampling, ps_roi_pool's bins)."""
-
-    position_items: int
-    buckets: int
-    capacity: Optional[int]
-
-
-def contribution_layout(family, input_shape, k, params) -> ContributionLayout:
-    n, channels, height, width = input_shape
-    if family == "deform_psroi_pool":
-        bins = params.pooled_size ** 2
-        per_item, q = 4 * params.sample_per_part ** 2, params.num_classes
-        classes = params.num_classes * params.group_size ** 2
-    else:
-        bins = params.pooled_h * params.pooled_w
-        if family == "roi_align":
-            per_channel = params.max_mode
-        else:
-            per_channel = family == "roi_pool" and not params.position_sensitive
-        sensitive = getattr(params, "position_sensitive", False)
-        q = params.channels_out if per_channel else 1
-        classes = channels if per_channel else bins if sensitive else 1
-        if family == "roi_pool":
-            per_item = 1 if per_channel else None
-        else:
-            ratio = params.sampling_ratio
-            per_item = 4 if per_channel else 4 * ratio * ratio if ratio > 0 else None
-    items = k * q * bins
-    return ContributionLayout(items, n * classes * height * width, None if per_item is None else per_item * items)
-
-
 # The arrays each family's *_lists kernel reads before the cursors, and the arguments after
 # its fill flag (the geometry and the op's parameters).
 def _list_arrays(family, input, rois, optional):
@@ -214,11 +178,6 @@ def backward_gather_launch(family, lists, grad_output, grad_input, input, params
                  grad_output, grad_input, *tail)
 
 
-def param_partials_shape(family, output_size) -> tuple:
-    """[3, K*C*PH*PW] (offset x, y, mask) for deform_roi_pool, [2, ...] (trans x, y) for deform_psroi_pool."""
-    return (3 if family == "deform_roi_pool" else 2, output_size)
-
-
 def backward_partials_launch(family, grad_output, input, rois, optional, partials, params):
     return _work(f"{family}_backward_partials", grad_output.size, grad_output, input, rois, *optional, partials,
                  *_PARAMS_ARGS[family](input, params))
@@ -246,19 +205,7 @@ class CupyRoIKernels:
     def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
         """The scratch of the ``*_backward_deterministic`` method of ``family`` (``shapes`` as
         for :meth:`workspace`); raises ValueError where its size depends on the boxes."""
-        k = shapes["output"][0]
-        layout = contribution_layout(family, shapes["input"], k, params)
-        if layout.capacity is None:
-            raise ValueError(
-                f"deterministic: the {family} backward's contribution lists depend on the box sizes here "
-                "(adaptive sampling or ps_roi_pool's bins), so they cannot be planned ahead; use a positive "
-                "sampling_ratio"
-            )
-        plan = contribution_plan(layout.buckets, layout.capacity, accumulation_dtype(dtype))
-        if family in ("deform_roi_pool", "deform_psroi_pool"):
-            plan["param_partials"] = (param_partials_shape(family, math.prod(shapes["output"])),
-                                      accumulation_dtype(dtype))
-        return plan
+        return roi_lists_plan(family, params, shapes, dtype)
 
     @property
     def xp(self):
@@ -317,7 +264,7 @@ class CupyRoIKernels:
     def _deterministic_input_grad(self, family, optional, grad_output, input, rois, grad_input, params):
         """grad_input (every element written) from sorted contribution lists."""
         dtype = input.dtype
-        layout = contribution_layout(family, input.shape, rois.shape[0], params)
+        layout = roi_contribution_layout(family, input.shape, rois.shape[0], params)
         arrays = _list_arrays(family, input, rois, optional)
 
         def lists_step(cursors, item, local, weight, fill):
@@ -336,7 +283,7 @@ class CupyRoIKernels:
         """The offset / mask / trans gradients: each output element's share written to partials,
         then summed per gradient element in a fixed order (every element written)."""
         dtype = input.dtype
-        partials = scratch(self.xp, "param_partials", param_partials_shape(family, grad_output.size),
+        partials = scratch(self.xp, "param_partials", roi_param_partials_shape(family, grad_output.size),
                            accumulation_dtype(dtype))
         self._launch(dtype, *backward_partials_launch(family, grad_output, input, rois, optional, partials, params))
         self._launch(dtype, *backward_params_sum_launch(family, partials, grads, input, params))

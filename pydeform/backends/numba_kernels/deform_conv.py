@@ -40,7 +40,10 @@ import functools
 
 import numpy as np
 
+from ..._arrays import accumulation_dtype
+from ..._contributions import col2im_buckets, col2im_capacity, col2im_lists_plan, contribution_lists
 from ..._workspace import accumulator_plans, converted_arrays, scratch
+from . import contributions
 from .layout import channels_last
 from .targets import (
     bind_cuda, cpu_kernel, cpu_kernel_fast_sums, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda,
@@ -404,6 +407,56 @@ def _cuda_kernels(dtype):
     return im2col, col2im_coord, col2im
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_deterministic_kernels(dtype):
+    """col2im's deterministic twin (:mod:`pydeform._contributions`) computing in ``dtype`` (the
+    accumulation dtype): ``(lists, gather)``. The buckets are (b*Goff + g)*H*W + pixel, shared
+    by the channels of group g; a sample's contributions are its corners inside the image,
+    numbered 0..3, weight m * corner weight."""
+    global cuda
+    cuda = bind_cuda()
+
+    plan = _sample_functions(cuda_target(dtype))[0]
+    add_contribution, bucket_span = contributions.list_functions()
+
+    @cuda_kernel
+    def col2im_lists(offset, mask, has_mask, cursors, items, locals_, weights, fill, geometry, n_items):
+        plane_size = geometry[1] * geometry[2]
+        width = geometry[2]
+        for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            group_row, _, corner, inside, w00, w01, w10, w11 = plan(item, offset, mask, has_mask, geometry)
+            at = group_row * plane_size + corner
+            if inside & 1:
+                add_contribution(cursors, items, locals_, weights, fill, at, item, 0, w00)
+            if inside & 2:
+                add_contribution(cursors, items, locals_, weights, fill, at + 1, item, 1, w01)
+            if inside & 4:
+                add_contribution(cursors, items, locals_, weights, fill, at + width, item, 2, w10)
+            if inside & 8:
+                add_contribution(cursors, items, locals_, weights, fill, at + width + 1, item, 3, w11)
+
+    @cuda_kernel
+    def col2im_gather(bucket_ends, items, weights, grad_columns, grad_input, geometry, n_items):
+        # grad_input[b, c, pixel] = the sum, in list order, of weight * gcol[b, c, k] over the
+        # list of bucket (b*Goff + c/(C/Goff))*H*W + pixel; every element written.
+        channels, offset_groups = geometry[0], geometry[13]
+        per_group = channels // offset_groups
+        plane_size = geometry[1] * geometry[2]
+        channel_columns = geometry[4] * geometry[5] * geometry[14] * geometry[15]  # k = item % this
+        for element in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            plane = element // plane_size  # b*C + c
+            batch = plane // channels
+            group_row = batch * offset_groups + (plane - batch * channels) // per_group
+            first, end = bucket_span(bucket_ends, group_row * plane_size + element - plane * plane_size)
+            columns = plane * channel_columns
+            total = grad_input.dtype.type(0)
+            for slot in range(first, end):
+                total += weights[slot] * grad_columns[columns + items[slot] % channel_columns]
+            grad_input[element] = total
+
+    return col2im_lists, col2im_gather
+
+
 def sample_count(batch: int, geometry) -> int:
     """Number of samples (work items) of ``batch`` images."""
     g = geometry
@@ -592,16 +645,34 @@ class NumbaCudaDeformConv2dKernels:
 
     @staticmethod
     def col2im_deterministic_workspace(batch: int, geometry, dtype) -> dict:
-        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
-
-        return CupyDeformConv2dKernels.col2im_deterministic_workspace(batch, geometry, dtype)
+        """The contribution lists of :meth:`col2im_deterministic` on ``batch`` images."""
+        return col2im_lists_plan(batch, geometry, dtype)
 
     def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geometry):
-        """The CUDA C kernels' deterministic col2im (``pydeform/backends/cupy_kernels``, compiled
-        by NVRTC through CuPy): there is no Numba twin of it yet."""
-        from ..cupy_kernels.deform_conv import CupyDeformConv2dKernels
+        """col2im by sorted contribution lists (:mod:`pydeform._contributions`): the same sums
+        in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+        xp, batch = self.xp, offset.shape[0]
+        offset, mask = converted_arrays(xp, {"offset": offset, "mask": mask})
+        mask, has_mask = _flat_mask(mask, offset, xp)
+        acc = accumulation_dtype(offset.dtype)
+        lists_kernel, gather_kernel = _cuda_deterministic_kernels(acc)
+        n_items, geometry_tuple = sample_count(batch, geometry), tuple(geometry)
 
-        CupyDeformConv2dKernels().col2im_deterministic(offset, mask, grad_columns, grad_input, geometry)
+        def lists_step(cursors, items, locals_, weights, fill):
+            launch_cuda(lists_kernel, n_items, xp, flat(offset), mask, has_mask, cursors, items, locals_, weights,
+                        fill, geometry_tuple, n_items)
+
+        def sort_step(ends, *entries):
+            launch_cuda(contributions.sort_kernel(), ends.size, xp, ends, *entries, ends.size)
+
+        lists = contribution_lists(
+            xp, col2im_buckets(batch, geometry), col2im_capacity(batch, geometry), acc,
+            lambda counts: lists_step(counts, *contributions.stand_ins(xp, acc), False),
+            lambda cursors, *entries: lists_step(cursors, *entries, True),
+            sort_step,
+        )
+        launch_cuda(gather_kernel, grad_input.size, xp, lists.bucket_ends, lists.item, lists.weight,
+                    flat(grad_columns), flat(grad_input), geometry_tuple, grad_input.size)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = converted_arrays(self.xp, {"offset": offset, "mask": mask})

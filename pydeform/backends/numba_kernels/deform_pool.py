@@ -36,6 +36,7 @@ def _item_functions(t):
     setup, weights_of, corners, combine = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners, \
         t.bilinear_combine
     gradient_of, atomic_add = t.bilinear_gradient, t.atomic_add
+    real = t.real
 
     @t.device
     def point(b, g, k, p, offset, mask, has_mask, geometry, one):
@@ -47,8 +48,9 @@ def _item_functions(t):
         i = k // kernel_w
         y = p // out_w
         dy_index = 2 * point_row * pixels + p
-        h = (y * geometry[5] - geometry[7] + i * geometry[9]) + offset[dy_index]
-        w = ((p - y * out_w) * geometry[6] - geometry[8] + (k - i * kernel_w) * geometry[10]) + offset[dy_index + pixels]
+        # The integer grid position converted first: int64 + float32 would be a float64.
+        h = real(y * geometry[5] - geometry[7] + i * geometry[9]) + offset[dy_index]
+        w = real((p - y * out_w) * geometry[6] - geometry[8] + (k - i * kernel_w) * geometry[10]) + offset[dy_index + pixels]
         mask_index = point_row * pixels + p
         m = mask[mask_index] if has_mask else one
         return h, w, m, dy_index, mask_index
@@ -340,6 +342,15 @@ class NumbaCpuDeformPool2dKernels:
                           tuple(geometry), max_mode, *_constants(offset.dtype, geometry, max_mode),
                           _sizes(offset.shape[0], geometry)[1])
 
+    # A task owns a channel plane and adds its samples in sample order, and the tasks depend on the
+    # shapes only (not on the thread count): backward_input's bits are the same in every run already.
+    backward_input_deterministic = backward_input
+
+    @staticmethod
+    def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        """Nothing beyond :meth:`backward_input`'s own buffers."""
+        return {}
+
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry, max_mode):
         mask, has_mask = _standin(mask, offset, offset.dtype, np)
         indices = _standin(indices, grad_output, np.int32, np)[0]
@@ -407,6 +418,20 @@ class NumbaCudaDeformPool2dKernels:
         indices = _standin(indices, grad_output, np.int32, xp)[0]
         self._launch(1, _sizes(offset.shape[0], geometry)[0], flat(offset), mask, has_mask, flat(grad_output),
                      indices, flat(grad_input), tuple(geometry), max_mode, *constants)
+
+    @staticmethod
+    def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
+        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
+
+        return CupyDeformPool2dKernels.backward_input_deterministic_workspace(batch, geometry, dtype)
+
+    def backward_input_deterministic(self, offset, mask, grad_output, indices, grad_input, geometry, max_mode):
+        """The CUDA C kernels' deterministic input gradient (``pydeform/backends/cupy_kernels``,
+        compiled by NVRTC through CuPy): there is no Numba twin of it yet."""
+        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
+
+        CupyDeformPool2dKernels().backward_input_deterministic(offset, mask, grad_output, indices, grad_input,
+                                                               geometry, max_mode)
 
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry, max_mode):
         xp = self.xp

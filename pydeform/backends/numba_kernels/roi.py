@@ -41,8 +41,13 @@ import math
 
 import numpy as np
 
+from ..._arrays import accumulation_dtype
+from ..._contributions import (
+    contribution_lists, roi_contribution_layout, roi_lists_plan, roi_param_partials_shape,
+)
 from ..._rois import COORDINATE_LIMIT, MAX_SAMPLES_PER_AXIS
 from ..._workspace import accumulator_plans, converted_arrays, scratch
+from . import contributions
 from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda, typed_floats
 
@@ -763,6 +768,190 @@ def cuda_kernels(family: str, dtype):
     return forward_kernel, backward_kernel
 
 
+# The deterministic backward (pydeform._contributions; the layout: RoIContributionLayout). Its
+# lists and partials kernels run the element functions of the atomic backward compiled with
+# another scatter: ``atomic_add(sink, index, value)`` lists a contribution to input element
+# ``index`` (the input gradient) or keeps an output element's share of the offset / mask /
+# trans gradients (the partials), where ``sink`` travels in place of the gradient array.
+
+
+def _bucket_function(t):
+    @t.device
+    def bucket_of(element, channels, plane_size, cells, class_step, classes):
+        """The bucket of input element ``element`` (flat index into [N, C, H, W])."""
+        plane = element // plane_size
+        image = plane // channels
+        channel = plane - image * channels
+        key_class = channel // cells // class_step * cells + channel % cells
+        return (image * classes + key_class) * plane_size + element - plane * plane_size
+
+    return bucket_of
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_listing_functions(dtype):
+    """The element functions whose scatter lists a contribution: ``sink = (cursors, items,
+    locals_, weights, counter, (fill, item, C, H*W, cells, class_step, classes))``, ``counter``
+    a one-element array numbering the item's contributions in call order (their ``local``)."""
+    global cuda
+    cuda = bind_cuda()
+    t = cuda_target(dtype)
+    add_contribution, _ = contributions.list_functions()
+    bucket_of = _bucket_function(t)
+
+    @t.device
+    def list_contribution(sink, index, weight):
+        cursors, items, locals_, weights, counter, keys = sink
+        fill, item, channels, plane_size, cells, class_step, classes = keys
+        local = counter[0]
+        counter[0] = local + 1
+        bucket = bucket_of(index, channels, plane_size, cells, class_step, classes)
+        add_contribution(cursors, items, locals_, weights, fill, bucket, item, local, weight)
+
+    return _element_functions(t._replace(atomic_add=list_contribution)), bucket_of
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_partial_functions(dtype):
+    """The element functions whose scatter keeps a value in ``partials [components, outputs]``:
+    ``sink = (partials, (item, outputs, first component, period, components))``; the value for
+    gradient element ``index`` goes to component ``first + index // period % components`` (x / y
+    are PH*PW apart in offset [K, 2, PH, PW], part_size**2 in trans [K, 2*classes, P, P])."""
+    t = cuda_target(dtype)
+
+    @t.device
+    def keep_partial(sink, index, value):
+        partials, keys = sink
+        item, outputs, first_component, period, components = keys
+        partials[(first_component + index // period % components) * outputs + item] += value
+
+    return _element_functions(t._replace(atomic_add=keep_partial))
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_deterministic_kernels(family: str, dtype):
+    """A family's kernels of the deterministic backward ``(lists, gather, partials, params_sum)``
+    computing in ``dtype`` (the accumulation dtype); the last two None for the families without
+    offset / mask / trans."""
+    global cuda
+    cuda = bind_cuda()
+
+    listing, bucket_of = _cuda_listing_functions(dtype)
+    input_grad = listing[family][1]
+    _, bucket_span = contributions.list_functions()
+    split = _cuda_functions(dtype)[1]
+
+    @cuda_kernel
+    def lists_kernel(input, rois, first, second, cursors, items, locals_, weights, one, fill, shape, params, layout,
+                     n_items):
+        # One work item per position item (k, q, ph, pw): output element (k, q * position_step,
+        # ph, pw)'s input gradient for a grad_output of one, listed.
+        position_channels, position_step, cells, class_step, classes = layout
+        bins = shape[_PH] * shape[_PW]
+        counter = cuda.local.array(1, np.int64)
+        for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            cell = item % bins
+            rest = item // bins
+            k = rest // position_channels
+            ph = cell // shape[_PW]
+            counter[0] = 0
+            sink = (cursors, items, locals_, weights, counter,
+                    (fill, item, shape[_C], shape[_H] * shape[_W], cells, class_step, classes))
+            input_grad(k, (rest - k * position_channels) * position_step, ph, cell - ph * shape[_PW], one, input,
+                       rois, first, second, sink, shape, params)
+
+    @cuda_kernel
+    def gather_kernel(bucket_ends, items, weights, grad_output, grad_input, shape, layout, n_items):
+        # grad_input[image, c, pixel] = the sum, in list order, of weight * grad_output[k, c_out,
+        # ph, pw] over the position items (k, q, ph, pw) of its bucket's list, c_out the output
+        # channel that reads c; every element written.
+        position_channels, _, cells, class_step, classes = layout
+        channels, channels_out = shape[_C], shape[_C_OUT]
+        plane_size = shape[_H] * shape[_W]
+        bins = shape[_PH] * shape[_PW]
+        readers = channels // channels_out  # input channels per output channel
+        for element in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            first, end = bucket_span(bucket_ends, bucket_of(element, channels, plane_size, cells, class_step, classes))
+            source_channel = element // plane_size % channels // readers
+            total = grad_input.dtype.type(0)
+            for slot in range(first, end):
+                item = items[slot]
+                roi = item // (bins * position_channels)
+                total += weights[slot] * grad_output[(roi * channels_out + source_channel) * bins + item % bins]
+            grad_input[element] = total
+
+    if family not in ("deform_roi_pool", "deform_psroi_pool"):
+        return lists_kernel, gather_kernel, None, None
+    params_grad = _cuda_partial_functions(dtype)[family][2]
+
+    @cuda_kernel
+    def partials_kernel(grad_output, input, rois, first, second, partials, first_period, shape, params, n_items):
+        # partials[component, item]: output element item's share of the gradient component
+        # (offset x, y, mask; trans x, y), 0 where it has none.
+        components = partials.size // n_items
+        zero = partials.dtype.type(0)
+        for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            for component in range(components):
+                partials[component * n_items + item] = zero
+            k, c, ph, pw = split(item, shape)
+            params_grad(k, c, ph, pw, grad_output[item], input, rois, first, second,
+                        (partials, (item, n_items, 0, first_period, 2)), (partials, (item, n_items, 2, 1, 1)),
+                        shape, params)
+
+    if family == "deform_roi_pool":
+        @cuda_kernel
+        def params_sum_kernel(partials, grad_offset, grad_mask, shape, params, n_items):
+            # grad_offset / grad_mask element (k, x|y|mask, ph, pw) = the sum over channels, in
+            # channel order, of the partials; one work item per (k, component, bin), those of
+            # an absent offset / mask skipped, the others all written.
+            has_offset, has_mask = params[8], params[9]
+            channels = shape[_C_OUT]
+            bins = shape[_PH] * shape[_PW]
+            outputs = n_items // 3 * channels
+            for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+                cell = item % bins
+                component = item // bins % 3
+                roi = item // (3 * bins)
+                if (component < 2 and has_offset) or (component == 2 and has_mask):
+                    at = component * outputs + roi * channels * bins + cell
+                    total = partials.dtype.type(0)
+                    for c in range(channels):
+                        total += partials[at + c * bins]
+                    if component < 2:
+                        grad_offset[(2 * roi + component) * bins + cell] = total
+                    else:
+                        grad_mask[roi * bins + cell] = total
+    else:
+        @cuda_kernel
+        def params_sum_kernel(partials, grad_trans, unused, shape, params, n_items):
+            # grad_trans element (k, 2*class + x|y, part_h, part_w) = the sum, in (channel, ph,
+            # pw) order, of the partials of the class's channels and the bins of that part cell
+            # (part cell floor(ph * part_size / P), as the bins compute it); every element written.
+            part_size, classes = params[6], params[10]
+            channels_out, pooled = shape[_C_OUT], shape[_PH]
+            part_cells = part_size * part_size
+            class_channels = channels_out // classes
+            outputs = n_items // (2 * classes * part_cells) * channels_out * pooled * pooled
+            for item in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+                cell = item % part_cells
+                part_h = cell // part_size
+                part_w = cell - part_h * part_size
+                component = item // part_cells % 2
+                class_id = item // (2 * part_cells) % classes
+                roi = item // (2 * classes * part_cells)
+                at = component * outputs + (roi * channels_out + class_id * class_channels) * pooled * pooled
+                total = partials.dtype.type(0)
+                for c in range(class_channels):
+                    for ph in range(pooled):
+                        if ph * part_size // pooled == part_h:
+                            for pw in range(pooled):
+                                if pw * part_size // pooled == part_w:
+                                    total += partials[at + (c * pooled + ph) * pooled + pw]
+                grad_trans[item] = total
+
+    return lists_kernel, gather_kernel, partials_kernel, params_sum_kernel
+
+
 def _shape(input, output) -> tuple:
     """``shape`` of the kernels: (N, C, H, W) of the input, (C_out, PH, PW) of the output."""
     return tuple(int(s) for s in input.shape) + tuple(int(s) for s in output.shape[1:])
@@ -864,12 +1053,6 @@ class NumbaCpuRoIKernels(_RoIKernelSet):
             kernels.params_pass(*reads, *self._stand_ins(grad_extras, grad_input), shape, params, n_rois)
 
 
-def _cuda_c_kernels():
-    from ..cupy_kernels.roi import CupyRoIKernels
-
-    return CupyRoIKernels()
-
-
 class NumbaCudaRoIKernels(_RoIKernelSet):
     """RoI kernels compiled with ``numba.cuda.jit`` for CuPy arrays.
 
@@ -892,23 +1075,68 @@ class NumbaCudaRoIKernels(_RoIKernelSet):
         copies["grad_output" if backward else "output"] = shapes["output"]
         return accumulator_plans(copies, dtype)
 
-    # The deterministic backwards are the CUDA C kernels' (``pydeform/backends/cupy_kernels``,
-    # compiled by NVRTC through CuPy): there are no Numba twins of them yet.
     @staticmethod
     def deterministic_workspace(family: str, params, shapes: dict, dtype) -> dict:
-        return _cuda_c_kernels().deterministic_workspace(family, params, shapes, dtype)
+        """The scratch of the ``*_backward_deterministic`` method of ``family`` (``shapes`` as
+        for :meth:`workspace`); raises ValueError where its size depends on the boxes."""
+        return roi_lists_plan(family, params, shapes, dtype)
 
-    def roi_align_backward_deterministic(self, *args):
-        _cuda_c_kernels().roi_align_backward_deterministic(*args)
+    def roi_align_backward_deterministic(self, grad_output, input, rois, grad_input, params):
+        self._deterministic_backward("roi_align", grad_output, input, rois, {}, grad_input, (), params)
 
-    def roi_pool_backward_deterministic(self, *args):
-        _cuda_c_kernels().roi_pool_backward_deterministic(*args)
+    def roi_pool_backward_deterministic(self, grad_output, input, rois, grad_input, params):
+        self._deterministic_backward("roi_pool", grad_output, input, rois, {}, grad_input, (), params)
 
-    def deform_roi_pool_backward_deterministic(self, *args):
-        _cuda_c_kernels().deform_roi_pool_backward_deterministic(*args)
+    def deform_roi_pool_backward_deterministic(self, grad_output, input, rois, offset, mask, grad_input, grad_offset,
+                                               grad_mask, params):
+        self._deterministic_backward("deform_roi_pool", grad_output, input, rois, {"offset": offset, "mask": mask},
+                                     grad_input, (grad_offset, grad_mask), params)
 
-    def deform_psroi_pool_backward_deterministic(self, *args):
-        _cuda_c_kernels().deform_psroi_pool_backward_deterministic(*args)
+    def deform_psroi_pool_backward_deterministic(self, grad_output, input, rois, trans, grad_input, grad_trans,
+                                                 params):
+        self._deterministic_backward("deform_psroi_pool", grad_output, input, rois, {"trans": trans}, grad_input,
+                                     (grad_trans,), params)
+
+    def _deterministic_backward(self, family, grad_output, input, rois, extras, grad_input, grad_extras, params):
+        """The gradients from sorted contribution lists (the input's) and from per-output
+        partials summed in a fixed order (offset / mask / trans); every element written."""
+        xp = self.xp
+        grad_output, input, *extras = converted_arrays(xp, {"grad_output": grad_output, "input": input, **extras})
+        reads = (flat(input), flat(rois), *self._stand_ins(extras, input))
+        acc = accumulation_dtype(input.dtype)
+        shape, params_tuple = _shape(input, grad_output), typed_floats(params, acc)
+        layout = roi_contribution_layout(family, input.shape, rois.shape[0], params)
+        keys = (layout.position_channels, layout.position_step, layout.cells, layout.class_step, layout.classes)
+        lists_kernel, gather_kernel, partials_kernel, params_sum_kernel = cuda_deterministic_kernels(family, acc)
+
+        def lists_step(cursors, items, locals_, weights, fill):
+            launch_cuda(lists_kernel, layout.position_items, xp, *reads, cursors, items, locals_, weights, acc.type(1),
+                        np.int64(fill), shape, params_tuple, keys, layout.position_items)
+
+        def sort_step(ends, *entries):
+            launch_cuda(contributions.sort_kernel(), ends.size, xp, ends, *entries, ends.size)
+
+        lists = contribution_lists(
+            xp, layout.buckets, layout.capacity, acc,
+            lambda counts: lists_step(counts, *contributions.stand_ins(xp, acc), False),
+            lambda cursors, *entries: lists_step(cursors, *entries, True),
+            sort_step,
+        )
+        launch_cuda(gather_kernel, grad_input.size, xp, lists.bucket_ends, lists.item, lists.weight,
+                    flat(grad_output), flat(grad_input), shape, keys, grad_input.size)
+        if all(g is None for g in grad_extras):
+            return
+        partials = scratch(xp, "param_partials", roi_param_partials_shape(family, grad_output.size), acc)
+        # x and y of one gradient element are PH*PW (offset) / part_size**2 (trans) elements apart.
+        period = shape[_PH] * shape[_PW] if family == "deform_roi_pool" else params.part_size ** 2
+        launch_cuda(partials_kernel, grad_output.size, xp, flat(grad_output), *reads, flat(partials), period, shape,
+                    params_tuple, grad_output.size)
+        if family == "deform_roi_pool":
+            n_sums = rois.shape[0] * 3 * shape[_PH] * shape[_PW]
+        else:
+            n_sums = grad_extras[0].size
+        launch_cuda(params_sum_kernel, n_sums, xp, flat(partials), *self._stand_ins(grad_extras, grad_input), shape,
+                    params_tuple, n_sums)
 
     def _launch(self, family, backward, n_items, *args):
         """Launch a family's kernel on ``args``, the last one the param record: the kernel built
