@@ -1,8 +1,10 @@
 """CPU speed of instance_mean_loss forward + backward against the same loss written in PyTorch
 ops (index_add segment sums, autograd), timed side by side in one process (median of repeated
-calls after two untimed ones), torch on as many threads as Numba; and the memory pydeform's
-pair of calls allocates besides its gradient output (traced NumPy allocations), which is
-O(N * K * D).
+calls after two untimed ones), torch on as many threads as Numba. pydeform's side is
+``pydeform.torch.instance_mean_loss`` with ``.backward()`` (the custom op keeps the forward's
+per-instance statistics for its backward, as a training step runs it); the array API's pair
+with the statistics passed on is timed beside it. Also the memory the array API's pair
+allocates besides its gradient output (traced NumPy allocations), which is O(N * K * D).
 
 Shape: N=8, D=8, 256x256, K=32 instances (labels 0..K on blocks), float32; target ratio >= 5.
 
@@ -55,32 +57,42 @@ def measure(batch=8, dims=8, size=256, num_instances=32, repeats=15) -> dict:
     import numba
     import torch
 
+    import pydeform.torch as pt
+
     torch.set_num_threads(numba.get_num_threads())
     rng = np.random.default_rng(0)
     psi = rng.standard_normal((batch, dims, size, size)).astype(np.float32)
     labels = block_labels(rng, batch, size, num_instances)
 
-    def ours():
-        pydeform.instance_mean_loss(psi, labels, num_instances)
-        return pydeform.instance_mean_loss_backward(1.0, psi, labels, num_instances)
+    def array_api():
+        _, statistics = pydeform.instance_mean_loss(psi, labels, num_instances, return_statistics=True)
+        return pydeform.instance_mean_loss_backward(1.0, psi, labels, num_instances, statistics=statistics)
 
     psi_t = torch.from_numpy(psi).requires_grad_(True)
     labels_t = torch.from_numpy(labels)
 
-    def peer():
-        psi_t.grad = None
-        torch_instance_mean_loss(psi_t, labels_t, num_instances).backward()
-        return psi_t.grad
+    def backward_of(loss):
+        def run():
+            psi_t.grad = None
+            loss(psi_t, labels_t, num_instances).backward()
+            return psi_t.grad
 
-    np.testing.assert_allclose(ours(), peer().numpy(), rtol=1e-3, atol=1e-9)
-    times = {"pydeform instance_mean_loss fwd+bwd": median_seconds(ours, repeats),
+        return run
+
+    ours, peer = backward_of(pt.instance_mean_loss), backward_of(torch_instance_mean_loss)
+    expected = peer().numpy().copy()
+    for got in (ours().numpy(), array_api()):
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-9)
+    times = {"pydeform.torch instance_mean_loss fwd+bwd": median_seconds(ours, repeats),
+             "pydeform array API loss + backward(statistics=)": median_seconds(array_api, repeats),
              "torch index_add loss fwd+bwd": median_seconds(peer, repeats)}
     tracemalloc.start()
-    ours()
+    array_api()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"times": times, "ratio": times["torch index_add loss fwd+bwd"] / times["pydeform instance_mean_loss fwd+bwd"],
-            "extra_bytes": peak - psi.nbytes, "n_k_d_bytes": batch * num_instances * dims * 8}
+    ratio = times["torch index_add loss fwd+bwd"] / times["pydeform.torch instance_mean_loss fwd+bwd"]
+    return {"times": times, "ratio": ratio, "extra_bytes": peak - psi.nbytes,
+            "n_k_d_bytes": batch * num_instances * dims * 8}
 
 
 def main(argv=None) -> None:
@@ -96,7 +108,7 @@ def main(argv=None) -> None:
         print(f"{name}: {seconds * 1e3:.2f} ms")
     print(f"allocated besides the gradient: {result['extra_bytes']} bytes "
           f"(N*K*D float64 = {result['n_k_d_bytes']} bytes)")
-    print(f"torch / pydeform: {result['ratio']:.2f}x")
+    print(f"torch / pydeform.torch: {result['ratio']:.2f}x")
 
 
 if __name__ == "__main__":

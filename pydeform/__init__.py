@@ -53,6 +53,7 @@ from .roi import (
 from .semiconv import (
     AffinityGrads,
     HoughPeaks,
+    InstanceLossStatistics,
     InstanceMeans,
     SeededMaskGrads,
     affinity,
@@ -103,6 +104,7 @@ __all__ = [
     "roi_pool_backward",
     "AffinityGrads",
     "HoughPeaks",
+    "InstanceLossStatistics",
     "InstanceMeans",
     "SeededMaskGrads",
     "affinity",

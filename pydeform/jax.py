@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import warnings
@@ -43,6 +44,7 @@ from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import deform_unet as _deform_unet
 from . import roi as _roi
+from . import semiconv as _semiconv
 from ._arrays import (
     _CPU_DTYPES, _GPU_DTYPES, accumulation_dtype, check_backend, check_bool, dtype_mismatch, int_pair,
     unchecked_values,
@@ -54,6 +56,8 @@ from .backends import kernel_set
 from .deform_conv import deform_conv2d_geometry, deform_conv2d_workspace
 
 __all__ = [
+    "affinity",
+    "assign_to_centers",
     "centernet_decode",
     "centernet_focal_loss",
     "centernet_targets",
@@ -62,10 +66,16 @@ __all__ = [
     "deform_pool2d",
     "deform_psroi_pool",
     "deform_roi_pool",
+    "hough_peaks",
+    "hough_votes",
+    "instance_mean_loss",
+    "instance_means",
     "ps_roi_align",
     "ps_roi_pool",
     "roi_align",
     "roi_pool",
+    "seeded_mask_logits",
+    "semiconv_embed",
 ]
 
 
@@ -748,3 +758,214 @@ def centernet_focal_loss(pred, target, *, alpha=2, beta=4, backend=None):
     _check_arrays(arrays, {"pred": 4, "target": 4})
     _check_on_empty_batch(_centernet.centernet_focal_loss, arrays, alpha=alpha, beta=beta)
     return _FOCAL_LOSS(arrays, dict(alpha=alpha, beta=beta), backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Semi-convolutional operators
+
+
+def _require_arrays(arrays: dict) -> None:
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name}: expected an array, got None")
+
+
+def _check_label_values(labels, num_instances) -> None:
+    _check_values(lambda l, xp: _semiconv.check_label_values(l, num_instances), labels)
+
+
+def semiconv_embed(phi, spacing=1.0):
+    """:func:`pydeform.semiconv_embed` on a JAX array ``[N, D, H, W]`` (D >= 2): two broadcast
+    additions in XLA, differentiable (the coordinates are constants)."""
+    _require_arrays({"phi": phi})
+    _check_arrays({"phi": phi}, {"phi": 4})
+    cy, cx = _semiconv.coordinate_offsets("phi", phi.shape, True, spacing)
+    height, width = phi.shape[2:]
+    rows = (cy[0] * np.arange(height)).astype(phi.dtype)[:, None]
+    columns = (cx[1] * np.arange(width)).astype(phi.dtype)[None, :]
+    return jnp.asarray(phi).at[:, 0].add(rows).at[:, 1].add(columns)
+
+
+def _semiconv_run(function, key: tuple, statistics: bool = False):
+    """The callback's ``run`` of the array-level ``function`` with static arguments ``key``;
+    ``statistics``: the loss's backward, taking the forward's statistics as arrays."""
+    static = dict(key)
+
+    def run(arrays, backend):
+        if statistics:
+            arrays = dict(arrays)
+            saved = _semiconv.InstanceLossStatistics(*(arrays.pop(name) for name in ("means", "counts", "unit_sums")))
+            return {"grad_psi": function(**arrays, **static, statistics=saved, backend=backend)}
+        result = function(**arrays, **static, backend=backend)
+        if isinstance(result, tuple) and not hasattr(result, "_asdict"):  # (loss, statistics)
+            return {"output": result[0], **result[1]._asdict()}
+        return result._asdict() if isinstance(result, tuple) else {"output": result}
+
+    return run
+
+
+def _loss_forward(**arguments):
+    return _semiconv.instance_mean_loss(**arguments, return_statistics=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _instance_mean_loss_vjp(key: tuple, backend):
+    """The loss as a ``custom_vjp``: its forward returns the statistics, the backward's residuals."""
+    static = dict(key)
+    forward, backward = _semiconv_run(_loss_forward, key), _semiconv_run(_semiconv.instance_mean_loss_backward, key,
+                                                                           statistics=True)
+
+    def fwd(psi, labels):
+        kernels = _kernels("semiconv", backend)
+        outputs, plan, _ = _semiconv.semiconv_workspace(kernels, "instance_mean_loss", {"psi": psi.shape},
+                                                        np.dtype(psi.dtype), static["num_instances"],
+                                                        static["reduction"])
+        results = _launch(forward, {"psi": psi, "labels": labels}, outputs, plan, backend)
+        return results["output"], (psi, labels, results["means"], results["counts"], results["unit_sums"])
+
+    def bwd(residuals, grad_output):
+        psi, labels, means, counts, unit_sums = residuals
+        arrays = {"grad_output": grad_output, "psi": psi, "labels": labels, "means": means, "counts": counts,
+                  "unit_sums": unit_sums}
+        grad = _launch(backward, arrays, {"grad_psi": (psi.shape, psi.dtype)}, {}, backend)["grad_psi"]
+        return grad, None
+
+    @jax.custom_vjp
+    def op(psi, labels):
+        return fwd(psi, labels)[0]
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordinates=False, spacing=1.0, backend=None):
+    """:func:`pydeform.instance_mean_loss` on JAX arrays, differentiable in psi: the forward
+    returns the per-instance statistics as residuals, so the backward reads psi once.
+
+    Args:
+        psi: ``[N, D, H, W]`` embeddings (phi with ``coordinates=True``).
+        labels: ``[N, H, W]`` integer labels in ``[0, num_instances]`` (checked eagerly on the CPU).
+        num_instances, reduction, coordinates, spacing, backend: as the array API's.
+
+    Returns:
+        ``[N, K]`` ("none") or a 0-d array of psi's dtype.
+    """
+    arrays = {"psi": psi, "labels": labels}
+    _require_arrays(arrays)
+    _check_arrays({"psi": psi}, {"psi": 4})
+    static = dict(num_instances=num_instances, reduction=reduction, coordinates=coordinates,
+                  spacing=_hashable(spacing))
+    _check_on_empty_batch(_semiconv.instance_mean_loss, arrays, **static)
+    check_backend(backend, _library())
+    _check_label_values(labels, num_instances)
+    return _instance_mean_loss_vjp(tuple(sorted(static.items())), backend)(psi, labels)
+
+
+def instance_means(psi, labels, num_instances, *, coordinates=False, spacing=1.0, backend=None):
+    """:func:`pydeform.instance_means` on JAX arrays (no gradient): :class:`pydeform.InstanceMeans`
+    of JAX arrays (means ``[N, K, D]`` psi's dtype, counts ``[N, K]`` int64)."""
+    arrays = {"psi": psi, "labels": labels}
+    _require_arrays(arrays)
+    _check_arrays({"psi": psi}, {"psi": 4})
+    static = dict(num_instances=num_instances, coordinates=coordinates, spacing=_hashable(spacing))
+    _check_on_empty_batch(_semiconv.instance_means, arrays, **static)
+    check_backend(backend, _library())
+    _check_label_values(labels, num_instances)
+    outputs, plan, _ = _semiconv.semiconv_workspace(_kernels("semiconv", backend), "instance_means",
+                                                    {"psi": psi.shape}, np.dtype(psi.dtype), num_instances)
+    run = _semiconv_run(_semiconv.instance_means, tuple(sorted(static.items())))
+    results = _launch(run, {"psi": jax.lax.stop_gradient(psi), "labels": labels}, outputs, plan, backend)
+    return _semiconv.InstanceMeans(**results)
+
+
+def _by_argument(backward, names):
+    """``backward`` (a NamedTuple of ``grad_<name>`` fields) as _Op reads gradients: one field
+    per argument name."""
+    gradients = collections.namedtuple("Gradients", names)
+    return lambda **arguments: gradients(*backward(**arguments))
+
+
+def _semiconv_plan(op):
+    def plan(shapes, dtype, static, backend, deterministic):
+        outputs, forward_plan, backward_plan = _semiconv.semiconv_workspace(_kernels("semiconv", backend), op, shapes,
+                                                                            dtype)
+        return (*outputs["output"], forward_plan, backward_plan)
+
+    return plan
+
+
+_AFFINITY = _Op(_semiconv.sigma_split(_semiconv.affinity),
+                _by_argument(_semiconv.sigma_split(_semiconv.affinity_backward), ("psi", "centers", "sigma")),
+                _semiconv_plan("affinity"))
+_SEEDED_MASK_LOGITS = _Op(_semiconv.sigma_split(_semiconv.seeded_mask_logits),
+                          _by_argument(_semiconv.sigma_split(_semiconv.seeded_mask_logits_backward),
+                                       ("scores", "psi", "sigma")),
+                          _semiconv_plan("seeded_mask_logits"))
+
+
+def _sigma_call(op, function, arrays: dict, sigma, static: dict, backend):
+    """``op`` with sigma an array (differentiable) or a number (the static ``sigma_value``)."""
+    _require_arrays(arrays)
+    if hasattr(sigma, "shape"):
+        arrays = {**arrays, "sigma": sigma}
+        static = {**static, "sigma_value": 1.0}
+    else:
+        static = {**static, "sigma_value": sigma}
+    # sigma's rank and dtype: the array API's check on the stand-ins.
+    _check_arrays({name: value for name, value in arrays.items() if name != "sigma"}, {"psi": 4, "centers": 3,
+                                                                                       "scores": 3})
+    _check_on_empty_batch(_semiconv.sigma_split(function), arrays, **static)
+    return op(arrays, {**static, "spacing": _hashable(static["spacing"])}, backend)
+
+
+def affinity(psi, centers, sigma, kernel="laplacian", *, coordinates=False, spacing=1.0, backend=None):
+    """:func:`pydeform.affinity` on JAX arrays: ``[N, K, H, W]``, differentiable in psi, centers
+    and sigma when it is an array ``[N, K]`` (a number gets no gradient)."""
+    return _sigma_call(_AFFINITY, _semiconv.affinity, {"psi": psi, "centers": centers}, sigma,
+                       dict(kernel=kernel, coordinates=coordinates, spacing=spacing), backend)
+
+
+def seeded_mask_logits(scores, psi, sigma, mode="argmax", *, coordinates=False, spacing=1.0, backend=None):
+    """:func:`pydeform.seeded_mask_logits` on JAX arrays: ``[R, h, w]``, differentiable in scores,
+    psi and sigma when it is an array ``[R]``."""
+    return _sigma_call(_SEEDED_MASK_LOGITS, _semiconv.seeded_mask_logits, {"scores": scores, "psi": psi}, sigma,
+                       dict(mode=mode, coordinates=coordinates, spacing=spacing), backend)
+
+
+def _voting_call(function, arrays: dict, output: tuple, static: dict, backend):
+    """A voting op (no gradient, no scratch) launched on ``arrays``, float ones stop_gradient-ed."""
+    _require_arrays(arrays)
+    _check_arrays({"psi": arrays["psi"]}, {"psi": 4})
+    _check_on_empty_batch(function, arrays, **static)
+    check_backend(backend, _library())
+    run = _semiconv_run(function, tuple(sorted(static.items())))
+    values = {name: jax.lax.stop_gradient(value) for name, value in arrays.items()}
+    return _launch(run, values, {"output": output}, {}, backend)["output"]
+
+
+def hough_votes(psi, foreground, shape=None, *, coordinates=False, spacing=1.0, backend=None):
+    """:func:`pydeform.hough_votes` on JAX arrays: int32 ``[N, H', W']`` (no gradient)."""
+    size = tuple(psi.shape[2:]) if shape is None else tuple(int_pair("shape", shape, minimum=1))
+    return _voting_call(_semiconv.hough_votes, {"psi": psi, "foreground": foreground},
+                        ((psi.shape[0], *size), np.int32),
+                        dict(shape=size, coordinates=coordinates, spacing=_hashable(spacing)), backend)
+
+
+def assign_to_centers(psi, foreground, centers, max_distance=float("inf"), *, coordinates=False, spacing=1.0,
+                      backend=None):
+    """:func:`pydeform.assign_to_centers` on JAX arrays: int32 labels ``[N, H, W]`` (no gradient)."""
+    return _voting_call(_semiconv.assign_to_centers, {"psi": psi, "foreground": foreground, "centers": centers},
+                        ((psi.shape[0], *psi.shape[2:]), np.int32),
+                        dict(max_distance=max_distance, coordinates=coordinates, spacing=_hashable(spacing)), backend)
+
+
+def hough_peaks(votes, K, *, min_votes=1, kernel=3, backend=None):
+    """:func:`pydeform.hough_peaks` on JAX arrays through :func:`centernet_decode`:
+    :class:`pydeform.HoughPeaks` of JAX arrays (centers float32 ``[N, K, 2]``, votes int32)."""
+    _require_arrays({"votes": votes})
+    _check_on_empty_batch(_semiconv.hough_peaks, {"votes": votes}, K=K, min_votes=min_votes, kernel=kernel)
+    n, height, width = votes.shape
+    heat = votes.astype(jnp.float32).reshape(n, 1, height, width)
+    zeros = jnp.zeros((n, 2, height, width), jnp.float32)
+    detections = centernet_decode(heat, zeros, zeros, K, kernel=kernel, threshold=float(min_votes), backend=backend)
+    return _semiconv.peaks_of_detections(detections, jnp)

@@ -43,11 +43,13 @@ from .centernet import _check_shape, _require, centernet_decode
 __all__ = [
     "AffinityGrads",
     "HoughPeaks",
+    "InstanceLossStatistics",
     "InstanceMeans",
     "SeededMaskGrads",
     "affinity",
     "affinity_backward",
     "assign_to_centers",
+    "check_label_values",
     "hough_peaks",
     "hough_votes",
     "instance_mean_loss",
@@ -56,6 +58,8 @@ __all__ = [
     "seeded_mask_logits",
     "seeded_mask_logits_backward",
     "semiconv_embed",
+    "semiconv_workspace",
+    "sigma_split",
 ]
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -68,6 +72,17 @@ class InstanceMeans(NamedTuple):
 
     means: object
     counts: object
+
+
+class InstanceLossStatistics(NamedTuple):
+    """What :func:`instance_mean_loss` computes on its way and its backward needs (in the
+    kernel set's statistics dtype: float64 on the CPU, the accumulation dtype on the GPU):
+    means [N, K, D] (0 for an empty instance), counts int64 [N, K] and unit_sums [N, K, D], the
+    per-instance sums of the unit vectors ``e_u``."""
+
+    means: object
+    counts: object
+    unit_sums: object
 
 
 class AffinityGrads(NamedTuple):
@@ -146,17 +161,23 @@ def _check_index_array(name, value, library, like, dtype_kinds, expected_shape):
     _check_shape(name, shape_of(value), expected_shape)
 
 
-def _labels(labels, psi, library, num_instances, xp):
-    """Check labels [N, H, W] (integer values in [0, num_instances]); return them contiguous."""
-    n, _, height, width = shape_of(psi)
-    _check_index_array("labels", labels, library, psi, "iu", (n, height, width))
-    if values_checked() and labels.size:
+def check_label_values(labels, num_instances):
+    """Labels must lie in [0, num_instances] (read on the host: a GPU array synchronises)."""
+    if labels.size:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high > num_instances:
             raise ValueError(
                 f"labels: expected values in [0, {num_instances}] (0 = background, 1..num_instances the "
                 f"instances), got values in [{low}, {high}]"
             )
+
+
+def _labels(labels, psi, library, num_instances, xp):
+    """Check labels [N, H, W] (integer values in [0, num_instances]); return them contiguous."""
+    n, _, height, width = shape_of(psi)
+    _check_index_array("labels", labels, library, psi, "iu", (n, height, width))
+    if values_checked():
+        check_label_values(labels, num_instances)
     return xp.ascontiguousarray(labels)
 
 
@@ -199,6 +220,56 @@ def _grad_output(grad_output, like, shape, xp):
                                                                    "grad_output": getattr(grad_output, "ndim", 0)})
     _check_shape("grad_output", shape_of(grad_output), shape)
     return xp.ascontiguousarray(grad_output)
+
+
+def semiconv_workspace(kernels, op, shapes, dtype, num_instances=None, reduction="mean"):
+    """What the driver of ``op`` ("instance_means", "instance_mean_loss", "affinity" or
+    "seeded_mask_logits") requests from :mod:`pydeform._workspace`, for argument ``shapes``
+    ({name: shape}; no "sigma" for a number) and embeddings of ``dtype``: ``(outputs, forward
+    scratch, backward scratch)``, each {slot: (shape, dtype)}. The loss's outputs include its
+    :class:`InstanceLossStatistics` (``return_statistics=True``) and its backward takes them,
+    so it needs no scratch; a number sigma's gradient slot is planned as backward scratch."""
+    acc = kernels.statistics_dtype(dtype)
+    n, dims, height, width = shapes["psi"]
+    if op in ("instance_means", "instance_mean_loss"):
+        stats = {"semiconv_means": ((n, num_instances, dims), acc), "semiconv_counts": ((n, num_instances), np.int64),
+                 "semiconv_norm_sums": ((n, num_instances), acc),
+                 "semiconv_unit_sums": ((n, num_instances, dims), acc)}
+        if op == "instance_means":
+            return {"means": ((n, num_instances, dims), dtype), "counts": ((n, num_instances), np.int64)}, stats, {}
+        loss_shape = (n, num_instances) if reduction == "none" else ()
+        return ({"output": (loss_shape, dtype), "means": stats["semiconv_means"], "counts": stats["semiconv_counts"],
+                 "unit_sums": stats["semiconv_unit_sums"]}, stats, {})
+    scalar = {} if "sigma" in shapes else {"grad_sigma": ((), dtype)}
+    if op == "affinity":
+        k = shapes["centers"][1]
+        return ({"output": ((n, k, height, width), dtype)}, {},
+                {"semiconv_grad_sigma": ((n, k), acc), **scalar})
+    seeds = {"semiconv_seeds": ((n, dims), acc), "semiconv_seed_weights": ((n, height, width), acc)}
+    return ({"output": ((n, height, width), dtype)}, seeds,
+            {**seeds, "semiconv_grad_seeds": ((n, dims), acc), "semiconv_grad_sigma": ((n,), acc), **scalar})
+
+
+def sigma_split(function):
+    """``function`` (:func:`affinity`, :func:`seeded_mask_logits` or their backwards) taking
+    sigma as the pair of the framework layers: ``sigma`` an array or None, ``sigma_value`` the
+    number used when it is None (then the result has no ``grad_sigma``: a number gets none)."""
+
+    def call(sigma=None, sigma_value=1.0, **arguments):
+        result = function(sigma=sigma_value if sigma is None else sigma, **arguments)
+        return result._replace(grad_sigma=None) if sigma is None and hasattr(result, "grad_sigma") else result
+
+    return call
+
+
+def peaks_of_detections(detections, xp):
+    """:class:`HoughPeaks` of the [N, K, 6] detections of :func:`pydeform.centernet_decode` run
+    on votes with zero sizes and offsets (each detection's (x1, y1) is its peak cell)."""
+    found = detections[:, :, 5] >= 0
+    # stack: a new C-contiguous (y, x) array, where a column gather would keep a strided layout.
+    cells = xp.stack([detections[:, :, 1], detections[:, :, 0]], axis=-1)
+    centers = xp.where(found[:, :, None], cells, np.float32(np.nan))
+    return HoughPeaks(centers.astype(np.float32), xp.where(found, detections[:, :, 4], 0).astype(np.int32))
 
 
 @dlpack_entry
@@ -270,7 +341,9 @@ def instance_means(psi, labels, num_instances, *, coordinates=False, spacing=1.0
     xp = kernels.xp
     means = output(xp, "means", sums.shape, psi.dtype)
     xp.divide(sums, xp.maximum(counts, 1)[:, :, None], out=means, casting="unsafe")
-    return InstanceMeans(means, counts.copy())
+    kept_counts = output(xp, "counts", counts.shape, counts.dtype)
+    kept_counts[...] = counts
+    return InstanceMeans(means, kept_counts)
 
 
 def _reduce(losses, counts, reduction, xp):
@@ -284,7 +357,7 @@ def _reduce(losses, counts, reduction, xp):
 
 @dlpack_entry
 def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordinates=False, spacing=1.0,
-                       backend=None):
+                       return_statistics=False, backend=None):
     """The instance mean loss of the semi-convolutional paper (eq. 5, un-squared distance).
 
     ``L[n, k] = (1/|S|) sum over u in S of ||psi_u - mean_S||`` for the pixels S of instance k
@@ -296,24 +369,54 @@ def instance_mean_loss(psi, labels, num_instances, reduction="mean", *, coordina
         num_instances (int): K >= 1.
         reduction (str): "none" (L [N, K]), "sum", or "mean" (the sum over the number of
             non-empty instances, 0 if none).
+        return_statistics (bool): also return the :class:`InstanceLossStatistics` that
+            :func:`instance_mean_loss_backward` takes as ``statistics`` (it then reads psi once
+            instead of three times).
 
     Returns:
-        Tensor[N, K] or Tensor[]: psi's dtype.
+        Tensor[N, K] or Tensor[]: psi's dtype; with ``return_statistics`` the pair
+        ``(loss, InstanceLossStatistics)``.
     """
+    return_statistics = check_bool("return_statistics", return_statistics)
     kernels, psi, labels, num_instances, reduction, offsets = _loss_call(psi, labels, num_instances, reduction,
                                                                          coordinates, spacing, backend)
-    _, counts, norm_sums, _ = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    means, counts, norm_sums, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
     xp = kernels.xp
     losses = norm_sums / xp.maximum(counts, 1)
     result = _reduce(losses, counts, reduction, xp)
     out = output(xp, "output", result.shape, psi.dtype)
     out[...] = result
-    return out
+    if not return_statistics:
+        return out
+    statistics = InstanceLossStatistics(*(output(xp, name, value.shape, value.dtype) for name, value in
+                                          (("means", means), ("counts", counts), ("unit_sums", unit_sums))))
+    for kept, value in zip(statistics, (means, counts, unit_sums)):
+        kept[...] = value
+    return out, statistics
+
+
+def _saved_statistics(statistics, kernels, psi, num_instances):
+    """Check the ``statistics`` a forward returned for psi [N, D, H, W] and K instances."""
+    if not isinstance(statistics, InstanceLossStatistics):
+        raise TypeError(f"statistics: expected the InstanceLossStatistics of instance_mean_loss(..., "
+                        f"return_statistics=True), got {type(statistics).__qualname__}")
+    n, dims = shape_of(psi)[:2]
+    acc = kernels.statistics_dtype(psi.dtype)
+    expected = {"means": ((n, num_instances, dims), acc), "counts": ((n, num_instances), np.dtype(np.int64)),
+                "unit_sums": ((n, num_instances, dims), acc)}
+    for name, value in statistics._asdict().items():
+        shape, dtype = expected[name]
+        if array_library(f"statistics.{name}", value) != array_library("psi", psi):
+            raise TypeError(f"statistics.{name}: expected an array of psi's library")
+        if np.dtype(value.dtype) != dtype:
+            raise TypeError(f"statistics.{name}: expected dtype {dtype.name}, got {np.dtype(value.dtype).name}")
+        _check_shape(f"statistics.{name}", shape_of(value), shape)
+    return tuple(kernels.xp.ascontiguousarray(value) for value in statistics)
 
 
 @dlpack_entry
 def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reduction="mean", *, coordinates=False,
-                                spacing=1.0, backend=None):
+                                spacing=1.0, statistics=None, backend=None):
     """Gradient of :func:`instance_mean_loss` with respect to psi (or phi with coordinates):
     ``w[n, k] / |S| * (e_u - mean over S of e)`` inside instance k, with the unit vector
     ``e_u = (psi_u - mean_S) / ||psi_u - mean_S||`` (0 where that norm is 0) and ``w`` the
@@ -322,6 +425,9 @@ def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reducti
     Args:
         grad_output (Tensor[N, K] for "none", else Tensor[] or a number): the loss's gradient.
         psi, labels, num_instances, reduction, coordinates, spacing: as for the loss.
+        statistics (InstanceLossStatistics, optional): the forward's, from
+            ``instance_mean_loss(..., return_statistics=True)`` on the same psi and labels; the
+            backward then makes one pass over psi instead of recomputing them in two.
 
     Returns:
         Tensor[N, D, H, W]: psi's dtype.
@@ -331,7 +437,10 @@ def instance_mean_loss_backward(grad_output, psi, labels, num_instances, reducti
     n = shape_of(psi)[0]
     xp, acc = kernels.xp, kernels.statistics_dtype(psi.dtype)
     grad_output = _grad_output(grad_output, psi, (n, num_instances) if reduction == "none" else (), xp)
-    means, counts, _, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    if statistics is None:
+        means, counts, _, unit_sums = _statistics(kernels, psi, labels, offsets, num_instances, with_norms=True)
+    else:
+        means, counts, unit_sums = _saved_statistics(statistics, kernels, psi, num_instances)
     weights = xp.broadcast_to(grad_output.astype(np.float64), counts.shape)
     if reduction == "mean":
         weights = weights / max(int(xp.count_nonzero(counts)), 1)
@@ -535,12 +644,9 @@ def hough_peaks(votes, K, *, min_votes=1, kernel=3, backend=None):
     min_votes = check_int("min_votes", min_votes, minimum=1)
     n, height, width = shape_of(votes)
     heat = votes.astype(np.float32).reshape(n, 1, height, width)
-    # Zero sizes and offsets: each detection's (x1, y1) is its peak cell (x, y).
     zeros = xp.zeros((n, 2, height, width), np.float32)
     detections = centernet_decode(heat, zeros, zeros, K, kernel=kernel, threshold=float(min_votes), backend=backend)
-    found = detections[:, :, 5] >= 0
-    centers = xp.where(found[:, :, None], detections[:, :, [1, 0]], np.float32(np.nan))
-    return HoughPeaks(centers.astype(np.float32), xp.where(found, detections[:, :, 4], 0).astype(np.int32))
+    return peaks_of_detections(detections, xp)
 
 
 @dlpack_entry

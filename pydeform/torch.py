@@ -35,6 +35,7 @@ from . import centernet as _centernet
 from . import deform_conv as _deform_conv
 from . import deform_unet as _deform_unet
 from . import roi as _roi
+from . import semiconv as _semiconv
 from ._arrays import check_finite_float, int_pair, unchecked_values
 from ._interop import to_native
 
@@ -47,6 +48,7 @@ __all__ = [
     "DeformPool2dPack",
     "DeformRoIPool",
     "DeformRoIPoolPack",
+    "InstanceMeanLoss",
     "ModulatedDeformConv2d",
     "ModulatedDeformConv2dPack",
     "ModulatedDeformRoIPoolPack",
@@ -54,6 +56,9 @@ __all__ = [
     "PSRoIPool",
     "RoIAlign",
     "RoIPool",
+    "SemiConvEmbedding",
+    "affinity",
+    "assign_to_centers",
     "centernet_decode",
     "centernet_focal_loss",
     "centernet_targets",
@@ -62,10 +67,16 @@ __all__ = [
     "deform_pool2d",
     "deform_psroi_pool",
     "deform_roi_pool",
+    "hough_peaks",
+    "hough_votes",
+    "instance_mean_loss",
+    "instance_means",
     "ps_roi_align",
     "ps_roi_pool",
     "roi_align",
     "roi_pool",
+    "seeded_mask_logits",
+    "semiconv_embed",
 ]
 
 
@@ -388,6 +399,125 @@ _centernet_targets_op = _define(
 )
 
 
+# The semi-convolutional operators. Their argument names are the array API's; sigma, a number
+# or a tensor there, is split in two (``Tensor? sigma`` and ``float sigma_value``, used when
+# sigma is None) so that a number gets no gradient.
+
+
+def _semiconv_embed_backward(grad_output, phi, spacing):
+    # The coordinates are constants: psi's gradient is phi's (a copy: an op returns no alias).
+    return grad_output.copy()
+
+
+_semiconv_embed_op, _ = _define_differentiable(
+    "semiconv_embed", "Tensor phi, float[] spacing", lambda shapes, v: torch.empty_like(v["phi"]),
+    _semiconv.semiconv_embed, _semiconv_embed_backward, ("phi",),
+)
+_affinity_op, _ = _define_differentiable(
+    "affinity",
+    "Tensor psi, Tensor centers, Tensor? sigma, float sigma_value, str kernel, bool coordinates, float[] spacing",
+    lambda shapes, v: v["psi"].new_empty((shapes["psi"][0], shapes["centers"][1], *shapes["psi"][2:])),
+    _semiconv.sigma_split(_semiconv.affinity), _semiconv.sigma_split(_semiconv.affinity_backward),
+    ("psi", "centers", "sigma"),
+)
+_seeded_mask_logits_op, _ = _define_differentiable(
+    "seeded_mask_logits",
+    "Tensor scores, Tensor psi, Tensor? sigma, float sigma_value, str mode, bool coordinates, float[] spacing",
+    lambda shapes, v: torch.empty_like(v["scores"]), _semiconv.sigma_split(_semiconv.seeded_mask_logits),
+    _semiconv.sigma_split(_semiconv.seeded_mask_logits_backward), ("scores", "psi", "sigma"),
+)
+
+
+def _statistics_dtype(psi: Tensor) -> torch.dtype:
+    """The dtype of :class:`pydeform.InstanceLossStatistics` for ``psi`` (its kernel set's)."""
+    library = "numpy" if psi.device.type == "cpu" else "cupy"
+    # Half types accumulate like float32.
+    like = np.float64 if psi.dtype == torch.float64 else np.float32
+    return getattr(torch, _semiconv._kernels(library, None).statistics_dtype(like).name)
+
+
+_LOSS_ARGUMENTS = "Tensor psi, Tensor labels, int num_instances, str reduction, bool coordinates, float[] spacing"
+_LOSS_BACKWARD_ARGUMENTS = ("Tensor grad_output, Tensor psi, Tensor labels, Tensor means, Tensor counts, "
+                            "Tensor unit_sums, int num_instances, str reduction, bool coordinates, float[] spacing")
+
+
+def _loss_forward(**arguments):
+    loss, statistics = _semiconv.instance_mean_loss(**arguments, return_statistics=True)
+    return (loss, *statistics)
+
+
+def _loss_backward(grad_output, psi, labels, means, counts, unit_sums, **static):
+    return _semiconv.instance_mean_loss_backward(
+        grad_output, psi, labels, statistics=_semiconv.InstanceLossStatistics(means, counts, unit_sums), **static)
+
+
+def _loss_fake(psi, labels, num_instances, reduction, coordinates, spacing):
+    _semiconv._choice("reduction", reduction, _semiconv.REDUCTIONS)
+    n, dims = psi.shape[:2]
+    statistics = psi.new_empty((n, num_instances, dims), dtype=_statistics_dtype(psi))
+    return (psi.new_empty((n, num_instances) if reduction == "none" else ()), statistics,
+            psi.new_empty((n, num_instances), dtype=torch.int64), torch.empty_like(statistics))
+
+
+# The loss's forward returns the statistics its backward needs (the per-instance means, counts
+# and unit-vector sums), so the backward reads psi once instead of recomputing them.
+_instance_mean_loss_op = _define(
+    "instance_mean_loss", _LOSS_ARGUMENTS, "(Tensor, Tensor, Tensor, Tensor)",
+    lambda *args: _call(_loss_forward, _argument_names(_LOSS_ARGUMENTS), args), _loss_fake,
+)
+_instance_mean_loss_backward_op = _define(
+    "instance_mean_loss_backward", _LOSS_BACKWARD_ARGUMENTS, "Tensor",
+    lambda *args: _call(_loss_backward, _argument_names(_LOSS_BACKWARD_ARGUMENTS), args),
+    lambda grad_output, psi, *_: torch.empty_like(psi, memory_format=torch.contiguous_format),
+)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    psi, labels, *static = inputs
+    ctx.save_for_backward(psi, labels, *output[1:])
+    ctx.static = static
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _loss_grad(ctx, grad_loss, *_):
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _instance_mean_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.static)
+    return grad, None, None, None, None, None
+
+
+_instance_mean_loss_op.register_autograd(_loss_grad, setup_context=_loss_setup_context)
+
+_INSTANCE_MEANS_ARGUMENTS = "Tensor psi, Tensor labels, int num_instances, bool coordinates, float[] spacing"
+_instance_means_op = _define(
+    "instance_means", _INSTANCE_MEANS_ARGUMENTS, "(Tensor, Tensor)",
+    lambda *args: _call(_semiconv.instance_means, _argument_names(_INSTANCE_MEANS_ARGUMENTS), args),
+    lambda psi, labels, k, *_: (psi.new_empty((psi.shape[0], k, psi.shape[1])),
+                                psi.new_empty((psi.shape[0], k), dtype=torch.int64)),
+)
+_VOTES_ARGUMENTS = "Tensor psi, Tensor foreground, int[]? shape, bool coordinates, float[] spacing"
+_hough_votes_op = _define(
+    "hough_votes", _VOTES_ARGUMENTS, "Tensor",
+    lambda *args: _call(_semiconv.hough_votes, _argument_names(_VOTES_ARGUMENTS), args),
+    lambda psi, foreground, shape, *_: psi.new_empty((psi.shape[0], *(psi.shape[2:] if shape is None else shape)),
+                                                     dtype=torch.int32),
+)
+_PEAKS_ARGUMENTS = "Tensor votes, int K, int min_votes, int kernel"
+_hough_peaks_op = _define(
+    "hough_peaks", _PEAKS_ARGUMENTS, "(Tensor, Tensor)",
+    lambda *args: _call(_semiconv.hough_peaks, _argument_names(_PEAKS_ARGUMENTS), args),
+    lambda votes, K, *_: (votes.new_empty((votes.shape[0], K, 2), dtype=torch.float32),
+                          votes.new_empty((votes.shape[0], K), dtype=torch.int32)),
+)
+_ASSIGN_ARGUMENTS = ("Tensor psi, Tensor foreground, Tensor centers, float max_distance, bool coordinates, "
+                     "float[] spacing")
+_assign_to_centers_op = _define(
+    "assign_to_centers", _ASSIGN_ARGUMENTS, "Tensor",
+    lambda *args: _call(_semiconv.assign_to_centers, _argument_names(_ASSIGN_ARGUMENTS), args),
+    lambda psi, foreground, *_: foreground.new_empty(tuple(foreground.shape), dtype=torch.int32),
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Functional API
 #
@@ -583,6 +713,84 @@ def centernet_focal_loss(pred: Tensor, target: Tensor, *, alpha: float = 2, beta
     """CenterNet's focal loss of pred / target Tensor[B, C, H, W]: a 0-d tensor, differentiable
     in ``pred``. Semantics: :func:`pydeform.centernet_focal_loss`."""
     return _centernet_focal_loss_op(pred, target, check_finite_float("alpha", alpha), check_finite_float("beta", beta))
+
+
+def _spacing(spacing) -> list:
+    return list(_semiconv._spacing(spacing))
+
+
+def _sigma_arguments(sigma):
+    """``(sigma, sigma_value)`` of the ops' schema for a number or a tensor ``sigma``."""
+    return (sigma, 1.0) if isinstance(sigma, Tensor) else (None, check_finite_float("sigma", sigma))
+
+
+@torch.fx.wrap
+def semiconv_embed(phi: Tensor, spacing=1.0) -> Tensor:
+    """phi Tensor[N, D, H, W] (D >= 2) with the pixel coordinates ``(sy * y, sx * x)`` added to
+    channels 0 and 1 (``spacing = (sy, sx)`` or one number); differentiable. Semantics:
+    :func:`pydeform.semiconv_embed`."""
+    return _semiconv_embed_op(phi, _spacing(spacing))
+
+
+@torch.fx.wrap
+def instance_means(psi: Tensor, labels: Tensor, num_instances: int, *, coordinates: bool = False,
+                   spacing=1.0) -> _semiconv.InstanceMeans:
+    """Per-instance mean embeddings and pixel counts: :class:`pydeform.InstanceMeans` of tensors
+    (means [N, K, D], counts int64 [N, K]). Not differentiable. Semantics:
+    :func:`pydeform.instance_means`."""
+    return _semiconv.InstanceMeans(*_instance_means_op(psi, labels, num_instances, coordinates, _spacing(spacing)))
+
+
+@torch.fx.wrap
+def instance_mean_loss(psi: Tensor, labels: Tensor, num_instances: int, reduction: str = "mean", *,
+                       coordinates: bool = False, spacing=1.0) -> Tensor:
+    """The instance mean loss of psi Tensor[N, D, H, W] (phi with ``coordinates=True``) for
+    integer labels Tensor[N, H, W] in [0, num_instances]: Tensor[N, K] ("none") or a 0-d tensor,
+    differentiable in psi. The forward keeps the per-instance statistics for the backward, which
+    then reads psi once. Semantics: :func:`pydeform.instance_mean_loss`."""
+    return _instance_mean_loss_op(psi, labels, num_instances, reduction, coordinates, _spacing(spacing))[0]
+
+
+@torch.fx.wrap
+def affinity(psi: Tensor, centers: Tensor, sigma, kernel: str = "laplacian", *, coordinates: bool = False,
+             spacing=1.0) -> Tensor:
+    """Affinities Tensor[N, K, H, W] of psi Tensor[N, D, H, W] to centers Tensor[N, K, D];
+    ``sigma`` a number > 0 or Tensor[N, K]. Differentiable in psi, centers and a tensor sigma.
+    Semantics: :func:`pydeform.affinity`."""
+    return _affinity_op(psi, centers, *_sigma_arguments(sigma), kernel, coordinates, _spacing(spacing))
+
+
+@torch.fx.wrap
+def seeded_mask_logits(scores: Tensor, psi: Tensor, sigma, mode: str = "argmax", *, coordinates: bool = False,
+                       spacing=1.0) -> Tensor:
+    """Mask logits Tensor[R, h, w] of regions (scores Tensor[R, h, w], psi Tensor[R, D, h, w])
+    from their seed embedding; ``sigma`` a number > 0 or Tensor[R]. Differentiable in scores,
+    psi and a tensor sigma. Semantics: :func:`pydeform.seeded_mask_logits`."""
+    return _seeded_mask_logits_op(scores, psi, *_sigma_arguments(sigma), mode, coordinates, _spacing(spacing))
+
+
+@torch.fx.wrap
+def hough_votes(psi: Tensor, foreground: Tensor, shape=None, *, coordinates: bool = False, spacing=1.0) -> Tensor:
+    """int32 vote counts Tensor[N, H', W'] of the foreground (bool Tensor[N, H, W]) pixels'
+    rounded (psi_0, psi_1). Not differentiable. Semantics: :func:`pydeform.hough_votes`."""
+    shape = None if shape is None else _pair_list("shape", shape, 1)
+    return _hough_votes_op(psi, foreground, shape, coordinates, _spacing(spacing))
+
+
+@torch.fx.wrap
+def hough_peaks(votes: Tensor, K: int, *, min_votes: int = 1, kernel: int = 3) -> _semiconv.HoughPeaks:
+    """The K strongest local maxima of int32 votes Tensor[N, H, W]: :class:`pydeform.HoughPeaks`
+    of tensors (centers float32 [N, K, 2], votes int32 [N, K]). Semantics:
+    :func:`pydeform.hough_peaks`."""
+    return _semiconv.HoughPeaks(*_hough_peaks_op(votes, K, min_votes, kernel))
+
+
+@torch.fx.wrap
+def assign_to_centers(psi: Tensor, foreground: Tensor, centers: Tensor, max_distance: float = math.inf, *,
+                      coordinates: bool = False, spacing=1.0) -> Tensor:
+    """int32 labels Tensor[N, H, W]: 1 + the nearest center's index for foreground pixels, 0
+    elsewhere. Not differentiable. Semantics: :func:`pydeform.assign_to_centers`."""
+    return _assign_to_centers_op(psi, foreground, centers, float(max_distance), coordinates, _spacing(spacing))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,3 +1155,38 @@ class CenterNetDecoder(_Module):
     def forward(self, heat: Tensor, wh: Tensor, reg: Optional[Tensor] = None) -> Tensor:
         return centernet_decode(heat, wh, reg, self.K, kernel=self.kernel, cat_spec_wh=self.cat_spec_wh,
                                 down_ratio=self.down_ratio, threshold=self.threshold)
+
+
+class SemiConvEmbedding(_Module):
+    """A semi-convolutional embedding head: a 1x1 or 3x3 convolution (``conv``, padding keeping
+    the size) from ``in_channels`` to ``dims`` channels whose output phi gets the pixel
+    coordinates, psi = :func:`semiconv_embed` (phi, spacing); ``forward(x)`` -> Tensor[N, dims, H, W]."""
+
+    def __init__(self, in_channels: int, dims: int, kernel_size: int = 1, spacing=1.0):
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size: expected 1 or 3, got {kernel_size!r}")
+        if dims < 2:
+            raise ValueError(f"dims: expected at least 2 channels (y, x), got {dims!r}")
+        self.spacing = _spacing(spacing)
+        self.conv = nn.Conv2d(in_channels, dims, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x Tensor[N, in_channels, H, W] -> psi Tensor[N, dims, H, W]."""
+        return semiconv_embed(self.conv(x), self.spacing)
+
+
+class InstanceMeanLoss(_Module):
+    """:func:`instance_mean_loss` as a module: ``InstanceMeanLoss(num_instances, reduction="mean",
+    coordinates=False, spacing=1.0)``; ``forward(psi, labels)``."""
+
+    def __init__(self, num_instances: int, reduction: str = "mean", *, coordinates: bool = False, spacing=1.0):
+        super().__init__()
+        _semiconv._choice("reduction", reduction, _semiconv.REDUCTIONS)
+        self.num_instances, self.reduction = num_instances, reduction
+        self.coordinates, self.spacing = coordinates, _spacing(spacing)
+
+    def forward(self, psi: Tensor, labels: Tensor) -> Tensor:
+        """psi Tensor[N, D, H, W], labels Tensor[N, H, W] -> the loss."""
+        return instance_mean_loss(psi, labels, self.num_instances, self.reduction, coordinates=self.coordinates,
+                                  spacing=self.spacing)

@@ -13,5 +13,5 @@ def test_comparison_reports_times_memory_and_ratio(capsys):
     spec.loader.exec_module(module)
     module.main(["--batch", "2", "--dims", "3", "--size", "9", "--instances", "4", "--repeats", "1"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and sum(line.endswith(" ms") for line in lines) == 2
-    assert lines[2].startswith("allocated besides the gradient") and lines[3].endswith("x")
+    assert len(lines) == 5 and sum(line.endswith(" ms") for line in lines) == 3
+    assert lines[3].startswith("allocated besides the gradient") and lines[4].endswith("x")

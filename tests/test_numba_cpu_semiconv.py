@@ -55,6 +55,12 @@ def test_instance_mean_loss_matches_reference(dtype, data, reduction):
     g = rng.normal(size=(psi.shape[0], K)).astype(dtype) if reduction == "none" else 0.5
     grad = pydeform.instance_mean_loss_backward(g, psi, labels, K, reduction, **options)
     assert_close(grad, ref.instance_mean_loss_backward(g, psi, labels, K, reduction, **options), dtype, "grad")
+    # The forward's saved statistics give the backward bit for bit, without its two passes.
+    saved_loss, statistics = pydeform.instance_mean_loss(psi, labels, K, reduction, return_statistics=True, **options)
+    assert saved_loss.tobytes() == loss.tobytes()
+    np.testing.assert_array_equal(statistics.counts, ref_counts)
+    saved = pydeform.instance_mean_loss_backward(g, psi, labels, K, reduction, statistics=statistics, **options)
+    assert saved.tobytes() == grad.tobytes()
     np.testing.assert_array_equal(psi, before[0])
     np.testing.assert_array_equal(labels, before[1])
 

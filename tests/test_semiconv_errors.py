@@ -26,6 +26,10 @@ CENTERS = np.zeros((2, 2, 3), np.float32)
      "spacing: expected a finite number"),
     (lambda: pydeform.instance_mean_loss_backward(np.ones(3, np.float32), PSI, LABELS, 2), ValueError,
      r"grad_output: expected shape \(\)"),
+    (lambda: pydeform.instance_mean_loss_backward(1.0, PSI, LABELS, 2, statistics=(None,) * 3), TypeError,
+     "statistics: expected the InstanceLossStatistics"),
+    (lambda: pydeform.instance_mean_loss_backward(1.0, PSI, LABELS, 3, statistics=pydeform.instance_mean_loss(
+        PSI, LABELS, 2, return_statistics=True)[1]), ValueError, r"statistics.means: expected shape \(2, 3, 3\)"),
     (lambda: pydeform.affinity(PSI, CENTERS, 0.0), ValueError, "sigma: expected a number > 0"),
     (lambda: pydeform.affinity(PSI, CENTERS, -np.ones((2, 2), np.float32)), ValueError, "sigma: expected values > 0"),
     (lambda: pydeform.affinity(PSI, CENTERS, np.ones((2, 3), np.float32)), ValueError, r"sigma: expected shape"),

@@ -9,8 +9,9 @@ and one code path serves both.
 Segmented reductions (per-instance sums) use no one-hot mask and no atomics: one task per image
 walks its pixels in a fixed order and owns that image's [K, D] accumulators, so the results
 are bit-identical run to run and for every thread count, and the memory is O(N * K * D). The
-image's psi (a few MB) stays in cache between the two passes over it. Sums are taken in
-float64. Kernels that write one value per pixel run one task per image row.
+loss's statistics cut each row into runs of one label and add a run up in registers before
+adding it to the instance's accumulators (no store-to-load chain from pixel to pixel). Sums
+are taken in float64. Kernels that write one value per pixel run one task per image row.
 
 The CUDA kernels (:func:`cuda_kernels`) compute in the accumulation type, float32 for float32
 and half-type embeddings (half types are read from float32 copies): their helpers take the
@@ -52,12 +53,33 @@ def cpu_kernels():
             total += diff * diff
         return math.sqrt(total)
 
+    @t.device
+    def differences(psi, pixel, plane, dims, cy, cx, y, x, centers, c, diff):
+        """diff[:] = psi_u - centers[c : c + dims] at flat ``pixel`` = (y, x); returns its norm."""
+        total = 0.0
+        for d in range(dims):
+            diff[d] = psi[pixel + d * plane] + cy[d] * y + cx[d] * x - centers[c + d]
+            total += diff[d] * diff[d]
+        return math.sqrt(total)
+
+    @t.device
+    def run_end(labels, line, x, width):
+        """The end of the run of equal labels starting at ``x`` in the row starting at ``line``."""
+        k = labels[line + x]
+        end = x + 1
+        while end < width and labels[line + end] == k:
+            end += 1
+        return end
+
     @cpu_kernel
     def statistics(psi, labels, cy, cx, sums, counts, norm_sums, unit_sums, batch, dims, height, width, k_max,
                    with_norms):
         """Per image: the per-instance sums of psi (``sums`` [N, K, D]) and pixel counts; with
         ``with_norms`` the sums are made means, then the sums of ||psi_u - mean|| (``norm_sums``
-        [N, K]) and of the unit vectors (``unit_sums`` [N, K, D]) follow."""
+        [N, K]) and of the unit vectors (``unit_sums`` [N, K, D]) follow.
+
+        Each row is cut into runs of one label; a run's sums add up in registers (the sums pass
+        channel by channel, reading contiguously) and reach the instance's accumulators once."""
         plane = height * width
         for n in prange(batch):
             stats = n * k_max
@@ -67,37 +89,52 @@ def cpu_kernels():
                 for d in range(dims):
                     sums[(stats + k) * dims + d] = 0.0
                     unit_sums[(stats + k) * dims + d] = 0.0
-            # Pixel-major: the D accumulators of a pixel's instance are independent chains.
             for y in range(height):
-                for x in range(width):
-                    k = labels[n * plane + y * width + x]
-                    if k < 1 or k > k_max:
-                        continue
-                    row = (stats + k - 1) * dims
-                    pixel = n * dims * plane + y * width + x
-                    counts[stats + k - 1] += 1
-                    for d in range(dims):
-                        sums[row + d] += psi[pixel + d * plane] + cy[d] * y + cx[d] * x
+                line = n * plane + y * width
+                x = 0
+                while x < width:
+                    end = run_end(labels, line, x, width)
+                    k = labels[line + x]
+                    if k >= 1 and k <= k_max:
+                        counts[stats + k - 1] += end - x
+                        for d in range(dims):
+                            channel = (n * dims + d) * plane + y * width
+                            total = 0.0
+                            for i in range(x, end):
+                                total += psi[channel + i] + cy[d] * y + cx[d] * i
+                            sums[(stats + k - 1) * dims + d] += total
+                    x = end
             if not with_norms:
                 continue
             for k in range(k_max):
                 if counts[stats + k] > 0:
                     for d in range(dims):
                         sums[(stats + k) * dims + d] /= counts[stats + k]
+            diff = np.empty(dims)
+            units = np.empty(dims)
             for y in range(height):
-                for x in range(width):
-                    k = labels[n * plane + y * width + x]
-                    if k < 1 or k > k_max:
-                        continue
-                    mean = (stats + k - 1) * dims
-                    pixel = n * dims * plane + y * width + x
-                    norm = distance(psi, pixel, plane, dims, cy, cx, y, x, sums, mean)
-                    norm_sums[stats + k - 1] += norm
-                    if norm != 0.0:  # the unit vector is 0 at the kink (NaN passes)
-                        inverse = 1.0 / norm
+                line = n * plane + y * width
+                x = 0
+                while x < width:
+                    end = run_end(labels, line, x, width)
+                    k = labels[line + x]
+                    if k >= 1 and k <= k_max:
+                        mean = (stats + k - 1) * dims
+                        total = 0.0
                         for d in range(dims):
-                            diff = psi[pixel + d * plane] + cy[d] * y + cx[d] * x - sums[mean + d]
-                            unit_sums[mean + d] += diff * inverse
+                            units[d] = 0.0
+                        for i in range(x, end):
+                            norm = differences(psi, n * dims * plane + y * width + i, plane, dims, cy, cx, y, i,
+                                               sums, mean, diff)
+                            total += norm
+                            if norm != 0.0:  # the unit vector is 0 at the kink (NaN passes)
+                                inverse = 1.0 / norm
+                                for d in range(dims):
+                                    units[d] += diff[d] * inverse
+                        norm_sums[stats + k - 1] += total
+                        for d in range(dims):
+                            unit_sums[mean + d] += units[d]
+                    x = end
 
     @cpu_kernel
     def loss_grad(psi, labels, cy, cx, means, scales, mean_units, grad, batch, dims, height, width, k_max):
@@ -106,6 +143,7 @@ def cpu_kernels():
         for row in prange(batch * height):
             n = row // height
             y = row - n * height
+            diff = np.empty(dims)
             for x in range(width):
                 k = labels[n * plane + y * width + x]
                 pixel = n * dims * plane + y * width + x
@@ -114,13 +152,12 @@ def cpu_kernels():
                         grad[pixel + d * plane] = 0.0
                     continue
                 mean = (n * k_max + k - 1) * dims
-                norm = distance(psi, pixel, plane, dims, cy, cx, y, x, means, mean)
+                norm = differences(psi, pixel, plane, dims, cy, cx, y, x, means, mean, diff)
                 scale = scales[n * k_max + k - 1]
+                # The unit vector is 0 at the kink (NaN passes).
+                inverse = 1.0 / norm if norm != 0.0 else 0.0
                 for d in range(dims):
-                    unit = 0.0
-                    if norm != 0.0:
-                        unit = (psi[pixel + d * plane] + cy[d] * y + cx[d] * x - means[mean + d]) / norm
-                    grad[pixel + d * plane] = scale * (unit - mean_units[mean + d])
+                    grad[pixel + d * plane] = scale * (diff[d] * inverse - mean_units[mean + d])
 
     @cpu_kernel
     def affinity(psi, centers, sigma, cy, cx, out, batch, dims, height, width, k_max, kernel):
