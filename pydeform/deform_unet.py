@@ -100,6 +100,14 @@ class DeformPool2dGeometry(NamedTuple):
     out_w: int
 
 
+def depthwise_geometry(geom) -> DeformConv2dGeometry:
+    """deform_conv2d's geometry of the depthwise convolution that samples where the pooling does
+    (its col2im's contribution lists are the pooling's)."""
+    return DeformConv2dGeometry(geom.channels, geom.height, geom.width, geom.channels, geom.kernel_h, geom.kernel_w,
+                                geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dilation_h,
+                                geom.dilation_w, geom.channels, geom.offset_groups, geom.out_h, geom.out_w)
+
+
 def _check_shapes(shapes: dict, expected: dict) -> None:
     for name, shape in expected.items():
         given = shapes.get(name)

@@ -117,31 +117,44 @@ def test_transpose_deterministic_in_batch_chunks(monkeypatch):
     assert chunked.tobytes() == whole.tobytes()
 
 
-def test_numba_cuda_pool_set_runs_the_cuda_c_deterministic_backward(monkeypatch):
-    """The Numba CUDA deform_pool2d set hands its deterministic input gradient to the CUDA C
-    kernels; here those run on the host shim, so the bits are the shim's own."""
+def test_numba_cuda_pool_set_launches_only_numba_kernels(monkeypatch):
+    """The Numba CUDA deform_pool2d set's deterministic input gradient launches Numba CUDA kernels
+    only: deform_conv2d's contribution lists (count, then fill), their sort and the pool's own
+    gather, and no CUDA C kernel. (What they compute: the simulator checks in
+    tests/numba_cuda_simulator_deform_unet_checks.py.)"""
+    import pydeform.backends.cupy_kernels._compile as cupy_compile
+    import pydeform.backends.cupy_kernels.deform_conv as cupy_deform_conv
     import pydeform.backends.cupy_kernels.deform_pool as cupy_deform_pool
+    from pydeform.backends.numba_kernels import contributions
+    from pydeform.backends.numba_kernels import deform_conv as numba_deform_conv
     from pydeform.backends.numba_kernels import deform_pool as numba_deform_pool
 
-    monkeypatch.setattr(cupy_deform_pool, "CupyDeformPool2dKernels", host_shim.HostShimDeformPool2dKernels)
-    numba_set, shim_set = numba_deform_pool.NumbaCudaDeformPool2dKernels(xp=np), host_shim.HostShimDeformPool2dKernels()
+    launched = []
+
+    def record(kernel, n_items, xp, *args):
+        launched.append(kernel)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA C kernel was launched")
+
+    for module in (numba_deform_conv, numba_deform_pool):
+        monkeypatch.setattr(module, "launch_cuda", record)
+    for module in (cupy_compile, cupy_deform_conv, cupy_deform_pool):
+        monkeypatch.setattr(module, "launch", refuse)
+    acc = np.dtype(np.float32)
+    lists = numba_deform_conv._cuda_deterministic_kernels(acc)[0]
+    expected = [lists, lists, contributions.sort_kernel(), numba_deform_pool._cuda_gather_kernel(acc)]
+    kernels = numba_deform_pool.NumbaCudaDeformPool2dKernels(xp=np)
     for mode in MODES:
         case = crowded_pool_case(mode)
         geometry = deform_unet_module.deform_pool2d_geometry(
-            {name: case.offset.shape if name == "offset" else case.input.shape for name in ("input", "offset")},
-            case.kernel_size, case.stride, case.padding, case.dilation)
-        indices = None
-        if mode == "max":
-            with kernel_sets(pool=shim_set):
-                _, indices = pydeform.deform_pool2d(**case.arguments(), return_indices=True)
-        results = []
-        for kernels in (numba_set, shim_set):
-            grad_input = np.zeros_like(case.input)
-            kernels.backward_input_deterministic(case.offset, case.mask, case.grad_output, indices, grad_input,
-                                                 geometry, mode == "max")
-            results.append(grad_input.tobytes())
-        assert results[0] == results[1]
-        assert any(results[0])
+            {"input": case.input.shape, "offset": case.offset.shape}, case.kernel_size, case.stride, case.padding,
+            case.dilation)
+        indices = np.zeros(case.grad_output.shape, np.int32) if mode == "max" else None
+        launched.clear()
+        kernels.backward_input_deterministic(case.offset, case.mask, case.grad_output, indices,
+                                             np.zeros(case.input.shape, acc), geometry, mode == "max")
+        assert launched == expected
 
 
 def test_numba_cpu_bits_do_not_depend_on_the_thread_count_or_the_mode():

@@ -220,16 +220,23 @@ def compiled(request):
     return request.param, child_results(__file__, request.param)
 
 
-def check_compiled(compiled, dtype, kernel, tuples, scatters):
-    """The kernel compiled for the child's compute capability, returns nothing, takes 1-d
-    C-contiguous arrays of the arithmetic dtype only (flat views), has the tuple arguments
-    ``tuples`` in its signature, uses native atomic adds of the arithmetic type exactly
-    when it ``scatters``, and computes in float32 only when that is the arithmetic dtype."""
+def compiled_entry(compiled, dtype, kernel) -> dict:
+    """The child's entry of ``kernel`` in ``dtype``, compiled without error for the child's
+    compute capability, returning nothing."""
     cc, results = compiled
     entry = results[dtype][kernel]
     assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
     assert entry["return"] == "none"
     assert entry["target"] == [f"sm_{cc[0]}{cc[1]}"]
+    return entry
+
+
+def check_compiled(compiled, dtype, kernel, tuples, scatters):
+    """The kernel compiled for the child's compute capability, returns nothing, takes 1-d
+    C-contiguous arrays of the arithmetic dtype only (flat views), has the tuple arguments
+    ``tuples`` in its signature, uses native atomic adds of the arithmetic type exactly
+    when it ``scatters``, and computes in float32 only when that is the arithmetic dtype."""
+    entry = compiled_entry(compiled, dtype, kernel)
     arithmetic = ARITHMETIC[dtype]
     arrays = re.findall(r"Array\((\w+), (\d+), '(\w)'", entry["signature"])
     assert arrays and set(arrays) == {(arithmetic, "1", "C")}, entry["signature"]
@@ -267,11 +274,7 @@ def test_deterministic_kernel_compiles_to_ptx(compiled, dtype, kernel):
     integer arrays the lists' int64 keys and uint64 bucket counts, no float atomics (the
     listing kernels count and claim slots with 64-bit integer atomics; the others none), and
     float32 arithmetic only where that is the arithmetic dtype."""
-    cc, results = compiled
-    entry = results[dtype][kernel]
-    assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
-    assert entry["return"] == "none"
-    assert entry["target"] == [f"sm_{cc[0]}{cc[1]}"]
+    entry = compiled_entry(compiled, dtype, kernel)
     arrays = set(re.findall(r"Array\((\w+), (\d+), '(\w)'", entry["signature"]))
     floats = {array for array in arrays if array[0].startswith("float")}
     assert floats == {(ARITHMETIC[dtype], "1", "C")}, entry["signature"]

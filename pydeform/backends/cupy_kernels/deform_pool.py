@@ -7,7 +7,7 @@ of its CUDA signature; the kernel set and the tests' CPU host shim both launch t
 
 import numpy as np
 
-from ...deform_conv import DeformConv2dGeometry
+from ...deform_unet import depthwise_geometry
 from ._compile import KernelManifest, launch
 from .deform_conv import CupyDeformConv2dKernels
 
@@ -65,14 +65,6 @@ def backward_input_gather_launch(bucket_ends, item, weight, grad_output, indices
     args = (np.int64(n_items), bucket_ends, item, weight, grad_output, indices, np.int32(max_mode), grad_input,
             *_geometry_args(geom))
     return "deform_pool2d_backward_input_gather", n_items, args
-
-
-def depthwise_geometry(geom) -> DeformConv2dGeometry:
-    """deform_conv2d's geometry of the depthwise convolution that samples where the pooling does
-    (its col2im's contribution lists are the pooling's)."""
-    return DeformConv2dGeometry(geom.channels, geom.height, geom.width, geom.channels, geom.kernel_h, geom.kernel_w,
-                                geom.stride_h, geom.stride_w, geom.pad_h, geom.pad_w, geom.dilation_h,
-                                geom.dilation_w, geom.channels, geom.offset_groups, geom.out_h, geom.out_w)
 
 
 class CupyDeformPool2dKernels:

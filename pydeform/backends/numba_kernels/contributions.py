@@ -57,6 +57,26 @@ def list_functions():
 
 
 @functools.lru_cache(maxsize=None)
+def element_list_function():
+    """The device function ``element_list(bucket_ends, element, channels, offset_groups,
+    plane_size) -> (plane, first slot, end slot)``: the list of input element ``element =
+    plane*H*W + pixel`` (``plane = b*C + c``) in the buckets ``(b*Goff + g)*H*W + pixel``
+    shared by the channels of offset group g (deform_conv2d's col2im, deform_pool2d's input
+    gradient)."""
+    _, bucket_span = list_functions()
+
+    @_device
+    def element_list(bucket_ends, element, channels, offset_groups, plane_size):
+        plane = element // plane_size
+        batch = plane // channels
+        group_row = batch * offset_groups + (plane - batch * channels) // (channels // offset_groups)
+        first, end = bucket_span(bucket_ends, group_row * plane_size + element - plane * plane_size)
+        return plane, first, end
+
+    return element_list
+
+
+@functools.lru_cache(maxsize=None)
 def sort_kernel():
     """``sort_lists(bucket_ends, items, locals_, weights, n_buckets)``: each bucket's slots
     ordered by ``(item, local)``, one bucket per work item."""

@@ -417,7 +417,8 @@ def _cuda_deterministic_kernels(dtype):
     cuda = bind_cuda()
 
     plan = _sample_functions(cuda_target(dtype))[0]
-    add_contribution, bucket_span = contributions.list_functions()
+    add_contribution = contributions.list_functions()[0]
+    element_list = contributions.element_list_function()
 
     @cuda_kernel
     def col2im_lists(offset, mask, has_mask, cursors, items, locals_, weights, fill, geometry, n_items):
@@ -439,15 +440,10 @@ def _cuda_deterministic_kernels(dtype):
     def col2im_gather(bucket_ends, items, weights, grad_columns, grad_input, geometry, n_items):
         # grad_input[b, c, pixel] = the sum, in list order, of weight * gcol[b, c, k] over the
         # list of bucket (b*Goff + c/(C/Goff))*H*W + pixel; every element written.
-        channels, offset_groups = geometry[0], geometry[13]
-        per_group = channels // offset_groups
         plane_size = geometry[1] * geometry[2]
         channel_columns = geometry[4] * geometry[5] * geometry[14] * geometry[15]  # k = item % this
         for element in range(cuda.grid(1), n_items, cuda.gridsize(1)):
-            plane = element // plane_size  # b*C + c
-            batch = plane // channels
-            group_row = batch * offset_groups + (plane - batch * channels) // per_group
-            first, end = bucket_span(bucket_ends, group_row * plane_size + element - plane * plane_size)
+            plane, first, end = element_list(bucket_ends, element, geometry[0], geometry[13], plane_size)  # b*C + c
             columns = plane * channel_columns
             total = grad_input.dtype.type(0)
             for slot in range(first, end):
@@ -648,14 +644,16 @@ class NumbaCudaDeformConv2dKernels:
         """The contribution lists of :meth:`col2im_deterministic` on ``batch`` images."""
         return col2im_lists_plan(batch, geometry, dtype)
 
-    def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geometry):
-        """col2im by sorted contribution lists (:mod:`pydeform._contributions`): the same sums
-        in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+    def col2im_contribution_lists(self, offset, mask, geometry):
+        """The sorted contribution lists of col2im's scatter (:mod:`pydeform._contributions`;
+        buckets ``(b*Goff + g)*H*W + pixel``, items the samples, weights m * corner weight, in
+        the accumulation dtype): they depend on the offsets and mask only, so deform_pool2d's
+        deterministic input gradient reuses them."""
         xp, batch = self.xp, offset.shape[0]
         offset, mask = converted_arrays(xp, {"offset": offset, "mask": mask})
         mask, has_mask = _flat_mask(mask, offset, xp)
         acc = accumulation_dtype(offset.dtype)
-        lists_kernel, gather_kernel = _cuda_deterministic_kernels(acc)
+        lists_kernel = _cuda_deterministic_kernels(acc)[0]
         n_items, geometry_tuple = sample_count(batch, geometry), tuple(geometry)
 
         def lists_step(cursors, items, locals_, weights, fill):
@@ -665,14 +663,20 @@ class NumbaCudaDeformConv2dKernels:
         def sort_step(ends, *entries):
             launch_cuda(contributions.sort_kernel(), ends.size, xp, ends, *entries, ends.size)
 
-        lists = contribution_lists(
+        return contribution_lists(
             xp, col2im_buckets(batch, geometry), col2im_capacity(batch, geometry), acc,
             lambda counts: lists_step(counts, *contributions.stand_ins(xp, acc), False),
             lambda cursors, *entries: lists_step(cursors, *entries, True),
             sort_step,
         )
-        launch_cuda(gather_kernel, grad_input.size, xp, lists.bucket_ends, lists.item, lists.weight,
-                    flat(grad_columns), flat(grad_input), geometry_tuple, grad_input.size)
+
+    def col2im_deterministic(self, offset, mask, grad_columns, grad_input, geometry):
+        """col2im by sorted contribution lists (:meth:`col2im_contribution_lists`): the same sums
+        in an order the inputs fix, bit-identical run to run; writes every grad_input element."""
+        lists = self.col2im_contribution_lists(offset, mask, geometry)
+        gather_kernel = _cuda_deterministic_kernels(lists.weight.dtype)[1]
+        launch_cuda(gather_kernel, grad_input.size, self.xp, lists.bucket_ends, lists.item, lists.weight,
+                    flat(grad_columns), flat(grad_input), tuple(geometry), grad_input.size)
 
     def col2im(self, offset, mask, grad_columns, grad_input, geometry):
         offset, mask = converted_arrays(self.xp, {"offset": offset, "mask": mask})

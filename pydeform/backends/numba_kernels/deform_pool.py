@@ -9,7 +9,10 @@ gradients sum over them).
   setting each pixel's samples up once for all the group's channels.
 - input gradient: one item per output element. On the CPU a task owns a channel plane (b, c)
   and walks its output pixels, so the scatter (which lands in that plane only) needs no
-  atomics; CUDA threads scatter with atomics.
+  atomics; CUDA threads scatter with atomics. The deterministic CUDA input gradient takes the
+  sorted contribution lists of deform_conv2d's col2im on the depthwise geometry that samples
+  where the pooling does (they depend on the offsets and mask only) and gathers each input
+  element's list in its fixed order (:mod:`pydeform._contributions`).
 - offset and mask gradients: one item per sample, looping over the group's channels.
 
 Arithmetic stays in the arrays' type: the kernels take a typed ``one`` (and the avg scale
@@ -24,7 +27,10 @@ import functools
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._workspace import accumulator_plans, accumulator_slot, converted_arrays, scratch
+from ..._workspace import accumulator_plans, accumulator_slot, converted, converted_arrays, scratch
+from ...deform_unet import depthwise_geometry
+from . import contributions
+from .deform_conv import NumbaCudaDeformConv2dKernels
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
@@ -296,6 +302,39 @@ def _cuda_kernels(dtype):
     return forward, backward_input, backward_coord
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_gather_kernel(dtype):
+    """The deterministic input gradient's gather computing in ``dtype`` (the accumulation dtype)."""
+    global cuda
+    cuda = bind_cuda()
+    real = cuda_target(dtype).real
+    element_list = contributions.element_list_function()
+
+    @cuda_kernel
+    def backward_input_gather(bucket_ends, items, weights, grad_output, indices, grad_input, geometry, max_mode,
+                              scale, n_items):
+        # grad_input[b, c, pixel] = the sum, in list order, over the contributions of bucket
+        # (b*Goff + c/(C/Goff))*H*W + pixel (items: samples ((b*Goff + g)*kh*kw + k)*Ho*Wo + p) of
+        # weight * grad_output[b, c, p] * scale in avg mode, weight * grad_output[b, c, p] where
+        # k is the element's arg-max in max mode; every element written.
+        plane_size = geometry[1] * geometry[2]
+        pixels = geometry[12] * geometry[13]
+        points = geometry[3] * geometry[4]
+        for element in range(cuda.grid(1), n_items, cuda.gridsize(1)):
+            plane, first, end = element_list(bucket_ends, element, geometry[0], geometry[11], plane_size)  # b*C + c
+            grads = plane * pixels
+            total = real(0)
+            for slot in range(first, end):
+                p = items[slot] % pixels
+                if not max_mode:
+                    total += weights[slot] * (grad_output[grads + p] * scale)
+                elif indices[grads + p] == (items[slot] // pixels) % points:
+                    total += weights[slot] * grad_output[grads + p]
+            grad_input[element] = total
+
+    return backward_input_gather
+
+
 def _standin(array, like, dtype, xp):
     """Kernels always take an array: for an absent one, a one-element stand-in and False.
     The stand-in is never an argument array: for host arrays the CUDA simulator copies every
@@ -421,17 +460,21 @@ class NumbaCudaDeformPool2dKernels:
 
     @staticmethod
     def backward_input_deterministic_workspace(batch: int, geometry, dtype) -> dict:
-        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
-
-        return CupyDeformPool2dKernels.backward_input_deterministic_workspace(batch, geometry, dtype)
+        """The contribution lists of :meth:`backward_input_deterministic` on ``batch`` images."""
+        return NumbaCudaDeformConv2dKernels.col2im_deterministic_workspace(batch, depthwise_geometry(geometry), dtype)
 
     def backward_input_deterministic(self, offset, mask, grad_output, indices, grad_input, geometry, max_mode):
-        """The CUDA C kernels' deterministic input gradient (``pydeform/backends/cupy_kernels``,
-        compiled by NVRTC through CuPy): there is no Numba twin of it yet."""
-        from ..cupy_kernels.deform_pool import CupyDeformPool2dKernels
-
-        CupyDeformPool2dKernels().backward_input_deterministic(offset, mask, grad_output, indices, grad_input,
-                                                               geometry, max_mode)
+        """:meth:`backward_input` by sorted contribution lists (deform_conv2d's deterministic
+        col2im lists on the same samples, then a gather per grad_input element): bit-identical
+        run to run; writes every grad_input element."""
+        xp = self.xp
+        scale = _constants(offset.dtype, geometry, max_mode)[0]
+        lists = NumbaCudaDeformConv2dKernels(xp).col2im_contribution_lists(offset, mask, depthwise_geometry(geometry))
+        grad_output = converted(xp, "grad_output", grad_output)
+        indices = _standin(indices, grad_output, np.int32, xp)[0]
+        launch_cuda(_cuda_gather_kernel(lists.weight.dtype), grad_input.size, xp, lists.bucket_ends, lists.item,
+                    lists.weight, flat(grad_output), indices, flat(grad_input), tuple(geometry), max_mode, scale,
+                    grad_input.size)
 
     def backward_coord(self, input, offset, mask, grad_output, indices, grad_offset, grad_mask, geometry, max_mode):
         xp = self.xp
