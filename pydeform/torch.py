@@ -311,6 +311,65 @@ _deform_pool2d_op, _ = _define_differentiable(
     _deform_pool2d_fake, _deform_unet.deform_pool2d, _deform_unet.deform_pool2d_backward,
     ("input", "offset", "mask"), deterministic=True,
 )
+
+# deform_pool2d with its arg-max indices (max mode): a forward op returning (output, indices) and
+# a backward op that routes the gradient through the saved indices instead of recomputing them.
+_POOL_ARGUMENTS = ("Tensor input, Tensor offset, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+                   "str mode, Tensor? mask")
+_POOL_NAMES = _argument_names(_POOL_ARGUMENTS)
+
+
+def _deform_pool2d_with_indices(**arguments):
+    return _deform_unet.deform_pool2d(**arguments, return_indices=True)
+
+
+def _deform_pool2d_with_indices_fake(*args):
+    values = dict(zip(_POOL_NAMES, args))
+    _deform_unet._check_mode(values["mode"], True)
+    out = _deform_pool2d_fake(_shapes(values, _tensor_names(_POOL_ARGUMENTS)), values)
+    return out, out.new_empty(out.shape, dtype=torch.int32)
+
+
+_deform_pool2d_with_indices_op = _define(
+    "deform_pool2d_with_indices", _POOL_ARGUMENTS, "(Tensor, Tensor)",
+    lambda *args: _call(_deform_pool2d_with_indices, _POOL_NAMES, args), _deform_pool2d_with_indices_fake,
+)
+_POOL_INDICES_BACKWARD_ARGUMENTS = f"Tensor grad_output, {_POOL_ARGUMENTS}, Tensor indices{_DETERMINISTIC_ARGUMENT}"
+
+
+def _deform_pool2d_indices_backward_fake(grad_output, input, offset, kernel_size, stride, padding, dilation, mode, mask,
+                                         indices, deterministic=False):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(offset, memory_format=torch.contiguous_format),
+            grad_output.new_empty(0) if mask is None else torch.empty_like(mask, memory_format=torch.contiguous_format))
+
+
+def _deform_pool2d_indices_backward_impl(*args):
+    grads = _call(_deform_unet.deform_pool2d_backward, _argument_names(_POOL_INDICES_BACKWARD_ARGUMENTS), args)
+    return tuple(args[0].new_empty(0) if g is None else g for g in grads)
+
+
+_deform_pool2d_indices_backward_op = _define(
+    "deform_pool2d_with_indices_backward", _POOL_INDICES_BACKWARD_ARGUMENTS, "(Tensor, Tensor, Tensor)",
+    _deform_pool2d_indices_backward_impl, _deform_pool2d_indices_backward_fake,
+)
+
+
+def _setup_pool_indices_context(ctx, inputs, output):
+    input, offset, mask = inputs[0], inputs[1], inputs[7]
+    ctx.save_for_backward(input, offset, mask, output[1])
+    ctx.geometry = inputs[2:7]
+
+
+def _pool_indices_gradients(ctx, grad_output, _grad_indices):
+    input, offset, mask, indices = ctx.saved_tensors
+    grads = _deform_pool2d_indices_backward_op(grad_output, input, offset, *ctx.geometry, mask, indices,
+                                               torch.are_deterministic_algorithms_enabled())
+    return grads[0], grads[1], None, None, None, None, None, None if mask is None else grads[2]
+
+
+_deform_pool2d_with_indices_op.register_autograd(_pool_indices_gradients, setup_context=_setup_pool_indices_context)
+
 _roi_align_op, _ = _define_differentiable(
     "roi_align",
     "Tensor input, Tensor rois, int[] output_size, float spatial_scale, int sampling_ratio, bool aligned, str mode",
@@ -595,7 +654,7 @@ def deform_conv_transpose2d(input: Tensor, offset: Tensor, weight: Tensor, bias:
 
 @torch.fx.wrap
 def deform_pool2d(input: Tensor, offset: Tensor, kernel_size, stride=None, padding=0, dilation=1, mode: str = "max",
-                  mask: Optional[Tensor] = None) -> Tensor:
+                  mask: Optional[Tensor] = None, return_indices: bool = False):
     """Dense deformable pooling (avg or max), differentiable in input, offset and mask.
 
     Args:
@@ -604,14 +663,21 @@ def deform_pool2d(input: Tensor, offset: Tensor, kernel_size, stride=None, paddi
         kernel_size, padding, dilation (int or (int, int)); stride (int, (int, int) or None for
             ``kernel_size``); mode (``"max"`` or ``"avg"``).
         mask (Tensor[N, Goff*kh*kw, Ho, Wo], optional): modulation scalars.
+        return_indices (bool): also return the arg-max kernel point of each output element (max
+            mode only); the backward then routes the gradient through them.
 
     Returns:
-        Tensor[N, C, Ho, Wo]. Semantics: :func:`pydeform.deform_pool2d` (the backward recomputes
-        the arg-max of max mode).
+        Tensor[N, C, Ho, Wo], and with ``return_indices`` the int32 Tensor[N, C, Ho, Wo] of
+        indices. Semantics: :func:`pydeform.deform_pool2d` (without the indices the backward
+        recomputes the arg-max of max mode).
     """
+    _deform_unet._check_mode(mode, return_indices)
     kernel = _pair_list("kernel_size", kernel_size, 1)
-    return _deform_pool2d_op(input, offset, kernel, kernel if stride is None else _pair_list("stride", stride, 1),
-                             _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mode, mask)
+    arguments = (input, offset, kernel, kernel if stride is None else _pair_list("stride", stride, 1),
+                 _pair_list("padding", padding, 0), _pair_list("dilation", dilation, 1), mode, mask)
+    if return_indices:
+        return _deform_pool2d_with_indices_op(*arguments)
+    return _deform_pool2d_op(*arguments)
 
 
 @torch.fx.wrap

@@ -157,7 +157,7 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(parameter.grad, expected)
 
 
-@pytest.mark.parametrize("name", ["deform_conv_transpose2d", "deform_pool2d"])
+@pytest.mark.parametrize("name", ["deform_conv_transpose2d", "deform_pool2d", "deform_pool2d_with_indices"])
 def test_autocast_rule_is_registered(name):
     """Under torch.autocast("cuda") both ops run in the autocast dtype (the rule every op shares)."""
     for op in (name, name + "_backward"):
@@ -199,3 +199,47 @@ def test_scatters_follow_use_deterministic_algorithms(monkeypatch, deterministic
                                               True)
     assert explicit.shape[1] == transpose_args[2].shape[1] * transpose_args[8]
     torch.testing.assert_close(grad[0], pool_args[0].grad)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_pool_return_indices_are_the_array_apis_and_route_the_gradient(with_mask):
+    """return_indices=True: the array API's output and int32 indices, and the same gradients as
+    without them (the backward routes through the saved indices instead of recomputing them)."""
+    case, args = _pool_args("max", with_mask=with_mask)
+    options = dict(kernel_size=case.kernel_size, stride=case.stride, padding=case.padding, dilation=case.dilation,
+                   mode="max", mask=args[7])
+    out, indices = pt.deform_pool2d(args[0], args[1], **options, return_indices=True)
+    array_out, array_indices = pydeform.deform_pool2d(**case.arguments(), return_indices=True)
+    np.testing.assert_array_equal(out.detach().numpy(), array_out)
+    assert indices.dtype == torch.int32 and not indices.requires_grad
+    np.testing.assert_array_equal(indices.numpy(), array_indices)
+    grad_output = torch.from_numpy(case.grad_output)
+    tensors = [a for a in (args[0], args[1], args[7]) if a is not None]
+    with_indices = torch.autograd.grad(out, tensors, grad_output)
+    recomputed = torch.autograd.grad(pt.deform_pool2d(args[0], args[1], **options), tensors, grad_output)
+    for got, expected in zip(with_indices, recomputed):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.library.opcheck(ops.deform_pool2d_with_indices.default, args)
+    backward_args = (grad_output,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + (
+        indices,)
+    torch.library.opcheck(ops.deform_pool2d_with_indices_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert torch.autograd.gradcheck(lambda *a: ops.deform_pool2d_with_indices(*a)[0], args, eps=1e-6, atol=1e-6,
+                                    rtol=1e-5, fast_mode=True)
+
+
+def test_pool_return_indices_under_torch_compile_and_its_errors():
+    case, args = _pool_args("max")
+
+    def pool(input, offset, mask):
+        return pt.deform_pool2d(input, offset, case.kernel_size, case.stride, case.padding, case.dilation, "max",
+                                mask, return_indices=True)
+
+    eager = pool(args[0], args[1], args[7])
+    compiled = torch.compile(pool, fullgraph=True)(args[0], args[1], args[7])
+    torch.testing.assert_close(compiled[0], eager[0])
+    assert torch.equal(compiled[1], eager[1])
+    with pytest.raises(ValueError, match="return_indices"):
+        pt.deform_pool2d(args[0], args[1], case.kernel_size, mode="avg", return_indices=True)
+    with pytest.raises(TypeError, match="return_indices"):
+        pt.deform_pool2d(args[0], args[1], case.kernel_size, mode="max", return_indices=1)

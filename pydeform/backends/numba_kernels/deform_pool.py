@@ -6,7 +6,9 @@ kernel point of one offset group, shared by that group's channels (its offset an
 gradients sum over them).
 
 - forward: CUDA, one thread per output element; CPU, a task per output row of one offset group,
-  setting each pixel's samples up once for all the group's channels.
+  setting each pixel's samples up once for all the group's channels and reading their corners
+  from a channels-last copy of the input (:mod:`.layout`) as contiguous runs of channels (SIMD
+  loads, as deform_conv2d's CPU forward does).
 - input gradient: one item per output element. On the CPU a task owns a channel plane (b, c)
   and walks its output pixels, so the scatter (which lands in that plane only) needs no
   atomics; CUDA threads scatter with atomics. The deterministic CUDA input gradient takes the
@@ -31,6 +33,7 @@ from ..._workspace import accumulator_plans, accumulator_slot, converted, conver
 from ...deform_unet import depthwise_geometry
 from . import contributions
 from .deform_conv import NumbaCudaDeformConv2dKernels
+from .layout import channels_last
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 # numba.cuda once a CUDA kernel is built (see targets.bind_cuda for why a module global).
@@ -192,15 +195,15 @@ def _cpu_kernels():
 
     t = cpu_target()
     point, _, input_grad_item, coord_grad_item = _item_functions(t)
-    setup, weights_of, corners, combine = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_corners, \
-        t.bilinear_combine
+    setup, weights_of, run = t.zero_padded_setup, t.bilinear_weights, t.zero_padded_run
 
     @cpu_kernel
-    def forward(input, offset, mask, has_mask, output, indices, has_indices, geometry, max_mode, scale, one,
-                n_rows):
-        """A task per output row (b, g, y): each pixel's kh*kw samples are set up once and then
-        read for every channel of the offset group (the per-element CUDA kernel sets them up
-        once per channel)."""
+    def forward_channels_last(input_hwc, offset, mask, has_mask, output, indices, has_indices, geometry, max_mode,
+                              scale, one, n_rows):
+        """A task per output row (b, g, y) of one offset group. Each sample is set up once and
+        read from the channels-last input copy for all the group's channels as contiguous runs
+        (SIMD), then summed into (avg) or compared with (max) the pixel's per-channel results;
+        the row's results are written out channel by channel at the end."""
         channels, height, width, offset_groups = geometry[0], geometry[1], geometry[2], geometry[11]
         out_h, out_w = geometry[12], geometry[13]
         points = geometry[3] * geometry[4]
@@ -210,41 +213,54 @@ def _cpu_kernels():
             group_row = row // out_h  # b*Goff + g
             b = group_row // offset_groups
             g = group_row - b * offset_groups
-            corner = np.empty(points, np.int64)
-            inside = np.empty(points, np.int64)
-            modulation = np.empty(points, output.dtype)
-            weights = np.empty((points, 4), output.dtype)
+            sample = np.empty(per_group, output.dtype)
+            result = np.empty(per_group, output.dtype)
+            arg = np.zeros(per_group, np.int32)
+            row_results = np.empty((per_group, out_w), output.dtype)
+            row_args = np.empty((per_group, out_w), np.int32)
+            weights = np.empty(4, output.dtype)
             zero = one - one
             for x in range(out_w):
                 p = y * out_w + x
                 for k in range(points):
                     h, w, m, _, _ = point(b, g, k, p, offset, mask, has_mask, geometry, one)
-                    inside[k], corner[k], lh, lw = setup(h, w, height, width)
-                    modulation[k] = m
-                    weights[k, 0], weights[k, 1], weights[k, 2], weights[k, 3] = weights_of(lh, lw, one)
-                for c in range(g * per_group, (g + 1) * per_group):
-                    plane_index = b * channels + c
-                    plane = plane_index * height * width
-                    result = zero
-                    arg = 0
-                    for k in range(points):
-                        value = zero
-                        if inside[k]:
-                            v00, v01, v10, v11 = corners(input, plane, corner[k], inside[k], width)
-                            value = modulation[k] * combine(v00, v01, v10, v11, weights[k, 0], weights[k, 1],
-                                                            weights[k, 2], weights[k, 3])
-                        if not max_mode:
-                            result += value
-                        elif k == 0 or value > result or (value != value and result == result):
-                            result = value
-                            arg = k
-                    item = plane_index * out_h * out_w + p
-                    if max_mode:
-                        output[item] = result
+                    inside, corner, lh, lw = setup(h, w, height, width)
+                    # Values m * sample (not m folded into the weights: an infinite m times a zero
+                    # weight would make a NaN of an exact sample); 0 outside the image, whatever m.
+                    if inside:
+                        weights[0], weights[1], weights[2], weights[3] = weights_of(lh, lw, one)
+                        run(input_hwc, (b * height * width + corner) * channels + g * per_group, inside, weights,
+                            channels, width * channels, sample, 0, per_group)
                     else:
-                        output[item] = result * scale
-                    if has_indices:
-                        indices[item] = arg
+                        m = one
+                        for c in range(per_group):
+                            sample[c] = zero
+                    if k == 0:
+                        for c in range(per_group):
+                            result[c] = m * sample[c]
+                            arg[c] = 0
+                    elif not max_mode:
+                        for c in range(per_group):
+                            result[c] += m * sample[c]
+                    else:
+                        for c in range(per_group):
+                            # Strictly greater: ties keep the lowest k; the first NaN wins over
+                            # any number. Branch-free, so that the loop runs in SIMD lanes.
+                            value, current = m * sample[c], result[c]
+                            take = (value > current) | ((value != value) & (current == current))
+                            result[c] = value if take else current
+                            arg[c] = k if take else arg[c]
+                for c in range(per_group):
+                    row_results[c, x] = result[c] if max_mode else result[c] * scale
+                    row_args[c, x] = arg[c]
+            first = ((b * channels + g * per_group) * out_h + y) * out_w
+            for c in range(per_group):
+                at = first + c * out_h * out_w
+                for x in range(out_w):
+                    output[at + x] = row_results[c, x]
+                if has_indices:
+                    for x in range(out_w):
+                        indices[at + x] = row_args[c, x]
 
     @cpu_kernel
     def backward_input(offset, mask, has_mask, grad_output, indices, grad_input, geometry, max_mode, scale, one,
@@ -265,7 +281,7 @@ def _cpu_kernels():
                 coord_grad_item(item, input, offset, mask, has_mask, grad_output, indices, grad_offset, grad_mask,
                                 geometry, max_mode, scale, one)
 
-    return forward, backward_input, backward_coord
+    return forward_channels_last, backward_input, backward_coord
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,13 +380,16 @@ class NumbaCpuDeformPool2dKernels:
 
     @staticmethod
     def workspace(batch: int, geometry, dtype, *, backward: bool, masked: bool) -> dict:
-        """No scratch of its own."""
-        return {}
+        """The forward's channels-last input copy (a max-mode backward without the indices
+        runs the forward too)."""
+        g = geometry
+        return {"input_hwc": ((batch * g.height * g.width * g.channels,), np.dtype(dtype))}
 
     def forward(self, input, offset, mask, output, indices, geometry, max_mode):
         mask, has_mask = _standin(mask, offset, offset.dtype, np)
         indices, has_indices = _standin(indices, output, np.int32, np)
-        _cpu_kernels()[0](flat(input), flat(offset), mask, has_mask, flat(output), indices, has_indices,
+        input_hwc = channels_last(input, scratch(np, "input_hwc", (input.size,), input.dtype))
+        _cpu_kernels()[0](input_hwc, flat(offset), mask, has_mask, flat(output), indices, has_indices,
                           tuple(geometry), max_mode, *_constants(input.dtype, geometry, max_mode),
                           input.shape[0] * geometry.offset_groups * geometry.out_h)
 
