@@ -264,6 +264,14 @@ def run_deform_conv2d_forward(kernels, input, offset, mask, weight, bias, geomet
     return out
 
 
+def bias_gradient(xp, grad_output, dtype):
+    """``grad_output.sum((0, 2, 3))`` accumulated in the accumulation dtype, returned in ``dtype``
+    (the planned ``grad_bias`` slot); shared with the transposed convolution's backward."""
+    grad_bias = accumulator(xp, "grad_bias", grad_output.shape[1:2], dtype)
+    xp.sum(grad_output, axis=(0, 2, 3), dtype=grad_bias.dtype, out=grad_bias)
+    return finish(xp, "grad_bias", grad_bias, dtype)
+
+
 def sampled_gradients(kernels, geometry, sampled, offset, mask, grad_out, weight_t, grad_columns, columns,
                       grad_weight_chunk, grad_offset, grad_mask, grad_weight_g):
     """One chunk of the backward's gradients that sample ``sampled`` [B, C, H, W]: with
@@ -322,11 +330,7 @@ def run_deform_conv2d_backward(kernels, grad_output, input, offset, mask, weight
         sampled_gradients(kernels, g, inp, off, msk, grad_out, weight_t, gcols, columns[:b], grad_weight_chunk[:b],
                           grad_offset[start:stop], _batch(grad_mask, start, stop), grad_weight_g)
         col2im(off, msk, gcols, grad_input[start:stop], g)
-    grad_bias = None
-    if bias is not None:
-        grad_bias = accumulator(xp, "grad_bias", bias.shape, dtype)
-        xp.sum(grad_output, axis=(0, 2, 3), dtype=grad_bias.dtype, out=grad_bias)
-        grad_bias = finish(xp, "grad_bias", grad_bias, dtype)
+    grad_bias = None if bias is None else bias_gradient(xp, grad_output, dtype)
     return DeformConv2dGrads(
         finish(xp, "grad_input", grad_input, dtype),
         grad_offset,

@@ -43,7 +43,7 @@ from ._interop import dlpack_entry
 from ._workspace import accumulator, accumulator_plans, converted, finish, output, scratch
 from .backends import deform_conv2d_kernels, deform_pool2d_kernels
 from .deform_conv import (
-    DeformConv2dGeometry, _batch, _chunk_size, _grouped, deform_conv2d_geometry, sampled_gradients,
+    DeformConv2dGeometry, _batch, _chunk_size, _grouped, bias_gradient, deform_conv2d_geometry, sampled_gradients,
 )
 
 __all__ = [
@@ -318,11 +318,7 @@ def run_deform_conv_transpose2d_backward(kernels, grad_output, input, offset, ma
                 kernels.forward(grad_out, off, msk, weight, None, grad_input[start:stop], g)
             else:
                 xp.matmul(weight_g, grouped_cols, out=grad_input[start:stop].reshape(b, g.groups, -1, pixels))
-    grad_bias = None
-    if bias is not None:
-        grad_bias = accumulator(xp, "grad_bias", bias.shape, dtype)
-        xp.sum(grad_output, axis=(0, 2, 3), dtype=grad_bias.dtype, out=grad_bias)
-        grad_bias = finish(xp, "grad_bias", grad_bias, dtype)
+    grad_bias = None if bias is None else bias_gradient(xp, grad_output, dtype)
     return DeformConvTranspose2dGrads(
         finish(xp, "grad_input", grad_input, dtype),
         grad_offset,
