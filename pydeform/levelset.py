@@ -124,10 +124,9 @@ def _batch_view(name, value, ndims, batched):
 
 
 def _kernels_for(library, backend):
-    """The level-set kernel set; only the Numba CPU one exists so far."""
+    """The level-set kernel set: Numba CPU for NumPy arrays; CuPy RawKernels (default) or Numba
+    CUDA (``backend="numba"``) for CuPy arrays."""
     kind = check_backend(backend, library)
-    if library != "numpy":
-        raise NotImplementedError("level-set ops: no CUDA kernels yet, pass NumPy (or CPU torch / JAX) arrays")
     return levelset_kernels(library, kind)
 
 
@@ -239,8 +238,9 @@ def morphological_chan_vese(image, num_iter, init_level_set="checkerboard", smoo
         phase (int): 0 to start the smoothing with SI(IS(u)), 1 with IS(SI(u)) (keyword-only);
             see :func:`next_phase`.
         batched (bool): axis 0 is a batch of independent images (own means each).
-        backend: None or "numba" (NumPy arrays run on the Numba CPU kernels; CuPy arrays raise
-            NotImplementedError: no CUDA kernels yet).
+        backend: None, "cupy" or "numba": NumPy arrays run on the Numba CPU kernels, CuPy arrays
+            on CuPy RawKernels (None, "cupy") or Numba CUDA ("numba"), with no read back to the
+            host inside the iteration loop (but for ``iter_callback``'s copies).
 
     Returns:
         int8 array of the image's shape, the final level set (values 0 and 1).
@@ -288,13 +288,13 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
     run = _Snake("gimage", gimage, num_iter, init_level_set, smoothing, phase, iter_callback, batched, backend)
     xp, images = run.xp, run.images
     balloon = check_finite_float("balloon", balloon)
+    _check_gradient_shape("gimage", shape_of(images)[1:])
     if isinstance(threshold, str):
         if threshold != "auto":
             raise ValueError(f"threshold: expected 'auto' or a number, got {threshold!r}")
-        thresholds = xp.percentile(images.reshape(images.shape[0], -1), 40, axis=1)
+        thresholds = _percentile_40(xp, images)
     else:
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
-    _check_gradient_shape("gimage", shape_of(images)[1:])
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
     # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
     axes = tuple(range(1, images.ndim))
@@ -309,6 +309,22 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
         run.smooth()
         run.report()
     return run.result()
+
+
+def _percentile_40(xp, images):
+    """NumPy's linear 40th percentile of each image [B, *S] (at least 2 pixels), the same
+    operations in the same order for any ``xp``: cupy.percentile may fuse its interpolation into
+    an FMA, and a threshold an ulp off can move a pixel in or out of the balloon's mask."""
+    flat = images.reshape(images.shape[0], -1)
+    n = flat.shape[1]
+    index = (n - 1) * 0.4  # NumPy's virtual index for q = 40 / 100, method "linear"
+    below = int(np.floor(index))
+    fraction = index - below
+    ordered = xp.partition(flat, sorted({below, below + 1, n - 1}), axis=1)  # a NaN sorts last
+    low, high = ordered[:, below], ordered[:, below + 1]
+    difference = high - low
+    value = high - difference * (1 - fraction) if fraction >= 0.5 else low + difference * fraction
+    return xp.where(xp.isnan(ordered[:, -1]), np.nan, value)
 
 
 def _curvature(u, name):

@@ -167,10 +167,20 @@ inline long long __double_as_longlong(const double value) {
     return bits;
 }
 
+// CUDA's round-to-nearest arithmetic intrinsics, never contracted into an FMA (nor is plain
+// arithmetic here: x86-64 g++ without -mfma has no FMA instruction to contract into).
+inline double __dmul_rn(const double a, const double b) { return a * b; }
+inline double __dadd_rn(const double a, const double b) { return a + b; }
+inline double __dsub_rn(const double a, const double b) { return a - b; }
+inline float __fmul_rn(const float a, const float b) { return a * b; }
+inline float __fadd_rn(const float a, const float b) { return a + b; }
+inline float __fsub_rn(const float a, const float b) { return a - b; }
+
 // CUDA's device math overloads floor(float), max(long long, long long) etc. in the global
 // namespace; round is half away from zero in both.
 using std::ceil;
 using std::exp;
+using std::fabs;
 using std::floor;
 using std::fmax;
 using std::fmin;

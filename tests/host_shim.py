@@ -26,6 +26,8 @@ from pydeform.backends.cupy_kernels.deform_conv import KERNELS as DEFORM_CONV_KE
 from pydeform.backends.cupy_kernels.deform_conv import CupyDeformConv2dKernels
 from pydeform.backends.cupy_kernels.deform_pool import KERNELS as DEFORM_POOL_KERNELS
 from pydeform.backends.cupy_kernels.deform_pool import CupyDeformPool2dKernels
+from pydeform.backends.cupy_kernels.levelset import KERNELS as LEVELSET_KERNELS
+from pydeform.backends.cupy_kernels.levelset import CupyLevelSetKernels
 from pydeform.backends.cupy_kernels.roi import KERNELS as ROI_KERNELS
 from pydeform.backends.cupy_kernels.roi import CupyRoIKernels
 from pydeform.backends.cupy_kernels.semiconv import KERNELS as SEMICONV_KERNELS
@@ -233,6 +235,14 @@ class HostShimBlocksLaunch(HostShimLaunch):
     grid = 1
     block = 1
 
+    @classmethod
+    def with_blocks(cls, grid, block):
+        """A kernel set (made with no arguments) whose launches run ``grid`` blocks of ``block``
+        threads at most."""
+        kernels = cls()
+        kernels.grid, kernels.block = grid, block
+        return kernels
+
     def _launch(self, storage_dtype, template, n_blocks, args):
         if n_blocks:
             run_blocks(manifest_library(self.manifest, threaded=True, extra_flags=self.extra_flags), template,
@@ -326,3 +336,13 @@ class HostShimBlocksSemiConvKernels(HostShimBlocksLaunch, CupySemiConvKernels):
     def __init__(self, grid, block):
         self.grid = grid
         self.block = block
+
+
+class HostShimLevelSetKernels(HostShimLaunch, CupyLevelSetKernels):
+    manifest = LEVELSET_KERNELS
+
+
+class HostShimBlocksLevelSetKernels(HostShimBlocksLaunch, CupyLevelSetKernels):
+    """The level-set kernels as blocks of threads (see with_blocks)."""
+
+    manifest = LEVELSET_KERNELS

@@ -15,7 +15,7 @@ import pytest
 
 from pydeform._contributions import ContributionLists, roi_contribution_layout
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, roi
+from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, levelset, roi
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
@@ -223,6 +223,41 @@ def test_centernet_arguments_match_kernel_parameters(dtype, with_reg):
     """As above for centernet.cu: decode / focal float parameters in the accumulation type, the
     targets' down_ratio / min_overlap in double."""
     assert_arguments_match_kernel_parameters(centernet.KERNELS, TYPE_NAMES[dtype], centernet_launches(dtype, with_reg))
+
+
+def levelset_launches(image_shape):
+    """Every level-set kernel's marshalled arguments for images [B, *S] (2-D or 3-D)."""
+    u = np.empty((1,), dtype=np.uint8)
+    a = np.empty(image_shape)
+    gradient = np.empty((image_shape[0], len(image_shape) - 1, *image_shape[1:]))
+    return [
+        levelset.curvature_launch(u, u, image_shape, dilate=True),
+        levelset.acwe_partials_launch(u, a, a),
+        levelset.acwe_means_launch(a, a, image_shape),
+        levelset.acwe_attach_launch(u, a, a, 1.0, 2.0, u),
+        levelset.gac_balloon_launch(u, a, a, True, u),
+        levelset.gac_attach_launch(u, gradient, u),
+        levelset.chan_vese_sums_launch(a, a[..., 0] if a.ndim == 4 else a, a),
+        levelset.chan_vese_step_launch(a, a[..., 0] if a.ndim == 4 else a, a, 0.1, 1.0, 1.0, 0.5, u, a, a),
+        levelset.chan_vese_stats_launch(a, None, a, image_shape[:3]),
+    ]
+
+
+@pytest.mark.parametrize("image_shape", [(2, 5, 6), (2, 3, 5, 6)], ids=["2d", "3d"])
+def test_levelset_arguments_match_kernel_parameters(image_shape):
+    """As above for levelset.cu (instantiated for double, the images' type), 2-D and 3-D."""
+    assert_arguments_match_kernel_parameters(levelset.KERNELS, "double", levelset_launches(image_shape))
+
+
+@pytest.mark.parametrize("template", ["levelset_acwe_attach", "levelset_gac_attach"])
+def test_levelset_attachments_have_no_fma(template):
+    """The attachments must round every product and sum as NumPy does: no contraction into an
+    FMA (which NVRTC does by default) in their PTX."""
+    _, result = compile_manifest(levelset.KERNELS, "double", 80)
+    lowered = result.lowered_names[name_expression(template, "double")]
+    body = result.ptx[result.ptx.index(f".entry {lowered}("):]
+    body = body[:body.index("\n}\n")]
+    assert "mul.rn.f64" in body and "fma" not in body
 
 
 def cu_constant(source, name):
