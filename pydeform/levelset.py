@@ -436,6 +436,8 @@ def chan_vese(image, mu=0.25, lambda1=1.0, lambda2=1.0, tol=1e-3, max_num_iter=5
         extended_output (bool): also return phi and the energies.
         batched (bool): axis 0 is a batch of independent images, each with its own means and
             its own stopping test.
+        backend: as :func:`morphological_chan_vese`; on the GPU the stopping test is the one
+            read back to the host per iteration (one float64 per image).
 
     Returns:
         bool segmentation ``phi > 0``; with ``extended_output`` a :class:`ChanVeseResult`.
