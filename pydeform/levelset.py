@@ -320,7 +320,8 @@ def _percentile_40(xp, images):
     index = (n - 1) * 0.4  # NumPy's virtual index for q = 40 / 100, method "linear"
     below = int(np.floor(index))
     fraction = index - below
-    ordered = xp.partition(flat, sorted({below, below + 1, n - 1}), axis=1)  # a NaN sorts last
+    # a NaN goes last in both; CuPy documents that for its sort, not for its partition
+    ordered = np.partition(flat, sorted({below, below + 1, n - 1}), axis=1) if xp is np else xp.sort(flat, axis=1)
     low, high = ordered[:, below], ordered[:, below + 1]
     difference = high - low
     value = high - difference * (1 - fraction) if fraction >= 0.5 else low + difference * fraction
@@ -465,13 +466,14 @@ def chan_vese(image, mu=0.25, lambda1=1.0, lambda2=1.0, tol=1e-3, max_num_iter=5
     partial = xp.empty((batch * images.shape[1], 5))
     stats = xp.empty((batch, 3))
     active = np.ones(batch, dtype=np.uint8)
+    active_on_device = xp.asarray(active)  # sent again only when an image stops
     energies = [[] for _ in range(batch)]
     energy = _chan_vese_energy(xp, images, phi, mu, lambda1, lambda2) if extended_output else None
     if phi.size:
         kernels.chan_vese_start(phi, images, partial, stats)
     iteration = 0
     while active.any() and iteration < max_num_iter and phi.size:
-        kernels.chan_vese_step(phi, images, stats, mu, lambda1, lambda2, dt, xp.asarray(active), spare, partial)
+        kernels.chan_vese_step(phi, images, stats, mu, lambda1, lambda2, dt, active_on_device, spare, partial)
         phi, spare = spare, phi
         changes = xp.asnumpy(stats[:, 2]) if xp is not np else stats[:, 2].copy()
         if extended_output:
@@ -483,7 +485,9 @@ def chan_vese(image, mu=0.25, lambda1=1.0, lambda2=1.0, tol=1e-3, max_num_iter=5
         done = active.astype(bool) & (~(changes > tol) | (iteration == max_num_iter))
         for b in np.flatnonzero(done):
             final[b] = phi[b]
-        active[done] = 0
+        if done.any():
+            active[done] = 0
+            active_on_device = xp.asarray(active)
     segmentation = final > 0 if batched else final[0] > 0
     if not extended_output:
         return segmentation
