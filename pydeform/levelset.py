@@ -312,9 +312,10 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
 
 
 def _percentile_40(xp, images):
-    """NumPy's linear 40th percentile of each image [B, *S] (at least 2 pixels), the same
-    operations in the same order for any ``xp``: cupy.percentile may fuse its interpolation into
-    an FMA, and a threshold an ulp off can move a pixel in or out of the balloon's mask."""
+    """NumPy's linear 40th percentile of each image [B, *S] (at least 2 pixels), its
+    interpolation written out as array operations so that CuPy rounds it as NumPy does
+    (cupy.percentile may fuse it into an FMA, and a threshold an ulp off can move a pixel in or
+    out of the balloon's mask)."""
     flat = images.reshape(images.shape[0], -1)
     n = flat.shape[1]
     index = (n - 1) * 0.4  # NumPy's virtual index for q = 40 / 100, method "linear"
