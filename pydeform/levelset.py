@@ -316,8 +316,8 @@ def _percentile_40(xp, images):
     interpolation written out as array operations so that CuPy rounds it as NumPy does
     (cupy.percentile may fuse it into an FMA, and a threshold an ulp off can move a pixel in or
     out of the balloon's mask)."""
-    flat = images.reshape(images.shape[0], -1)
-    n = flat.shape[1]
+    n = int(np.prod(images.shape[1:]))
+    flat = images.reshape(images.shape[0], n)  # not -1: an empty batch has no size to infer it
     index = (n - 1) * 0.4  # NumPy's virtual index for q = 40 / 100, method "linear"
     below = int(np.floor(index))
     fraction = index - below

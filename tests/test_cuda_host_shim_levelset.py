@@ -191,3 +191,13 @@ def test_auto_threshold_equals_numpy_percentile(batch, size, seed, specials):
     flat[rng.integers(0, flat.size, specials)] = rng.choice([np.nan, np.inf, -np.inf], specials)
     expected = np.percentile(images.reshape(batch, -1), 40, axis=1)
     np.testing.assert_array_equal(levelset._percentile_40(np, images), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5), (0, 3, 4, 5)], ids=["2d", "3d"])
+def test_empty_batches(shape, one_thread):
+    with ops_running(one_thread):
+        results = [levelset.morphological_chan_vese(np.zeros(shape), 2, batched=True),
+                   levelset.morphological_geodesic_active_contour(np.zeros(shape), 2, balloon=1, batched=True)]
+        if len(shape) == 3:
+            results.append(levelset.chan_vese(np.zeros(shape), batched=True))
+    assert [r.shape for r in results] == [shape] * len(results)
