@@ -124,10 +124,8 @@ def _batch_view(name, value, ndims, batched):
 
 
 def _kernels_for(library, backend):
-    """The level-set kernel set; only the Numba CPU one exists so far."""
+    """The level-set kernel set of the arrays' library and the backend."""
     kind = check_backend(backend, library)
-    if library != "numpy":
-        raise NotImplementedError("level-set ops: no CUDA kernels yet, pass NumPy (or CPU torch / JAX) arrays")
     return levelset_kernels(library, kind)
 
 
