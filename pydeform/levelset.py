@@ -237,8 +237,8 @@ def morphological_chan_vese(image, num_iter, init_level_set="checkerboard", smoo
         phase (int): 0 to start the smoothing with SI(IS(u)), 1 with IS(SI(u)) (keyword-only);
             see :func:`next_phase`.
         batched (bool): axis 0 is a batch of independent images (own means each).
-        backend: None or "numba" (NumPy arrays run on the Numba CPU kernels; CuPy arrays raise
-            NotImplementedError: no CUDA kernels yet).
+        backend: None, "cupy" or "numba": NumPy arrays run on the Numba CPU kernels, CuPy
+            arrays on the CuPy RawKernels (None, "cupy") or the Numba CUDA kernels ("numba").
 
     Returns:
         int8 array of the image's shape, the final level set (values 0 and 1).
@@ -418,6 +418,7 @@ def chan_vese(image, mu=0.25, lambda1=1.0, lambda2=1.0, tol=1e-3, max_num_iter=5
         extended_output (bool): also return phi and the energies.
         batched (bool): axis 0 is a batch of independent images, each with its own means and
             its own stopping test.
+        backend: as :func:`morphological_chan_vese`.
 
     Returns:
         bool segmentation ``phi > 0``; with ``extended_output`` a :class:`ChanVeseResult`.
