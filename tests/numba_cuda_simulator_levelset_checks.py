@@ -110,3 +110,38 @@ def test_batched_chan_vese_stops_each_image_on_its_own():
         np.testing.assert_allclose(phi[b], phi_ref, rtol=1e-12, atol=1e-14)
         assert len(energies[b]) == len(energies_ref)
     assert len(energies[0]) != len(energies[1])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (1, 3, 3, 3)])
+def test_steps_write_every_interior_pixel_and_no_border(shape):
+    """Each step of the kernel set, called directly into an output whose interior holds 7: the
+    interior becomes the reference's level set, the zero border stays."""
+    rng = np.random.default_rng(7)
+    kernels = NumbaCudaLevelSetKernels(xp=np)
+    padded = (shape[0], *(n + 2 for n in shape[1:]))
+    inside = (slice(None),) + (slice(1, -1),) * (len(shape) - 1)
+    u = np.zeros(padded, np.uint8)
+    u[inside] = rng.random(shape) < 0.5
+    image, gimage = rng.integers(0, 9, shape).astype(np.float64), rng.random(shape)
+    means = np.empty((shape[0], 2))
+    kernels.acwe_means(u, image, np.empty((int(np.prod(shape[:-1])), 4)), means)
+    gradient = np.stack(np.gradient(gimage, axis=tuple(range(1, len(shape)))), axis=1)
+    steps = {
+        "sup_inf": (lambda dst: kernels.sup_inf(u, dst), lambda b, v: ref.sup_inf(v)),
+        "inf_sup": (lambda dst: kernels.inf_sup(u, dst), lambda b, v: ref.inf_sup(v)),
+        "acwe_attach": (lambda dst: kernels.acwe_attach(u, image, means, 1.0, 1.0, dst),
+                        lambda b, v: ref.morphological_chan_vese(image[b], 1, v, 0)[0]),
+        "gac_balloon": (lambda dst: kernels.gac_balloon(u, gimage, np.full(shape[0], -1.0), True, dst),
+                        lambda b, v: ref.morphological_geodesic_active_contour(
+                            np.ones(shape[1:]), 1, v, 0, threshold=-1.0, balloon=1)[0]),
+        "gac_attach": (lambda dst: kernels.gac_attach(u, gradient, dst),
+                       lambda b, v: ref.morphological_geodesic_active_contour(gimage[b], 1, v, 0)[0]),
+    }
+    for name, (step, expected) in steps.items():
+        dst = np.zeros(padded, np.uint8)
+        dst[inside] = 7
+        step(dst)
+        for b in range(shape[0]):
+            np.testing.assert_array_equal(dst[b][inside[1:]], expected(b, u[b][inside[1:]]), err_msg=name)
+        dst[inside] = 0
+        assert not dst.any(), f"{name} wrote the border"
