@@ -286,13 +286,14 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
     run = _Snake("gimage", gimage, num_iter, init_level_set, smoothing, phase, iter_callback, batched, backend)
     xp, images = run.xp, run.images
     balloon = check_finite_float("balloon", balloon)
+    _check_gradient_shape("gimage", shape_of(images)[1:])  # before the percentile of an empty image
     if isinstance(threshold, str):
         if threshold != "auto":
             raise ValueError(f"threshold: expected 'auto' or a number, got {threshold!r}")
-        thresholds = xp.percentile(images.reshape(images.shape[0], -1), 40, axis=1)
+        # the pixel count spelled out: reshape cannot infer it for an empty batch
+        thresholds = xp.percentile(images.reshape(images.shape[0], int(np.prod(images.shape[1:]))), 40, axis=1)
     else:
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
-    _check_gradient_shape("gimage", shape_of(images)[1:])
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
     # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
     axes = tuple(range(1, images.ndim))
