@@ -649,7 +649,8 @@ def cuda_kernels():
 
     @cuda_kernel
     def acwe_row_sums(u, image, partial, geometry):
-        """partial[row] = (sum I (1 - u), sum 1 - u, sum I u, sum u) over each image row."""
+        """partial[row] = (sum I (1 - u), sum 1 - u, sum I u, sum u) over each image row (the
+        products by 0 or 1 are exact, so an FMA of product and sum rounds as NumPy does)."""
         batch, depth, height, width, volume = geometry
         sums = cuda.shared.array((4, THREADS_PER_BLOCK), np.float64)
         tid = cuda.threadIdx.x
