@@ -274,7 +274,7 @@ def fake_gpu(monkeypatch) -> FakeCupy:
     their array library)."""
     from pydeform.backends import kernel_set
     from pydeform.backends.cupy_kernels import _compile
-    from pydeform.backends.numba_kernels import centernet, deform_conv, deform_pool, roi, semiconv, targets
+    from pydeform.backends.numba_kernels import centernet, deform_conv, deform_pool, levelset, roi, semiconv, targets
 
     fake = FakeCupy()
     numba_cuda = FakeNumbaCuda(fake)
@@ -287,6 +287,7 @@ def fake_gpu(monkeypatch) -> FakeCupy:
     monkeypatch.setattr(centernet, "cuda_kernels", lambda dtype: numba_cuda.kernels())
     monkeypatch.setattr(deform_pool, "_cuda_kernels", lambda dtype: numba_cuda.kernels())
     monkeypatch.setattr(semiconv, "cuda_kernels", lambda: numba_cuda.kernels(9))
+    monkeypatch.setattr(levelset, "cuda_kernels", lambda: numba_cuda.kernels(len(levelset.CUDA_KERNELS)))
     # The stand-in kernels are not Numba dispatchers: nothing to watch for a first compile.
     monkeypatch.setattr(targets, "watching_numba_cuda_launch", lambda kernel: contextlib.nullcontext())
     kernel_set.cache_clear()

@@ -214,3 +214,15 @@ def test_size_one_axes_raise_like_scikit_image(shape):
     # no iteration, no gradient: scikit-image's MorphACWE returns the initial level set
     np.testing.assert_array_equal(levelset.morphological_chan_vese(np.zeros(shape), 0),
                                   skimage_acwe(np.zeros(shape), 0))
+
+
+def test_empty_batches_and_empty_images():
+    """An empty batch runs (nothing to do); an empty image raises as for size-1 axes."""
+    for snake in SNAKES:
+        for balloon in (0, 1):
+            kwargs = {"balloon": balloon} if snake is levelset.morphological_geodesic_active_contour else {}
+            empty = snake(np.zeros((0, 4, 4)), 2, batched=True, **kwargs)
+            assert empty.shape == (0, 4, 4) and empty.dtype == np.int8
+        with pytest.raises(ValueError, match="at least 2"):
+            snake(np.zeros((0, 3)), 2)
+    assert levelset.chan_vese(np.zeros((0, 4, 4)), batched=True).shape == (0, 4, 4)

@@ -21,6 +21,7 @@ CHECKS = (
     "tests/numba_cuda_simulator_centernet_checks.py",
     "tests/numba_cuda_simulator_deform_unet_checks.py",
     "tests/numba_cuda_simulator_semiconv_checks.py",
+    "tests/numba_cuda_simulator_levelset_checks.py",
 )
 
 

@@ -6,7 +6,7 @@ move to its successor a one-line change.
 
 from numba import cuda
 
-__all__ = ["cuda", "simulator_enabled"]
+__all__ = ["cuda", "libdevice", "simulator_enabled"]
 
 
 def simulator_enabled() -> bool:
@@ -14,3 +14,11 @@ def simulator_enabled() -> bool:
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
+
+
+def libdevice():
+    """Numba's bindings of libdevice, CUDA's device math library (stubs returning None under the
+    simulator)."""
+    from numba.cuda import libdevice as module
+
+    return module

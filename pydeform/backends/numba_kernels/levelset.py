@@ -506,3 +506,412 @@ class NumbaCpuLevelSetKernels:
         kernels = _kernels()
         kernels["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial)
         kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+
+
+# --- Numba CUDA kernels ---------------------------------------------------------------------------
+#
+# The same layouts as above, indexed flat. One kernel serves 2-D, 3-D and the batch: its geometry
+# is ``(batch, depth, height, width, volume)`` with ``depth = 1, volume = 0`` in 2-D, so a pixel is
+# an item of a grid-stride loop over ``batch * depth * height * width`` whatever the rank. Sums are
+# reduced without float atomics, in an order fixed by the launch: one block per image row adds
+# its pixels (each thread a strided share, then a shared-memory tree), one block per image adds
+# its rows the same way, and the means stay on the device for the next kernel.
+
+import math  # noqa: E402
+import operator  # noqa: E402
+
+from .targets import THREADS_PER_BLOCK, bind_cuda, cuda_kernel, cuda_target, flat, launch_cuda  # noqa: E402
+
+# numba.cuda as a module global, bound by cuda_kernels() (see targets.bind_cuda).
+cuda = None
+
+CUDA_KERNELS = ("curvature", "acwe_row_sums", "acwe_means", "acwe_attach", "gac_balloon", "gac_attach",
+                "chan_vese_sums", "chan_vese_step", "chan_vese_stats")
+
+
+def _unfused_arithmetic():
+    """(multiply, add) of float64 values, each rounded on its own.
+
+    NVVM, and ptxas for a PTX ``mul.f64`` feeding an ``add.f64`` / ``sub.f64``, contract
+    ``a * b - c * d`` into an FMA by default (numba-cuda offers no switch for that but fastmath,
+    which also flushes subnormals and loosens division and sqrt), and an FMA skips the rounding
+    of the product: the MorphACWE attachment's sign then differs from NumPy's (scikit-image's)
+    where the two terms nearly cancel. libdevice's ``dmul_rn`` / ``dadd_rn`` are PTX
+    ``mul.rn.f64`` / ``add.rn.f64``, whose explicit rounding mode keeps both compilers from
+    fusing them (a subtraction is the addition of the negation, exact). The simulator runs
+    Python arithmetic, which never fuses either.
+    """
+    from ..numba_cuda import libdevice, simulator_enabled
+
+    if simulator_enabled():
+        return operator.mul, operator.add
+    return libdevice().dmul_rn, libdevice().dadd_rn
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels():
+    """The CUDA kernels, in the order of ``CUDA_KERNELS``."""
+    global cuda
+    cuda = bind_cuda()
+    device = cuda_target(np.float64).device
+    multiply, add = _unfused_arithmetic()
+
+    @device
+    def padded_row(row, geometry):
+        """The flat index in a padded level set of the first pixel of image row ``row`` (rows
+        counted over the batch)."""
+        batch, depth, height, width, volume = geometry
+        y = row % height
+        z = (row // height) % depth
+        b = row // (depth * height)
+        return ((b * (depth + 2 * volume) + z + volume) * (height + 2) + y + 1) * (width + 2) + 1
+
+    @device
+    def line_set(src, c, a, dilate):
+        """Dilation (any set) or erosion (all set) of the line element {c - a, c, c + a}."""
+        if dilate:
+            return src[c - a] | src[c] | src[c + a]
+        return src[c - a] & src[c] & src[c + a]
+
+    @device
+    def plane_set(src, c, a, b, dilate):
+        """Dilation (any set) or erosion (all set) of the 3x3 element {c + i a + j b}."""
+        hit = not dilate
+        for i in range(-1, 2):
+            for j in range(-1, 2):
+                if dilate:
+                    hit = hit or src[c + i * a + j * b] != 0
+                else:
+                    hit = hit and src[c + i * a + j * b] != 0
+        return hit
+
+    @cuda_kernel
+    def curvature(src, dst, geometry, dilate):
+        """SI (dilate False: the largest erosion by the line elements) or IS (the smallest
+        dilation). Every element holds the centre, so the centre needs no term of its own."""
+        batch, depth, height, width, volume = geometry
+        sy = width + 2
+        sz = (height + 2) * sy
+        for item in range(cuda.grid(1), batch * depth * height * width, cuda.gridsize(1)):
+            c = padded_row(item // width, geometry) + item % width
+            result = dilate
+            if volume:  # the 9 planes of 3x3 voxels through the centre, as two spanning offsets
+                for a, b in ((sz, sy), (sz, 1), (sy, 1), (sz, sy + 1), (sz, sy - 1), (sy, sz + 1), (sy, sz - 1),
+                             (1, sz + sy), (1, sz - sy)):
+                    if dilate:
+                        result = result and plane_set(src, c, a, b, True)
+                    else:
+                        result = result or plane_set(src, c, a, b, False)
+            else:  # the 4 segments of 3 pixels: vertical, horizontal and the two diagonals
+                for a in (sy, 1, sy + 1, sy - 1):
+                    if dilate:
+                        result = result and line_set(src, c, a, True) != 0
+                    else:
+                        result = result or line_set(src, c, a, False) != 0
+            dst[c] = result
+
+    @device
+    def block_total(sums, count):
+        """Adds each of the first ``count`` rows of ``sums`` [k, thread] into its column 0, in a
+        fixed tree (the block size is a power of 2)."""
+        tid = cuda.threadIdx.x
+        step = cuda.blockDim.x // 2
+        cuda.syncthreads()
+        while step > 0:
+            if tid < step:
+                for k in range(count):
+                    sums[k, tid] += sums[k, tid + step]
+            cuda.syncthreads()
+            step //= 2
+
+    @device
+    def store_row_sums(sums, count, partial, row):
+        """partial[row] = the block's totals of the first ``count`` rows of ``sums``. No barrier
+        follows: column 0, read here, is written next by thread 0 only."""
+        block_total(sums, count)
+        if cuda.threadIdx.x == 0:
+            for k in range(count):
+                partial[row * count + k] = sums[k, 0]
+
+    @device
+    def image_totals(partial, count, rows, b, sums):
+        """sums[:count, 0] = the sums over the rows of image b of partial [rows, count], each
+        thread adding a strided share of the rows in order, then the tree."""
+        tid = cuda.threadIdx.x
+        for k in range(count):
+            sums[k, tid] = 0.0
+        for r in range(b * rows + tid, (b + 1) * rows, cuda.blockDim.x):
+            for k in range(count):
+                sums[k, tid] += partial[r * count + k]
+        block_total(sums, count)
+
+    # --- MorphACWE
+
+    @cuda_kernel
+    def acwe_row_sums(u, image, partial, geometry):
+        """partial[row] = (sum I (1 - u), sum 1 - u, sum I u, sum u) over each image row (the
+        products by 0 or 1 are exact, so an FMA of product and sum rounds as NumPy does)."""
+        batch, depth, height, width, volume = geometry
+        sums = cuda.shared.array((4, THREADS_PER_BLOCK), np.float64)
+        tid = cuda.threadIdx.x
+        for row in range(cuda.blockIdx.x, batch * depth * height, cuda.gridDim.x):
+            start = padded_row(row, geometry)
+            for k in range(4):
+                sums[k, tid] = 0.0
+            for x in range(tid, width, cuda.blockDim.x):
+                inside, value = float(u[start + x]), image[row * width + x]
+                sums[0, tid] += value * (1.0 - inside)
+                sums[1, tid] += 1.0 - inside
+                sums[2, tid] += value * inside
+                sums[3, tid] += inside
+            store_row_sums(sums, 4, partial, row)
+
+    @cuda_kernel
+    def acwe_means(partial, rows, means, batch):
+        """means[b] = (c0, c1) from the row sums of image b."""
+        sums = cuda.shared.array((4, THREADS_PER_BLOCK), np.float64)
+        for b in range(cuda.blockIdx.x, batch, cuda.gridDim.x):
+            image_totals(partial, 4, rows, b, sums)
+            if cuda.threadIdx.x == 0:
+                means[2 * b] = sums[0, 0] / (sums[1, 0] + 1e-8)
+                means[2 * b + 1] = sums[2, 0] / (sums[3, 0] + 1e-8)
+
+    @device
+    def slope(src, c, i, n, stride):
+        """np.gradient of the level set at index i of an axis of n >= 2 elements (flat stride
+        ``stride``): central (halved, exactly) inside, one-sided at the ends."""
+        before = c - stride if i > 0 else c
+        after = c + stride if i < n - 1 else c
+        difference = float(np.int32(src[after]) - np.int32(src[before]))
+        return difference * 0.5 if 0 < i < n - 1 else difference
+
+    @device
+    def select_sign(aux, old):
+        """1 where aux > 0, 0 where aux < 0, else (0 or NaN) old."""
+        return 1 if aux > 0 else (0 if aux < 0 else old)
+
+    @device
+    def level_slopes(src, item, geometry):
+        """(image b, padded index c, np.gradient of the level set along z, y, x) at pixel
+        ``item``; in 2-D the z axis has one element and its slope is 0.0."""
+        batch, depth, height, width, volume = geometry
+        row, x = item // width, item % width
+        y, z = row % height, (row // height) % depth
+        c = padded_row(row, geometry) + x
+        sy = width + 2
+        return (item // (depth * height * width), c, slope(src, c, z, depth, (height + 2) * sy),
+                slope(src, c, y, height, sy), slope(src, c, x, width, 1))
+
+    @cuda_kernel
+    def acwe_attach(src, image, means, lambda1, lambda2, dst, geometry):
+        """u = 1 where |grad u| (lambda1 (I - c1)^2 - lambda2 (I - c0)^2) < 0, 0 where > 0, in
+        NumPy's rounding (see _unfused_arithmetic)."""
+        batch, depth, height, width, volume = geometry
+        for item in range(cuda.grid(1), batch * depth * height * width, cuda.gridsize(1)):
+            b, c, du_z, du_y, du_x = level_slopes(src, item, geometry)
+            abs_du = abs(du_z) + abs(du_y) + abs(du_x)  # halves and ones: exact in any order
+            value = image[item]
+            outside, inside = value - means[2 * b], value - means[2 * b + 1]
+            force = add(multiply(lambda1, multiply(inside, inside)), -multiply(lambda2, multiply(outside, outside)))
+            dst[c] = select_sign(-multiply(abs_du, force), src[c])
+
+    # --- MorphGAC
+
+    @cuda_kernel
+    def gac_balloon(src, gimage, limit, grow, dst, geometry):
+        """dst = the 3x3(x3) box dilation (grow) or erosion of src where gimage > limit[b], else src."""
+        batch, depth, height, width, volume = geometry
+        sy = width + 2
+        sz = (height + 2) * sy
+        plane = depth * height * width
+        for item in range(cuda.grid(1), batch * plane, cuda.gridsize(1)):
+            c = padded_row(item // width, geometry) + item % width
+            if gimage[item] > limit[item // plane]:
+                box = plane_set(src, c, sy, 1, grow)
+                if volume:
+                    for k in (-1, 1):
+                        if grow:
+                            box = box or plane_set(src, c + k * sz, sy, 1, True)
+                        else:
+                            box = box and plane_set(src, c + k * sz, sy, 1, False)
+                dst[c] = box
+            else:
+                dst[c] = src[c]
+
+    @cuda_kernel
+    def gac_attach(src, gradient, dst, geometry):
+        """u = 1 where sum_i gradient_i(gimage) gradient_i(u) > 0, 0 where < 0: the sum from 0 in
+        axis order as scikit-image's, each product rounded (see _unfused_arithmetic)."""
+        batch, depth, height, width, volume = geometry
+        plane = depth * height * width
+        for item in range(cuda.grid(1), batch * plane, cuda.gridsize(1)):
+            b, c, du_z, du_y, du_x = level_slopes(src, item, geometry)
+            g = b * (1 + volume) * plane + item  # gradient[b, 0] at this pixel ([B, 2 + volume, plane])
+            aux = 0.0
+            if volume:
+                aux += multiply(gradient[g], du_z)
+                g += plane
+            aux += multiply(gradient[g], du_y)
+            aux += multiply(gradient[g + plane], du_x)
+            dst[c] = select_sign(aux, src[c])
+
+    # --- Chan-Vese: [B, H, W] float64, one block a row; the step fused with the next sums
+
+    @device
+    def add_region_sums(sums, value, new, old):
+        """Adds (f H, H, f (1 - H), 1 - H, (new - old)^2), H = new > 0, to this thread's sums."""
+        tid = cuda.threadIdx.x
+        inside = 1.0 if new > 0 else 0.0
+        sums[0, tid] += value * inside
+        sums[1, tid] += inside
+        sums[2, tid] += value * (1.0 - inside)
+        sums[3, tid] += 1.0 - inside
+        sums[4, tid] += (new - old) * (new - old)
+
+    @cuda_kernel
+    def chan_vese_sums(phi, image, partial, batch, height, width):
+        """partial[row] = the region sums of phi (no change) over each image row."""
+        sums = cuda.shared.array((5, THREADS_PER_BLOCK), np.float64)
+        tid = cuda.threadIdx.x
+        for row in range(cuda.blockIdx.x, batch * height, cuda.gridDim.x):
+            for k in range(5):
+                sums[k, tid] = 0.0
+            for x in range(tid, width, cuda.blockDim.x):
+                add_region_sums(sums, image[row * width + x], phi[row * width + x], phi[row * width + x])
+            store_row_sums(sums, 5, partial, row)
+
+    @device
+    def chan_vese_pixel(phi, up, row, down, x, width, value, c1, c2, mu, lambda1, lambda2, dt):
+        """One Jacobi step at (row, x); up / row / down: the flat starts of the rows above (the
+        row itself at the top), of the row and below; differences replicate the edge."""
+        centre = phi[row + x]
+        left, right = phi[row + max(x - 1, 0)], phi[row + min(x + 1, width - 1)]
+        above, below = phi[up + x], phi[down + x]
+        dx_mid, dy_mid = (right - left) / 2.0, (below - above) / 2.0
+        k1 = 1.0 / math.sqrt(1e-16 + (right - centre) * (right - centre) + dy_mid * dy_mid)
+        k2 = 1.0 / math.sqrt(1e-16 + (centre - left) * (centre - left) + dy_mid * dy_mid)
+        k3 = 1.0 / math.sqrt(1e-16 + dx_mid * dx_mid + (below - centre) * (below - centre))
+        k4 = 1.0 / math.sqrt(1e-16 + dx_mid * dx_mid + (centre - above) * (centre - above))
+        curvature = right * k1 + left * k2 + below * k3 + above * k4
+        delta = 1.0 / (1.0 + centre * centre)
+        force = -lambda1 * ((value - c1) * (value - c1)) + lambda2 * ((value - c2) * (value - c2))
+        return (centre + dt * delta * (mu * curvature + force)) / (1.0 + mu * dt * delta * (k1 + k2 + k3 + k4))
+
+    @cuda_kernel
+    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial, batch, height, width):
+        """new_phi = one step of phi for the active images; partial[row] = the region sums of
+        new_phi and the squared changes over the row (rows of inactive images untouched)."""
+        sums = cuda.shared.array((5, THREADS_PER_BLOCK), np.float64)
+        tid = cuda.threadIdx.x
+        for row in range(cuda.blockIdx.x, batch * height, cuda.gridDim.x):
+            b, y = row // height, row % height
+            if not active[b]:  # the same for the whole block: no barrier is skipped by a part of it
+                continue
+            start = row * width
+            up = start - width if y > 0 else start
+            down = start + width if y < height - 1 else start
+            c1, c2 = stats[3 * b], stats[3 * b + 1]
+            for k in range(5):
+                sums[k, tid] = 0.0
+            for x in range(tid, width, cuda.blockDim.x):
+                new = chan_vese_pixel(phi, up, start, down, x, width, image[start + x], c1, c2, mu, lambda1, lambda2,
+                                      dt)
+                new_phi[start + x] = new
+                add_region_sums(sums, image[start + x], new, phi[start + x])
+            store_row_sums(sums, 5, partial, row)
+
+    @cuda_kernel
+    def chan_vese_stats(partial, rows, pixels, stats, batch):
+        """stats[b] = (c1, c2, RMS change) from the row sums of image b."""
+        sums = cuda.shared.array((5, THREADS_PER_BLOCK), np.float64)
+        for b in range(cuda.blockIdx.x, batch, cuda.gridDim.x):
+            image_totals(partial, 5, rows, b, sums)
+            if cuda.threadIdx.x == 0:
+                stats[3 * b] = sums[0, 0] / sums[1, 0] if sums[1, 0] != 0 else sums[0, 0]
+                stats[3 * b + 1] = sums[2, 0] / sums[3, 0] if sums[3, 0] != 0 else sums[2, 0]
+                stats[3 * b + 2] = math.sqrt(sums[4, 0] / pixels)
+
+    return (curvature, acwe_row_sums, acwe_means, acwe_attach, gac_balloon, gac_attach, chan_vese_sums,
+            chan_vese_step, chan_vese_stats)
+
+
+def _cuda_geometry(level_set):
+    """(batch, depth, height, width, volume) of a padded level set [B, *(S + 2)]; depth 1 and
+    volume 0 in 2-D."""
+    inner = tuple(n - 2 for n in level_set.shape[1:])
+    if len(inner) == 2:
+        return (level_set.shape[0], 1, *inner, 0)
+    return (level_set.shape[0], *inner, 1)
+
+
+def _items(geometry):
+    batch, depth, height, width, _ = geometry
+    return batch * depth * height * width
+
+
+class NumbaCudaLevelSetKernels:
+    """The level-set kernels compiled with ``numba.cuda.jit`` for CuPy arrays, the interface of
+    :class:`NumbaCpuLevelSetKernels`. The reductions launch one block per image row, then one
+    per image (``THREADS_PER_BLOCK`` threads each). With ``xp=numpy`` the kernels run on host
+    arrays under the CUDA simulator."""
+
+    def __init__(self, xp=None):
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
+
+    def _run(self, name, n_items, *args):
+        launch_cuda(cuda_kernels()[CUDA_KERNELS.index(name)], n_items, self.xp, *args)
+
+    def _curvature(self, src, dst, dilate):
+        geometry = _cuda_geometry(src)
+        self._run("curvature", _items(geometry), flat(src), flat(dst), geometry, dilate)
+
+    def sup_inf(self, src, dst):
+        self._curvature(src, dst, False)
+
+    def inf_sup(self, src, dst):
+        self._curvature(src, dst, True)
+
+    def acwe_means(self, u, image, partial, means):
+        """means [B, 2] float64 = (c0, c1) of each image; partial: scratch [B * rows, 4]."""
+        geometry = _cuda_geometry(u)
+        rows = _rows(image)
+        self._run("acwe_row_sums", image.shape[0] * rows * THREADS_PER_BLOCK, flat(u), flat(image), flat(partial),
+                  geometry)
+        self._run("acwe_means", image.shape[0] * THREADS_PER_BLOCK, flat(partial), rows, flat(means), image.shape[0])
+
+    def acwe_attach(self, src, image, means, lambda1, lambda2, dst):
+        geometry = _cuda_geometry(src)
+        self._run("acwe_attach", _items(geometry), flat(src), flat(image), flat(means), float(lambda1),
+                  float(lambda2), flat(dst), geometry)
+
+    def gac_balloon(self, src, gimage, limit, grow, dst):
+        geometry = _cuda_geometry(src)
+        self._run("gac_balloon", _items(geometry), flat(src), flat(gimage), flat(limit), bool(grow), flat(dst),
+                  geometry)
+
+    def gac_attach(self, src, gradient, dst):
+        geometry = _cuda_geometry(src)
+        self._run("gac_attach", _items(geometry), flat(src), flat(gradient), flat(dst), geometry)
+
+    def chan_vese_start(self, phi, image, partial, stats):
+        """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
+        batch, height, width = image.shape
+        self._run("chan_vese_sums", batch * height * THREADS_PER_BLOCK, flat(phi), flat(image), flat(partial), batch,
+                  height, width)
+        self._stats(partial, image, stats)
+
+    def chan_vese_step(self, phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
+        """new_phi = one step for the images where active [B] uint8 is set; stats becomes
+        (c1, c2, RMS change) of new_phi for them."""
+        batch, height, width = image.shape
+        self._run("chan_vese_step", batch * height * THREADS_PER_BLOCK, flat(phi), flat(image), flat(stats),
+                  float(mu), float(lambda1), float(lambda2), float(dt), flat(active), flat(new_phi), flat(partial),
+                  batch, height, width)
+        self._stats(partial, image, stats)
+
+    def _stats(self, partial, image, stats):
+        batch, height, width = image.shape
+        self._run("chan_vese_stats", batch * THREADS_PER_BLOCK, flat(partial), height, float(height * width),
+                  flat(stats), batch)
