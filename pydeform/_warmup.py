@@ -157,9 +157,10 @@ def main(ops, device, dtypes, out=None) -> int:
     if not steps:
         print("warmup: nothing to compile for this selection (no usable backend takes these dtypes)", file=sys.stderr)
         return 1
+    width = max(len(step.op) for step in steps)
     for step in steps:
         what = f"compiled {step.compiled} {step.unit}" if step.compiled else "nothing to compile (loaded from the cache)"
-        print(f"{step.op:<22} {step.backend:<10} {step.dtype:<9} {what} in {step.seconds:.1f} s", file=out)
+        print(f"{step.op:<{width}} {step.backend:<10} {step.dtype:<9} {what} in {step.seconds:.1f} s", file=out)
     compiled = sum(s.compiled for s in steps)
     caches = f"Numba cache: {numba_cache_folder()}"
     if any(s.backend == "cupy" for s in steps):

@@ -67,6 +67,23 @@ def test_bench_quick_roi_align_writes_table_json_and_png(tmp_path, capsys):
     assert width >= 600 and height >= 100 and png_path.stat().st_size > 5000
 
 
+def test_bench_runs_the_level_set_ops_beside_scikit_image(tmp_path, monkeypatch, capsys):
+    """Every level-set op has its cases in the bench (here on 32x32 images: the standard 512x512
+    keeps scikit-image busy for seconds a call), timed beside scikit-image."""
+    pytest.importorskip("skimage")
+    levelset = benchmark_cases.levelset
+    monkeypatch.setattr(levelset, "standard_cases", lambda: (
+        case for device in ("gpu", "cpu") for case in levelset.level_set_cases(device, side=32)))
+    json_path = tmp_path / "bench.json"
+    for op in levelset.OPS:
+        assert main(["bench", "--quick", "--op", op, "--device", "cpu", "--rounds", "1", "--json", str(json_path)]) == 0
+        (case,) = benchmark_cases.cases(op, "cpu", quick=True)
+        rows = {m["implementation"]: m for m in json.loads(json_path.read_text())["measurements"]}
+        assert set(rows) == {"numba-cpu", "peer"} and rows["peer"]["peer"].startswith("scikit-image")
+        assert rows["numba-cpu"]["case"] == case.id and rows["numba-cpu"]["speedup"] > 0
+        assert f"peer of {case.id}: {case.peer}" in capsys.readouterr().out
+
+
 def _measurement(implementation, ms, timed="forward", case="op/cpu/a", error=None):
     return _bench.Measurement(case, "op", "cpu", "shape", "float32", timed, implementation, ms, "a peer", error)
 
