@@ -192,6 +192,20 @@ def test_demo_points_are_where_the_ops_sample(demo):
     np.testing.assert_allclose(demo.roi_samples[0, :, 1], x1 - 0.5 + steps * (x2 - x1), atol=1e-3)
 
 
+def test_demo_snake_shrinks_onto_the_shapes(demo):
+    """The snake panel's level sets: the start box at iteration 0, shrinking, and at the end the
+    shapes (one stray pixel at most per 100 is allowed by the 0.99 IoU)."""
+    assert sorted(demo.snake) == list(_demo.SNAKE_DRAWN)
+    start = demo.snake[0]
+    margin = _demo.SNAKE_MARGIN
+    assert start[margin:-margin, margin:-margin].all() and start.sum() == (_demo.IMAGE_SIZE - 2 * margin) ** 2
+    areas = [int(demo.snake[i].sum()) for i in _demo.SNAKE_DRAWN]
+    assert areas == sorted(areas, reverse=True)
+    shapes = np.logical_or.reduce(_demo.object_masks())
+    final = demo.snake[_demo.SNAKE_ITERATIONS] == 1
+    assert (final & shapes).sum() / (final | shapes).sum() > 0.99
+
+
 def test_demo_regular_grid_markers_can_be_told_apart(demo):
     """Some axes draws a pixel's regular 3x3 grid with its points further apart on screen than
     a marker is wide (in the whole image they are ~3 screen pixels apart: one blob)."""
