@@ -63,6 +63,21 @@ def test_cpu_peers_compute_the_benchmarked_op(case):
         np.testing.assert_array_equal(actual, expected)
 
 
+def test_the_phase_reset_fits_cucims_operators_too():
+    """cuCIM's port passes the footprints and a workspace to its operators: the reset cycle
+    starts at SI(IS(u)) and forwards them."""
+    morphsnakes = pytest.importorskip("skimage.segmentation.morphsnakes")
+    calls = []
+    cucim_like = types.SimpleNamespace(
+        _fcycle=morphsnakes._fcycle,
+        sup_inf=lambda u, footprints, workspace: calls.append(("SI", footprints, workspace)) or u + 1,
+        inf_sup=lambda u, footprints, workspace: calls.append(("IS", footprints, workspace)) or u * 2)
+    cases.reset_smoothing_phase(cucim_like)
+    assert cucim_like._curvop(1, "f", "w") == 3 and cucim_like._curvop(1, "f", "w") == 4
+    assert [name for name, *_ in calls] == ["IS", "SI", "SI", "IS"]
+    assert all(rest == ["f", "w"] for _, *rest in calls)
+
+
 def test_launches_are_counted_per_iteration(monkeypatch):
     """A stand-in op launching 2 kernels of set-up, then per iteration an attachment and two per
     smoothing step, and the CuPy launch function it goes through replaced by a no-op."""
@@ -157,8 +172,10 @@ def test_level_set_kernels_launch_a_few_kernels_per_iteration(fake_gpu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(cases.level_set_cases("gpu", SMALL_SIDE)), ids=lambda case: case.id)
 def test_gpu_peers_compute_the_benchmarked_op(case):
-    """The GPU twin of test_cpu_peers_compute_the_benchmarked_op: cuCIM (where installed) and the
-    single-image loop on CuPy arrays; and the launch count is the CPU bound's."""
+    """The GPU twin of test_cpu_peers_compute_the_benchmarked_op: the single-image loop on CuPy
+    arrays gives the same level sets, cuCIM (where installed; its attachment is computed in a
+    fused CuPy kernel, with its own rounding) the same on all but 1% of the pixels; and the
+    launch count is within the CPU test's bound."""
     import cupy
 
     host = bc.host_inputs(case)
@@ -170,5 +187,7 @@ def test_gpu_peers_compute_the_benchmarked_op(case):
     except bc.PeerUnavailable as error:
         pytest.skip(str(error))
     actual = peer()
-    actual = np.stack([cupy.asnumpy(a) for a in actual]) if isinstance(actual, list) else cupy.asnumpy(actual)
-    np.testing.assert_array_equal(actual, expected)
+    if isinstance(actual, list):
+        np.testing.assert_array_equal(np.stack([cupy.asnumpy(a) for a in actual]), expected)
+    else:
+        assert np.mean(cupy.asnumpy(actual) != expected) <= 0.01

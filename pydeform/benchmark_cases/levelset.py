@@ -74,10 +74,11 @@ def _gimage(shape):
 
 
 def reset_smoothing_phase(morphsnakes):
-    """Start the module-level smoothing cycle of scikit-image's (or cuCIM's, a port of it)
-    ``morphsnakes`` module at SI(IS(u)), pydeform's ``phase=0``."""
-    operators = [lambda u: morphsnakes.sup_inf(morphsnakes.inf_sup(u)),
-                 lambda u: morphsnakes.inf_sup(morphsnakes.sup_inf(u))]
+    """Start the module-level smoothing cycle of scikit-image's (or cuCIM's, a port of it whose
+    operators also take the footprints and a workspace: ``rest``) ``morphsnakes`` module at
+    SI(IS(u)), pydeform's ``phase=0``."""
+    operators = [lambda u, *rest: morphsnakes.sup_inf(morphsnakes.inf_sup(u, *rest), *rest),
+                 lambda u, *rest: morphsnakes.inf_sup(morphsnakes.sup_inf(u, *rest), *rest)]
     morphsnakes._curvop = morphsnakes._fcycle(operators)
 
 
