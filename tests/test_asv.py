@@ -261,8 +261,8 @@ def sorted_rows(detections):
     return np.stack([image[np.lexsort(image.T[::-1])] for image in np.asarray(detections, np.float64)])
 
 
-@pytest.mark.parametrize("case", [case for case in bc.cases(device="cpu") if case.peer and case.op not in bc.levelset.OPS],
-                         ids=lambda case: case.id)
+@pytest.mark.parametrize("case", [case for case in bc.cases(device="cpu")
+                                  if case.peer and case.op not in bc.levelset.OPS], ids=lambda case: case.id)
 def test_cpu_peers_compute_the_benchmarked_op(case):
     """ONNX Runtime / the PyTorch decode and pydeform compute the same thing on the case's data
     (MaxRoiPool: apart from the rois whose float32 bin edges differ from the exact ones). The

@@ -17,9 +17,9 @@ The one source of truth shared by the asv suite (``asv_benchmarks/``) and
   bytes a forward must move and the device's bandwidth: its time floor), and the peak extra
   device memory of a call.
 
-One module per op family (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``) names its ops in ``OPS`` and
-``DETERMINISTIC_OPS`` and yields its cases from ``standard_cases()``; :mod:`.common` holds what
-they share. A new family adds a module to :data:`FAMILIES`.
+One module per op family (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``)
+names its ops in ``OPS`` and ``DETERMINISTIC_OPS`` and yields its cases from ``standard_cases()``;
+:mod:`.common` holds what they share. A new family adds a module to :data:`FAMILIES`.
 
 Importing this package needs NumPy only; CuPy, torch, torchvision and onnxruntime are imported
 when something that needs them is built.

@@ -16,9 +16,10 @@ deform_conv2d; the level-set ops reproduce scikit-image's own test cases, the cu
 their direct NumPy formulation, and a snake continued at ``next_phase`` one run.
 
 One module per op family registers that family's checks with the :func:`check` decorator when
-imported (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``); :mod:`.common` holds the backends, the
-registry, the checks every op gets and the runner, which crosses every registered check with
-every available backend and dtype it applies to and prints one table row per run. A new family
+imported (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``); :mod:`.common`
+holds the backends, the registry, the checks every op gets and the runner, which crosses every
+registered check with every available backend and dtype it applies to and prints one table row
+per run. A new family
 adds a module and imports it below.
 """
 

@@ -209,7 +209,8 @@ def numpy_curvature(u, operator):
     padded = np.pad(u > 0, 1)
     per_element = []
     for element in line_elements(u.ndim):
-        views = [padded[tuple(slice(o, o + n) for o, n in zip(offset, u.shape))] for offset in zip(*np.nonzero(element))]
+        views = [padded[tuple(slice(o, o + n) for o, n in zip(offset, u.shape))]
+                 for offset in zip(*np.nonzero(element))]
         per_element.append(np.logical_and.reduce(views) if operator == "sup_inf" else np.logical_or.reduce(views))
     combined = np.logical_or.reduce(per_element) if operator == "sup_inf" else np.logical_and.reduce(per_element)
     return combined.astype(np.int8)
