@@ -4,7 +4,8 @@ The cases, their inputs, the peers and the timing helpers are those of
 :mod:`pydeform.benchmark_cases` (shared with the asv suite). On the CPU each pydeform call and
 its peer are timed in alternating blocks in this process (wall-clock medians); on the GPU each
 implementation is timed with CUDA events after warm-up, cycling through several input sets.
-Ratios are peer time / pydeform time: above 1, pydeform is faster.
+Ratios are peer time / pydeform time: above 1, pydeform is faster. For the iterative ops (the
+level sets) the notes also give the kernels the CuPy backend launches per iteration.
 """
 
 from __future__ import annotations
@@ -140,7 +141,19 @@ def _gpu_measurements(case, dtype: str, backends: list, repeats: int, notes: lis
         for name, calls_per_set in implementations.items():
             if _pick(calls_per_set[0], timed) is not None:
                 results.append((timed, name, *_gpu_time(cupy, calls_per_set, timed, repeats)))
+    for backend in backends:
+        if case.launches is not None and backend.name == "cupy" and dtype in backend.dtypes:
+            notes.append(_launch_note(case, dtype, backend, bc.device_inputs(hosts[0], dtype, cupy)))
     return results
+
+
+def _launch_note(case, dtype: str, backend, arrays) -> str:
+    """The note recording the kernel launches per iteration of an iterative op's case."""
+    try:
+        count = case.launches(case, arrays, backend.option)
+    except Exception as error:
+        return f"launches per iteration of {case.id} {dtype} ({backend.name}) not counted: {_error_text(error)}"
+    return f"launches per iteration of {case.id} {dtype} ({backend.name}): {count}"
 
 
 def _jobs(op: Optional[str], device: Optional[str], quick: bool, backends: list, notes: list) -> list:

@@ -1,6 +1,6 @@
 """``python -m pydeform demo``: what the ops do, in one picture of a synthetic scene.
 
-Three panels over a 128x128 image of three coloured shapes:
+Four panels over a 128x128 image of three coloured shapes:
 
 1. CenterNet: the shapes' boxes become training targets (:func:`pydeform.centernet_targets`),
    the target heatmap plus noise plays the network's output, and
@@ -8,6 +8,8 @@ Three panels over a 128x128 image of three coloured shapes:
 2. Deformable convolution: the 3x3 sampling points of a few output pixels, at rest (a regular
    grid) and moved by offsets that stretch them over the object under the pixel.
 3. RoI Align: the bins of one detected box and the bilinear sampling points in each bin.
+4. A morphological snake: :func:`pydeform.morphological_chan_vese` on the grey image, from a
+   box inside the border, shrinking onto the shapes (its contour at a few iterations).
 
 The sampling points are not drawn from formulas: they are what the ops compute on coordinate
 images. Bilinear interpolation of an image whose value is its own y (or x) coordinate returns
@@ -34,6 +36,8 @@ OBJECTS = ((0, 14.0, 18.0, 50.0, 54.0), (1, 70.0, 10.0, 118.0, 58.0), (2, 30.0, 
 KERNEL = 3  # the deformable convolution's kernel size (pad 1, stride 1)
 ROI_BINS = 4  # RoI Align output size of the drawn roi (sampling_ratio 2)
 DPI = 90  # of the PNG
+SNAKE_ITERATIONS, SNAKE_DRAWN = 60, (0, 10, 25, 60)  # MorphACWE iterations, those drawn
+SNAKE_MARGIN = 4  # the snake starts as a box this many pixels inside the border
 
 
 class Demo(NamedTuple):
@@ -44,20 +48,46 @@ class Demo(NamedTuple):
     deformed_points: np.ndarray  # [P, 9, 2] with the drawn offsets
     roi: np.ndarray  # [4] the drawn box (x1, y1, x2, y2)
     roi_samples: np.ndarray  # [2*ROI_BINS, 2*ROI_BINS, 2] (y, x) RoI Align sampling points
+    snake: dict  # {iteration: int8 [H, W] level set} of MorphACWE, for the SNAKE_DRAWN iterations
+
+
+def object_masks() -> list:
+    """The pixels of each of OBJECTS: [H, W] bool each."""
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+    masks = []
+    for label, x1, y1, x2, y2 in OBJECTS:
+        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
+        if CLASS_NAMES[label] == "disc":
+            cy, cx, radius = (y1 + y2) / 2, (x1 + x2) / 2, (x2 - x1) / 2
+            inside = (ys - cy) ** 2 + (xs - cx) ** 2 < radius**2
+        masks.append(inside)
+    return masks
 
 
 def scene(rng) -> np.ndarray:
     """The image: a grey noisy background and the filled OBJECTS, [H, W, 3] float32."""
     image = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 0.92, np.float32)
     image += rng.normal(0.0, 0.02, image.shape).astype(np.float32)
-    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
-    for label, x1, y1, x2, y2 in OBJECTS:
-        inside = (xs >= x1) & (xs < x2) & (ys >= y1) & (ys < y2)
-        if CLASS_NAMES[label] == "disc":
-            cy, cx, radius = (y1 + y2) / 2, (x1 + x2) / 2, (x2 - x1) / 2
-            inside = (ys - cy) ** 2 + (xs - cx) ** 2 < radius**2
+    for (label, *_), inside in zip(OBJECTS, object_masks()):
         image[inside] = CLASS_COLOURS[label]
     return np.clip(image, 0.0, 1.0)
+
+
+def snake(image) -> dict:
+    """MorphACWE on the grey of ``image`` from a box SNAKE_MARGIN pixels inside the border:
+    {iteration: level set} for the iterations in SNAKE_DRAWN (taken by ``iter_callback``)."""
+    start = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.int8)
+    start[SNAKE_MARGIN:-SNAKE_MARGIN, SNAKE_MARGIN:-SNAKE_MARGIN] = 1
+    snapshots = {}
+
+    def keep(level_set):
+        if len(keep.seen) in SNAKE_DRAWN:
+            snapshots[len(keep.seen)] = level_set
+        keep.seen.append(None)
+
+    keep.seen = []
+    pydeform.morphological_chan_vese(image.mean(axis=2), SNAKE_ITERATIONS, start, smoothing=1, iter_callback=keep)
+    return snapshots
 
 
 def decode_scene(rng, K: int = 10, threshold: float = 0.3) -> np.ndarray:
@@ -145,7 +175,7 @@ def build(seed: int = 0) -> Demo:
     return Demo(
         image, detections, pixels,
         deform_sampling_points(pixels, [np.zeros((KERNEL * KERNEL, 2), np.float32)] * len(pixels)),
-        deform_sampling_points(pixels, offsets), roi, roi_align_samples(roi),
+        deform_sampling_points(pixels, offsets), roi, roi_align_samples(roi), snake(image),
     )
 
 
@@ -175,14 +205,15 @@ def _regular_grid_zoom(axes, demo: Demo, reach: float = 2.0) -> None:
 
 
 def figure(demo: Demo):
-    """The demo's matplotlib figure: detections, deformable sampling points, RoI Align's grid."""
+    """The demo's matplotlib figure: detections, deformable sampling points, RoI Align's grid,
+    the snake."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 5.4))
-    for axes in (left, middle, right):
+    figure, (left, middle, right, snake_axes) = plt.subplots(1, 4, figsize=(20, 5.4))
+    for axes in (left, middle, right, snake_axes):
         axes.imshow(demo.image, interpolation="nearest")
         axes.set_xticks([])
         axes.set_yticks([])
@@ -216,6 +247,16 @@ def figure(demo: Demo):
     margin = 6
     right.set_xlim(x1 - margin, x2 + margin)
     right.set_ylim(y2 + margin, y1 - margin)
+
+    from matplotlib.lines import Line2D
+
+    snake_axes.set_title(f"morphological_chan_vese (MorphACWE), {SNAKE_ITERATIONS} iterations\n"
+                         "from a box, on the grey image")
+    handles = []
+    for colour, iteration in zip(("tab:cyan", "tab:orange", "tab:purple", "black"), SNAKE_DRAWN):
+        snake_axes.contour(demo.snake[iteration], [0.5], colors=[colour], linewidths=1.5)
+        handles.append(Line2D([], [], color=colour, label=f"iteration {iteration}"))
+    snake_axes.legend(handles=handles, loc="center", fontsize=8, framealpha=0.8)
 
     figure.tight_layout()
     return figure

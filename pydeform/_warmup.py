@@ -20,6 +20,7 @@ from ._bench import _Progress
 from .backends.compile_notice import cupy_cache_folder, numba_cache_folder, silenced
 from .benchmark_cases import OPS
 from .centernet import centernet_decode, centernet_focal_loss, centernet_targets
+from .levelset import chan_vese, morphological_chan_vese, morphological_geodesic_active_contour
 
 
 def _op_calls(calls: st.OpCalls) -> Callable:
@@ -51,6 +52,27 @@ def _centernet_focal_loss(backend, dtype):
     st.centernet._focal_grad(backend, dtype, pred, target)
 
 
+def _snake(function):
+    """Both snakes' selftest runs of ``function``: 2-D and 3-D, balloon both ways, smoothing 1-3."""
+
+    def run(backend, dtype):
+        for case_function, image, args, options in st.levelset.snake_cases(np.random.default_rng(0), quick=False):
+            if case_function is function:
+                st.levelset.run_op(backend, function, image, *args, dtype=dtype, **options)
+
+    return run
+
+
+def _chan_vese(backend, dtype):
+    image = st.levelset.integer_image(np.random.default_rng(0), (8, 9))
+    st.levelset.run_op(backend, chan_vese, image, dtype=dtype, max_num_iter=2, extended_output=True)
+
+
+def _levelset_dtype(backend, dtype):
+    """The level-set ops read any real dtype NumPy knows (not bfloat16) as float64."""
+    return dtype != "bfloat16"
+
+
 class WarmupOp(NamedTuple):
     run: Callable  # run(backend, dtype): every kernel of the op once
     applies: Callable = st.every_run  # applies(backend, dtype): the op takes this dtype there
@@ -69,6 +91,10 @@ WARMUP = {
     "centernet_focal_loss": WarmupOp(_centernet_focal_loss),
     "deform_conv_transpose2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_CONV_TRANSPOSE)),
     "deform_pool2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_POOL)),
+    "morphological_chan_vese": WarmupOp(_snake(morphological_chan_vese), _levelset_dtype),
+    "morphological_geodesic_active_contour": WarmupOp(_snake(morphological_geodesic_active_contour),
+                                                      _levelset_dtype),
+    "chan_vese": WarmupOp(_chan_vese, _levelset_dtype),
 }
 
 
@@ -131,9 +157,10 @@ def main(ops, device, dtypes, out=None) -> int:
     if not steps:
         print("warmup: nothing to compile for this selection (no usable backend takes these dtypes)", file=sys.stderr)
         return 1
+    width = max(len(step.op) for step in steps)
     for step in steps:
         what = f"compiled {step.compiled} {step.unit}" if step.compiled else "nothing to compile (loaded from the cache)"
-        print(f"{step.op:<22} {step.backend:<10} {step.dtype:<9} {what} in {step.seconds:.1f} s", file=out)
+        print(f"{step.op:<{width}} {step.backend:<10} {step.dtype:<9} {what} in {step.seconds:.1f} s", file=out)
     compiled = sum(s.compiled for s in steps)
     caches = f"Numba cache: {numba_cache_folder()}"
     if any(s.backend == "cupy" for s in steps):

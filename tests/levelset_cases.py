@@ -7,6 +7,8 @@ written once against an implementation ``impl`` (a namespace with ``morphologica
 import numpy as np
 import pytest
 
+from pydeform.selftest.levelset import CHECKERBOARD_6X6, DISK_6X6, GAC_11X11_REFERENCE, gaussian_blob
+
 skimage_segmentation = pytest.importorskip("skimage.segmentation")
 from skimage.segmentation import morphsnakes  # noqa: E402
 
@@ -57,25 +59,6 @@ def check_chan_vese_against_scikit_image(chan_vese, init, params, rtol, atol):
     np.testing.assert_array_equal(chan_vese(image, init_level_set=init, **params), seg_sk)
 
 
-def gaussian_blob():
-    coords = np.mgrid[-5:6, -5:6]
-    return np.exp(-(coords ** 2).sum(0) / 10)
-
-
-GAC_11X11_REFERENCE = np.array([
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0],
-    [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0],
-    [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0],
-    [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0],
-    [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0],
-    [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0],
-    [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.int8)
-
-
 # --- scikit-image's test_morphsnakes.py ----------------------------------------------------------
 
 def case_black_image(impl):
@@ -114,9 +97,8 @@ def case_init_level_sets(impl):
     image = np.zeros((6, 6))
     checkerboard = impl.morphological_chan_vese(image, 0, "checkerboard")
     disk = impl.morphological_geodesic_active_contour(image, 0, "disk")
-    np.testing.assert_array_equal(checkerboard, [[0, 0, 0, 0, 0, 1]] * 5 + [[1, 1, 1, 1, 1, 0]])
-    np.testing.assert_array_equal(disk, [[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1],
-                                         [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(checkerboard, CHECKERBOARD_6X6)
+    np.testing.assert_array_equal(disk, DISK_6X6)
 
 
 def case_zero_volume(impl):

@@ -56,7 +56,8 @@ def test_every_op_has_a_gpu_and_a_cpu_case_with_its_dtypes():
             assert found, (op, device)
             for case in found:
                 assert case.op == op and case.device == device and "float32" in case.dtypes
-                assert ("bfloat16" in case.dtypes) == (device == "gpu" and op != "centernet_targets"), case.id
+                takes_bfloat16 = op != "centernet_targets" and op not in bc.levelset.OPS
+                assert ("bfloat16" in case.dtypes) == (device == "gpu" and takes_bfloat16), case.id
     ids = [case.id for case in bc.cases()]
     assert len(ids) == len(set(ids))
 
@@ -260,10 +261,12 @@ def sorted_rows(detections):
     return np.stack([image[np.lexsort(image.T[::-1])] for image in np.asarray(detections, np.float64)])
 
 
-@pytest.mark.parametrize("case", [case for case in bc.cases(device="cpu") if case.peer], ids=lambda case: case.id)
+@pytest.mark.parametrize("case", [case for case in bc.cases(device="cpu")
+                                  if case.peer and case.op not in bc.levelset.OPS], ids=lambda case: case.id)
 def test_cpu_peers_compute_the_benchmarked_op(case):
     """ONNX Runtime / the PyTorch decode and pydeform compute the same thing on the case's data
-    (MaxRoiPool: apart from the rois whose float32 bin edges differ from the exact ones)."""
+    (MaxRoiPool: apart from the rois whose float32 bin edges differ from the exact ones). The
+    level-set peers (seconds at the standard shapes): tests/test_benchmark_levelset.py."""
     host = bc.host_inputs(case)
     try:
         peer = bc.peer_calls(case, host, "float32").forward
@@ -304,7 +307,7 @@ def test_torch_decode_on_a_planted_heatmap():
 def test_the_suite_has_a_gpu_and_a_cpu_class_for_every_op(suite):
     common = suite("common")
     covered = {"gpu": set(), "cpu": set()}
-    for module in ("deform_conv", "roi", "centernet", "deform_unet"):
+    for module in ("deform_conv", "roi", "centernet", "deform_unet", "levelset"):
         for name, value in vars(suite(module)).items():
             if isinstance(value, type) and not name.startswith("_") and getattr(value, "op", None):
                 bases = [device for device, base in (("gpu", common._GpuOp), ("cpu", common._CpuOp))
@@ -353,7 +356,8 @@ def test_gpu_benchmark_classes_track_time_memory_and_the_floor(suite):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [case for case in bc.cases(device="gpu") if case.peer and "roi_pool" not in case.op],
+@pytest.mark.parametrize("case", [case for case in bc.cases(device="gpu")
+                                  if case.peer and "roi_pool" not in case.op and case.op not in bc.levelset.OPS],
                          ids=lambda case: case.id)
 def test_gpu_peers_compute_the_benchmarked_op(case):
     """The GPU twin of test_cpu_peers_compute_the_benchmarked_op (the pools' float32 bin edges

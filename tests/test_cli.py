@@ -67,6 +67,23 @@ def test_bench_quick_roi_align_writes_table_json_and_png(tmp_path, capsys):
     assert width >= 600 and height >= 100 and png_path.stat().st_size > 5000
 
 
+def test_bench_runs_the_level_set_ops_beside_scikit_image(tmp_path, monkeypatch, capsys):
+    """Every level-set op has its cases in the bench (here on 32x32 images: the standard 512x512
+    keeps scikit-image busy for seconds a call), timed beside scikit-image."""
+    pytest.importorskip("skimage")
+    levelset = benchmark_cases.levelset
+    monkeypatch.setattr(levelset, "standard_cases", lambda: (
+        case for device in ("gpu", "cpu") for case in levelset.level_set_cases(device, side=32)))
+    json_path = tmp_path / "bench.json"
+    for op in levelset.OPS:
+        assert main(["bench", "--quick", "--op", op, "--device", "cpu", "--rounds", "1", "--json", str(json_path)]) == 0
+        (case,) = benchmark_cases.cases(op, "cpu", quick=True)
+        rows = {m["implementation"]: m for m in json.loads(json_path.read_text())["measurements"]}
+        assert set(rows) == {"numba-cpu", "peer"} and rows["peer"]["peer"].startswith("scikit-image")
+        assert rows["numba-cpu"]["case"] == case.id and rows["numba-cpu"]["speedup"] > 0
+        assert f"peer of {case.id}: {case.peer}" in capsys.readouterr().out
+
+
 def _measurement(implementation, ms, timed="forward", case="op/cpu/a", error=None):
     return _bench.Measurement(case, "op", "cpu", "shape", "float32", timed, implementation, ms, "a peer", error)
 
@@ -173,6 +190,20 @@ def test_demo_points_are_where_the_ops_sample(demo):
     steps = (np.arange(2 * _demo.ROI_BINS) + 0.5) / (2 * _demo.ROI_BINS)
     np.testing.assert_allclose(demo.roi_samples[:, 0, 0], y1 - 0.5 + steps * (y2 - y1), atol=1e-3)
     np.testing.assert_allclose(demo.roi_samples[0, :, 1], x1 - 0.5 + steps * (x2 - x1), atol=1e-3)
+
+
+def test_demo_snake_shrinks_onto_the_shapes(demo):
+    """The snake panel's level sets: the start box at iteration 0, shrinking, and at the end the
+    shapes (one stray pixel at most per 100 is allowed by the 0.99 IoU)."""
+    assert sorted(demo.snake) == list(_demo.SNAKE_DRAWN)
+    start = demo.snake[0]
+    margin = _demo.SNAKE_MARGIN
+    assert start[margin:-margin, margin:-margin].all() and start.sum() == (_demo.IMAGE_SIZE - 2 * margin) ** 2
+    areas = [int(demo.snake[i].sum()) for i in _demo.SNAKE_DRAWN]
+    assert areas == sorted(areas, reverse=True)
+    shapes = np.logical_or.reduce(_demo.object_masks())
+    final = demo.snake[_demo.SNAKE_ITERATIONS] == 1
+    assert (final & shapes).sum() / (final | shapes).sum() > 0.99
 
 
 def test_demo_regular_grid_markers_can_be_told_apart(demo):

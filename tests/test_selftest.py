@@ -1,5 +1,6 @@
 """``python -m pydeform selftest`` and ``info``: run as a user would, and made to fail on purpose."""
 
+import functools
 import io
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_quick_selftest_passes_on_numba_cpu():
     ops = {entry.op for entry in selftest.CHECKS}
     assert ops == {"deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
                    "deform_psroi_pool", "centernet_decode", "centernet_targets", "centernet_focal_loss",
-                   "deform_conv_transpose2d", "deform_pool2d"}
+                   "deform_conv_transpose2d", "deform_pool2d", "morphological_chan_vese",
+                   "morphological_geodesic_active_contour", "chan_vese", "sup_inf", "inf_sup"}
     rows = [line.split() for line in lines if line.split()[0] in ops]
     cpu_checks = [(entry.op, dtype) for entry in selftest.CHECKS
                   for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
@@ -41,7 +43,9 @@ def test_quick_selftest_passes_on_numba_cpu():
                  "mask = unmasked * mask", "grad trans vs finite difference", "planted peaks = top-K",
                  "slots and peaks by hand", "loss = NumPy formula", "grad pred vs finite difference",
                  "zero offsets = transposed convolution", "adjoint of deform_conv2d",
-                 "zero offsets = pooling of the zero-padded input", "avg = depthwise deform_conv2d"):
+                 "zero offsets = pooling of the zero-padded input", "avg = depthwise deform_conv2d",
+                 "11x11 disk, balloon -1 = scikit-image's answer", "scikit-image's test cases",
+                 "= largest line erosion (NumPy)", "continued at next_phase = one run", "batched = loop"):
         assert name in result.stdout
     assert "FAIL" not in result.stdout
     assert f"{len(rows)} checks passed, 0 failed" in result.stdout
@@ -235,3 +239,46 @@ def test_deform_unet_identity_checks_notice_a_wrong_answer(monkeypatch, op):
     assert len(identities) == 2
     for entry in identities:
         assert entry.run(selftest.NUMBA_CPU, "float64", True) > entry.tolerance["float64"], entry.name
+
+
+LEVEL_SET_OPS = ("morphological_chan_vese", "morphological_geodesic_active_contour", "chan_vese", "sup_inf", "inf_sup")
+
+
+def _call_off(function, wrong_call):
+    """``function`` whose call number ``wrong_call`` (from 0) returns a result with one pixel
+    flipped (and phi scaled by 1 + 1e-6 for Chan-Vese's extended output); the other calls are
+    left alone, so checks comparing two runs of the op see a difference too."""
+    calls = []
+
+    @functools.wraps(function)
+    def off(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append(None)
+        if len(calls) != wrong_call + 1:
+            return result
+        if isinstance(result, tuple):
+            return type(result)(off_by_a_pixel(result.segmentation), result.phi * (1 + 1e-6), result.energies)
+        return off_by_a_pixel(result)
+
+    return off
+
+
+def off_by_a_pixel(array):
+    flipped = array.copy()
+    flipped.reshape(-1)[0] = not flipped.reshape(-1)[0]
+    return flipped
+
+
+@pytest.mark.parametrize("entry", [entry for entry in selftest.CHECKS if entry.op in LEVEL_SET_OPS],
+                         ids=lambda entry: f"{entry.op}: {entry.name}")
+def test_level_set_checks_notice_a_wrong_answer(monkeypatch, entry):
+    """Every level-set check (its GPU-only ones run here on the Numba CPU backend against
+    itself) passes, and fails once one result of the op in the check is one pixel off: the
+    first, or for the continued run the second half (the snake smooths away a pixel flipped in
+    the first half)."""
+    dtype = "float64" if "float64" in entry.tolerance else "float32"
+    assert entry.run(selftest.NUMBA_CPU, dtype, True) <= entry.tolerance[dtype]
+    wrong_call = 1 if entry.name == "continued at next_phase = one run" else 0
+    for name in LEVEL_SET_OPS:
+        monkeypatch.setattr(selftest.levelset, name, _call_off(getattr(selftest.levelset, name), wrong_call))
+    assert entry.run(selftest.NUMBA_CPU, dtype, True) > entry.tolerance[dtype]

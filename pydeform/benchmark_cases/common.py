@@ -51,6 +51,9 @@ class Case(NamedTuple):
     peer_builder: Optional[Callable[["Case", dict, str], "Calls"]] = None
     # keyword arguments of the forward only (``deterministic=True`` of a forward that scatters)
     forward_options: Optional[dict] = None
+    # (case, device arrays, backend) -> kernel launches per iteration of an iterative op on the
+    # CuPy backend (levelset.launches_per_iteration); None: not counted
+    launches: Optional[Callable[["Case", dict, Optional[str]], int]] = None
 
     @property
     def id(self) -> str:
