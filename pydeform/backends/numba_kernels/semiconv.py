@@ -629,6 +629,9 @@ def cuda_kernels():
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
         plane = height * width
         zero, half = cy.dtype.type(0), cy.dtype.type(0.5)
+        # The bounds in the arithmetic type: comparing the rounded vote with an integer would
+        # convert both to float64.
+        top_y, top_x = cy.dtype.type(out_h), cy.dtype.type(out_w)
         for item in range(cuda.grid(1), batch * plane, cuda.gridsize(1)):
             if not foreground[item]:
                 continue
@@ -638,7 +641,7 @@ def cuda_kernels():
             fy, fx = coordinates(cy, p, width)
             vy = round_half_away(value_at(psi, pixel, plane, 0, cy, cx, fy, fx), zero, half)
             vx = round_half_away(value_at(psi, pixel, plane, 1, cy, cx, fy, fx), zero, half)
-            if vy >= 0 and vy < out_h and vx >= 0 and vx < out_w:  # False for NaN
+            if vy >= zero and vy < top_y and vx >= zero and vx < top_x:  # False for NaN
                 cuda.atomic.add(counts, (n * out_h + int(vy)) * out_w + int(vx), 1)
 
     @cuda_kernel
