@@ -4,7 +4,8 @@ channels and K=32 instances (labels 0..K on a grid of blocks) on both devices:
 - instance_mean_loss forward + backward (the backward taking the forward's statistics, as a
   training step runs it) beside the same loss written in PyTorch ops (index_add segment sums,
   autograd), on the CPU and on the GPU; instance_means (forward);
-- affinity (laplacian, sigma per center) to the K=32 centers, forward + backward;
+- affinity (laplacian, sigma per center) to the K=32 centers, forward + backward (on the CPU
+  N=2 images of 128x128 and K=16 centers);
 - seeded_mask_logits on R=128 regions of 28x28 (softmax seed), forward + backward;
 - hough_votes of phi with coordinates=True on the foreground (half the pixels), hough_peaks of
   K=32 peaks on a 256x256 vote map, assign_to_centers to K=32 centers, semiconv_embed.
@@ -96,11 +97,14 @@ def _torch_loss_calls(case, host, dtype):
                                 [psi], grad_output)
 
 
-def _affinity_inputs(seed):
-    rng = np.random.default_rng(seed)
-    return {"psi": normal(rng, (BATCH, DIMS, SIZE, SIZE)), "centers": normal(rng, (BATCH, INSTANCES, DIMS)),
-            "sigma": uniform(rng, 0.5, 2.0, (BATCH, INSTANCES)),
-            "grad_output": normal(rng, (BATCH, INSTANCES, SIZE, SIZE))}
+def _affinity_inputs(batch, size, centers):
+    def build(seed):
+        rng = np.random.default_rng(seed)
+        return {"psi": normal(rng, (batch, DIMS, size, size)), "centers": normal(rng, (batch, centers, DIMS)),
+                "sigma": uniform(rng, 0.5, 2.0, (batch, centers)),
+                "grad_output": normal(rng, (batch, centers, size, size))}
+
+    return build
 
 
 def _seeded_inputs(seed):
@@ -143,8 +147,11 @@ def standard_cases():
                    f"{images}, K={INSTANCES}, mean; the backward takes the forward's statistics", dtypes,
                    _instance_inputs(True), instances, True, TORCH_LOSS, peer_builder=_torch_loss_calls,
                    pydeform_builder=_loss_calls)
-        yield Case("affinity", f"{name}-K{INSTANCES}", device, f"{images}, K={INSTANCES} centers, laplacian, sigma [N, K]",
-                   dtypes, _affinity_inputs, {"kernel": "laplacian"}, True, None)
+        # The affinities are [N, K, H, W]: a quarter of the images and half the centers on the CPU.
+        batch, size, centers = (BATCH, SIZE, INSTANCES) if device == "gpu" else (2, SIZE // 2, INSTANCES // 2)
+        yield Case("affinity", f"N{batch}-D{DIMS}-{size}x{size}-K{centers}", device,
+                   f"N={batch}, D={DIMS}, {size}x{size}, K={centers} centers, laplacian, sigma [N, K]", dtypes,
+                   _affinity_inputs(batch, size, centers), {"kernel": "laplacian"}, True, None)
         yield Case("seeded_mask_logits", f"R{REGIONS}-D{DIMS}-{REGION_SIZE}x{REGION_SIZE}", device,
                    f"R={REGIONS} regions, D={DIMS}, {REGION_SIZE}x{REGION_SIZE}, softmax seed, sigma 1.5", dtypes,
                    _seeded_inputs, {"sigma": 1.5, "mode": "softmax"}, True, None)
