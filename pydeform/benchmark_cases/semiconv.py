@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import CPU_DTYPES, GPU_DTYPES, Calls, Case, normal, require_torch, torch_autograd_calls, torch_dtype, uniform
+from .common import (
+    CPU_DTYPES, GPU_DTYPES, Calls, Case, normal, require_torch, torch_autograd_calls, torch_dtype, uniform,
+)
 
 OPS = ("semiconv_embed", "instance_means", "instance_mean_loss", "affinity", "seeded_mask_logits", "hough_votes",
        "hough_peaks", "assign_to_centers")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..semiconv import (  # noqa: F401 (looked up by name, see _public)
+from ..semiconv import (  # noqa: F401 (some looked up by name only, see _public)
     affinity, affinity_backward, assign_to_centers, hough_peaks, hough_votes, instance_mean_loss,
     instance_mean_loss_backward, instance_means, seeded_mask_logits, seeded_mask_logits_backward, semiconv_embed,
 )
@@ -28,7 +28,7 @@ EXACT = dict.fromkeys(OUTPUT_TOLERANCE, 0.0)
 
 
 def _public(name):
-    """The op ``name`` of this module, looked up when called."""
+    """The op ``name`` of this module, looked up when called (as the checks' calls of the ops are)."""
     return lambda *arguments, **options: globals()[name](*arguments, **options)
 
 
@@ -58,7 +58,7 @@ def _distances(psi, centers) -> np.ndarray:
 @check("semiconv_embed", "= phi + (sy * y, sx * x)", OUTPUT_TOLERANCE)
 def _embedding_adds_coordinates(backend, dtype, quick):
     phi = rounded({"phi": np.random.default_rng(50).standard_normal((2, 3, 5, 6))}, dtype)["phi"]
-    psi = globals()["semiconv_embed"](backend.to_device(phi, dtype), (0.5, 2.0), backend=backend.option)
+    psi = semiconv_embed(backend.to_device(phi, dtype), (0.5, 2.0), backend=backend.option)
     expected = phi.copy()
     expected[:, 0] += 0.5 * np.arange(5)[:, None]
     expected[:, 1] += 2.0 * np.arange(6)[None, :]
@@ -106,11 +106,11 @@ class PsiGrad(NamedTuple):
 
 
 def _means_forward(psi, labels, num_instances, reduction, **options):
-    return globals()["instance_means"](psi, labels, num_instances, **options).means
+    return instance_means(psi, labels, num_instances, **options).means
 
 
 def _loss_backward(grad_output, **arguments):
-    return PsiGrad(globals()["instance_mean_loss_backward"](grad_output, **arguments))
+    return PsiGrad(instance_mean_loss_backward(grad_output, **arguments))
 
 
 _instance_cases = cases_of(INSTANCE_CASES, InstanceCase.arrays)
@@ -147,8 +147,8 @@ check("instance_means", "= per-instance mean (NumPy)", OUTPUT_TOLERANCE)(forward
 def _counts(backend, dtype, quick):
     errors = []
     for case, arrays, _ in _instance_cases(quick):
-        counts = globals()["instance_means"](backend.to_device(arrays["psi"], dtype), backend.xp.asarray(arrays["labels"]),
-                                             case.num_instances, backend=backend.option).counts
+        counts = instance_means(backend.to_device(arrays["psi"], dtype), backend.xp.asarray(arrays["labels"]),
+                                case.num_instances, backend=backend.option).counts
         _, expected = numpy_instance_means(arrays["psi"], arrays["labels"], case.num_instances)
         errors.append(float(np.abs(backend.to_host(counts) - expected).max()))
     return max(errors)
@@ -229,7 +229,7 @@ class AffinityGrads(NamedTuple):
 
 
 def _affinity_backward(grad_output, **arguments):
-    return AffinityGrads(*globals()["affinity_backward"](grad_output, **arguments))
+    return AffinityGrads(*affinity_backward(grad_output, **arguments))
 
 
 _affinity_cases = cases_of(AFFINITY_CASES, AffinityCase.arrays)
@@ -291,7 +291,7 @@ class SeededGrads(NamedTuple):
 
 
 def _seeded_backward(grad_output, **arguments):
-    return SeededGrads(*globals()["seeded_mask_logits_backward"](grad_output, **arguments))
+    return SeededGrads(*seeded_mask_logits_backward(grad_output, **arguments))
 
 
 _seeded_cases = cases_of(SEEDED_CASES, SeededCase.arrays)
@@ -371,11 +371,11 @@ VOTING_CASES = (
 
 
 def _votes_forward(psi, foreground, vote_shape, max_distance, **options):
-    return globals()["hough_votes"](psi, foreground, vote_shape, **options)
+    return hough_votes(psi, foreground, vote_shape, **options)
 
 
 def _assign_forward(psi, foreground, centers, vote_shape, max_distance, **options):
-    return globals()["assign_to_centers"](psi, foreground, centers, max_distance, **options)
+    return assign_to_centers(psi, foreground, centers, max_distance, **options)
 
 
 HOUGH_VOTES = OpCalls("hough_votes", _votes_forward, None, cases_of(VOTING_CASES, VotingCase.vote_arrays))
@@ -430,7 +430,7 @@ def _planted_peaks(backend, dtype, quick):
         for slot, index in enumerate(np.argsort(-counts)):
             votes[n][sites[index]] = counts[index]
             expected_centers[n, slot], expected_votes[n, slot] = sites[index], counts[index]
-    peaks = globals()["hough_peaks"](backend.xp.asarray(votes), len(sites) + 1, min_votes=3, backend=backend.option)
+    peaks = hough_peaks(backend.xp.asarray(votes), len(sites) + 1, min_votes=3, backend=backend.option)
     centers = backend.to_host(peaks.centers)
     if not np.array_equal(np.isnan(centers), np.isnan(expected_centers)):
         return float("inf")
