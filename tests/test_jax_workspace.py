@@ -421,7 +421,8 @@ def semiconv_half_runs(rng):
     psi, centers, scores, sigma = (a.astype(np.float16) for a in (psi, centers, scores, sigma))
     labels, foreground = rng.integers(0, k + 1, (n, height, width)), rng.random((n, height, width)) < 0.6
     maps, grad = np.ones((n, k, height, width), np.float16), np.ones((n, height, width), np.float16)
-    _, statistics = pydeform.instance_mean_loss(psi, labels, k, return_statistics=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # the launches do not run: the statistics are garbage
+        _, statistics = pydeform.instance_mean_loss(psi, labels, k, return_statistics=True)
     return [
         ("instance_means", {"psi": psi.shape}, dict(num_instances=k),
          lambda: pydeform.instance_means(psi, labels, k, coordinates=True), None),
