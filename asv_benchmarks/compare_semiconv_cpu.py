@@ -22,35 +22,10 @@ from pathlib import Path
 import numpy as np
 
 import pydeform
+from pydeform.benchmark_cases.semiconv import block_labels, torch_instance_mean_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_deform_unet_cpu import median_seconds  # noqa: E402
-
-
-def torch_instance_mean_loss(psi, labels, num_instances):
-    """The "mean" instance mean loss in PyTorch ops: per-instance sums by index_add over
-    segment ids ``n * (K + 1) + label`` (the background is a segment left out of the loss)."""
-    import torch
-
-    n, dims, height, width = psi.shape
-    segments = (labels.reshape(n, -1) + torch.arange(n).reshape(n, 1) * (num_instances + 1)).reshape(-1)
-    pixels = psi.reshape(n, dims, -1).transpose(1, 2).reshape(-1, dims)
-    total = n * (num_instances + 1)
-    counts = torch.bincount(segments, minlength=total).to(psi.dtype).clamp(min=1)
-    means = torch.zeros(total, dims, dtype=psi.dtype).index_add(0, segments, pixels) / counts[:, None]
-    norms = torch.linalg.vector_norm(pixels - means[segments], dim=1)
-    losses = (torch.zeros(total, dtype=psi.dtype).index_add(0, segments, norms) / counts).reshape(n, -1)[:, 1:]
-    nonempty = (torch.bincount(segments, minlength=total).reshape(n, -1)[:, 1:] > 0).sum().clamp(min=1)
-    return losses.sum() / nonempty
-
-
-def block_labels(rng, batch, size, num_instances):
-    """Labels 0..K on a grid of blocks (each image its own shuffle), int64 [N, S, S]."""
-    side = int(np.ceil(np.sqrt(num_instances + 1)))
-    cell = -(-size // side)
-    blocks = np.stack([rng.permutation(side * side) % (num_instances + 1) for _ in range(batch)])
-    grid = blocks.reshape(batch, side, side).repeat(cell, axis=1).repeat(cell, axis=2)
-    return np.ascontiguousarray(grid[:, :size, :size]).astype(np.int64)
 
 
 def measure(batch=8, dims=8, size=256, num_instances=32, repeats=15) -> dict:

@@ -21,15 +21,17 @@ from .backends.compile_notice import cupy_cache_folder, numba_cache_folder, sile
 from .benchmark_cases import OPS
 from .centernet import centernet_decode, centernet_focal_loss, centernet_targets
 from .levelset import chan_vese, morphological_chan_vese, morphological_geodesic_active_contour
+from .semiconv import hough_peaks, semiconv_embed
 
 
 def _op_calls(calls: st.OpCalls) -> Callable:
-    """Forward and backward of an op of the self-test, on its first case."""
+    """Forward and backward (if the op has one) of an op of the self-test, on its first case."""
 
     def run(backend, dtype):
         case, arrays, grad_output = next(calls.cases(True))
         st.common.run_forward(calls, backend, dtype, case, arrays)
-        st.common.run_backward(calls, backend, dtype, case, arrays, grad_output)
+        if calls.backward is not None:
+            st.common.run_backward(calls, backend, dtype, case, arrays, grad_output)
 
     return run
 
@@ -71,6 +73,17 @@ def _chan_vese(backend, dtype):
 def _levelset_dtype(backend, dtype):
     """The level-set ops read any real dtype NumPy knows (not bfloat16) as float64."""
     return dtype != "bfloat16"
+def _semiconv_embed(backend, dtype):
+    semiconv_embed(backend.to_device(np.zeros((1, 2, 3, 4)), dtype), backend=backend.option)
+
+
+def _hough_peaks(backend, dtype):
+    hough_peaks(backend.xp.zeros((1, 4, 5), np.int32), 2, backend=backend.option)
+
+
+def _float32(backend, dtype):
+    """hough_peaks reads int32 votes (through the float32 CenterNet decode): one dtype."""
+    return dtype == "float32"
 
 
 class WarmupOp(NamedTuple):
@@ -95,6 +108,14 @@ WARMUP = {
     "morphological_geodesic_active_contour": WarmupOp(_snake(morphological_geodesic_active_contour),
                                                       _levelset_dtype),
     "chan_vese": WarmupOp(_chan_vese, _levelset_dtype),
+    "semiconv_embed": WarmupOp(_semiconv_embed),
+    "instance_means": WarmupOp(_op_calls(st.semiconv.INSTANCE_MEANS)),
+    "instance_mean_loss": WarmupOp(_op_calls(st.semiconv.INSTANCE_MEAN_LOSS)),
+    "affinity": WarmupOp(_op_calls(st.semiconv.AFFINITY)),
+    "seeded_mask_logits": WarmupOp(_op_calls(st.semiconv.SEEDED_MASK_LOGITS)),
+    "hough_votes": WarmupOp(_op_calls(st.semiconv.HOUGH_VOTES)),
+    "hough_peaks": WarmupOp(_hough_peaks, _float32),
+    "assign_to_centers": WarmupOp(_op_calls(st.semiconv.ASSIGN_TO_CENTERS)),
 }
 
 

@@ -815,11 +815,12 @@ def _instance_mean_loss_vjp(key: tuple, backend):
     forward, backward = _semiconv_run(_loss_forward, key), _semiconv_run(_semiconv.instance_mean_loss_backward, key,
                                                                            statistics=True)
 
+    def plans(psi):
+        return _semiconv.semiconv_workspace(_kernels("semiconv", backend), "instance_mean_loss", {"psi": psi.shape},
+                                            np.dtype(psi.dtype), static["num_instances"], static["reduction"])
+
     def fwd(psi, labels):
-        kernels = _kernels("semiconv", backend)
-        outputs, plan, _ = _semiconv.semiconv_workspace(kernels, "instance_mean_loss", {"psi": psi.shape},
-                                                        np.dtype(psi.dtype), static["num_instances"],
-                                                        static["reduction"])
+        outputs, plan, _ = plans(psi)
         results = _launch(forward, {"psi": psi, "labels": labels}, outputs, plan, backend)
         return results["output"], (psi, labels, results["means"], results["counts"], results["unit_sums"])
 
@@ -827,7 +828,7 @@ def _instance_mean_loss_vjp(key: tuple, backend):
         psi, labels, means, counts, unit_sums = residuals
         arrays = {"grad_output": grad_output, "psi": psi, "labels": labels, "means": means, "counts": counts,
                   "unit_sums": unit_sums}
-        grad = _launch(backward, arrays, {"grad_psi": (psi.shape, psi.dtype)}, {}, backend)["grad_psi"]
+        grad = _launch(backward, arrays, {"grad_psi": (psi.shape, psi.dtype)}, plans(psi)[2], backend)["grad_psi"]
         return grad, None
 
     @jax.custom_vjp
@@ -932,30 +933,31 @@ def seeded_mask_logits(scores, psi, sigma, mode="argmax", *, coordinates=False, 
                        dict(mode=mode, coordinates=coordinates, spacing=spacing), backend)
 
 
-def _voting_call(function, arrays: dict, output: tuple, static: dict, backend):
-    """A voting op (no gradient, no scratch) launched on ``arrays``, float ones stop_gradient-ed."""
+def _voting_call(function, arrays: dict, static: dict, backend, **plan_options):
+    """A voting op (no gradient) launched on ``arrays``, float ones stop_gradient-ed."""
     _require_arrays(arrays)
     _check_arrays({"psi": arrays["psi"]}, {"psi": 4})
     _check_on_empty_batch(function, arrays, **static)
     check_backend(backend, _library())
+    shapes = {name: arrays[name].shape for name in ("psi", "centers") if name in arrays}
+    outputs, plan, _ = _semiconv.semiconv_workspace(_kernels("semiconv", backend), function.__name__, shapes,
+                                                    np.dtype(arrays["psi"].dtype), **plan_options)
     run = _semiconv_run(function, tuple(sorted(static.items())))
     values = {name: jax.lax.stop_gradient(value) for name, value in arrays.items()}
-    return _launch(run, values, {"output": output}, {}, backend)["output"]
+    return _launch(run, values, outputs, plan, backend)["output"]
 
 
 def hough_votes(psi, foreground, shape=None, *, coordinates=False, spacing=1.0, backend=None):
     """:func:`pydeform.hough_votes` on JAX arrays: int32 ``[N, H', W']`` (no gradient)."""
     size = tuple(psi.shape[2:]) if shape is None else tuple(int_pair("shape", shape, minimum=1))
     return _voting_call(_semiconv.hough_votes, {"psi": psi, "foreground": foreground},
-                        ((psi.shape[0], *size), np.int32),
-                        dict(shape=size, coordinates=coordinates, spacing=_hashable(spacing)), backend)
+                        dict(shape=size, coordinates=coordinates, spacing=_hashable(spacing)), backend, vote_shape=size)
 
 
 def assign_to_centers(psi, foreground, centers, max_distance=float("inf"), *, coordinates=False, spacing=1.0,
                       backend=None):
     """:func:`pydeform.assign_to_centers` on JAX arrays: int32 labels ``[N, H, W]`` (no gradient)."""
     return _voting_call(_semiconv.assign_to_centers, {"psi": psi, "foreground": foreground, "centers": centers},
-                        ((psi.shape[0], *psi.shape[2:]), np.int32),
                         dict(max_distance=max_distance, coordinates=coordinates, spacing=_hashable(spacing)), backend)
 
 

@@ -222,15 +222,29 @@ def _grad_output(grad_output, like, shape, xp):
     return xp.ascontiguousarray(grad_output)
 
 
-def semiconv_workspace(kernels, op, shapes, dtype, num_instances=None, reduction="mean"):
-    """What the driver of ``op`` ("instance_means", "instance_mean_loss", "affinity" or
-    "seeded_mask_logits") requests from :mod:`pydeform._workspace`, for argument ``shapes``
-    ({name: shape}; no "sigma" for a number) and embeddings of ``dtype``: ``(outputs, forward
-    scratch, backward scratch)``, each {slot: (shape, dtype)}. The loss's outputs include its
-    :class:`InstanceLossStatistics` (``return_statistics=True``) and its backward takes them,
-    so it needs no scratch; a number sigma's gradient slot is planned as backward scratch."""
+def semiconv_workspace(kernels, op, shapes, dtype, num_instances=None, reduction="mean", vote_shape=None):
+    """What the driver of ``op`` ("instance_means", "instance_mean_loss", "affinity",
+    "seeded_mask_logits", "hough_votes" or "assign_to_centers") requests from
+    :mod:`pydeform._workspace`, for argument ``shapes`` ({name: shape}; no "sigma" for a number)
+    and embeddings of ``dtype``: ``(outputs, forward scratch, backward scratch)``, each {slot:
+    (shape, dtype)}. The loss's outputs include its :class:`InstanceLossStatistics`
+    (``return_statistics=True``) and its backward takes them; a number sigma's gradient slot is
+    planned as backward scratch; ``vote_shape`` is hough_votes' (H', W'), default (H, W). The
+    scratch includes the kernel set's own (``kernels.workspace``: the float32 copies of the
+    Numba CUDA kernels for half types)."""
+    outputs, forward, backward = _driver_plans(kernels, op, shapes, dtype, num_instances, reduction, vote_shape)
+    arrays = {**shapes, **{slot: shape for slot, (shape, _) in outputs.items()}}
+    return (outputs, {**forward, **kernels.workspace(op, arrays, dtype, backward=False)},
+            {**backward, **kernels.workspace(op, arrays, dtype, backward=True)})
+
+
+def _driver_plans(kernels, op, shapes, dtype, num_instances, reduction, vote_shape):
+    """:func:`semiconv_workspace` but the kernel set's own scratch."""
     acc = kernels.statistics_dtype(dtype)
     n, dims, height, width = shapes["psi"]
+    if op in ("hough_votes", "assign_to_centers"):
+        size = (height, width) if op == "assign_to_centers" or vote_shape is None else tuple(vote_shape)
+        return {"output": ((n, *size), np.int32)}, {}, {}
     if op in ("instance_means", "instance_mean_loss"):
         stats = {"semiconv_means": ((n, num_instances, dims), acc), "semiconv_counts": ((n, num_instances), np.int64),
                  "semiconv_norm_sums": ((n, num_instances), acc),

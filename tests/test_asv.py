@@ -56,7 +56,9 @@ def test_every_op_has_a_gpu_and_a_cpu_case_with_its_dtypes():
             assert found, (op, device)
             for case in found:
                 assert case.op == op and case.device == device and "float32" in case.dtypes
-                takes_bfloat16 = op != "centernet_targets" and op not in bc.levelset.OPS
+                # centernet_targets reads boxes of float32 or float64, hough_peaks int32 votes, the
+                # level-set ops real dtypes NumPy knows.
+                takes_bfloat16 = op not in ("centernet_targets", "hough_peaks") and op not in bc.levelset.OPS
                 assert ("bfloat16" in case.dtypes) == (device == "gpu" and takes_bfloat16), case.id
     ids = [case.id for case in bc.cases()]
     assert len(ids) == len(set(ids))
@@ -124,6 +126,10 @@ def test_standard_shapes_of_perf_md():
     assert cpu_roi["input"].shape == (1, 64, 100, 152) and cpu_roi["rois"].shape == (256, 5)
 
 
+# The inputs that are not float32 data: labels, masks, vote counts.
+INPUT_DTYPES = {"labels": np.int64, "foreground": np.bool_, "votes": np.int32}
+
+
 @pytest.mark.parametrize("case", bc.cases(device="cpu"), ids=lambda case: case.id)
 def test_cpu_inputs_are_deterministic_nonzero_and_fit_the_op(case):
     first, again, other = bc.host_inputs(case, 0), bc.host_inputs(case, 0), bc.host_inputs(case, 1)
@@ -132,7 +138,7 @@ def test_cpu_inputs_are_deterministic_nonzero_and_fit_the_op(case):
     for name, array in first.items():
         np.testing.assert_array_equal(array, again[name], err_msg=name)
         assert array.flags.c_contiguous and np.isfinite(array).all() and np.any(array != 0), name
-        assert array.dtype == (np.int64 if name == "labels" else np.float32), name
+        assert array.dtype == INPUT_DTYPES.get(name, np.float32), name
         if array.size > 1:
             assert not np.array_equal(array, other[name]), name
     # The inputs are valid arguments of the op: the pydeform forward (Numba CPU) accepts them.
@@ -307,7 +313,7 @@ def test_torch_decode_on_a_planted_heatmap():
 def test_the_suite_has_a_gpu_and_a_cpu_class_for_every_op(suite):
     common = suite("common")
     covered = {"gpu": set(), "cpu": set()}
-    for module in ("deform_conv", "roi", "centernet", "deform_unet", "levelset"):
+    for module in ("deform_conv", "roi", "centernet", "deform_unet", "semiconv", "levelset"):
         for name, value in vars(suite(module)).items():
             if isinstance(value, type) and not name.startswith("_") and getattr(value, "op", None):
                 bases = [device for device, base in (("gpu", common._GpuOp), ("cpu", common._CpuOp))
@@ -374,3 +380,21 @@ def test_gpu_peers_compute_the_benchmarked_op(case):
     if case.op == "centernet_decode":
         expected, actual = sorted_rows(expected), sorted_rows(actual)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_instance_mean_loss_case_computes_the_peers_gradient(device):
+    """The loss case's forward + backward (the backward taking the forward's statistics) and
+    the PyTorch peer's autograd give the same gradient, on small inputs of the case's kind (the
+    GPU case's calls run on the CPU arrays here: only the device of the peer's tensors differs)."""
+    torch = pytest.importorskip("torch")
+    case = bc.cases("instance_mean_loss", device)[0]
+    rng = np.random.default_rng(1)
+    host = {"psi": rng.standard_normal((2, 3, 9, 7)).astype(np.float32),
+            "labels": bc.semiconv.block_labels(rng, 2, 9, case.options["num_instances"])[:, :, :7].copy(),
+            "grad_output": np.asarray(1.5, np.float32)}
+    ours = bc.pydeform_calls(case, bc.device_inputs(host, "float32")).forward_backward()
+    psi = torch.from_numpy(host["psi"]).requires_grad_()
+    loss = bc.torch_instance_mean_loss(psi, torch.from_numpy(host["labels"]), case.options["num_instances"])
+    (expected,) = torch.autograd.grad(loss, [psi], torch.tensor(1.5))
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-7)

@@ -358,3 +358,23 @@ def test_bench_quick_roi_align_on_the_gpu(tmp_path, capsys):
                     for timed in ("forward", "forward+backward") for backend in ("cupy", "numba-cuda")}
     out = capsys.readouterr().out
     assert "roi_align/gpu/" in out and "FAILED" not in out
+
+
+def test_bench_times_the_instance_mean_loss_beside_its_torch_peer(monkeypatch, tmp_path):
+    """``bench --op instance_mean_loss`` (a choice of --op, as every op of the benchmark cases):
+    pydeform's forward and forward + backward (the statistics passed on) and the PyTorch peer's,
+    on small stand-ins for the standard inputs (which take seconds to run)."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    small_inputs = {"psi": rng.standard_normal((2, 3, 8, 8)).astype(np.float32),
+                    "labels": benchmark_cases.semiconv.block_labels(rng, 2, 8, 32),
+                    "grad_output": np.asarray(1.5, np.float32)}
+    monkeypatch.setattr(benchmark_cases, "host_inputs", lambda case, seed=0: small_inputs)
+    json_path = tmp_path / "bench.json"
+    assert main(["bench", "--op", "instance_mean_loss", "--device", "cpu", "--rounds", "1",
+                 "--json", str(json_path)]) == 0
+    rows = {(m["timed"], m["implementation"]): m for m in json.loads(json_path.read_text())["measurements"]}
+    assert set(rows) == {(timed, implementation) for timed in ("forward", "forward+backward")
+                         for implementation in ("numba-cpu", "peer")}
+    assert all(m["median_ms"] > 0 and m["error"] is None for m in rows.values())
+    assert rows[("forward+backward", "numba-cpu")]["speedup"] > 0

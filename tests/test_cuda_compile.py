@@ -15,7 +15,7 @@ import pytest
 
 from pydeform._contributions import ContributionLists, roi_contribution_layout
 from pydeform.backends import cupy_kernels
-from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, levelset, roi
+from pydeform.backends.cupy_kernels import centernet, contributions, deform_conv, deform_pool, levelset, roi, semiconv
 from pydeform.backends.cupy_kernels._compile import (
     COMPILE_OPTIONS,
     KERNEL_DIR,
@@ -258,6 +258,31 @@ def test_levelset_attachments_have_no_fma(template):
     body = result.ptx[result.ptx.index(f".entry {lowered}("):]
     body = body[:body.index("\n}\n")]
     assert "mul.rn.f64" in body and "fma" not in body
+def semiconv_launches(dtype):
+    """Every semi-convolutional kernel's marshalled arguments (labels int64, foreground bool,
+    vote counts and assigned labels int32, statistics in the accumulation type)."""
+    a = np.empty((2, 3, 4, 5), dtype=dtype)
+    offsets = (np.array([0.5, 0.0, 0.0]), np.array([0.0, 2.0, 0.0]))
+    labels, flags, counts = np.empty((2, 4, 5), np.int64), np.empty((2, 4, 5), bool), np.empty((2, 4), np.int64)
+    cells = np.empty((2, 4, 5), np.int32)
+    return [
+        semiconv.statistics_launch(a, labels, offsets, a, counts, a, a, True),
+        semiconv.loss_grad_launch(a, labels, offsets, a, counts, a, a),
+        semiconv.affinity_launch(a, a, a, offsets, a, 1),
+        semiconv.affinity_grad_psi_launch(a, a, a, a, offsets, a, 0),
+        semiconv.affinity_grad_centers_launch(a, a, a, a, offsets, a, a, 1),
+        semiconv.seeded_launch(a, a, a, offsets, a, a, a, 1),
+        semiconv.seeded_grad_launch(a, a, a, a, offsets, a, a, a, a, a, a, 0),
+        semiconv.votes_launch(a, flags, offsets, cells),
+        semiconv.assign_launch(a, flags, a, offsets, cells, 3.5),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_semiconv_arguments_match_kernel_parameters(dtype):
+    """As above for semiconv.cu, whose coordinate factors and max_distance are in the
+    accumulation type: 4 bytes for float and __half storage, 8 for double."""
+    assert_arguments_match_kernel_parameters(semiconv.KERNELS, TYPE_NAMES[dtype], semiconv_launches(dtype))
 
 
 def cu_constant(source, name):

@@ -1,7 +1,9 @@
 """pydeform.jax on JAX GPU arrays (needs a GPU and a CUDA build of jaxlib): the cases of
 tests/test_jax_ops.py eagerly, under jit and grad under jit, on both GPU backends, against the
-NumPy API; float16 / bfloat16 against the CuPy API; CenterNet (decode, focal loss, targets). CPU-side twins:
-tests/test_jax_ops.py, tests/test_jax_centernet.py and tests/test_jax_gpu_glue.py."""
+NumPy API; float16 / bfloat16 against the CuPy API (the semi-convolutional ops on the Numba CUDA
+kernels too, which read and write float32 copies XLA provides); CenterNet (decode, focal loss,
+targets). CPU-side twins: tests/test_jax_ops.py, tests/test_jax_centernet.py,
+tests/test_jax_gpu_glue.py and tests/test_jax_workspace.py."""
 
 import numpy as np
 import pytest
@@ -72,6 +74,47 @@ def test_half_types_match_the_cupy_api(gpu, dtype):
         assert grad.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), cp.asnumpy(want.astype(cp.float32)),
                                    rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_semiconv_half_types_on_the_numba_backend_match_the_cupy_api(gpu, dtype):
+    import cupy as cp
+
+    rng = np.random.default_rng(10)
+    floats = {"psi": rng.standard_normal((2, 3, 8, 9)), "centers": rng.standard_normal((2, 4, 3)),
+              "sigma": rng.uniform(0.5, 2.0, (2, 4))}
+    arrays = {name: jax.device_put(jnp.asarray(a, dtype=dtype), gpu) for name, a in floats.items()}
+    labels, foreground = rng.integers(0, 4, (2, 8, 9)).astype(np.int32), rng.random((2, 8, 9)) < 0.6
+    arrays.update(labels=jax.device_put(labels, gpu), foreground=jax.device_put(foreground, gpu))
+    on_cupy = {name: cp.from_dlpack(arrays[name]) for name in floats}
+    on_cupy.update(labels=cp.asarray(labels), foreground=cp.asarray(foreground))
+
+    def close(actual, expected):
+        np.testing.assert_allclose(np.asarray(actual.astype(jnp.float32)), cp.asnumpy(expected.astype(cp.float32)),
+                                   rtol=2e-2, atol=2e-2)
+
+    def loss(psi):
+        return pdj.instance_mean_loss(psi, arrays["labels"], 4, coordinates=True, backend="numba").astype(jnp.float32)
+
+    close(loss(arrays["psi"]), pydeform.instance_mean_loss(on_cupy["psi"], on_cupy["labels"], 4, coordinates=True))
+    close(jax.jit(jax.grad(loss))(arrays["psi"]),
+          pydeform.instance_mean_loss_backward(1.0, on_cupy["psi"], on_cupy["labels"], 4, coordinates=True))
+
+    def affinity_sum(psi, centers, sigma):
+        return jnp.sum(pdj.affinity(psi, centers, sigma, backend="numba").astype(jnp.float32))
+
+    expected = pydeform.affinity(on_cupy["psi"], on_cupy["centers"], on_cupy["sigma"])
+    close(pdj.affinity(arrays["psi"], arrays["centers"], arrays["sigma"], backend="numba"), expected)
+    grads = jax.jit(jax.grad(affinity_sum, argnums=(0, 1, 2)))(arrays["psi"], arrays["centers"], arrays["sigma"])
+    for grad, want in zip(grads, pydeform.affinity_backward(cp.ones_like(expected), on_cupy["psi"], on_cupy["centers"],
+                                                            on_cupy["sigma"])):
+        close(grad, want)
+    votes = pdj.hough_votes(arrays["psi"], arrays["foreground"], coordinates=True, backend="numba")
+    np.testing.assert_array_equal(np.asarray(votes), cp.asnumpy(
+        pydeform.hough_votes(on_cupy["psi"], on_cupy["foreground"], coordinates=True)))
+    assigned = pdj.assign_to_centers(arrays["psi"], arrays["foreground"], arrays["centers"], backend="numba")
+    np.testing.assert_array_equal(np.asarray(assigned), cp.asnumpy(
+        pydeform.assign_to_centers(on_cupy["psi"], on_cupy["foreground"], on_cupy["centers"])))
 
 
 def test_centernet_on_the_gpu(gpu):

@@ -17,8 +17,10 @@ from pydeform.backends.numba_kernels.roi import NumbaCudaRoIKernels
 
 
 def buffers_for(outputs: dict, plan: dict):
-    """Fresh NaN-filled buffers for the output and scratch slots (NaN: an unwritten element shows)."""
-    return {slot: np.full(shape, np.nan, dtype) for slot, (shape, dtype) in {**outputs, **plan}.items()}
+    """Fresh buffers for the output and scratch slots, NaN-filled (an unwritten element shows)
+    or 7 in integer slots."""
+    return {slot: np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 7, dtype)
+            for slot, (shape, dtype) in {**outputs, **plan}.items()}
 
 
 def deform_case(rng, n=3):
@@ -304,10 +306,8 @@ def test_provided_blocks_are_per_thread_and_restore_the_previous_one():
 
 
 def centernet_buffers(kernels, params, dtype, **options):
-    outputs, work = centernet.centernet_workspace(kernels, params, dtype, **options)
-    # NaN (an unwritten element shows) or 7 in integer slots (the targets must come back zero-filled).
-    return {slot: np.full(shape, np.nan if np.dtype(kind).kind == "f" else 7, kind)
-            for slot, (shape, kind) in {**outputs, **work}.items()}
+    # 7 in integer slots: the targets must come back zero-filled.
+    return buffers_for(*centernet.centernet_workspace(kernels, params, dtype, **options))
 
 
 @pytest.mark.parametrize("batch, K", [(2, 7), (2, 0), (0, 5)])
@@ -409,3 +409,71 @@ def test_deterministic_roi_plans_on_the_gpu_sets(kernels):
     params = roi.roi_align_params(shapes, 4, 3, 1.0, 0, True, "avg", False)
     with pytest.raises(ValueError, match="^deterministic: .*adaptive sampling"):
         roi.roi_workspace(kernels, params, shapes, np.float32, backward=True, deterministic=True)
+
+
+def semiconv_half_runs(rng):
+    """(op, argument shapes, options of semiconv_workspace, forward, backward and the gradients
+    it returns, or None) of every semi-convolutional driver pydeform.jax launches, on float16
+    host arrays."""
+    n, dims, height, width, k = 2, 3, 4, 5, 4
+    psi, centers = rng.standard_normal((n, dims, height, width)), rng.standard_normal((n, k, dims))
+    scores, sigma = rng.standard_normal((n, height, width)), rng.uniform(0.5, 2, (n, k))
+    psi, centers, scores, sigma = (a.astype(np.float16) for a in (psi, centers, scores, sigma))
+    labels, foreground = rng.integers(0, k + 1, (n, height, width)), rng.random((n, height, width)) < 0.6
+    maps, grad = np.ones((n, k, height, width), np.float16), np.ones((n, height, width), np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):  # the launches do not run: the statistics are garbage
+        _, statistics = pydeform.instance_mean_loss(psi, labels, k, return_statistics=True)
+    return [
+        ("instance_means", {"psi": psi.shape}, dict(num_instances=k),
+         lambda: pydeform.instance_means(psi, labels, k, coordinates=True), None),
+        ("instance_mean_loss", {"psi": psi.shape}, dict(num_instances=k),
+         lambda: pydeform.instance_mean_loss(psi, labels, k, return_statistics=True),
+         (lambda: pydeform.instance_mean_loss_backward(np.float16(1.5), psi, labels, k, statistics=statistics),
+          {"grad_psi": psi.shape})),
+        ("affinity", {"psi": psi.shape, "centers": centers.shape, "sigma": sigma.shape}, {},
+         lambda: pydeform.affinity(psi, centers, sigma),
+         (lambda: pydeform.affinity_backward(maps, psi, centers, sigma, "gaussian"),
+          {"grad_psi": psi.shape, "grad_centers": centers.shape, "grad_sigma": sigma.shape})),
+        ("seeded_mask_logits", {"scores": scores.shape, "psi": psi.shape}, {},
+         lambda: pydeform.seeded_mask_logits(scores, psi, 1.5, "softmax"),
+         (lambda: pydeform.seeded_mask_logits_backward(grad, scores, psi, 1.5, "softmax"),
+          {"grad_scores": scores.shape, "grad_psi": psi.shape})),
+        ("hough_votes", {"psi": psi.shape}, dict(vote_shape=(3, 6)),
+         lambda: pydeform.hough_votes(psi, foreground, (3, 6)), None),
+        ("assign_to_centers", {"psi": psi.shape, "centers": centers.shape}, {},
+         lambda: pydeform.assign_to_centers(psi, foreground, centers, 2.0), None),
+    ]
+
+
+def test_numba_cuda_semiconv_half_copies_come_from_the_planned_slots(monkeypatch):
+    """The semi-convolutional drivers on the Numba CUDA kernel set and float16 host arrays (the
+    array checks, which allow no half types on the CPU, told they are CuPy halves; the launches
+    are recorded, not run) inside a provided block holding exactly semiconv_workspace's plan, as
+    pydeform.jax runs them: they find every float32 copy the kernels read and write among the
+    provided buffers, hand the kernels float32 arrays only, and use every planned copy."""
+    from pydeform import semiconv
+    from pydeform.backends.numba_kernels.semiconv import NumbaCudaSemiConvKernels
+
+    kernels = NumbaCudaSemiConvKernels(xp=np)
+    launched = []
+    monkeypatch.setattr(kernels, "_run", lambda index, n_items, *args: launched.append(args))
+    monkeypatch.setattr(semiconv, "_kernels", lambda library, backend: kernels)
+    monkeypatch.setattr(semiconv, "check_arrays", lambda arrays, ranks: ("numpy", np.dtype(np.float16)))
+    for op, shapes, options, forward, backward in semiconv_half_runs(np.random.default_rng(9)):
+        outputs, forward_plan, backward_plan = semiconv.semiconv_workspace(kernels, op, shapes, np.float16, **options)
+        runs = [(forward, outputs, forward_plan)]
+        if backward is not None:
+            run, gradients = backward
+            runs.append((run, {slot: (shape, np.float16) for slot, shape in gradients.items()}, backward_plan))
+        for run, run_outputs, plan in runs:
+            buffers = buffers_for(run_outputs, plan)
+            launched.clear()
+            # The launches do not run: what the drivers compute from the buffers' fill may overflow.
+            with provided(buffers), np.errstate(over="ignore", invalid="ignore"):
+                run()
+            arrays = [a for args in launched for a in args if isinstance(a, np.ndarray)]
+            assert arrays and all(a.dtype.kind != "f" or a.dtype == np.float32 for a in arrays), op
+            copies = {slot for slot in plan if slot.endswith(":acc")}
+            assert copies and all(plan[slot][1] == np.float32 for slot in copies), (op, plan)
+            for slot in copies:
+                assert any(np.shares_memory(a, buffers[slot]) for a in arrays), (op, slot)

@@ -3,9 +3,11 @@
 As in tests/test_numba_ptx.py, whose child-process helpers it uses: ``NumbaCudaSemiConvKernels``
 is driven on small NumPy arrays of every GPU dtype with its launcher replaced by a recorder, and
 ``numba.typeof`` of the recorded arguments is the signature given to ``numba.cuda.compile_ptx``
-(for sm_80, in a child process). Besides the signature, the child reports the float64
-arithmetic instructions of the PTX: float32 and half-type embeddings must compute in float32
-(a float literal or an int-float product would silently promote it; the simulator hides that).
+(for sm_70, sm_80 and sm_90, one child process each). Besides the signature, the child reports the
+float64 instructions of the PTX: float32 and half-type embeddings must compute in float32 (a float
+literal or an int-float product would silently promote it; the simulator hides that). The half
+types are converted to float32 before a launch, so their signatures are float32's and each
+distinct signature is compiled once per compute capability.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import sys
 
 import pytest
 
-from tests.test_numba_ptx import ARITHMETIC, DTYPES, child_results, target_compute_capability
+from tests.test_numba_ptx import (
+    ARITHMETIC, COMPUTE_CAPABILITIES, DTYPES, check_float32_only, child_results, compile_kernel, compiled_entry,
+    target_compute_capability,
+)
 
 KERNELS = ("statistics", "loss_grad", "affinity", "affinity_grad_psi", "affinity_grad_centers", "seeded",
            "seeded_grad", "votes", "assign")
-COMPUTE_CAPABILITY = (8, 0)
-FLOAT64_ARITHMETIC = re.compile(r"\b(?:add|sub|mul|fma|div|sqrt|neg)(?:\.\w+)*\.f64\b")
 
 
 def record_launches(dtype_name: str) -> list:
@@ -66,49 +69,37 @@ def record_launches(dtype_name: str) -> list:
 
 
 def compile_all(cc: tuple) -> dict:
-    """Child process: ``{dtype: {kernel: {"signature", "error"?, "float64", "atomics"}}}``."""
-    import traceback
-
+    """Child process: ``{dtype: {kernel: compile_kernel's entry}}`` (tests/test_numba_ptx.py)."""
     import numba
 
-    from pydeform.backends.numba_cuda import cuda
-
     target_compute_capability(cc)
-    results = {}
+    results, compiled = {}, {}
     for dtype_name in DTYPES:
         per_kernel = results.setdefault(dtype_name, {})
         for name, kernel, args in record_launches(dtype_name):
             signature = tuple(numba.typeof(arg) for arg in args)
-            entry = {"signature": str(signature)}
-            try:
-                ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
-            except Exception:
-                entry["error"] = traceback.format_exc()
-            else:
-                entry["float64"] = sorted(set(FLOAT64_ARITHMETIC.findall(ptx)))
-                entry["atomics"] = sorted(set(re.findall(r"\batom\.[\w.]+", ptx)))
-            per_kernel[name] = entry
+            if (name, signature) not in compiled:
+                compiled[name, signature] = compile_kernel(kernel, signature, cc)
+            per_kernel[name] = compiled[name, signature]
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return child_results(__file__, COMPUTE_CAPABILITY)
+@pytest.fixture(scope="module", params=COMPUTE_CAPABILITIES, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def compiled(request):
+    return request.param, child_results(__file__, request.param)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_semiconv_kernel_compiles_to_float32_ptx(compiled, dtype, kernel):
-    """Compiles; float arrays only in the arithmetic dtype (half types converted before a
-    launch); no float64 arithmetic for float32 / half types; atomics only in the votes (integer
-    counts), none in the reductions."""
-    entry = compiled[dtype][kernel]
-    assert "error" not in entry, f"{kernel} ({dtype}) {entry['signature']}:\n{entry['error']}"
+    """Compiles for the compute capability; float arrays only in the arithmetic dtype (half
+    types converted before a launch); no float64 instruction for float32 / half types; atomics
+    only in the votes (integer counts), none in the reductions."""
+    entry = compiled_entry(compiled, dtype, kernel)
     floats = {a for a in re.findall(r"Array\((float\w+), 1, 'C'", entry["signature"])}
     assert floats == {ARITHMETIC[dtype]}, entry["signature"]
-    if ARITHMETIC[dtype] == "float32":
-        assert entry["float64"] == [], f"{kernel} ({dtype}) computes in float64: {entry['float64']}"
+    check_float32_only(entry, dtype, kernel)
     assert entry["atomics"] == (["atom.global.add.u32"] if kernel == "votes" else []), entry["atomics"]
 
 

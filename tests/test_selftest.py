@@ -31,7 +31,10 @@ def test_quick_selftest_passes_on_numba_cpu():
     assert ops == {"deform_conv2d", "roi_align", "ps_roi_align", "roi_pool", "ps_roi_pool", "deform_roi_pool",
                    "deform_psroi_pool", "centernet_decode", "centernet_targets", "centernet_focal_loss",
                    "deform_conv_transpose2d", "deform_pool2d", "morphological_chan_vese",
-                   "morphological_geodesic_active_contour", "chan_vese", "sup_inf", "inf_sup"}
+                   "morphological_geodesic_active_contour", "chan_vese", "sup_inf", "inf_sup",
+                   "semiconv_embed", "instance_means",
+                   "instance_mean_loss", "affinity", "seeded_mask_logits", "hough_votes", "hough_peaks",
+                   "assign_to_centers"}
     rows = [line.split() for line in lines if line.split()[0] in ops]
     cpu_checks = [(entry.op, dtype) for entry in selftest.CHECKS
                   for dtype in ("float32", "float64") if entry.applies(selftest.NUMBA_CPU, dtype)]
@@ -45,7 +48,10 @@ def test_quick_selftest_passes_on_numba_cpu():
                  "zero offsets = transposed convolution", "adjoint of deform_conv2d",
                  "zero offsets = pooling of the zero-padded input", "avg = depthwise deform_conv2d",
                  "11x11 disk, balloon -1 = scikit-image's answer", "scikit-image's test cases",
-                 "= largest line erosion (NumPy)", "continued at next_phase = one run", "batched = loop"):
+                 "= largest line erosion (NumPy)", "continued at next_phase = one run", "batched = loop",
+                 "= per-instance mean (NumPy)", "0 for psi constant per instance",
+                 "loss and gradient bit-identical run to run", "= np.add.at of the rounded positions",
+                 "= brute-force argmin", "planted peaks = their cells"):
         assert name in result.stdout
     assert "FAIL" not in result.stdout
     assert f"{len(rows)} checks passed, 0 failed" in result.stdout
@@ -282,3 +288,70 @@ def test_level_set_checks_notice_a_wrong_answer(monkeypatch, entry):
     for name in LEVEL_SET_OPS:
         monkeypatch.setattr(selftest.levelset, name, _call_off(getattr(selftest.levelset, name), wrong_call))
     assert entry.run(selftest.NUMBA_CPU, dtype, True) > entry.tolerance[dtype]
+SEMICONV_OPS = ("semiconv_embed", "instance_means", "instance_mean_loss", "affinity", "seeded_mask_logits",
+                "hough_votes", "hough_peaks", "assign_to_centers")
+# The functions the semiconv checks call, with a float64 reference (hough_peaks is CenterNet's
+# decode: pydeform's own on the CPU).
+SEMICONV_FUNCTIONS = ("semiconv_embed", "instance_means", "instance_mean_loss", "instance_mean_loss_backward",
+                      "affinity", "affinity_backward", "seeded_mask_logits", "seeded_mask_logits_backward",
+                      "hough_votes", "assign_to_centers")
+
+
+def semiconv_reference(name):
+    """The test suite's float64 reference of ``name`` called as the selftest calls pydeform's."""
+
+    def call(*args, backend=None, **kwargs):
+        if "num_instances" in kwargs:
+            kwargs["K"] = kwargs.pop("num_instances")
+        result = getattr(reference, name)(*args, **kwargs)
+        if name == "instance_means":
+            return pydeform.InstanceMeans(*result)
+        return tuple(map(np.asarray, result)) if isinstance(result, tuple) else np.asarray(result)
+
+    return call
+
+
+def test_semiconv_checks_hold_for_the_reference(monkeypatch):
+    """The semiconv checks' NumPy answers (per-instance means and losses, the formulas, the
+    votes, the argmin) and their finite-difference set-up hold for the test suite's float64
+    reference in place of the ops."""
+    for name in SEMICONV_FUNCTIONS:
+        monkeypatch.setattr(selftest.semiconv, name, semiconv_reference(name))
+    checks = [entry for entry in selftest.CHECKS
+              if entry.op in SEMICONV_OPS and entry.applies(selftest.NUMBA_CPU, "float64")]
+    assert {entry.op for entry in checks} == set(SEMICONV_OPS) - {"hough_peaks"} and len(checks) == 17
+    for entry in checks:
+        assert entry.run(selftest.NUMBA_CPU, "float64", False) <= entry.tolerance["float64"], (entry.op, entry.name)
+
+
+def off(result):
+    """``result`` (an array or a NamedTuple of arrays) made wrong: floats by 1% plus 0.01, integers by one."""
+    if isinstance(result, tuple):
+        return type(result)(*map(off, result))
+    return np.asarray(result + 1 if result.dtype.kind in "iu" else result * 1.01 + 0.01)  # 0-d stays an array
+
+
+@pytest.mark.parametrize("op", SEMICONV_OPS)
+def test_semiconv_checks_notice_a_wrong_answer(monkeypatch, op):
+    """Each semiconv check against a NumPy answer fails once the op's results are off."""
+    original = getattr(selftest.semiconv, op)
+    monkeypatch.setattr(selftest.semiconv, op, lambda *args, **kwargs: off(original(*args, **kwargs)))
+    identities = [entry for entry in selftest.CHECKS if entry.op == op and " vs " not in entry.name
+                  and "bit-identical" not in entry.name]
+    assert identities
+    for entry in identities:
+        dtype = "float64" if entry.applies(selftest.NUMBA_CPU, "float64") else "float32"
+        assert entry.run(selftest.NUMBA_CPU, dtype, True) > entry.tolerance[dtype], entry.name
+
+
+def test_semiconv_determinism_check_notices_a_changing_gradient(monkeypatch):
+    original = selftest.semiconv.instance_mean_loss_backward
+    calls = []
+
+    def drifting(*args, **kwargs):
+        calls.append(None)
+        return original(*args, **kwargs) + len(calls) * 1e-12
+
+    monkeypatch.setattr(selftest.semiconv, "instance_mean_loss_backward", drifting)
+    (entry,) = [entry for entry in selftest.CHECKS if entry.name == "loss and gradient bit-identical run to run"]
+    assert entry.run(selftest.NUMBA_CPU, "float64", True) > 0

@@ -9,15 +9,16 @@ The one source of truth shared by the asv suite (``asv_benchmarks/``) and
 - :func:`pydeform_calls` and :func:`peer_calls` return the :class:`Calls` (zero-argument forward
   and forward + backward callables) of pydeform and of the case's peer: torchvision on the GPU,
   ONNX Runtime on the CPU, the PyTorch CenterNet decode (written here) on both, torch's
-  conv_transpose2d and the depthwise deform_conv2d for the Deformable U-Net ops, scikit-image
-  (CPU) and cuCIM (GPU) for the level-set ops;
+  conv_transpose2d and the depthwise deform_conv2d for the Deformable U-Net ops, the instance mean
+  loss in PyTorch ops, scikit-image (CPU) and cuCIM (GPU) for the level-set ops;
   :class:`PeerUnavailable` says why a peer cannot run on this machine;
 - timing helpers: :func:`alternating_medians` (CPU wall time, the functions interleaved),
   :func:`cuda_median_ms` (CUDA events), :func:`floor_bytes` and :func:`copy_bandwidth` (the
   bytes a forward must move and the device's bandwidth: its time floor), and the peak extra
   device memory of a call.
 
-One module per op family (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``)
+One module per op family (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``,
+``semiconv``, ``levelset``)
 names its ops in ``OPS`` and ``DETERMINISTIC_OPS`` and yields its cases from ``standard_cases()``;
 :mod:`.common` holds what they share. A new family adds a module to :data:`FAMILIES`.
 
@@ -29,13 +30,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import centernet, deform_conv, deform_unet, levelset, roi
+from . import centernet, deform_conv, deform_unet, levelset, roi, semiconv
 from .centernet import torch_centernet_decode
 from .common import (
     BLOCK, INPUT_SETS, Calls, Case, PeerUnavailable, alternating_medians, copy_bandwidth, cuda_median_ms,
     cupy_peak_extra_mib, device_inputs, floor_bytes, host_inputs, peer_calls, pydeform_calls, torch_peak_extra_mib,
 )
 from .roi import CPU_ROI_MAP, CPU_ROIS, GPU_ROI_MAP, GPU_ROIS, ROI_SIDES, STRIDE, random_rois
+from .semiconv import torch_instance_mean_loss
 
 __all__ = [
     "BLOCK",
@@ -65,11 +67,12 @@ __all__ = [
     "pydeform_calls",
     "random_rois",
     "torch_centernet_decode",
+    "torch_instance_mean_loss",
     "torch_peak_extra_mib",
 ]
 
 #: The family modules, in the order their cases are listed.
-FAMILIES = (deform_conv, roi, centernet, deform_unet, levelset)
+FAMILIES = (deform_conv, roi, centernet, deform_unet, semiconv, levelset)
 OPS = tuple(op for family in FAMILIES for op in family.OPS)
 #: The ops whose GPU backward scatters with float atomics, so has a deterministic mode.
 DETERMINISTIC_OPS = tuple(op for family in FAMILIES for op in family.DETERMINISTIC_OPS)

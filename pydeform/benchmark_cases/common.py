@@ -54,6 +54,9 @@ class Case(NamedTuple):
     # (case, device arrays, backend) -> kernel launches per iteration of an iterative op on the
     # CuPy backend (levelset.launches_per_iteration); None: not counted
     launches: Optional[Callable[["Case", dict, Optional[str]], int]] = None
+    # (case, device arrays, backend) -> pydeform's Calls, where they are not the op and its
+    # ``<op>_backward`` called on the arrays (see pydeform_calls); None: those
+    pydeform_builder: Optional[Callable[["Case", dict, Optional[str]], "Calls"]] = None
 
     @property
     def id(self) -> str:
@@ -124,7 +127,10 @@ def uniform(rng, low, high, shape):
 
 def pydeform_calls(case: Case, arrays: dict, backend: Optional[str] = None) -> Calls:
     """pydeform's op on ``arrays`` (from :func:`device_inputs`), with the case's options and
-    ``backend=``; the forward + backward is None when the op has no backward."""
+    ``backend=``; the forward + backward is None when the op has no backward. A case with a
+    ``pydeform_builder`` builds its own."""
+    if case.pydeform_builder is not None:
+        return case.pydeform_builder(case, arrays, backend)
     import pydeform
 
     forward_op = getattr(pydeform, case.op)

@@ -12,11 +12,15 @@ returns them in order with their boxes, its targets of hand-worked boxes fill th
 1 at the centres, and its focal loss equals the formula; the transposed deformable convolution
 with zero offsets is a transposed convolution and the adjoint of deform_conv2d, deformable
 pooling with zero offsets is pooling of the zero-padded input and its avg mode a depthwise
-deform_conv2d; the level-set ops reproduce scikit-image's own test cases, the curvature operators
-their direct NumPy formulation, and a snake continued at ``next_phase`` one run.
+deform_conv2d; the semi-convolutional ops' means, loss, affinities and seeded logits equal their
+NumPy formulas, the votes ``np.add.at`` of the rounded positions, the assignment a brute-force
+argmin, and the loss and its gradient are bit-identical run to run; the level-set ops reproduce
+scikit-image's own test cases, the curvature operators their direct NumPy formulation, and a
+snake continued at ``next_phase`` one run.
 
 One module per op family registers that family's checks with the :func:`check` decorator when
-imported (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``levelset``); :mod:`.common`
+imported (``deform_conv``, ``roi``, ``centernet``, ``deform_unet``, ``semiconv``,
+``levelset``); :mod:`.common`
 holds the backends, the registry, the checks every op gets and the runner, which crosses every
 registered check with every available backend and dtype it applies to and prints one table row
 per run. A new family
@@ -29,7 +33,7 @@ from .common import (
 )
 
 # Importing a family registers its checks; the table lists the ops in this order.
-from . import deform_conv, roi, centernet, deform_unet, levelset  # noqa: F401
+from . import deform_conv, roi, centernet, deform_unet, semiconv, levelset  # noqa: F401
 
 __all__ = [
     "CHECKS",

@@ -158,7 +158,7 @@ class OpCalls(NamedTuple):
     """What the generic checks need of one op.
 
     ``forward`` and ``backward`` are the public functions (``backward`` returns a NamedTuple of
-    gradients, None for an absent argument); ``cases(quick)`` yields ``(case, arguments,
+    gradients, None for an absent argument; ``backward`` is None for an op without one); ``cases(quick)`` yields ``(case, arguments,
     grad_output)``: the float64 array arguments by name and a float64 output gradient, with the
     op's other keyword arguments in ``case.options()``.
     """
@@ -176,13 +176,15 @@ def storage_dtype(name: str, dtype: str) -> str:
 
 
 def rounded(arrays: dict, dtype: str) -> dict:
-    """The arguments rounded to their storage type for ``dtype`` and held in float64, so runs in
-    different dtypes see the same numbers."""
-    return {k: v.astype(dtype_of(storage_dtype(k, dtype))).astype(np.float64) for k, v in arrays.items()}
+    """The float arguments rounded to their storage type for ``dtype`` and held in float64, so
+    runs in different dtypes see the same numbers; integer and bool ones (labels, masks) as they are."""
+    return {k: v.astype(dtype_of(storage_dtype(k, dtype))).astype(np.float64) if v.dtype.kind == "f" else v
+            for k, v in arrays.items()}
 
 
 def on_device(backend, dtype, arrays: dict) -> dict:
-    return {k: backend.to_device(v, storage_dtype(k, dtype)) for k, v in arrays.items()}
+    return {k: backend.to_device(v, storage_dtype(k, dtype)) if v.dtype.kind == "f" else backend.xp.asarray(v)
+            for k, v in arrays.items()}
 
 
 def run_forward(calls: OpCalls, backend, dtype, case, arrays) -> np.ndarray:
@@ -297,15 +299,18 @@ def finite_difference_check(calls: OpCalls, argument: str):
 
 
 def register_common_checks(calls: OpCalls, gradients):
-    """Forward and backward against a float64 run of the same backend and, on a GPU, of the Numba
-    CPU backend; each gradient named in ``gradients`` against finite differences in float64."""
+    """Forward and backward (if the op has one) against a float64 run of the same backend and, on
+    a GPU, of the Numba CPU backend; each gradient named in ``gradients`` against finite
+    differences in float64."""
     op = calls.op
     check(op, "forward vs float64", OUTPUT_TOLERANCE, below_float64)(
         forward_check(calls, _float64_forward_of(calls, same_backend)))
-    check(op, "backward vs float64", OUTPUT_TOLERANCE, below_float64)(backward_check(calls, same_backend))
+    if calls.backward is not None:
+        check(op, "backward vs float64", OUTPUT_TOLERANCE, below_float64)(backward_check(calls, same_backend))
     check(op, "forward vs numba-cpu float64", OUTPUT_TOLERANCE, gpu_only)(
         forward_check(calls, _float64_forward_of(calls, numba_cpu)))
-    check(op, "backward vs numba-cpu float64", OUTPUT_TOLERANCE, gpu_only)(backward_check(calls, numba_cpu))
+    if calls.backward is not None:
+        check(op, "backward vs numba-cpu float64", OUTPUT_TOLERANCE, gpu_only)(backward_check(calls, numba_cpu))
     for argument in gradients:
         check(op, f"grad {argument} vs finite difference", FINITE_DIFFERENCE_TOLERANCE, float64_only)(
             finite_difference_check(calls, argument))

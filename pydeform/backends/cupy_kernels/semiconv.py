@@ -110,6 +110,11 @@ class CupySemiConvKernels:
         """The accumulation dtype of ``dtype``: the per-instance statistics, sigma and seeds."""
         return accumulation_dtype(dtype)
 
+    @staticmethod
+    def workspace(op, shapes, dtype, *, backward):
+        """The kernels read and write every storage type: no scratch of their own."""
+        return {}
+
     def _labels(self, labels):
         return self.xp.ascontiguousarray(labels, dtype=np.int64)
 

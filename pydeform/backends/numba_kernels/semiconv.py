@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ..._workspace import converted
+from ..._workspace import accumulator_plans, converted
 from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
 
 LAPLACIAN, GAUSSIAN = 0, 1
@@ -629,6 +629,9 @@ def cuda_kernels():
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
         plane = height * width
         zero, half = cy.dtype.type(0), cy.dtype.type(0.5)
+        # The bounds in the arithmetic type: comparing the rounded vote with an integer would
+        # convert both to float64.
+        top_y, top_x = cy.dtype.type(out_h), cy.dtype.type(out_w)
         for item in range(cuda.grid(1), batch * plane, cuda.gridsize(1)):
             if not foreground[item]:
                 continue
@@ -638,7 +641,7 @@ def cuda_kernels():
             fy, fx = coordinates(cy, p, width)
             vy = round_half_away(value_at(psi, pixel, plane, 0, cy, cx, fy, fx), zero, half)
             vx = round_half_away(value_at(psi, pixel, plane, 1, cy, cx, fy, fx), zero, half)
-            if vy >= 0 and vy < out_h and vx >= 0 and vx < out_w:  # False for NaN
+            if vy >= zero and vy < top_y and vx >= zero and vx < top_x:  # False for NaN
                 cuda.atomic.add(counts, (n * out_h + int(vy)) * out_w + int(vx), 1)
 
     @cuda_kernel
@@ -677,6 +680,11 @@ class NumbaCpuSemiConvKernels:
     def statistics_dtype(dtype):
         """dtype of the per-instance statistics, sigma and seeds for embeddings of ``dtype``."""
         return np.dtype(np.float64)
+
+    @staticmethod
+    def workspace(op, shapes, dtype, *, backward):
+        """No scratch of their own (float32 and float64 only)."""
+        return {}
 
     @staticmethod
     def statistics(psi, labels, offsets, sums, counts, norm_sums, unit_sums, *, with_norms):
@@ -744,6 +752,18 @@ class NumbaCpuSemiConvKernels:
         cpu_kernels()[8](*map(flat, arrays), batch, dims, height, width, centers.shape[1], max_distance)
 
 
+# The arrays the Numba CUDA kernel set converts to float32 (half types) for each driver, by
+# (forward, backward).
+CUDA_COPIES = {
+    "instance_means": (("psi",), ()),
+    "instance_mean_loss": (("psi",), ("psi", "grad_psi")),
+    "affinity": (("psi", "centers", "output"), ("grad_output", "psi", "centers", "grad_psi", "grad_centers")),
+    "seeded_mask_logits": (("scores", "psi", "output"), ("grad_output", "scores", "psi", "grad_scores", "grad_psi")),
+    "hough_votes": (("psi",), ()),
+    "assign_to_centers": (("psi", "centers"), ()),
+}
+
+
 class NumbaCudaSemiConvKernels:
     """The semi-convolutional kernels compiled with ``numba.cuda.jit`` for CuPy arrays; the
     interface of :class:`NumbaCpuSemiConvKernels`. float16 / bfloat16 arrays are read from
@@ -759,6 +779,16 @@ class NumbaCudaSemiConvKernels:
     @staticmethod
     def statistics_dtype(dtype):
         return accumulation_dtype(dtype)
+
+    @staticmethod
+    def workspace(op, shapes, dtype, *, backward):
+        """The float32 copies of the arrays the methods that the driver of ``op`` calls read and
+        write, for half types (``shapes``: {name: shape} of the arguments and outputs; a gradient
+        has its argument's shape, grad_output the output's); nothing otherwise."""
+        copies = CUDA_COPIES[op][backward]
+        sizes = {**shapes, **{f"grad_{name}": shape for name, shape in shapes.items()},
+                 "grad_output": shapes.get("output")}
+        return accumulator_plans({name: sizes[name] for name in copies}, dtype)
 
     def _run(self, index, n_items, *args):
         launch_cuda(cuda_kernels()[index], n_items, self.xp, *args)
