@@ -14,6 +14,11 @@ and writes the other). Kernel methods (all arrays C-contiguous on the kernel set
 - ``gac_balloon(src, gimage, limit, grow, dst)``: the balloon step where gimage > limit [B].
 - ``gac_attach(src, gradient, dst)``: the attachment step; gradient [B, ndim, *S] is
   np.gradient of each gimage along its image axes (computed once per run).
+- Optional, used instead of ``gac_balloon`` and ``gac_attach`` when the kernel set has them:
+  ``gac_plan(gimage, limit) -> plan`` once per run (limit None without a balloon; the kernel
+  set takes gimage's gradient itself),
+  then per iteration ``gac_step(src, plan, balloon, dst)``: the balloon (balloon 1: dilation,
+  -1: erosion, 0: none) and the attachment in one call.
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
   lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
 
@@ -296,15 +301,20 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
     _check_gradient_shape("gimage", shape_of(images)[1:])
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
-    # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
+    planned = run.num_iter and hasattr(run.kernels, "gac_plan")
+    plan = run.kernels.gac_plan(images, limit) if planned else None
+    # else gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
     axes = tuple(range(1, images.ndim))
-    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter else None
+    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter and not planned else None
     run.report()
     for _ in range(run.num_iter):
-        if balloon:
-            run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
-            run.swap()
-        run.kernels.gac_attach(run.u, gradient, run.spare)
+        if plan is not None:
+            run.kernels.gac_step(run.u, plan, int(np.sign(balloon)), run.spare)
+        else:
+            if balloon:
+                run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
+                run.swap()
+            run.kernels.gac_attach(run.u, gradient, run.spare)
         run.swap()
         run.smooth()
         run.report()

@@ -85,6 +85,24 @@ def test_larger_runs_equal_scikit_image():
                                   skimage_acwe(volume, 4, "disk", smoothing=2))
 
 
+@pytest.mark.parametrize("shape", [(13, 70), (5, 6, 37), (3, 4, 64)])
+def test_rows_long_enough_for_the_vector_loops_equal_the_reference(shape):
+    """The kernels' vector loops (with and without a scalar remainder) and the rewritten row
+    ends, the curvature operators' flat planes, the MorphGAC plan with and without a balloon."""
+    rng = np.random.default_rng(11)
+    u = (rng.random(shape) < 0.5).astype(np.int8)
+    np.testing.assert_array_equal(levelset.sup_inf(u), ref.sup_inf(u))
+    np.testing.assert_array_equal(levelset.inf_sup(u), ref.inf_sup(u))
+    image = rng.integers(0, 256, shape)
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3, u, smoothing=1),
+                                  ref.morphological_chan_vese(image, 3, u, smoothing=1)[0])
+    gimage = rng.random(shape)
+    for balloon in (-1, 0, 1):
+        np.testing.assert_array_equal(
+            levelset.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon),
+            ref.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon)[0])
+
+
 def test_phase_continues_a_run_exactly():
     image = np.random.default_rng(1).integers(0, 9, (12, 12))
     whole = levelset.morphological_chan_vese(image, 6, "disk", smoothing=3)
