@@ -19,6 +19,10 @@ and writes the other). Kernel methods (all arrays C-contiguous on the kernel set
   set takes gimage's gradient itself),
   then per iteration ``gac_step(src, plan, balloon, dst)``: the balloon (balloon 1: dilation,
   -1: erosion, 0: none) and the attachment in one call.
+- Optional, for a run without ``iter_callback``, used when the kernel set has them:
+  ``acwe_run(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2)`` and
+  ``gac_run(u, spare, plan, balloon, num_iter, smoothing, phase)`` (plan from ``gac_plan``):
+  every iteration with its smoothing, the final level sets in u (spare: scratch).
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
   lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
 
@@ -256,6 +260,9 @@ def morphological_chan_vese(image, num_iter, init_level_set="checkerboard", smoo
     xp, images = run.xp, run.images
     if run.num_iter:
         _check_gradient_shape("image", shape_of(images)[1:])
+    if run.callback is None and hasattr(run.kernels, "acwe_run"):
+        run.kernels.acwe_run(run.u, run.spare, images, run.num_iter, run.smoothing, run.phase, lambda1, lambda2)
+        return run.result()
     partial = xp.empty((int(np.prod(images.shape[:-1])), 4))
     means = xp.empty((images.shape[0], 2))
     run.report()
@@ -306,6 +313,9 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
     # else gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
     axes = tuple(range(1, images.ndim))
     gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter and not planned else None
+    if plan is not None and run.callback is None and hasattr(run.kernels, "gac_run"):
+        run.kernels.gac_run(run.u, run.spare, plan, int(np.sign(balloon)), run.num_iter, run.smoothing, run.phase)
+        return run.result()
     run.report()
     for _ in range(run.num_iter):
         if plan is not None:

@@ -88,7 +88,8 @@ def test_larger_runs_equal_scikit_image():
 @pytest.mark.parametrize("shape", [(13, 70), (5, 6, 37), (3, 4, 64)])
 def test_rows_long_enough_for_the_vector_loops_equal_the_reference(shape):
     """The kernels' vector loops (with and without a scalar remainder) and the rewritten row
-    ends, the curvature operators' flat planes, the MorphGAC plan with and without a balloon."""
+    ends, the curvature operators' flat planes, the MorphGAC plan with and without a balloon;
+    with a callback the driver runs pass by pass, without it the whole run in one kernel."""
     rng = np.random.default_rng(11)
     u = (rng.random(shape) < 0.5).astype(np.int8)
     np.testing.assert_array_equal(levelset.sup_inf(u), ref.sup_inf(u))
@@ -96,11 +97,14 @@ def test_rows_long_enough_for_the_vector_loops_equal_the_reference(shape):
     image = rng.integers(0, 256, shape)
     np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3, u, smoothing=1),
                                   ref.morphological_chan_vese(image, 3, u, smoothing=1)[0])
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3, u, smoothing=1, iter_callback=len),
+                                  ref.morphological_chan_vese(image, 3, u, smoothing=1)[0])
     gimage = rng.random(shape)
     for balloon in (-1, 0, 1):
-        np.testing.assert_array_equal(
-            levelset.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon),
-            ref.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon)[0])
+        expected = ref.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon)[0]
+        for callback in (None, len):
+            np.testing.assert_array_equal(levelset.morphological_geodesic_active_contour(
+                gimage, 3, u, smoothing=1, balloon=balloon, iter_callback=callback), expected)
 
 
 def test_phase_continues_a_run_exactly():

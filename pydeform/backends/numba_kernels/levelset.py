@@ -449,6 +449,65 @@ def _kernels():
                     out[1] = planned_3d(mid, up, down, front, back, row_words, 0, 0, 1)
                     out[last + 1] = planned_3d(mid, up, down, front, back, row_words, last, last - 1, last)
 
+    # --- whole snake runs (no callback): every iteration of one image before the next, so that
+    # image's arrays stay in the cache (a batch taken pass by pass streams through memory on every
+    # pass, and ran slower per image than one image alone), and no call from Python per pass.
+
+    @inline
+    def single(batch, b):
+        """Image b of a batch as a batch of one, typed C-contiguous (a slice b:b + 1 is typed
+        with any layout, and the kernels compiled for it did not vectorise)."""
+        return batch[b].reshape((1,) + batch.shape[1:])
+
+    def smoothing_steps(curvature):
+        @inline
+        def smooth(u, spare, smoothing, phase):
+            """``smoothing`` curvature steps on u (spare: scratch) from ``phase``; the new phase.
+            Phase 0 is SI(IS(u)): IS is the curvature kernel with dilate True."""
+            for _ in range(smoothing):
+                curvature(u, spare, phase == 0)
+                curvature(spare, u, phase != 0)
+                phase = 1 - phase
+            return phase
+
+        return smooth
+
+    def acwe_run_kernel(means_kernel, attach_kernel, curvature):
+        smooth = smoothing_steps(curvature)
+
+        @cpu_serial_kernel
+        def acwe_run(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2):
+            means = np.empty((1, 2))
+            for b in range(image.shape[0]):
+                src, dst, values = single(u, b), single(spare, b), single(image, b)
+                step = phase
+                for _ in range(num_iter):
+                    means_kernel(src, values, means)
+                    attach_kernel(src, values, means, lambda1, lambda2, dst)
+                    step = smooth(dst, src, smoothing, step)
+                    src, dst = dst, src
+                if num_iter % 2:
+                    u[b] = spare[b]
+
+        return acwe_run
+
+    def gac_run_kernel(step_kernel, curvature):
+        smooth = smoothing_steps(curvature)
+
+        @cpu_serial_kernel
+        def gac_run(u, spare, plan, balloon, num_iter, smoothing, phase):
+            for b in range(plan.shape[0]):
+                src, dst, words = single(u, b), single(spare, b), single(plan, b)
+                step = phase
+                for _ in range(num_iter):
+                    step_kernel(src, words, balloon, dst)
+                    step = smooth(dst, src, smoothing, step)
+                    src, dst = dst, src
+                if num_iter % 2:
+                    u[b] = spare[b]
+
+        return gac_run
+
     # --- Chan-Vese: one fused Jacobi step per iteration, with the next iteration's sums
 
     @inline
@@ -552,7 +611,10 @@ def _kernels():
                 acwe_means_2d=acwe_means_2d, acwe_means_3d=acwe_means_3d,
                 acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d, gac_plan_2d=gac_plan_2d, gac_plan_3d=gac_plan_3d,
                 gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d, chan_vese_row_sums=chan_vese_row_sums,
-                chan_vese_step=chan_vese_step, chan_vese_stats=chan_vese_stats)
+                chan_vese_step=chan_vese_step, chan_vese_stats=chan_vese_stats,
+                acwe_run_2d=acwe_run_kernel(acwe_means_2d, acwe_attach_2d, curvature_2d),
+                acwe_run_3d=acwe_run_kernel(acwe_means_3d, acwe_attach_3d, curvature_3d),
+                gac_run_2d=gac_run_kernel(gac_step_2d, curvature_2d), gac_run_3d=gac_run_kernel(gac_step_3d, curvature_3d))
 
 
 class NumbaCpuLevelSetKernels:
@@ -595,6 +657,15 @@ class NumbaCpuLevelSetKernels:
     def gac_step(self, src, plan, balloon, dst):
         """The balloon (balloon: 1 dilation, -1 erosion, 0 none) and the attachment in one pass."""
         self._pick("gac_step", plan.ndim - 1)(src, plan, balloon, dst)
+
+    def acwe_run(self, u, spare, image, num_iter, smoothing, phase, lambda1, lambda2):
+        """A whole MorphACWE run, one image after the other; the final level sets in u."""
+        self._pick("acwe_run", image.ndim - 1)(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2)
+
+    def gac_run(self, u, spare, plan, balloon, num_iter, smoothing, phase):
+        """A whole MorphGAC run from gac_plan's plan, one image after the other; the final level
+        sets in u."""
+        self._pick("gac_run", plan.ndim - 1)(u, spare, plan, balloon, num_iter, smoothing, phase)
 
     def chan_vese_start(self, phi, image, partial, stats):
         """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
