@@ -9,22 +9,24 @@ is 0" of the curvature operators and the balloon), two buffers used in turn (eve
 and writes the other). Kernel methods (all arrays C-contiguous on the kernel set's device):
 
 - ``sup_inf(src, dst)``, ``inf_sup(src, dst)``: the curvature operators.
-- ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic.
+- ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic; partial is a
+  float64 scratch [B * rows, 4] (rows: the image's axes but the last) for per-row sums, which
+  a kernel set may leave unused.
 - ``acwe_attach(src, image, means, lambda1, lambda2, dst)``: the attachment step.
 - ``gac_balloon(src, gimage, limit, grow, dst)``: the balloon step where gimage > limit [B].
 - ``gac_attach(src, gradient, dst)``: the attachment step; gradient [B, ndim, *S] is
   np.gradient of each gimage along its image axes (computed once per run).
 - Optional, used instead of ``gac_balloon`` and ``gac_attach`` when the kernel set has them:
   ``gac_plan(gimage, limit) -> plan`` once per run (limit None without a balloon; the kernel
-  set takes gimage's gradient itself),
-  then per iteration ``gac_step(src, plan, balloon, dst)``: the balloon (balloon 1: dilation,
-  -1: erosion, 0: none) and the attachment in one call.
+  set takes gimage's gradient itself), then per iteration ``gac_step(src, plan, balloon, dst)``:
+  the balloon (balloon 1: dilation, -1: erosion, 0: none) and the attachment in one call.
 - Optional, for a run without ``iter_callback``, used when the kernel set has them:
   ``acwe_run(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2)`` and
   ``gac_run(u, spare, plan, balloon, num_iter, smoothing, phase)`` (plan from ``gac_plan``):
   every iteration with its smoothing, the final level sets in u (spare: scratch).
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
-  lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
+  lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change);
+  partial: a scratch [B * H, 5], as in ``acwe_means``.
 
 The smoothing phase that scikit-image keeps in module state is the keyword ``phase`` here: a run
 of ``num_iter`` iterations with ``smoothing`` steps each, started at ``phase``, ends at

@@ -525,93 +525,74 @@ def _kernels():
         return (centre + dt * delta * (mu * curvature + force)) / (1.0 + mu * dt * delta * (k1 + k2 + k3 + k4))
 
     @inline
-    def region_sums(phi, previous, values, partial, task):
-        """partial[task] = (sum f H, sum H, sum f (1 - H), sum 1 - H, sum (phi - previous)^2) over
-        one row, H = phi > 0; the float sums in 4 interleaved lanes (x mod 4) added in lane order
-        at the end, a fixed order that vectorises."""
-        width = values.shape[0]
-        lanes = width - width % 4
-        in0, in1, in2, in3, out0, out1, out2, out3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        change0, change1, change2, change3 = 0.0, 0.0, 0.0, 0.0
-        count = 0
-        for x in range(0, lanes, 4):
-            h0, h1 = np.int64(phi[x] > 0), np.int64(phi[x + 1] > 0)
-            h2, h3 = np.int64(phi[x + 2] > 0), np.int64(phi[x + 3] > 0)
-            count += h0 + h1 + h2 + h3
-            in0 += values[x] * float(h0)
-            in1 += values[x + 1] * float(h1)
-            in2 += values[x + 2] * float(h2)
-            in3 += values[x + 3] * float(h3)
-            out0 += values[x] * float(1 - h0)
-            out1 += values[x + 1] * float(1 - h1)
-            out2 += values[x + 2] * float(1 - h2)
-            out3 += values[x + 3] * float(1 - h3)
-            change0 += square(phi[x] - previous[x])
-            change1 += square(phi[x + 1] - previous[x + 1])
-            change2 += square(phi[x + 2] - previous[x + 2])
-            change3 += square(phi[x + 3] - previous[x + 3])
-        for x in range(lanes, width):
-            h = np.int64(phi[x] > 0)
-            count += h
-            in0 += values[x] * float(h)
-            out0 += values[x] * float(1 - h)
-            change0 += square(phi[x] - previous[x])
-        partial[task, 0] = ((in0 + in1) + in2) + in3
-        partial[task, 1] = float(count)
-        partial[task, 2] = ((out0 + out1) + out2) + out3
-        partial[task, 3] = float(width - count)
-        partial[task, 4] = ((change0 + change1) + change2) + change3
+    def region_add_row(phi, previous, values, sums):
+        """Add one row to the column sums: sums[0, x] += f H, sums[1, x] += H,
+        sums[2, x] += f (1 - H), sums[3, x] += (phi - previous)^2, H = phi > 0 (element-wise
+        along the row, so it vectorises, as acwe_add_row)."""
+        s_in, n_in, s_out, change = sums[0], sums[1], sums[2], sums[3]
+        for x in range(values.shape[0]):
+            flag = unit(phi[x] > 0)
+            s_in[x] += values[x] * flag
+            n_in[x] += flag
+            s_out[x] += values[x] * (1.0 - flag)
+            change[x] += square(phi[x] - previous[x])
+
+    @inline
+    def chan_vese_store_stats(sums, pixels, stats, b):
+        """stats[b] = (c1, c2, RMS change) from the column sums, added in column order."""
+        s_in = n_in = s_out = change = 0.0
+        for x in range(sums.shape[1]):
+            s_in += sums[0, x]
+            n_in += sums[1, x]
+            s_out += sums[2, x]
+            change += sums[3, x]
+        n_out = pixels - n_in
+        stats[b, 0] = s_in / n_in if n_in != 0 else s_in
+        stats[b, 1] = s_out / n_out if n_out != 0 else s_out
+        stats[b, 2] = np.sqrt(change / pixels)
 
     @cpu_serial_kernel
-    def chan_vese_row_sums(phi, image, partial):
-        """partial[task] = (sum f H, sum H, sum f (1 - H), sum 1 - H, 0), H = phi > 0, one row."""
-        batch, height = image.shape[0], image.shape[1]
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            region_sums(phi[b, y], phi[b, y], image[b, y], partial, task)
+    def chan_vese_start(phi, image, stats):
+        """stats[b] = (c1, c2, 0) of phi."""
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        sums = np.empty((4, width))
+        for b in range(batch):
+            sums[:] = 0.0
+            for y in range(height):
+                region_add_row(phi[b, y], phi[b, y], image[b, y], sums)
+            chan_vese_store_stats(sums, float(height * width), stats, b)
 
     @cpu_serial_kernel
-    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
-        """new_phi = one step of phi for the active images; partial[task] = the row sums of
-        new_phi (as chan_vese_row_sums) and the row's sum of squared changes."""
+    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi):
+        """new_phi = one step of phi for the active images; stats[b] becomes (c1, c2, RMS
+        change) of new_phi."""
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
         last = width - 1
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
+        sums = np.empty((4, width))
+        for b in range(batch):
             if not active[b]:
                 continue
             c1, c2 = stats[b, 0], stats[b, 1]
-            y0, y1, _ = neighbours(y, height)
-            row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
-            out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2, dt)
-            for x in range(1, last):
-                out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2, dt)
-            if last > 0:
-                out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
-                                            lambda2, dt)
-            region_sums(out, row, values, partial, task)
-
-    @cpu_serial_kernel
-    def chan_vese_stats(partial, rows, pixels, stats):
-        """stats[b] = (c1, c2, RMS change) from the row sums of image b, added in row order."""
-        batch = stats.shape[0]
-        for b in prange(batch):
-            s_in = n_in = s_out = n_out = change = 0.0
-            for r in range(b * rows, (b + 1) * rows):
-                s_in += partial[r, 0]
-                n_in += partial[r, 1]
-                s_out += partial[r, 2]
-                n_out += partial[r, 3]
-                change += partial[r, 4]
-            stats[b, 0] = s_in / n_in if n_in != 0 else s_in
-            stats[b, 1] = s_out / n_out if n_out != 0 else s_out
-            stats[b, 2] = np.sqrt(change / pixels)
+            sums[:] = 0.0
+            for y in range(height):
+                y0, y1, _ = neighbours(y, height)
+                row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
+                out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2,
+                                         dt)
+                for x in range(1, last):
+                    out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2,
+                                             dt)
+                if last > 0:
+                    out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
+                                                lambda2, dt)
+                region_add_row(out, row, values, sums)
+            chan_vese_store_stats(sums, float(height * width), stats, b)
 
     return dict(curvature_2d=curvature_2d, curvature_3d=curvature_3d,
                 acwe_means_2d=acwe_means_2d, acwe_means_3d=acwe_means_3d,
                 acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d, gac_plan_2d=gac_plan_2d, gac_plan_3d=gac_plan_3d,
-                gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d, chan_vese_row_sums=chan_vese_row_sums,
-                chan_vese_step=chan_vese_step, chan_vese_stats=chan_vese_stats,
+                gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d, chan_vese_start=chan_vese_start,
+                chan_vese_step=chan_vese_step,
                 acwe_run_2d=acwe_run_kernel(acwe_means_2d, acwe_attach_2d, curvature_2d),
                 acwe_run_3d=acwe_run_kernel(acwe_means_3d, acwe_attach_3d, curvature_3d),
                 gac_run_2d=gac_run_kernel(gac_step_2d, curvature_2d), gac_run_3d=gac_run_kernel(gac_step_3d, curvature_3d))
@@ -668,14 +649,11 @@ class NumbaCpuLevelSetKernels:
         self._pick("gac_run", plan.ndim - 1)(u, spare, plan, balloon, num_iter, smoothing, phase)
 
     def chan_vese_start(self, phi, image, partial, stats):
-        """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
-        kernels = _kernels()
-        kernels["chan_vese_row_sums"](phi, image, partial)
-        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+        """stats [B, 3] = (c1, c2, 0) of phi. The sums run by columns in a scratch of the
+        kernel's own, so ``partial`` (the per-row scratch of the contract) is unused."""
+        _kernels()["chan_vese_start"](phi, image, stats)
 
     def chan_vese_step(self, phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
         """new_phi = one step for the images where active [B] uint8 is set; stats becomes
-        (c1, c2, RMS change) of new_phi for them."""
-        kernels = _kernels()
-        kernels["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial)
-        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+        (c1, c2, RMS change) of new_phi for them (``partial`` unused, as in chan_vese_start)."""
+        _kernels()["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi)
