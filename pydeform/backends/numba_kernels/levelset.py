@@ -30,8 +30,8 @@ def cpu_serial_kernel(fn):
     Each pass of a level-set iteration is a few hundred microseconds of work at 512x512; measured
     on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
     than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread. The
-    heaviest pass, the Chan-Vese step (1.8 ms at 512x512 on one thread), took 0.9 ms on two
-    threads at best but a median 12 ms with the machine's load average at 3.
+    heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.5 ms), took
+    0.9 ms on two threads at best but a median 12 ms with the machine's load average at 3.
     """
     import numba
 
@@ -148,9 +148,9 @@ def _kernels():
     # snakes' loops run over the whole row with the interior formula (reading the zero border)
     # and then rewrite the two ends: a trip count of the row width, a multiple of the vector step
     # for the usual widths, leaves no scalar remainder (a 64-pixel row lost a quarter of its
-    # pixels to it). Per-pixel helpers return their value and the kernel's own loop stores it (with the store,
-    # or the loop, inside an inlined helper the pass ran 2-4x slower); updates are bit selects,
-    # which vectorise, where a conditional expression did not.
+    # pixels to it). Per-pixel helpers return their value and the kernel's own loop stores it
+    # (with the store, or the loop, inside an inlined helper the pass ran 2-4x slower); updates
+    # are bit selects, which vectorise, where a conditional expression did not.
 
     @inline
     def neighbours(i, n):
@@ -359,11 +359,13 @@ def _kernels():
         rows up, mid, down where the plan's mask bit is set, else mid."""
         if grow:
             for x in range(1, words.shape[0] + 1):
-                box = up[x - 1] | up[x] | up[x + 1] | mid[x - 1] | mid[x] | mid[x + 1] | down[x - 1] | down[x] | down[x + 1]
+                box = (up[x - 1] | up[x] | up[x + 1] | mid[x - 1] | mid[x] | mid[x + 1] | down[x - 1] | down[x]
+                       | down[x + 1])
                 out[x] = masked_select(np.uint8((words[x - 1] >> np.uint32(18)) & np.uint32(1)), box, mid[x])
         else:
             for x in range(1, words.shape[0] + 1):
-                box = up[x - 1] & up[x] & up[x + 1] & mid[x - 1] & mid[x] & mid[x + 1] & down[x - 1] & down[x] & down[x + 1]
+                box = (up[x - 1] & up[x] & up[x + 1] & mid[x - 1] & mid[x] & mid[x + 1] & down[x - 1] & down[x]
+                       & down[x + 1])
                 out[x] = masked_select(np.uint8((words[x - 1] >> np.uint32(18)) & np.uint32(1)), box, mid[x])
 
     @inline
@@ -590,12 +592,13 @@ def _kernels():
 
     return dict(curvature_2d=curvature_2d, curvature_3d=curvature_3d,
                 acwe_means_2d=acwe_means_2d, acwe_means_3d=acwe_means_3d,
-                acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d, gac_plan_2d=gac_plan_2d, gac_plan_3d=gac_plan_3d,
-                gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d, chan_vese_start=chan_vese_start,
-                chan_vese_step=chan_vese_step,
+                acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d,
+                gac_plan_2d=gac_plan_2d, gac_plan_3d=gac_plan_3d, gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d,
+                chan_vese_start=chan_vese_start, chan_vese_step=chan_vese_step,
                 acwe_run_2d=acwe_run_kernel(acwe_means_2d, acwe_attach_2d, curvature_2d),
                 acwe_run_3d=acwe_run_kernel(acwe_means_3d, acwe_attach_3d, curvature_3d),
-                gac_run_2d=gac_run_kernel(gac_step_2d, curvature_2d), gac_run_3d=gac_run_kernel(gac_step_3d, curvature_3d))
+                gac_run_2d=gac_run_kernel(gac_step_2d, curvature_2d),
+                gac_run_3d=gac_run_kernel(gac_step_3d, curvature_3d))
 
 
 class NumbaCpuLevelSetKernels:
