@@ -291,10 +291,6 @@ def _kernels():
     # attachment reads, so the intermediate level set never goes to memory.
 
     @inline
-    def plan_bits(aux, code, kept_shift):
-        return (np.uint64(aux > 0) << np.uint64(code)) | (np.uint64(not aux < 0) << np.uint64(code + kept_shift))
-
-    @inline
     def gimage_slope(before, after, inverse):
         """np.gradient of gimage along one axis: (after - before) / distance (1 or 2; the
         product with the inverse is the same correctly rounded value)."""
@@ -326,10 +322,22 @@ def _kernels():
                 out[x] = plan_word_2d(gimage_slope(up[x], down[x], sy), gimage_slope(mid[x0], mid[x1], sx), sy, sx,
                                       mid[x] > bound)
 
+    @inline
+    def plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, d_z, d_y, d_x):
+        """The bits of code c (differences d) and of 26 - c (differences -d). Negating every
+        difference negates aux exactly (each product and sum is rounded symmetrically; a 0
+        difference gives g * 0.0 either way), so aux(-d) > 0 where aux(d) < 0 and NaN stays NaN."""
+        aux = g_z * (float(d_z) * sz) + g_y * (float(d_y) * sy) + g_x * (float(d_x) * sx)
+        code = 9 * (d_z + 1) + 3 * (d_y + 1) + d_x + 1
+        positive, kept = np.uint64(aux > 0), np.uint64(not aux < 0)
+        return ((positive << np.uint64(code)) | (kept << np.uint64(code + 27))
+                | ((kept ^ np.uint64(1)) << np.uint64(26 - code)) | ((positive ^ np.uint64(1)) << np.uint64(53 - code)))
+
     @cpu_serial_kernel
     def gac_plan_3d(gimage, limit, plan):
         """plan[b, z, y, x] (uint64): bit c = 9 (d_z + 1) + 3 (d_y + 1) + d_x + 1 set where
-        aux > 0, bit c + 27 where not aux < 0, bit 54 where gimage > limit[b]."""
+        aux > 0, bit c + 27 where not aux < 0, bit 54 where gimage > limit[b]; aux is evaluated
+        for the codes 0 to 13 and gives the codes 26 to 13 by symmetry."""
         batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
         for task in prange(batch * depth * height):
             b, zy = row_bounds(task, depth * height)
@@ -342,11 +350,13 @@ def _kernels():
                 g_y = gimage_slope(gimage[b, z, y0, x], gimage[b, z, y1, x], sy)
                 g_x = gimage_slope(gimage[b, z, y, x0], gimage[b, z, y, x1], sx)
                 word = np.uint64(gimage[b, z, y, x] > limit[b]) << np.uint64(54)
-                for d_z in range(-1, 2):
-                    for d_y in range(-1, 2):
-                        for d_x in range(-1, 2):
-                            aux = g_z * (float(d_z) * sz) + g_y * (float(d_y) * sy) + g_x * (float(d_x) * sx)
-                            word |= plan_bits(aux, 9 * (d_z + 1) + 3 * (d_y + 1) + d_x + 1, 27)
+                for d_y in range(-1, 2):
+                    for d_x in range(-1, 2):
+                        word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, -1, d_y, d_x)
+                for d_x in range(-1, 2):
+                    word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, -1, d_x)
+                word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, 0, -1)
+                word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, 0, 0)
                 plan[b, z, y, x] = word
 
     @inline
