@@ -9,13 +9,24 @@ is 0" of the curvature operators and the balloon), two buffers used in turn (eve
 and writes the other). Kernel methods (all arrays C-contiguous on the kernel set's device):
 
 - ``sup_inf(src, dst)``, ``inf_sup(src, dst)``: the curvature operators.
-- ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic.
+- ``acwe_means(u, image, partial, means)``: means [B, 2] = (c0, c1), deterministic; partial is a
+  float64 scratch [B * rows, 4] (rows: the image's axes but the last) for per-row sums, which
+  a kernel set may leave unused.
 - ``acwe_attach(src, image, means, lambda1, lambda2, dst)``: the attachment step.
 - ``gac_balloon(src, gimage, limit, grow, dst)``: the balloon step where gimage > limit [B].
 - ``gac_attach(src, gradient, dst)``: the attachment step; gradient [B, ndim, *S] is
   np.gradient of each gimage along its image axes (computed once per run).
+- Optional, used instead of ``gac_balloon`` and ``gac_attach`` when the kernel set has them:
+  ``gac_plan(gimage, limit) -> plan`` once per run (limit None without a balloon; the kernel
+  set takes gimage's gradient itself), then per iteration ``gac_step(src, plan, balloon, dst)``:
+  the balloon (balloon 1: dilation, -1: erosion, 0: none) and the attachment in one call.
+- Optional, for a run without ``iter_callback``, used when the kernel set has them:
+  ``acwe_run(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2)`` and
+  ``gac_run(u, spare, plan, balloon, num_iter, smoothing, phase)`` (plan from ``gac_plan``):
+  every iteration with its smoothing, the final level sets in u (spare: scratch).
 - ``chan_vese_start(phi, image, partial, stats)``, ``chan_vese_step(phi, image, stats, mu,
-  lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change).
+  lambda1, lambda2, dt, active, new_phi, partial)``: stats [B, 3] = (c1, c2, RMS change);
+  partial: a scratch [B * H, 5], as in ``acwe_means``.
 
 The smoothing phase that scikit-image keeps in module state is the keyword ``phase`` here: a run
 of ``num_iter`` iterations with ``smoothing`` steps each, started at ``phase``, ends at
@@ -251,6 +262,9 @@ def morphological_chan_vese(image, num_iter, init_level_set="checkerboard", smoo
     xp, images = run.xp, run.images
     if run.num_iter:
         _check_gradient_shape("image", shape_of(images)[1:])
+    if run.callback is None and hasattr(run.kernels, "acwe_run"):
+        run.kernels.acwe_run(run.u, run.spare, images, run.num_iter, run.smoothing, run.phase, lambda1, lambda2)
+        return run.result()
     partial = xp.empty((int(np.prod(images.shape[:-1])), 4))
     means = xp.empty((images.shape[0], 2))
     run.report()
@@ -296,15 +310,23 @@ def morphological_geodesic_active_contour(gimage, num_iter, init_level_set="disk
     else:
         thresholds = xp.full(images.shape[0], check_finite_float("threshold", threshold))
     limit = xp.ascontiguousarray(thresholds / abs(balloon)) if balloon else None
-    # gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
+    planned = run.num_iter and hasattr(run.kernels, "gac_plan")
+    plan = run.kernels.gac_plan(images, limit) if planned else None
+    # else gimage's gradient once per run, as scikit-image computes it: [B, ndim, *S]
     axes = tuple(range(1, images.ndim))
-    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter else None
+    gradient = xp.stack(xp.gradient(images, axis=axes), axis=1) if run.num_iter and not planned else None
+    if plan is not None and run.callback is None and hasattr(run.kernels, "gac_run"):
+        run.kernels.gac_run(run.u, run.spare, plan, int(np.sign(balloon)), run.num_iter, run.smoothing, run.phase)
+        return run.result()
     run.report()
     for _ in range(run.num_iter):
-        if balloon:
-            run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
-            run.swap()
-        run.kernels.gac_attach(run.u, gradient, run.spare)
+        if plan is not None:
+            run.kernels.gac_step(run.u, plan, int(np.sign(balloon)), run.spare)
+        else:
+            if balloon:
+                run.kernels.gac_balloon(run.u, images, limit, balloon > 0, run.spare)
+                run.swap()
+            run.kernels.gac_attach(run.u, gradient, run.spare)
         run.swap()
         run.smooth()
         run.report()

@@ -10,7 +10,7 @@ pytest.importorskip("skimage")
 SCRIPT = Path(__file__).resolve().parents[1] / "asv_benchmarks" / "compare_levelset_cpu.py"
 
 
-@pytest.mark.parametrize("statistic", [[], ["--best"]])
+@pytest.mark.parametrize("statistic", [[], ["--best", "--cpu-time"]])
 def test_comparison_reports_every_time_ratio_and_agreement(capsys, statistic):
     spec = importlib.util.spec_from_file_location("compare_levelset_cpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -85,6 +85,59 @@ def test_larger_runs_equal_scikit_image():
                                   skimage_acwe(volume, 4, "disk", smoothing=2))
 
 
+@pytest.mark.parametrize("shape", [(13, 70), (5, 6, 37), (3, 4, 64)])
+def test_rows_long_enough_for_the_vector_loops_equal_the_reference(shape):
+    """The kernels' vector loops (with and without a scalar remainder) and the rewritten row
+    ends, the curvature operators' flat planes, the MorphGAC plan with and without a balloon;
+    with a callback the driver runs pass by pass, without it the whole run in one kernel."""
+    rng = np.random.default_rng(11)
+    u = (rng.random(shape) < 0.5).astype(np.int8)
+    np.testing.assert_array_equal(levelset.sup_inf(u), ref.sup_inf(u))
+    np.testing.assert_array_equal(levelset.inf_sup(u), ref.inf_sup(u))
+    image = rng.integers(0, 256, shape)
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3, u, smoothing=1),
+                                  ref.morphological_chan_vese(image, 3, u, smoothing=1)[0])
+    np.testing.assert_array_equal(levelset.morphological_chan_vese(image, 3, u, smoothing=1, iter_callback=len),
+                                  ref.morphological_chan_vese(image, 3, u, smoothing=1)[0])
+    gimage = rng.random(shape)
+    for balloon in (-1, 0, 1):
+        expected = ref.morphological_geodesic_active_contour(gimage, 3, u, smoothing=1, balloon=balloon)[0]
+        for callback in (None, len):
+            np.testing.assert_array_equal(levelset.morphological_geodesic_active_contour(
+                gimage, 3, u, smoothing=1, balloon=balloon, iter_callback=callback), expected)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6)])
+def test_gac_plan_holds_the_attachment_outcome_of_every_neighbourhood(shape):
+    """Each plan word against aux = sum_i gradient_i(gimage) * d_i / distance_i evaluated by NumPy
+    for every combination of differences d_i in {-1, 0, 1} (the 3-D plan evaluates half of them
+    and mirrors the rest), with infinite, NaN and zero gradients among them."""
+    from pydeform.backends.numba_kernels.levelset import NumbaCpuLevelSetKernels
+
+    rng = np.random.default_rng(12)
+    gimage = rng.random(shape)
+    gimage[(1,) * len(shape)], gimage[(2,) * len(shape)] = np.inf, np.nan
+    gimage[(0,) * (len(shape) - 1) + (slice(None),)] = 0.5
+    limit = np.array([0.4])
+    plan = NumbaCpuLevelSetKernels().gac_plan(gimage[None], limit)[0].astype(np.uint64)
+    ndim, codes = len(shape), 3 ** len(shape)
+    inverses = [np.where((np.arange(n) == 0) | (np.arange(n) == n - 1), 1.0, 0.5).reshape(
+        [-1 if i == axis else 1 for i in range(ndim)]) for axis, n in enumerate(shape)]
+    with np.errstate(invalid="ignore"):  # inf - inf in the gradient, inf * 0.0 in aux: NaN as in the kernel
+        gradients = np.gradient(gimage)
+        auxes = []
+        for code in range(codes):
+            differences = [code // 3 ** (ndim - 1 - axis) % 3 - 1 for axis in range(ndim)]
+            aux = 0.0
+            for gradient, inverse, difference in zip(gradients, inverses, differences):
+                aux = aux + gradient * (float(difference) * inverse)
+            auxes.append(aux)
+    for code, aux in enumerate(auxes):
+        np.testing.assert_array_equal(plan >> np.uint64(code) & np.uint64(1), aux > 0)
+        np.testing.assert_array_equal(plan >> np.uint64(code + codes) & np.uint64(1), ~(aux < 0))
+    np.testing.assert_array_equal(plan >> np.uint64(2 * codes) & np.uint64(1), gimage > limit[0])
+
+
 def test_phase_continues_a_run_exactly():
     image = np.random.default_rng(1).integers(0, 9, (12, 12))
     whole = levelset.morphological_chan_vese(image, 6, "disk", smoothing=3)

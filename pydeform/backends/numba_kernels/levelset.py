@@ -2,14 +2,17 @@
 
 Layouts (docs/levelset.md): a batch of B images of one shape S (2-D ``[H, W]`` or 3-D
 ``[D, H, W]``); images float64 ``[B, *S]``; level sets uint8 ``[B, *(S + 2)]`` with a border of
-zeros one pixel wide that no kernel writes, so erosion and dilation read 0 outside the image with
-no bounds test. Every step is Jacobi: a kernel reads one level-set buffer and writes the other.
+zeros one pixel wide that every kernel leaves zero, so erosion and dilation read 0 outside the
+image with no bounds test. Every step is Jacobi: a kernel reads one level-set buffer and writes
+the other.
 
-A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x; tasks run in order on
-one thread. Reductions are deterministic: each task writes its row's partial sums (kept in 4
-interleaved lanes along the row, added in lane order), and one pass per image adds the rows in
-order. Arithmetic is IEEE float64 without contraction into FMAs, so the MorphACWE attachment
-equals NumPy's for integer-valued images and the MorphGAC attachment for any float64 gimage.
+A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x, or for the curvature
+operators one padded plane walked as a single flat row; tasks run in order on one thread.
+Reductions are deterministic: the MorphACWE sums are kept per column (added over the rows in
+order, then the columns in order), the Chan-Vese sums per row (in 4 interleaved lanes, added in
+lane order, then the rows in order). Arithmetic is IEEE float64 without contraction into FMAs,
+so the MorphACWE attachment equals NumPy's for integer-valued images and the MorphGAC attachment
+for any float64 gimage.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def cpu_serial_kernel(fn):
     Each pass of a level-set iteration is a few hundred microseconds of work at 512x512; measured
     on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
     than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread. The
-    heaviest pass, the Chan-Vese step (1.8 ms at 512x512 on one thread), took 0.9 ms on two
-    threads at best but a median 12 ms with the machine's load average at 3.
+    heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.5 ms), took
+    0.9 ms on two threads at best but a median 12 ms with the machine's load average at 3.
     """
     import numba
 
@@ -48,34 +51,41 @@ def _kernels():
     inline = numba.njit(inline="always", nogil=True)
     row_bounds = inline(_row_bounds)
 
-    # --- curvature operators: SI = max over line elements of the erosion, IS = min of dilations
-
-    @cpu_serial_kernel
-    def sup_inf_2d(src, dst):
-        batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            up, mid, down, out = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1]
-            for x in range(1, width + 1):
-                out[x] = mid[x] & ((up[x - 1] & down[x + 1]) | (up[x] & down[x]) | (up[x + 1] & down[x - 1])
-                                   | (mid[x - 1] & mid[x + 1]))
-
-    @cpu_serial_kernel
-    def inf_sup_2d(src, dst):
-        batch, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            up, mid, down, out = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1]
-            for x in range(1, width + 1):
-                out[x] = mid[x] | ((up[x - 1] | down[x + 1]) & (up[x] | down[x]) & (up[x + 1] | down[x - 1])
-                                   & (mid[x - 1] | mid[x + 1]))
+    # --- curvature operators: SI = max over line elements of the erosion, IS = min of dilations.
+    # A task is one padded plane (2-D: an image; 3-D: a z slice) walked as one flat row of
+    # height * (width + 2) - 2 pixels, border columns included, so the vector loop runs long
+    # (64-pixel rows left most of a 3-D row to the scalar remainder); the border columns it
+    # wrote are zeroed after.
 
     @inline
-    def rows_3d(src, b, z, y):
-        """The 9 rows around voxel row (z, y) of image b (padded coordinates of the centre - 1)."""
-        return (src[b, z, y], src[b, z, y + 1], src[b, z, y + 2],
-                src[b, z + 1, y], src[b, z + 1, y + 1], src[b, z + 1, y + 2],
-                src[b, z + 2, y], src[b, z + 2, y + 1], src[b, z + 2, y + 2])
+    def zero_border_columns(plane, height, stride):
+        for y in range(1, height + 1):
+            plane[y * stride] = 0
+            plane[y * stride + stride - 1] = 0
+
+    @inline
+    def flat_rows(plane, stride):
+        """(up, mid, down): a flattened padded plane seen from rows y - 1, y, y + 1."""
+        flat = plane.reshape(plane.size)
+        return flat[:plane.size - 2 * stride], flat[stride:plane.size - stride], flat[2 * stride:]
+
+    @cpu_serial_kernel
+    def curvature_2d(src, dst, dilate):
+        """SI (dilate False) or IS (dilate True) of each image."""
+        batch, height, stride = src.shape[0], src.shape[1] - 2, src.shape[2]
+        span = height * stride - 1
+        for b in prange(batch):
+            up, mid, down = flat_rows(src[b], stride)
+            out = flat_rows(dst[b], stride)[1]
+            if dilate:
+                for x in range(1, span):
+                    out[x] = mid[x] | ((up[x - 1] | down[x + 1]) & (up[x] | down[x]) & (up[x + 1] | down[x - 1])
+                                       & (mid[x - 1] | mid[x + 1]))
+            else:
+                for x in range(1, span):
+                    out[x] = mid[x] & ((up[x - 1] & down[x + 1]) | (up[x] & down[x]) | (up[x + 1] & down[x - 1])
+                                       | (mid[x - 1] & mid[x + 1]))
+            zero_border_columns(dst[b].reshape(dst[b].size), height, stride)
 
     # The 3-D elements are the 9 planes of 3x3 voxels through the centre; vABC is the voxel at
     # offset (A - 1, B - 1, C - 1) in (z, y, x), the centre v111 belongs to every plane.
@@ -84,13 +94,15 @@ def _kernels():
     def curvature_3d(src, dst, dilate):
         """SI (dilate False) or IS (dilate True): every plane contains the centre r11[x], so
         SI = centre & (any plane's other 8 all set), IS = centre | (every plane has one set)."""
-        batch, depth, height, width = src.shape[0], src.shape[1] - 2, src.shape[2] - 2, src.shape[3] - 2
-        for task in prange(batch * depth * height):
-            b, zy = row_bounds(task, depth * height)
-            z, y = zy // height, zy % height
-            r00, r01, r02, r10, r11, r12, r20, r21, r22 = rows_3d(src, b, z, y)
-            out = dst[b, z + 1, y + 1]
-            for x in range(1, width + 1):
+        batch, depth, height, stride = src.shape[0], src.shape[1] - 2, src.shape[2] - 2, src.shape[3]
+        span = height * stride - 1
+        for task in prange(batch * depth):
+            b, z = row_bounds(task, depth)
+            r00, r01, r02 = flat_rows(src[b, z], stride)
+            r10, r11, r12 = flat_rows(src[b, z + 1], stride)
+            r20, r21, r22 = flat_rows(src[b, z + 2], stride)
+            out = flat_rows(dst[b, z + 1], stride)[1]
+            for x in range(1, span):
                 v000, v001, v002 = r00[x - 1], r00[x], r00[x + 1]
                 v010, v011, v012 = r01[x - 1], r01[x], r01[x + 1]
                 v020, v021, v022 = r02[x - 1], r02[x], r02[x + 1]
@@ -122,12 +134,23 @@ def _kernels():
                         | (v002 & v101 & v200 & v012 & v210 & v022 & v121 & v220)
                         | (v000 & v110 & v220 & v001 & v221 & v002 & v112 & v222)
                         | (v020 & v110 & v200 & v021 & v201 & v022 & v112 & v202))
+            zero_border_columns(dst[b, z + 1].reshape(dst[b, z + 1].size), height, stride)
 
-    # --- rows walked along x: the first and last pixel are peeled off (np.gradient's one-sided
-    # ends, Chan-Vese's replicated edge) so the loop between them has no branch and vectorises.
-    # Per-pixel helpers return their value and the kernel's own loop stores it (with the store,
-    # or the loop, inside an inlined helper the pass ran 2-4x slower); updates are bit selects,
-    # which vectorise, where a conditional expression did not.
+    @inline
+    def rows_3d(src, b, z, y):
+        """The 9 rows around voxel row (z, y) of image b (padded coordinates of the centre - 1)."""
+        return (src[b, z, y], src[b, z, y + 1], src[b, z, y + 2],
+                src[b, z + 1, y], src[b, z + 1, y + 1], src[b, z + 1, y + 2],
+                src[b, z + 2, y], src[b, z + 2, y + 1], src[b, z + 2, y + 2])
+
+    # --- rows walked along x: the first and last pixel (np.gradient's one-sided ends, Chan-Vese's
+    # replicated edge) are handled outside the loop so that it has no branch and vectorises. The
+    # snakes' loops run over the whole row with the interior formula (reading the zero border)
+    # and then rewrite the two ends: a trip count of the row width, a multiple of the vector step
+    # for the usual widths, leaves no scalar remainder (a 64-pixel row lost a quarter of its
+    # pixels to it). Per-pixel helpers return their value and the kernel's own loop stores it
+    # (with the store, or the loop, inside an inlined helper the pass ran 2-4x slower); updates
+    # are bit selects, which vectorise, where a conditional expression did not.
 
     @inline
     def neighbours(i, n):
@@ -144,10 +167,10 @@ def _kernels():
         return v * v
 
     @inline
-    def slope(before, after, inverse):
-        """One axis of np.gradient of a level set: (after - before) / distance in float64 (the
-        difference taken in int32, exact, converted once)."""
-        return float(np.int32(after) - np.int32(before)) * inverse
+    def unit(flag):
+        """A 0/1 flag as float64, converted from int32: the int64 conversion Numba makes of
+        ``float(flag)`` has no AVX2 vector form and kept the row sums scalar."""
+        return float(np.int32(flag))
 
     @inline
     def select_sign(aux, old):
@@ -157,138 +180,244 @@ def _kernels():
     # --- MorphACWE: the means, then the attachment fused with the gradient predicate
 
     @inline
-    def acwe_row(level, values, partial, task):
-        """partial[task] = (sum I (1 - u), sum 1 - u, sum I u, sum u) over one row. The float
-        sums run in 4 interleaved lanes (x mod 4, added at the end in lane order): a fixed order
-        that vectorises, exact like any order for integer-valued images."""
-        width = values.shape[0]
-        lanes = width - width % 4
-        out0, out1, out2, out3, in0, in1, in2, in3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        count = 0
-        for x in range(0, lanes, 4):
-            u0, u1, u2, u3 = level[x + 1], level[x + 2], level[x + 3], level[x + 4]
-            count += np.int64(u0) + np.int64(u1) + np.int64(u2) + np.int64(u3)
-            out0 += values[x] * float(1 - u0)
-            out1 += values[x + 1] * float(1 - u1)
-            out2 += values[x + 2] * float(1 - u2)
-            out3 += values[x + 3] * float(1 - u3)
-            in0 += values[x] * float(u0)
-            in1 += values[x + 1] * float(u1)
-            in2 += values[x + 2] * float(u2)
-            in3 += values[x + 3] * float(u3)
-        for x in range(lanes, width):
-            count += np.int64(level[x + 1])
-            out0 += values[x] * float(1 - level[x + 1])
-            in0 += values[x] * float(level[x + 1])
-        partial[task, 0] = ((out0 + out1) + out2) + out3
-        partial[task, 1] = float(width - count)
-        partial[task, 2] = ((in0 + in1) + in2) + in3
-        partial[task, 3] = float(count)
-
-    @cpu_serial_kernel
-    def acwe_row_sums_2d(u, image, partial):
-        batch, height = image.shape[0], image.shape[1]
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            acwe_row(u[b, y + 1], image[b, y], partial, task)
-
-    @cpu_serial_kernel
-    def acwe_row_sums_3d(u, image, partial):
-        batch, depth, height = image.shape[0], image.shape[1], image.shape[2]
-        for task in prange(batch * depth * height):
-            b, zy = row_bounds(task, depth * height)
-            z, y = zy // height, zy % height
-            acwe_row(u[b, z + 1, y + 1], image[b, z, y], partial, task)
-
-    @cpu_serial_kernel
-    def acwe_means(partial, rows, means):
-        """means[b] = (c0, c1) from the row sums of image b, added in row order."""
-        batch = means.shape[0]
-        for b in prange(batch):
-            s0 = n0 = s1 = n1 = 0.0
-            for r in range(b * rows, (b + 1) * rows):
-                s0 += partial[r, 0]
-                n0 += partial[r, 1]
-                s1 += partial[r, 2]
-                n1 += partial[r, 3]
-            means[b, 0] = s0 / (n0 + 1e-8)
-            means[b, 1] = s1 / (n1 + 1e-8)
+    def acwe_add_row(level, values, sums):
+        """Add one row to the column sums: sums[0, x] += I (1 - u), sums[1, x] += I u,
+        sums[2, x] += u. Column by column is an element-wise loop, which vectorises; the sums along
+        a row did not (their order is fixed, so LLVM may not reorder them into vector lanes)."""
+        outside, inside, count = sums[0], sums[1], sums[2]
+        for x in range(values.shape[0]):
+            flag = unit(level[x + 1])
+            outside[x] += values[x] * (1.0 - flag)
+            inside[x] += values[x] * flag
+            count[x] += flag
 
     @inline
-    def acwe_pixel(mid, up, down, dy, front, back, dz, value, x, x0, x1, dx, c0, c1, lambda1, lambda2):
-        """The attachment at image column x (x0, x1, dx: its neighbours along x). In 2-D front and
-        back are mid: their slope is 0.0 and adds nothing (the sum of |slopes| is exact)."""
-        abs_du = (abs(slope(front[x + 1], back[x + 1], dz)) + abs(slope(up[x + 1], down[x + 1], dy))
-                  + abs(slope(mid[x0 + 1], mid[x1 + 1], dx)))
+    def acwe_store_means(sums, pixels, means, b):
+        """means[b] = (c0, c1) from the column sums, added in column order. Counts are exact
+        integers in float64; the image sums are exact in any order for integer-valued images."""
+        s0 = s1 = n1 = 0.0
+        for x in range(sums.shape[1]):
+            s0 += sums[0, x]
+            s1 += sums[1, x]
+            n1 += sums[2, x]
+        means[b, 0] = s0 / ((pixels - n1) + 1e-8)
+        means[b, 1] = s1 / (n1 + 1e-8)
+
+    @cpu_serial_kernel
+    def acwe_means_2d(u, image, means):
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        sums = np.empty((3, width))
+        for b in range(batch):
+            sums[:] = 0.0
+            for y in range(height):
+                acwe_add_row(u[b, y + 1], image[b, y], sums)
+            acwe_store_means(sums, float(height * width), means, b)
+
+    @cpu_serial_kernel
+    def acwe_means_3d(u, image, means):
+        batch, depth, height, width = image.shape[0], image.shape[1], image.shape[2], image.shape[3]
+        sums = np.empty((3, width))
+        for b in range(batch):
+            sums[:] = 0.0
+            for z in range(depth):
+                for y in range(height):
+                    acwe_add_row(u[b, z + 1, y + 1], image[b, z, y], sums)
+            acwe_store_means(sums, float(depth * height * width), means, b)
+
+    @inline
+    def acwe_pixel(mid, up, down, hy, front, back, hz, value, x, x0, x1, hx, c0, c1, lambda1, lambda2):
+        """The attachment at image column x (x0, x1: its neighbours along x). |np.gradient(u)|
+        along an axis is 0 or 1 / the distance (0.5 or 1): hz, hy, hx are those inverses in
+        halves (1 or 2), so the sum of the |slopes| is counted exactly in int32 and converted
+        once. In 2-D front and back are mid and add nothing."""
+        halves = (np.int32(front[x + 1] ^ back[x + 1]) * hz + np.int32(up[x + 1] ^ down[x + 1]) * hy
+                  + np.int32(mid[x0 + 1] ^ mid[x1 + 1]) * hx)
+        abs_du = 0.5 * float(np.int32(halves))
         aux = abs_du * (lambda1 * square(value - c1) - lambda2 * square(value - c0))
         return select_sign(-aux, mid[x + 1])
+
+    @inline
+    def halves(inverse):
+        """1 / distance (0.5 or 1, from neighbours) counted in halves."""
+        return np.int32(1) if inverse == 0.5 else np.int32(2)
 
     @cpu_serial_kernel
     def acwe_attach_2d(src, image, means, lambda1, lambda2, dst):
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
         last = width - 1
+        one, two = np.int32(1), np.int32(2)
         for task in prange(batch * height):
             b, y = row_bounds(task, height)
             y0, y1, dy = neighbours(y, height)
+            hy = halves(dy)
             mid, up, down, out, values = src[b, y + 1], src[b, y0 + 1], src[b, y1 + 1], dst[b, y + 1], image[b, y]
             c0, c1 = means[b, 0], means[b, 1]
-            out[1] = acwe_pixel(mid, up, down, dy, mid, mid, 1.0, values[0], 0, 0, 1, 1.0, c0, c1, lambda1, lambda2)
-            for x in range(1, last):
-                out[x + 1] = acwe_pixel(mid, up, down, dy, mid, mid, 1.0, values[x], x, x - 1, x + 1, 0.5, c0, c1,
+            for x in range(last + 1):
+                out[x + 1] = acwe_pixel(mid, up, down, hy, mid, mid, one, values[x], x, x - 1, x + 1, one, c0, c1,
                                         lambda1, lambda2)
-            out[last + 1] = acwe_pixel(mid, up, down, dy, mid, mid, 1.0, values[last], last, last - 1, last, 1.0, c0,
+            out[1] = acwe_pixel(mid, up, down, hy, mid, mid, one, values[0], 0, 0, 1, two, c0, c1, lambda1, lambda2)
+            out[last + 1] = acwe_pixel(mid, up, down, hy, mid, mid, one, values[last], last, last - 1, last, two, c0,
                                        c1, lambda1, lambda2)
 
     @cpu_serial_kernel
     def acwe_attach_3d(src, image, means, lambda1, lambda2, dst):
         batch, depth, height, width = image.shape[0], image.shape[1], image.shape[2], image.shape[3]
         last = width - 1
+        one, two = np.int32(1), np.int32(2)
         for task in prange(batch * depth * height):
             b, zy = row_bounds(task, depth * height)
             z, y = zy // height, zy % height
             z0, z1, dz = neighbours(z, depth)
             y0, y1, dy = neighbours(y, height)
+            hz, hy = halves(dz), halves(dy)
             mid, front, back = src[b, z + 1, y + 1], src[b, z0 + 1, y + 1], src[b, z1 + 1, y + 1]
             up, down, out, values = src[b, z + 1, y0 + 1], src[b, z + 1, y1 + 1], dst[b, z + 1, y + 1], image[b, z, y]
             c0, c1 = means[b, 0], means[b, 1]
-            out[1] = acwe_pixel(mid, up, down, dy, front, back, dz, values[0], 0, 0, 1, 1.0, c0, c1, lambda1, lambda2)
-            for x in range(1, last):
-                out[x + 1] = acwe_pixel(mid, up, down, dy, front, back, dz, values[x], x, x - 1, x + 1, 0.5, c0, c1,
+            for x in range(last + 1):
+                out[x + 1] = acwe_pixel(mid, up, down, hy, front, back, hz, values[x], x, x - 1, x + 1, one, c0, c1,
                                         lambda1, lambda2)
-            out[last + 1] = acwe_pixel(mid, up, down, dy, front, back, dz, values[last], last, last - 1, last, 1.0, c0,
+            out[1] = acwe_pixel(mid, up, down, hy, front, back, hz, values[0], 0, 0, 1, two, c0, c1, lambda1, lambda2)
+            out[last + 1] = acwe_pixel(mid, up, down, hy, front, back, hz, values[last], last, last - 1, last, two, c0,
                                        c1, lambda1, lambda2)
 
-    # --- MorphGAC: the balloon fused with its masked update, then the attachment
+    # --- MorphGAC. The attachment's outcome at a pixel depends on gimage's gradient there (fixed
+    # for the run) and on u only through the differences d_i in {-1, 0, 1} of u across the pixel
+    # along each axis: aux = sum_i g_i * (d_i / distance_i). gac_plan evaluates that expression,
+    # in the same operations and order, for every combination of the d_i once per run and keeps
+    # per pixel one word of bits: whether aux > 0 and whether not aux < 0 (u kept) for each
+    # combination, and the balloon's mask gimage > limit. gac_step then reads 4 (3-D: 8) bytes a
+    # pixel instead of the gradient's 16 (24) and gimage's 8, and runs the balloon and the
+    # attachment in one pass: the balloon's rows (3-D: planes) go to a ring of 3 that the
+    # attachment reads, so the intermediate level set never goes to memory.
+
+    @inline
+    def gimage_slope(before, after, inverse):
+        """np.gradient of gimage along one axis: (after - before) / distance (1 or 2; the
+        product with the inverse is the same correctly rounded value)."""
+        return (after - before) * inverse
+
+    @inline
+    def plan_word_2d(g_y, g_x, sy, sx, masked):
+        word = np.uint32(masked) << np.uint32(18)
+        for code in range(9):
+            aux = g_y * (float(code // 3 - 1) * sy) + g_x * (float(code % 3 - 1) * sx)
+            word |= (np.uint32(aux > 0) << np.uint32(code)) | (np.uint32(not aux < 0) << np.uint32(code + 9))
+        return word
 
     @cpu_serial_kernel
-    def gac_balloon_2d(src, gimage, limit, grow, dst):
-        """dst = the 3x3 box dilation (grow) or erosion of src where gimage > limit[b], else src."""
+    def gac_plan_2d(gimage, limit, plan):
+        """plan[b, y, x] (uint32): bit c = 3 (d_y + 1) + d_x + 1 set where aux > 0, bit c + 9
+        where not aux < 0, bit 18 where gimage > limit[b]."""
         batch, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2]
+        last = width - 1
         for task in prange(batch * height):
             b, y = row_bounds(task, height)
-            up, mid, down, out, values, bound = src[b, y], src[b, y + 1], src[b, y + 2], dst[b, y + 1], gimage[b, y], \
-                limit[b]
-            if grow:
-                for x in range(1, width + 1):
-                    box = (up[x - 1] | up[x] | up[x + 1] | mid[x - 1] | mid[x] | mid[x + 1] | down[x - 1] | down[x]
-                           | down[x + 1])
-                    masked = np.uint8(values[x - 1] > bound)
-                    out[x] = (box & masked) | (mid[x] & (masked ^ 1))
-            else:
-                for x in range(1, width + 1):
-                    box = (up[x - 1] & up[x] & up[x + 1] & mid[x - 1] & mid[x] & mid[x + 1] & down[x - 1] & down[x]
-                           & down[x + 1])
-                    masked = np.uint8(values[x - 1] > bound)
-                    out[x] = (box & masked) | (mid[x] & (masked ^ 1))
+            y0, y1, sy = neighbours(y, height)
+            up, mid, down, bound, out = gimage[b, y0], gimage[b, y], gimage[b, y1], limit[b], plan[b, y]
+            for x in range(1, last):
+                out[x] = plan_word_2d(gimage_slope(up[x], down[x], sy), gimage_slope(mid[x - 1], mid[x + 1], 0.5), sy,
+                                      0.5, mid[x] > bound)
+            for x in (0, last):
+                x0, x1, sx = neighbours(x, width)
+                out[x] = plan_word_2d(gimage_slope(up[x], down[x], sy), gimage_slope(mid[x0], mid[x1], sx), sy, sx,
+                                      mid[x] > bound)
+
+    @inline
+    def plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, d_z, d_y, d_x):
+        """The bits of code c (differences d) and of 26 - c (differences -d). Negating every
+        difference negates aux exactly (each product and sum is rounded symmetrically; a 0
+        difference gives g * 0.0 either way), so aux(-d) > 0 where aux(d) < 0 and NaN stays NaN."""
+        aux = g_z * (float(d_z) * sz) + g_y * (float(d_y) * sy) + g_x * (float(d_x) * sx)
+        code = 9 * (d_z + 1) + 3 * (d_y + 1) + d_x + 1
+        positive, kept = np.uint64(aux > 0), np.uint64(not aux < 0)
+        return ((positive << np.uint64(code)) | (kept << np.uint64(code + 27))
+                | ((kept ^ np.uint64(1)) << np.uint64(26 - code)) | ((positive ^ np.uint64(1)) << np.uint64(53 - code)))
 
     @cpu_serial_kernel
-    def gac_balloon_3d(src, gimage, limit, grow, dst):
+    def gac_plan_3d(gimage, limit, plan):
+        """plan[b, z, y, x] (uint64): bit c = 9 (d_z + 1) + 3 (d_y + 1) + d_x + 1 set where
+        aux > 0, bit c + 27 where not aux < 0, bit 54 where gimage > limit[b]; aux is evaluated
+        for the codes 0 to 13 and gives the codes 26 to 13 by symmetry."""
         batch, depth, height, width = gimage.shape[0], gimage.shape[1], gimage.shape[2], gimage.shape[3]
         for task in prange(batch * depth * height):
             b, zy = row_bounds(task, depth * height)
             z, y = zy // height, zy % height
+            z0, z1, sz = neighbours(z, depth)
+            y0, y1, sy = neighbours(y, height)
+            for x in range(width):
+                x0, x1, sx = neighbours(x, width)
+                g_z = gimage_slope(gimage[b, z0, y, x], gimage[b, z1, y, x], sz)
+                g_y = gimage_slope(gimage[b, z, y0, x], gimage[b, z, y1, x], sy)
+                g_x = gimage_slope(gimage[b, z, y, x0], gimage[b, z, y, x1], sx)
+                word = np.uint64(gimage[b, z, y, x] > limit[b]) << np.uint64(54)
+                for d_y in range(-1, 2):
+                    for d_x in range(-1, 2):
+                        word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, -1, d_y, d_x)
+                for d_x in range(-1, 2):
+                    word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, -1, d_x)
+                word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, 0, -1)
+                word |= plan_pair_3d(g_z, g_y, g_x, sz, sy, sx, 0, 0, 0)
+                plan[b, z, y, x] = word
+
+    @inline
+    def masked_select(mask_bit, new, old):
+        return (new & mask_bit) | (old & (mask_bit ^ 1))
+
+    @inline
+    def balloon_row_2d(up, mid, down, words, grow, out):
+        """One padded row of the balloon step: the 3x3 box dilation (grow) or erosion of the
+        rows up, mid, down where the plan's mask bit is set, else mid."""
+        if grow:
+            for x in range(1, words.shape[0] + 1):
+                box = (up[x - 1] | up[x] | up[x + 1] | mid[x - 1] | mid[x] | mid[x + 1] | down[x - 1] | down[x]
+                       | down[x + 1])
+                out[x] = masked_select(np.uint8((words[x - 1] >> np.uint32(18)) & np.uint32(1)), box, mid[x])
+        else:
+            for x in range(1, words.shape[0] + 1):
+                box = (up[x - 1] & up[x] & up[x + 1] & mid[x - 1] & mid[x] & mid[x + 1] & down[x - 1] & down[x]
+                       & down[x + 1])
+                out[x] = masked_select(np.uint8((words[x - 1] >> np.uint32(18)) & np.uint32(1)), box, mid[x])
+
+    @inline
+    def planned_2d(mid, up, down, words, x, x0, x1):
+        """u at x from its plan word. The code (0 to 8) is masked to 4 bits so that LLVM keeps the
+        shifts in 32-bit lanes (8 a vector, twice as fast as the 64-bit lanes it used without)."""
+        code = np.uint32(3 * (np.int32(down[x + 1]) - np.int32(up[x + 1])) + np.int32(mid[x1 + 1])
+                         - np.int32(mid[x0 + 1]) + np.int32(4)) & np.uint32(15)
+        word = words[x]
+        return (np.uint8((word >> code) & np.uint32(1))
+                | (np.uint8((word >> (code + np.uint32(9))) & np.uint32(1)) & mid[x + 1]))
+
+    @cpu_serial_kernel
+    def gac_step_2d(src, plan, balloon, dst):
+        """One MorphGAC iteration before the smoothing: the balloon (balloon > 0: dilation, < 0:
+        erosion, 0: none) where the plan's mask bit is set, then the attachment."""
+        batch, height, width = plan.shape[0], plan.shape[1], plan.shape[2]
+        last = width - 1
+        ring = np.zeros((3, width + 2), np.uint8)
+        for b in range(batch):
+            u, words = src[b], plan[b]
+            for y in range(height):
+                y0, y1, _ = neighbours(y, height)
+                if balloon:
+                    for r in range(0 if y == 0 else y + 1, min(y + 2, height)):
+                        balloon_row_2d(u[r], u[r + 1], u[r + 2], words[r], balloon > 0, ring[r % 3])
+                    mid, up, down = ring[y % 3], ring[y0 % 3], ring[y1 % 3]
+                else:
+                    mid, up, down = u[y + 1], u[y0 + 1], u[y1 + 1]
+                out, row_words = dst[b, y + 1], words[y]
+                for x in range(last + 1):
+                    out[x + 1] = planned_2d(mid, up, down, row_words, x, x - 1, x + 1)
+                out[1] = planned_2d(mid, up, down, row_words, 0, 0, 1)
+                out[last + 1] = planned_2d(mid, up, down, row_words, last, last - 1, last)
+
+    @inline
+    def balloon_plane_3d(src, b, z, words, grow, out):
+        """Padded plane z + 1 of image b after the balloon step (the 3x3x3 box) into out."""
+        height, width = words.shape[0], words.shape[1]
+        for y in range(height):
             rows = rows_3d(src, b, z, y)
-            out, values, bound = dst[b, z + 1, y + 1], gimage[b, z, y], limit[b]
+            row_words, mid, target = words[y], rows[4], out[y + 1]
             for x in range(1, width + 1):
                 if grow:
                     box = np.uint8(0)
@@ -298,51 +427,98 @@ def _kernels():
                     box = np.uint8(1)
                     for row in rows:
                         box &= row[x - 1] & row[x] & row[x + 1]
-                masked = np.uint8(values[x - 1] > bound)
-                out[x] = (box & masked) | (rows[4][x] & (masked ^ 1))
+                target[x] = masked_select(np.uint8((row_words[x - 1] >> np.uint64(54)) & np.uint64(1)), box, mid[x])
 
     @inline
-    def gac_pixel_2d(mid, up, down, dy, g_y, g_x, x, x0, x1, dx):
-        """u = 1 where sum_i gradient_i(gimage) gradient_i(u) > 0, 0 where < 0 (axis order)."""
-        aux = g_y[x] * slope(up[x + 1], down[x + 1], dy) + g_x[x] * slope(mid[x0 + 1], mid[x1 + 1], dx)
-        return select_sign(aux, mid[x + 1])
+    def planned_3d(mid, up, down, front, back, words, x, x0, x1):
+        code = np.uint64(9 * (np.int32(back[x + 1]) - np.int32(front[x + 1]))
+                         + 3 * (np.int32(down[x + 1]) - np.int32(up[x + 1])) + np.int32(mid[x1 + 1])
+                         - np.int32(mid[x0 + 1]) + np.int32(13)) & np.uint64(31)
+        word = words[x]
+        return (np.uint8((word >> code) & np.uint64(1))
+                | (np.uint8((word >> (code + np.uint64(27))) & np.uint64(1)) & mid[x + 1]))
 
     @cpu_serial_kernel
-    def gac_attach_2d(src, gradient, dst):
-        batch, height, width = gradient.shape[0], gradient.shape[2], gradient.shape[3]
+    def gac_step_3d(src, plan, balloon, dst):
+        batch, depth, height, width = plan.shape[0], plan.shape[1], plan.shape[2], plan.shape[3]
         last = width - 1
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            y0, y1, dy = neighbours(y, height)
-            mid, up, down, out = src[b, y + 1], src[b, y0 + 1], src[b, y1 + 1], dst[b, y + 1]
-            g_y, g_x = gradient[b, 0, y], gradient[b, 1, y]
-            out[1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, 0, 0, 1, 1.0)
-            for x in range(1, last):
-                out[x + 1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, x, x - 1, x + 1, 0.5)
-            out[last + 1] = gac_pixel_2d(mid, up, down, dy, g_y, g_x, last, last - 1, last, 1.0)
+        ring = np.zeros((3, height + 2, width + 2), np.uint8)
+        for b in range(batch):
+            for z in range(depth):
+                z0, z1, _ = neighbours(z, depth)
+                if balloon:
+                    for r in range(0 if z == 0 else z + 1, min(z + 2, depth)):
+                        balloon_plane_3d(src, b, r, plan[b, r], balloon > 0, ring[r % 3])
+                    middle, before, after = ring[z % 3], ring[z0 % 3], ring[z1 % 3]
+                else:
+                    middle, before, after = src[b, z + 1], src[b, z0 + 1], src[b, z1 + 1]
+                for y in range(height):
+                    y0, y1, _ = neighbours(y, height)
+                    mid, up, down = middle[y + 1], middle[y0 + 1], middle[y1 + 1]
+                    front, back, out, row_words = before[y + 1], after[y + 1], dst[b, z + 1, y + 1], plan[b, z, y]
+                    for x in range(last + 1):
+                        out[x + 1] = planned_3d(mid, up, down, front, back, row_words, x, x - 1, x + 1)
+                    out[1] = planned_3d(mid, up, down, front, back, row_words, 0, 0, 1)
+                    out[last + 1] = planned_3d(mid, up, down, front, back, row_words, last, last - 1, last)
+
+    # --- whole snake runs (no callback): every iteration of one image before the next, so that
+    # image's arrays stay in the cache (a batch taken pass by pass streams through memory on every
+    # pass, and ran slower per image than one image alone), and no call from Python per pass.
 
     @inline
-    def gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, x, x0, x1, dx):
-        aux = (g_z[x] * slope(front[x + 1], back[x + 1], dz) + g_y[x] * slope(up[x + 1], down[x + 1], dy)
-               + g_x[x] * slope(mid[x0 + 1], mid[x1 + 1], dx))
-        return select_sign(aux, mid[x + 1])
+    def single(batch, b):
+        """Image b of a batch as a batch of one, typed C-contiguous (a slice b:b + 1 is typed
+        with any layout, and the kernels compiled for it did not vectorise)."""
+        return batch[b].reshape((1,) + batch.shape[1:])
 
-    @cpu_serial_kernel
-    def gac_attach_3d(src, gradient, dst):
-        batch, depth, height, width = gradient.shape[0], gradient.shape[2], gradient.shape[3], gradient.shape[4]
-        last = width - 1
-        for task in prange(batch * depth * height):
-            b, zy = row_bounds(task, depth * height)
-            z, y = zy // height, zy % height
-            z0, z1, dz = neighbours(z, depth)
-            y0, y1, dy = neighbours(y, height)
-            mid, front, back = src[b, z + 1, y + 1], src[b, z0 + 1, y + 1], src[b, z1 + 1, y + 1]
-            up, down, out = src[b, z + 1, y0 + 1], src[b, z + 1, y1 + 1], dst[b, z + 1, y + 1]
-            g_z, g_y, g_x = gradient[b, 0, z, y], gradient[b, 1, z, y], gradient[b, 2, z, y]
-            out[1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, 0, 0, 1, 1.0)
-            for x in range(1, last):
-                out[x + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, x, x - 1, x + 1, 0.5)
-            out[last + 1] = gac_pixel_3d(mid, up, down, dy, front, back, dz, g_z, g_y, g_x, last, last - 1, last, 1.0)
+    def smoothing_steps(curvature):
+        @inline
+        def smooth(u, spare, smoothing, phase):
+            """``smoothing`` curvature steps on u (spare: scratch) from ``phase``; the new phase.
+            Phase 0 is SI(IS(u)): IS is the curvature kernel with dilate True."""
+            for _ in range(smoothing):
+                curvature(u, spare, phase == 0)
+                curvature(spare, u, phase != 0)
+                phase = 1 - phase
+            return phase
+
+        return smooth
+
+    def acwe_run_kernel(means_kernel, attach_kernel, curvature):
+        smooth = smoothing_steps(curvature)
+
+        @cpu_serial_kernel
+        def acwe_run(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2):
+            means = np.empty((1, 2))
+            for b in range(image.shape[0]):
+                src, dst, values = single(u, b), single(spare, b), single(image, b)
+                step = phase
+                for _ in range(num_iter):
+                    means_kernel(src, values, means)
+                    attach_kernel(src, values, means, lambda1, lambda2, dst)
+                    step = smooth(dst, src, smoothing, step)
+                    src, dst = dst, src
+                if num_iter % 2:
+                    u[b] = spare[b]
+
+        return acwe_run
+
+    def gac_run_kernel(step_kernel, curvature):
+        smooth = smoothing_steps(curvature)
+
+        @cpu_serial_kernel
+        def gac_run(u, spare, plan, balloon, num_iter, smoothing, phase):
+            for b in range(plan.shape[0]):
+                src, dst, words = single(u, b), single(spare, b), single(plan, b)
+                step = phase
+                for _ in range(num_iter):
+                    step_kernel(src, words, balloon, dst)
+                    step = smooth(dst, src, smoothing, step)
+                    src, dst = dst, src
+                if num_iter % 2:
+                    u[b] = spare[b]
+
+        return gac_run
 
     # --- Chan-Vese: one fused Jacobi step per iteration, with the next iteration's sums
 
@@ -361,98 +537,78 @@ def _kernels():
         return (centre + dt * delta * (mu * curvature + force)) / (1.0 + mu * dt * delta * (k1 + k2 + k3 + k4))
 
     @inline
-    def region_sums(phi, previous, values, partial, task):
-        """partial[task] = (sum f H, sum H, sum f (1 - H), sum 1 - H, sum (phi - previous)^2) over
-        one row, H = phi > 0; the float sums in 4 interleaved lanes (x mod 4) added in lane order
-        at the end, a fixed order that vectorises."""
-        width = values.shape[0]
-        lanes = width - width % 4
-        in0, in1, in2, in3, out0, out1, out2, out3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        change0, change1, change2, change3 = 0.0, 0.0, 0.0, 0.0
-        count = 0
-        for x in range(0, lanes, 4):
-            h0, h1 = np.int64(phi[x] > 0), np.int64(phi[x + 1] > 0)
-            h2, h3 = np.int64(phi[x + 2] > 0), np.int64(phi[x + 3] > 0)
-            count += h0 + h1 + h2 + h3
-            in0 += values[x] * float(h0)
-            in1 += values[x + 1] * float(h1)
-            in2 += values[x + 2] * float(h2)
-            in3 += values[x + 3] * float(h3)
-            out0 += values[x] * float(1 - h0)
-            out1 += values[x + 1] * float(1 - h1)
-            out2 += values[x + 2] * float(1 - h2)
-            out3 += values[x + 3] * float(1 - h3)
-            change0 += square(phi[x] - previous[x])
-            change1 += square(phi[x + 1] - previous[x + 1])
-            change2 += square(phi[x + 2] - previous[x + 2])
-            change3 += square(phi[x + 3] - previous[x + 3])
-        for x in range(lanes, width):
-            h = np.int64(phi[x] > 0)
-            count += h
-            in0 += values[x] * float(h)
-            out0 += values[x] * float(1 - h)
-            change0 += square(phi[x] - previous[x])
-        partial[task, 0] = ((in0 + in1) + in2) + in3
-        partial[task, 1] = float(count)
-        partial[task, 2] = ((out0 + out1) + out2) + out3
-        partial[task, 3] = float(width - count)
-        partial[task, 4] = ((change0 + change1) + change2) + change3
+    def region_add_row(phi, previous, values, sums):
+        """Add one row to the column sums: sums[0, x] += f H, sums[1, x] += H,
+        sums[2, x] += f (1 - H), sums[3, x] += (phi - previous)^2, H = phi > 0 (element-wise
+        along the row, so it vectorises, as acwe_add_row)."""
+        s_in, n_in, s_out, change = sums[0], sums[1], sums[2], sums[3]
+        for x in range(values.shape[0]):
+            flag = unit(phi[x] > 0)
+            s_in[x] += values[x] * flag
+            n_in[x] += flag
+            s_out[x] += values[x] * (1.0 - flag)
+            change[x] += square(phi[x] - previous[x])
+
+    @inline
+    def chan_vese_store_stats(sums, pixels, stats, b):
+        """stats[b] = (c1, c2, RMS change) from the column sums, added in column order."""
+        s_in = n_in = s_out = change = 0.0
+        for x in range(sums.shape[1]):
+            s_in += sums[0, x]
+            n_in += sums[1, x]
+            s_out += sums[2, x]
+            change += sums[3, x]
+        n_out = pixels - n_in
+        stats[b, 0] = s_in / n_in if n_in != 0 else s_in
+        stats[b, 1] = s_out / n_out if n_out != 0 else s_out
+        stats[b, 2] = np.sqrt(change / pixels)
 
     @cpu_serial_kernel
-    def chan_vese_row_sums(phi, image, partial):
-        """partial[task] = (sum f H, sum H, sum f (1 - H), sum 1 - H, 0), H = phi > 0, one row."""
-        batch, height = image.shape[0], image.shape[1]
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
-            region_sums(phi[b, y], phi[b, y], image[b, y], partial, task)
+    def chan_vese_start(phi, image, stats):
+        """stats[b] = (c1, c2, 0) of phi."""
+        batch, height, width = image.shape[0], image.shape[1], image.shape[2]
+        sums = np.empty((4, width))
+        for b in range(batch):
+            sums[:] = 0.0
+            for y in range(height):
+                region_add_row(phi[b, y], phi[b, y], image[b, y], sums)
+            chan_vese_store_stats(sums, float(height * width), stats, b)
 
     @cpu_serial_kernel
-    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
-        """new_phi = one step of phi for the active images; partial[task] = the row sums of
-        new_phi (as chan_vese_row_sums) and the row's sum of squared changes."""
+    def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi):
+        """new_phi = one step of phi for the active images; stats[b] becomes (c1, c2, RMS
+        change) of new_phi."""
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
         last = width - 1
-        for task in prange(batch * height):
-            b, y = row_bounds(task, height)
+        sums = np.empty((4, width))
+        for b in range(batch):
             if not active[b]:
                 continue
             c1, c2 = stats[b, 0], stats[b, 1]
-            y0, y1, _ = neighbours(y, height)
-            row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
-            out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2, dt)
-            for x in range(1, last):
-                out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2, dt)
-            if last > 0:
-                out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
-                                            lambda2, dt)
-            region_sums(out, row, values, partial, task)
+            sums[:] = 0.0
+            for y in range(height):
+                y0, y1, _ = neighbours(y, height)
+                row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
+                out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2,
+                                         dt)
+                for x in range(1, last):
+                    out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2,
+                                             dt)
+                if last > 0:
+                    out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
+                                                lambda2, dt)
+                region_add_row(out, row, values, sums)
+            chan_vese_store_stats(sums, float(height * width), stats, b)
 
-    @cpu_serial_kernel
-    def chan_vese_stats(partial, rows, pixels, stats):
-        """stats[b] = (c1, c2, RMS change) from the row sums of image b, added in row order."""
-        batch = stats.shape[0]
-        for b in prange(batch):
-            s_in = n_in = s_out = n_out = change = 0.0
-            for r in range(b * rows, (b + 1) * rows):
-                s_in += partial[r, 0]
-                n_in += partial[r, 1]
-                s_out += partial[r, 2]
-                n_out += partial[r, 3]
-                change += partial[r, 4]
-            stats[b, 0] = s_in / n_in if n_in != 0 else s_in
-            stats[b, 1] = s_out / n_out if n_out != 0 else s_out
-            stats[b, 2] = np.sqrt(change / pixels)
-
-    return dict(sup_inf_2d=sup_inf_2d, inf_sup_2d=inf_sup_2d, curvature_3d=curvature_3d,
-                acwe_row_sums_2d=acwe_row_sums_2d, acwe_row_sums_3d=acwe_row_sums_3d, acwe_means=acwe_means,
-                acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d, gac_balloon_2d=gac_balloon_2d, gac_balloon_3d=gac_balloon_3d,
-                gac_attach_2d=gac_attach_2d, gac_attach_3d=gac_attach_3d, chan_vese_row_sums=chan_vese_row_sums,
-                chan_vese_step=chan_vese_step, chan_vese_stats=chan_vese_stats)
-
-
-def _rows(image):
-    """The number of rows (tasks) of one image: every axis of its shape but the last."""
-    return int(np.prod(image.shape[1:-1]))
+    return dict(curvature_2d=curvature_2d, curvature_3d=curvature_3d,
+                acwe_means_2d=acwe_means_2d, acwe_means_3d=acwe_means_3d,
+                acwe_attach_2d=acwe_attach_2d, acwe_attach_3d=acwe_attach_3d,
+                gac_plan_2d=gac_plan_2d, gac_plan_3d=gac_plan_3d, gac_step_2d=gac_step_2d, gac_step_3d=gac_step_3d,
+                chan_vese_start=chan_vese_start, chan_vese_step=chan_vese_step,
+                acwe_run_2d=acwe_run_kernel(acwe_means_2d, acwe_attach_2d, curvature_2d),
+                acwe_run_3d=acwe_run_kernel(acwe_means_3d, acwe_attach_3d, curvature_3d),
+                gac_run_2d=gac_run_kernel(gac_step_2d, curvature_2d),
+                gac_run_3d=gac_run_kernel(gac_step_3d, curvature_3d))
 
 
 class NumbaCpuLevelSetKernels:
@@ -469,43 +625,51 @@ class NumbaCpuLevelSetKernels:
         return _kernels()[f"{name}_{ndim}d"]
 
     def sup_inf(self, src, dst):
-        if src.ndim == 3:
-            _kernels()["sup_inf_2d"](src, dst)
-        else:
-            _kernels()["curvature_3d"](src, dst, False)
+        self._pick("curvature", src.ndim - 1)(src, dst, False)
 
     def inf_sup(self, src, dst):
-        if src.ndim == 3:
-            _kernels()["inf_sup_2d"](src, dst)
-        else:
-            _kernels()["curvature_3d"](src, dst, True)
+        self._pick("curvature", src.ndim - 1)(src, dst, True)
 
     def acwe_means(self, u, image, partial, means):
-        """means [B, 2] float64 = (c0, c1) of each image; partial: scratch [B * rows, 4]."""
-        self._pick("acwe_row_sums", image.ndim - 1)(u, image, partial)
-        _kernels()["acwe_means"](partial, _rows(image), means)
+        """means [B, 2] float64 = (c0, c1) of each image. The sums run by columns in a scratch
+        row of the kernel's own, so ``partial`` (the per-row scratch of the contract) is unused."""
+        self._pick("acwe_means", image.ndim - 1)(u, image, means)
 
     def acwe_attach(self, src, image, means, lambda1, lambda2, dst):
         self._pick("acwe_attach", image.ndim - 1)(src, image, means, lambda1, lambda2, dst)
 
-    def gac_balloon(self, src, gimage, limit, grow, dst):
-        self._pick("gac_balloon", gimage.ndim - 1)(src, gimage, limit, grow, dst)
+    def gac_plan(self, gimage, limit):
+        """The per-run plan of gac_step: one word a pixel (uint32 in 2-D, uint64 in 3-D) holding
+        the attachment's outcome for each neighbourhood of u (from np.gradient of gimage,
+        computed inside) and the balloon's mask gimage > limit [B] (limit None: no balloon)."""
+        ndim = gimage.ndim - 1
+        plan = np.empty(gimage.shape, np.uint32 if ndim == 2 else np.uint64)
+        limit = np.full(gimage.shape[0], np.inf) if limit is None else limit
+        self._pick("gac_plan", ndim)(gimage, limit, plan)
+        return plan
 
-    def gac_attach(self, src, gradient, dst):
-        self._pick("gac_attach", gradient.ndim - 2)(src, gradient, dst)
+    def gac_step(self, src, plan, balloon, dst):
+        """The balloon (balloon: 1 dilation, -1 erosion, 0 none) and the attachment in one pass."""
+        self._pick("gac_step", plan.ndim - 1)(src, plan, balloon, dst)
+
+    def acwe_run(self, u, spare, image, num_iter, smoothing, phase, lambda1, lambda2):
+        """A whole MorphACWE run, one image after the other; the final level sets in u."""
+        self._pick("acwe_run", image.ndim - 1)(u, spare, image, num_iter, smoothing, phase, lambda1, lambda2)
+
+    def gac_run(self, u, spare, plan, balloon, num_iter, smoothing, phase):
+        """A whole MorphGAC run from gac_plan's plan, one image after the other; the final level
+        sets in u."""
+        self._pick("gac_run", plan.ndim - 1)(u, spare, plan, balloon, num_iter, smoothing, phase)
 
     def chan_vese_start(self, phi, image, partial, stats):
-        """stats [B, 3] = (c1, c2, 0) of phi; partial: scratch [B * H, 5]."""
-        kernels = _kernels()
-        kernels["chan_vese_row_sums"](phi, image, partial)
-        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+        """stats [B, 3] = (c1, c2, 0) of phi. The sums run by columns in a scratch of the
+        kernel's own, so ``partial`` (the per-row scratch of the contract) is unused."""
+        _kernels()["chan_vese_start"](phi, image, stats)
 
     def chan_vese_step(self, phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial):
         """new_phi = one step for the images where active [B] uint8 is set; stats becomes
-        (c1, c2, RMS change) of new_phi for them."""
-        kernels = _kernels()
-        kernels["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi, partial)
-        kernels["chan_vese_stats"](partial, image.shape[1], float(image.shape[1] * image.shape[2]), stats)
+        (c1, c2, RMS change) of new_phi for them (``partial`` unused, as in chan_vese_start)."""
+        _kernels()["chan_vese_step"](phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi)
 
 
 # --- Numba CUDA kernels ---------------------------------------------------------------------------
@@ -876,7 +1040,7 @@ class NumbaCudaLevelSetKernels:
     def acwe_means(self, u, image, partial, means):
         """means [B, 2] float64 = (c0, c1) of each image; partial: scratch [B * rows, 4]."""
         geometry = _cuda_geometry(u)
-        rows = _rows(image)
+        rows = int(np.prod(image.shape[1:-1]))  # every axis of an image but the last
         self._run("acwe_row_sums", image.shape[0] * rows * THREADS_PER_BLOCK, flat(u), flat(image), flat(partial),
                   geometry)
         self._run("acwe_means", image.shape[0] * THREADS_PER_BLOCK, flat(partial), rows, flat(means), image.shape[0])
