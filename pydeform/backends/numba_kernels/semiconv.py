@@ -30,7 +30,9 @@ import numpy as np
 
 from ..._arrays import accumulation_dtype
 from ..._workspace import converted
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+from .targets import (
+    bind_cuda, cpu_kernel, cpu_kernel_fast_sums, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda,
+)
 
 LAPLACIAN, GAUSSIAN = 0, 1
 ARGMAX, SOFTMAX = 0, 1
@@ -54,15 +56,6 @@ def cpu_kernels():
         return math.sqrt(total)
 
     @t.device
-    def differences(psi, pixel, plane, dims, cy, cx, y, x, centers, c, diff):
-        """diff[:] = psi_u - centers[c : c + dims] at flat ``pixel`` = (y, x); returns its norm."""
-        total = 0.0
-        for d in range(dims):
-            diff[d] = psi[pixel + d * plane] + cy[d] * y + cx[d] * x - centers[c + d]
-            total += diff[d] * diff[d]
-        return math.sqrt(total)
-
-    @t.device
     def run_end(labels, line, x, width):
         """The end of the run of equal labels starting at ``x`` in the row starting at ``line``."""
         k = labels[line + x]
@@ -71,15 +64,48 @@ def cpu_kernels():
             end += 1
         return end
 
-    @cpu_kernel
+    # The loops over a run below index with unsigned integers (no negative-index wraparound),
+    # read one channel at a time, contiguously, and take the column x as a float64 from
+    # ``columns`` (0, 1, ..., W - 1), where converting the integer would not vectorise: so the
+    # CPU compiler turns them into SIMD.
+
+    @t.device
+    def run_squares(psi, first, plane, dims, cy, cx, y, x, length, columns, means, mean, squares):
+        """squares[j] = ||psi_u - means[mean : mean + dims]||^2 for the pixels u = (y, x + j),
+        j < length, of the row whose channel 0 starts at flat ``first``."""
+        for j in range(length):
+            squares[np.uint64(j)] = 0.0
+        for d in range(dims):
+            base = np.uint64(first + d * plane + x)
+            column = np.uint64(x)
+            offset = cy[d] * y - means[mean + d]
+            step = cx[d]
+            for j in range(length):
+                u = np.uint64(j)
+                diff = psi[base + u] + (step * columns[column + u] + offset)
+                squares[u] += diff * diff
+
+    @t.device
+    def invert_norms(squares, length):
+        """squares[j] -> 1 / ||.|| for j < length (0 at the kink, NaN passes); returns the sum of
+        the norms."""
+        total = 0.0
+        for j in range(length):
+            norm = math.sqrt(squares[np.uint64(j)])
+            total += norm
+            squares[np.uint64(j)] = 1.0 / norm if norm != 0.0 else 0.0
+        return total
+
+    @cpu_kernel_fast_sums
     def statistics(psi, labels, cy, cx, sums, counts, norm_sums, unit_sums, batch, dims, height, width, k_max,
                    with_norms):
         """Per image: the per-instance sums of psi (``sums`` [N, K, D]) and pixel counts; with
         ``with_norms`` the sums are made means, then the sums of ||psi_u - mean|| (``norm_sums``
         [N, K]) and of the unit vectors (``unit_sums`` [N, K, D]) follow.
 
-        Each row is cut into runs of one label; a run's sums add up in registers (the sums pass
-        channel by channel, reading contiguously) and reach the instance's accumulators once."""
+        Each row is cut into runs of one label; a run's sums are taken channel by channel over
+        its pixels (vectorised: the kernel may reorder sums, and its fixed code gives the same
+        bits every run) and reach the instance's accumulators once."""
         plane = height * width
         for n in prange(batch):
             stats = n * k_max
@@ -91,6 +117,7 @@ def cpu_kernels():
                     unit_sums[(stats + k) * dims + d] = 0.0
             for y in range(height):
                 line = n * plane + y * width
+                first = n * dims * plane + y * width
                 x = 0
                 while x < width:
                     end = run_end(labels, line, x, width)
@@ -98,11 +125,13 @@ def cpu_kernels():
                     if k >= 1 and k <= k_max:
                         counts[stats + k - 1] += end - x
                         for d in range(dims):
-                            channel = (n * dims + d) * plane + y * width
+                            base = np.uint64(first + d * plane + x)
                             total = 0.0
-                            for i in range(x, end):
-                                total += psi[channel + i] + cy[d] * y + cx[d] * i
-                            sums[(stats + k - 1) * dims + d] += total
+                            for j in range(end - x):
+                                total += psi[base + np.uint64(j)]
+                            # The coordinates' sum over the run in closed form (integers: exact).
+                            sums[(stats + k - 1) * dims + d] += total + (end - x) * (cy[d] * y
+                                                                                     + cx[d] * (x + end - 1) * 0.5)
                     x = end
             if not with_norms:
                 continue
@@ -110,54 +139,68 @@ def cpu_kernels():
                 if counts[stats + k] > 0:
                     for d in range(dims):
                         sums[(stats + k) * dims + d] /= counts[stats + k]
-            diff = np.empty(dims)
-            units = np.empty(dims)
+            inverses = np.empty(width)
+            columns = np.arange(width) * 1.0
             for y in range(height):
                 line = n * plane + y * width
+                first = n * dims * plane + y * width
                 x = 0
                 while x < width:
                     end = run_end(labels, line, x, width)
                     k = labels[line + x]
                     if k >= 1 and k <= k_max:
                         mean = (stats + k - 1) * dims
-                        total = 0.0
+                        run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, sums, mean, inverses)
+                        norm_sums[stats + k - 1] += invert_norms(inverses, end - x)
                         for d in range(dims):
-                            units[d] = 0.0
-                        for i in range(x, end):
-                            norm = differences(psi, n * dims * plane + y * width + i, plane, dims, cy, cx, y, i,
-                                               sums, mean, diff)
-                            total += norm
-                            if norm != 0.0:  # the unit vector is 0 at the kink (NaN passes)
-                                inverse = 1.0 / norm
-                                for d in range(dims):
-                                    units[d] += diff[d] * inverse
-                        norm_sums[stats + k - 1] += total
-                        for d in range(dims):
-                            unit_sums[mean + d] += units[d]
+                            base = np.uint64(first + d * plane + x)
+                            column = np.uint64(x)
+                            offset = cy[d] * y - sums[mean + d]
+                            step = cx[d]
+                            total = 0.0
+                            for j in range(end - x):
+                                u = np.uint64(j)
+                                total += (psi[base + u] + (step * columns[column + u] + offset)) * inverses[u]
+                            unit_sums[mean + d] += total
                     x = end
 
-    @cpu_kernel
+    @cpu_kernel_fast_sums
     def loss_grad(psi, labels, cy, cx, means, scales, mean_units, grad, batch, dims, height, width, k_max):
-        """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere."""
+        """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere; per row,
+        run by run, channel by channel (vectorised)."""
         plane = height * width
         for row in prange(batch * height):
             n = row // height
             y = row - n * height
-            diff = np.empty(dims)
-            for x in range(width):
-                k = labels[n * plane + y * width + x]
-                pixel = n * dims * plane + y * width + x
+            line = n * plane + y * width
+            first = n * dims * plane + y * width
+            inverses = np.empty(width)
+            columns = np.arange(width) * 1.0
+            x = 0
+            while x < width:
+                end = run_end(labels, line, x, width)
+                k = labels[line + x]
                 if k < 1 or k > k_max:
                     for d in range(dims):
-                        grad[pixel + d * plane] = 0.0
-                    continue
-                mean = (n * k_max + k - 1) * dims
-                norm = differences(psi, pixel, plane, dims, cy, cx, y, x, means, mean, diff)
-                scale = scales[n * k_max + k - 1]
-                # The unit vector is 0 at the kink (NaN passes).
-                inverse = 1.0 / norm if norm != 0.0 else 0.0
-                for d in range(dims):
-                    grad[pixel + d * plane] = scale * (diff[d] * inverse - mean_units[mean + d])
+                        base = np.uint64(first + d * plane + x)
+                        for j in range(end - x):
+                            grad[base + np.uint64(j)] = 0.0
+                else:
+                    mean = (n * k_max + k - 1) * dims
+                    run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, means, mean, inverses)
+                    invert_norms(inverses, end - x)
+                    scale = scales[n * k_max + k - 1]
+                    for d in range(dims):
+                        base = np.uint64(first + d * plane + x)
+                        column = np.uint64(x)
+                        offset = cy[d] * y - means[mean + d]
+                        step = cx[d]
+                        unit = mean_units[mean + d]
+                        for j in range(end - x):
+                            u = np.uint64(j)
+                            grad[base + u] = scale * ((psi[base + u] + (step * columns[column + u] + offset))
+                                                      * inverses[u] - unit)
+                x = end
 
     @cpu_kernel
     def affinity(psi, centers, sigma, cy, cx, out, batch, dims, height, width, k_max, kernel):
