@@ -107,6 +107,7 @@ def cpu_kernels():
         its pixels (vectorised: the kernel may reorder sums, and its fixed code gives the same
         bits every run) and reach the instance's accumulators once."""
         plane = height * width
+        columns = np.arange(width) * 1.0
         for n in prange(batch):
             stats = n * k_max
             for k in range(k_max):
@@ -140,7 +141,6 @@ def cpu_kernels():
                     for d in range(dims):
                         sums[(stats + k) * dims + d] /= counts[stats + k]
             inverses = np.empty(width)
-            columns = np.arange(width) * 1.0
             for y in range(height):
                 line = n * plane + y * width
                 first = n * dims * plane + y * width
@@ -169,13 +169,13 @@ def cpu_kernels():
         """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere; per row,
         run by run, channel by channel (vectorised)."""
         plane = height * width
+        columns = np.arange(width) * 1.0
         for row in prange(batch * height):
             n = row // height
             y = row - n * height
             line = n * plane + y * width
             first = n * dims * plane + y * width
             inverses = np.empty(width)
-            columns = np.arange(width) * 1.0
             x = 0
             while x < width:
                 end = run_end(labels, line, x, width)
