@@ -8,10 +8,17 @@ and one code path serves both.
 
 Segmented reductions (per-instance sums) use no one-hot mask and no atomics: one task per image
 walks its pixels in a fixed order and owns that image's [K, D] accumulators, so the results
-are bit-identical run to run and for every thread count, and the memory is O(N * K * D). The
-loss's statistics cut each row into runs of one label and add a run up in registers before
-adding it to the instance's accumulators (no store-to-load chain from pixel to pixel). Sums
+are bit-identical run to run and for every thread count, and the memory is O(N * K * D). Sums
 are taken in float64. Kernels that write one value per pixel run one task per image row.
+
+The loss's statistics and gradient cut each row into runs of one label and work run by run,
+channel by channel (psi is [N, D, H, W]: a channel's run is contiguous): the squared norms of
+a run's pixels accumulate over the channels in a row buffer, its inverse norms follow in one
+loop, then one loop per channel adds the run's sums up, or writes its gradient. Those loops
+index with unsigned integers and read the column x from a float64 ramp, and their kernels are
+compiled with ``reassoc`` and ``contract``, so they vectorise (SIMD) with the run's sums split
+over vector lanes in an order the compiled code fixes: the bits still do not change from run
+to run or with the number of threads. A run's sums reach the instance's accumulators once.
 
 The CUDA kernels (:func:`cuda_kernels`) compute in the accumulation type, float32 for float32
 and half-type embeddings (half types are read from float32 copies): their helpers take the
