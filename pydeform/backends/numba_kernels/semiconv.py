@@ -12,9 +12,10 @@ are bit-identical run to run and for every thread count, and the memory is O(N *
 are taken in float64. Kernels that write one value per pixel run one task per image row.
 
 The loss's statistics and gradient cut each row into runs of one label and work run by run,
-channel by channel (psi is [N, D, H, W]: a channel's run is contiguous): the squared norms of
-a run's pixels accumulate over the channels in a row buffer, its inverse norms follow in one
-loop, then one loop per channel adds the run's sums up, or writes its gradient. Those loops
+channel by channel (psi is [N, D, H, W]: a channel's run is contiguous): one loop per channel
+keeps the run's differences psi_u - mean in a [D, run] buffer and adds their squares up per
+pixel, one loop turns those into inverse norms, then one loop per channel adds the run's unit
+vectors up, or writes its gradient, from the buffers (O(D * W) per task). Those loops
 index with unsigned integers and read the column x from a float64 ramp, and their kernels are
 compiled with ``reassoc`` and ``contract``, so they vectorise (SIMD) with the run's sums split
 over vector lanes in an order the compiled code fixes: the bits still do not change from run
@@ -77,19 +78,22 @@ def cpu_kernels():
     # CPU compiler turns them into SIMD.
 
     @t.device
-    def run_squares(psi, first, plane, dims, cy, cx, y, x, length, columns, means, mean, squares):
-        """squares[j] = ||psi_u - means[mean : mean + dims]||^2 for the pixels u = (y, x + j),
-        j < length, of the row whose channel 0 starts at flat ``first``."""
+    def run_squares(psi, first, plane, dims, cy, cx, y, x, length, columns, means, mean, differences, squares):
+        """differences[d * length + j] = psi_u - means[mean + d] and squares[j] = their squared
+        norm over d for the pixels u = (y, x + j), j < length, of the row whose channel 0
+        starts at flat ``first``."""
         for j in range(length):
             squares[np.uint64(j)] = 0.0
         for d in range(dims):
             base = np.uint64(first + d * plane + x)
             column = np.uint64(x)
+            row = np.uint64(d * length)
             offset = cy[d] * y - means[mean + d]
             step = cx[d]
             for j in range(length):
                 u = np.uint64(j)
                 diff = psi[base + u] + (step * columns[column + u] + offset)
+                differences[row + u] = diff
                 squares[u] += diff * diff
 
     @t.device
@@ -148,6 +152,7 @@ def cpu_kernels():
                     for d in range(dims):
                         sums[(stats + k) * dims + d] /= counts[stats + k]
             inverses = np.empty(width)
+            differences = np.empty(dims * width)
             for y in range(height):
                 line = n * plane + y * width
                 first = n * dims * plane + y * width
@@ -157,17 +162,15 @@ def cpu_kernels():
                     k = labels[line + x]
                     if k >= 1 and k <= k_max:
                         mean = (stats + k - 1) * dims
-                        run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, sums, mean, inverses)
+                        run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, sums, mean, differences,
+                                    inverses)
                         norm_sums[stats + k - 1] += invert_norms(inverses, end - x)
                         for d in range(dims):
-                            base = np.uint64(first + d * plane + x)
-                            column = np.uint64(x)
-                            offset = cy[d] * y - sums[mean + d]
-                            step = cx[d]
+                            row = np.uint64(d * (end - x))
                             total = 0.0
                             for j in range(end - x):
                                 u = np.uint64(j)
-                                total += (psi[base + u] + (step * columns[column + u] + offset)) * inverses[u]
+                                total += differences[row + u] * inverses[u]
                             unit_sums[mean + d] += total
                     x = end
 
@@ -183,6 +186,7 @@ def cpu_kernels():
             line = n * plane + y * width
             first = n * dims * plane + y * width
             inverses = np.empty(width)
+            differences = np.empty(dims * width)
             x = 0
             while x < width:
                 end = run_end(labels, line, x, width)
@@ -194,19 +198,17 @@ def cpu_kernels():
                             grad[base + np.uint64(j)] = 0.0
                 else:
                     mean = (n * k_max + k - 1) * dims
-                    run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, means, mean, inverses)
+                    run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, means, mean, differences,
+                                inverses)
                     invert_norms(inverses, end - x)
                     scale = scales[n * k_max + k - 1]
                     for d in range(dims):
                         base = np.uint64(first + d * plane + x)
-                        column = np.uint64(x)
-                        offset = cy[d] * y - means[mean + d]
-                        step = cx[d]
+                        row = np.uint64(d * (end - x))
                         unit = mean_units[mean + d]
                         for j in range(end - x):
                             u = np.uint64(j)
-                            grad[base + u] = scale * ((psi[base + u] + (step * columns[column + u] + offset))
-                                                      * inverses[u] - unit)
+                            grad[base + u] = scale * (differences[row + u] * inverses[u] - unit)
                 x = end
 
     @cpu_kernel
