@@ -78,6 +78,15 @@ def cpu_kernels():
     # CPU compiler turns them into SIMD.
 
     @t.device
+    def column_ramp(width):
+        """(0.0, 1.0, ..., width - 1) in a serial loop: an array expression here would be a
+        parallel loop of its own, one more fork and join of the threads per call."""
+        columns = np.empty(width)
+        for x in range(width):
+            columns[x] = x
+        return columns
+
+    @t.device
     def run_squares(psi, first, plane, dims, cy, cx, y, x, length, columns, means, mean, differences, squares):
         """differences[d * length + j] = psi_u - means[mean + d] and squares[j] = their squared
         norm over d for the pixels u = (y, x + j), j < length, of the row whose channel 0
@@ -118,7 +127,7 @@ def cpu_kernels():
         its pixels (vectorised: the kernel may reorder sums, and its fixed code gives the same
         bits every run) and reach the instance's accumulators once."""
         plane = height * width
-        columns = np.arange(width) * 1.0
+        columns = column_ramp(width)
         for n in prange(batch):
             stats = n * k_max
             for k in range(k_max):
@@ -179,7 +188,7 @@ def cpu_kernels():
         """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere; per row,
         run by run, channel by channel (vectorised)."""
         plane = height * width
-        columns = np.arange(width) * 1.0
+        columns = column_ramp(width)
         for row in prange(batch * height):
             n = row // height
             y = row - n * height
