@@ -1,12 +1,13 @@
 """CPU speed of instance_mean_loss forward + backward against the same loss written in PyTorch
 ops (index_add segment sums, autograd), timed side by side in one process: the calls of the
-sides alternate (so a change of the machine's load reaches all of them), after two untimed
-rounds; the median and the least time of each side and both ratios are reported, torch on as
-many threads as Numba. pydeform's side is
+sides alternate, in a rotating order (so a change of the machine's load reaches all of them),
+after two untimed rounds; the median and the least time of each side and both ratios are
+reported, torch on as many threads as Numba. pydeform's side is
 ``pydeform.torch.instance_mean_loss`` with ``.backward()`` (the custom op keeps the forward's
 per-instance statistics for its backward, as a training step runs it); the array API's pair
 with the statistics passed on is timed beside it. Also the memory the array API's pair
-allocates besides its gradient output (traced NumPy allocations), which is O(N * K * D).
+allocates besides its gradient output (traced allocations: NumPy's and the Numba kernels'
+per-thread row buffers), which is O(N * K * D + threads * D * W).
 
 Shape: N=8, D=8, 256x256, K=32 instances (labels 0..K on blocks), float32; target ratio >= 5.
 
@@ -52,13 +53,17 @@ def block_labels(rng, batch, size, num_instances):
 
 
 def alternating_seconds(functions: dict, repeats: int) -> dict:
-    """{name: (median, least) seconds} of ``repeats`` rounds calling each function once, in
-    order, after two untimed rounds."""
+    """{name: (median, least) seconds} of ``repeats`` rounds calling each function once, after
+    two untimed rounds. Each round starts one function later than the last, so each side
+    follows each other side equally often (torch's OpenMP workers spin for a while after its
+    parallel ops, slowing whatever runs next)."""
     times = {name: [] for name in functions}
+    names = list(functions)
     for round_ in range(repeats + 2):
-        for name, function in functions.items():
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            function()
+            functions[name]()
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
