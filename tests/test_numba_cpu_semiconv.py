@@ -166,12 +166,15 @@ def test_reductions_are_bit_identical_across_runs_and_thread_counts():
     rng = np.random.default_rng(1)
     psi = rng.normal(size=(4, 5, 40, 33)).astype(np.float32)
     labels = rng.integers(0, 7, size=(4, 40, 33))
+    runs = np.repeat(labels[:, :, :3], 11, axis=2)  # runs of 11 and more: the SIMD loops' sums
     centers = rng.normal(size=(4, 6, 5)).astype(np.float32)
 
     def run():
         return [pydeform.instance_means(psi, labels, 6).means,
                 pydeform.instance_mean_loss(psi, labels, 6, "none"),
                 pydeform.instance_mean_loss_backward(1.0, psi, labels, 6, coordinates=True),
+                pydeform.instance_mean_loss(psi, runs, 6, "none"),
+                pydeform.instance_mean_loss_backward(1.0, psi, runs, 6, coordinates=True),
                 *pydeform.affinity_backward(np.ones((4, 6, 40, 33), np.float32), psi, centers, 0.9)]
 
     first = run()
