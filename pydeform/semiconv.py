@@ -162,14 +162,12 @@ def _check_index_array(name, value, library, like, dtype_kinds, expected_shape):
 
 
 def check_label_values(labels, num_instances):
-    """Labels must lie in [0, num_instances] (read on the host: a GPU array synchronises)."""
-    if labels.size:
+    """Labels must lie in [0, num_instances] (read on the host: a GPU array synchronises). One
+    reduction checks them: seen as unsigned integers, negative labels are larger than any K."""
+    if labels.size and int(labels.view(f"u{labels.dtype.itemsize}").max()) > num_instances:
         low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high > num_instances:
-            raise ValueError(
-                f"labels: expected values in [0, {num_instances}] (0 = background, 1..num_instances the "
-                f"instances), got values in [{low}, {high}]"
-            )
+        raise ValueError(f"labels: expected values in [0, {num_instances}] (0 = background, 1..num_instances the "
+                         f"instances), got values in [{low}, {high}]")
 
 
 def _labels(labels, psi, library, num_instances, xp):

@@ -506,8 +506,11 @@ def _loss_forward(**arguments):
 
 
 def _loss_backward(grad_output, psi, labels, means, counts, unit_sums, **static):
-    return _semiconv.instance_mean_loss_backward(
-        grad_output, psi, labels, statistics=_semiconv.InstanceLossStatistics(means, counts, unit_sums), **static)
+    # The labels are the forward's, whose values it checked: not read a second time (a label
+    # outside [0, K] would only leave its pixels out, as on the GPU, where no check is made).
+    with unchecked_values():
+        return _semiconv.instance_mean_loss_backward(
+            grad_output, psi, labels, statistics=_semiconv.InstanceLossStatistics(means, counts, unit_sums), **static)
 
 
 def _loss_fake(psi, labels, num_instances, reduction, coordinates, spacing):

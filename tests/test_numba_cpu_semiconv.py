@@ -66,6 +66,30 @@ def test_instance_mean_loss_matches_reference(dtype, data, reduction):
 
 
 @DTYPES
+def test_instance_mean_loss_long_runs_match_reference(dtype):
+    """Rows cut into runs of up to ~40 pixels of one label (the kernels' SIMD loops over a run
+    and their remainders), coordinates added on the fly; a NaN reaches its instance only."""
+    rng = np.random.default_rng(3)
+    n, dims, height, width, K = 2, 3, 4, 67, 4
+    psi = rng.normal(size=(n, dims, height, width)).astype(dtype)
+    cuts = rng.random((n, height, width)) < 0.08
+    starts = np.maximum.accumulate(np.where(cuts, np.arange(width), 0), axis=-1)
+    labels = np.take_along_axis(rng.integers(0, K + 1, size=(n, height, width)), starts, axis=-1)
+    options = dict(coordinates=True, spacing=(0.5, 2.0))
+    assert_close(pydeform.instance_means(psi, labels, K, **options).means,
+                 ref.instance_means(psi, labels, K, **options)[0], dtype, "means")
+    losses = pydeform.instance_mean_loss(psi, labels, K, "none", **options)
+    assert_close(losses, ref.instance_mean_loss(psi, labels, K, "none", **options), dtype, "loss")
+    g = rng.normal(size=(n, K)).astype(dtype)
+    assert_close(pydeform.instance_mean_loss_backward(g, psi, labels, K, "none", **options),
+                 ref.instance_mean_loss_backward(g, psi, labels, K, "none", **options), dtype, "grad")
+    psi[1, 1, 2, 30] = np.nan  # in a run of instance labels[1, 2, 30] = 1
+    nan = np.isnan(pydeform.instance_mean_loss(psi, labels, K, "none", **options))
+    assert nan[1, 0] and nan.sum() == 1
+    np.testing.assert_array_equal(pydeform.instance_mean_loss(psi, labels, K, "none", **options)[~nan], losses[~nan])
+
+
+@DTYPES
 @settings(max_examples=15)
 @given(data=st.data(), kernel=st.sampled_from(["laplacian", "gaussian"]), scalar_sigma=st.booleans())
 def test_affinity_matches_reference(dtype, data, kernel, scalar_sigma):
@@ -142,12 +166,15 @@ def test_reductions_are_bit_identical_across_runs_and_thread_counts():
     rng = np.random.default_rng(1)
     psi = rng.normal(size=(4, 5, 40, 33)).astype(np.float32)
     labels = rng.integers(0, 7, size=(4, 40, 33))
+    runs = np.repeat(labels[:, :, :3], 11, axis=2)  # runs of 11 and more: the SIMD loops' sums
     centers = rng.normal(size=(4, 6, 5)).astype(np.float32)
 
     def run():
         return [pydeform.instance_means(psi, labels, 6).means,
                 pydeform.instance_mean_loss(psi, labels, 6, "none"),
                 pydeform.instance_mean_loss_backward(1.0, psi, labels, 6, coordinates=True),
+                pydeform.instance_mean_loss(psi, runs, 6, "none"),
+                pydeform.instance_mean_loss_backward(1.0, psi, runs, 6, coordinates=True),
                 *pydeform.affinity_backward(np.ones((4, 6, 40, 33), np.float32), psi, centers, 0.9)]
 
     first = run()

@@ -14,6 +14,8 @@ CENTERS = np.zeros((2, 2, 3), np.float32)
 @pytest.mark.parametrize("call, error, message", [
     (lambda: pydeform.instance_mean_loss(PSI, LABELS * 3, 2), ValueError, r"labels: expected values in \[0, 2\]"),
     (lambda: pydeform.instance_mean_loss(PSI, -LABELS, 2), ValueError, r"labels: .*got values in \[-1, -1\]"),
+    (lambda: pydeform.instance_means(PSI, -LABELS.astype(np.int8), 2), ValueError, r"got values in \[-1, -1\]"),
+    (lambda: pydeform.instance_means(PSI, (LABELS * 3).astype(np.uint16), 2), ValueError, r"got values in \[3, 3\]"),
     (lambda: pydeform.instance_means(PSI, LABELS.astype(np.float32), 2), TypeError,
      "labels: expected an integer dtype"),
     (lambda: pydeform.instance_mean_loss(PSI, LABELS[:, :3], 2), ValueError, r"labels: expected shape \(2, 4, 5\)"),

@@ -8,10 +8,18 @@ and one code path serves both.
 
 Segmented reductions (per-instance sums) use no one-hot mask and no atomics: one task per image
 walks its pixels in a fixed order and owns that image's [K, D] accumulators, so the results
-are bit-identical run to run and for every thread count, and the memory is O(N * K * D). The
-loss's statistics cut each row into runs of one label and add a run up in registers before
-adding it to the instance's accumulators (no store-to-load chain from pixel to pixel). Sums
+are bit-identical run to run and for every thread count, and the memory is O(N * K * D). Sums
 are taken in float64. Kernels that write one value per pixel run one task per image row.
+
+The loss's statistics and gradient cut each row into runs of one label and work run by run,
+channel by channel (psi is [N, D, H, W]: a channel's run is contiguous): one loop per channel
+keeps the run's differences psi_u - mean in a [D, run] buffer and adds their squares up per
+pixel, one loop turns those into inverse norms, then one loop per channel adds the run's unit
+vectors up, or writes its gradient, from the buffers (O(D * W) per task). Those loops
+index with unsigned integers and read the column x from a float64 ramp, and their kernels are
+compiled with ``reassoc`` and ``contract``, so they vectorise (SIMD) with the run's sums split
+over vector lanes in an order the compiled code fixes: the bits still do not change from run
+to run or with the number of threads. A run's sums reach the instance's accumulators once.
 
 The CUDA kernels (:func:`cuda_kernels`) compute in the accumulation type, float32 for float32
 and half-type embeddings (half types are read from float32 copies): their helpers take the
@@ -30,7 +38,9 @@ import numpy as np
 
 from ..._arrays import accumulation_dtype
 from ..._workspace import accumulator_plans, converted
-from .targets import bind_cuda, cpu_kernel, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda
+from .targets import (
+    bind_cuda, cpu_kernel, cpu_kernel_fast_sums, cpu_target, cuda_kernel, cuda_target, flat, launch_cuda,
+)
 
 LAPLACIAN, GAUSSIAN = 0, 1
 ARGMAX, SOFTMAX = 0, 1
@@ -54,15 +64,6 @@ def cpu_kernels():
         return math.sqrt(total)
 
     @t.device
-    def differences(psi, pixel, plane, dims, cy, cx, y, x, centers, c, diff):
-        """diff[:] = psi_u - centers[c : c + dims] at flat ``pixel`` = (y, x); returns its norm."""
-        total = 0.0
-        for d in range(dims):
-            diff[d] = psi[pixel + d * plane] + cy[d] * y + cx[d] * x - centers[c + d]
-            total += diff[d] * diff[d]
-        return math.sqrt(total)
-
-    @t.device
     def run_end(labels, line, x, width):
         """The end of the run of equal labels starting at ``x`` in the row starting at ``line``."""
         k = labels[line + x]
@@ -71,16 +72,62 @@ def cpu_kernels():
             end += 1
         return end
 
-    @cpu_kernel
+    # The loops over a run below index with unsigned integers (no negative-index wraparound),
+    # read one channel at a time, contiguously, and take the column x as a float64 from
+    # ``columns`` (0, 1, ..., W - 1), where converting the integer would not vectorise: so the
+    # CPU compiler turns them into SIMD.
+
+    @t.device
+    def column_ramp(width):
+        """(0.0, 1.0, ..., width - 1) in a serial loop: an array expression here would be a
+        parallel loop of its own, one more fork and join of the threads per call."""
+        columns = np.empty(width)
+        for x in range(width):
+            columns[x] = x
+        return columns
+
+    @t.device
+    def run_squares(psi, first, plane, dims, cy, cx, y, x, length, columns, means, mean, differences, squares):
+        """differences[d * length + j] = psi_u - means[mean + d] and squares[j] = their squared
+        norm over d for the pixels u = (y, x + j), j < length, of the row whose channel 0
+        starts at flat ``first``."""
+        for j in range(length):
+            squares[np.uint64(j)] = 0.0
+        for d in range(dims):
+            base = np.uint64(first + d * plane + x)
+            column = np.uint64(x)
+            row = np.uint64(d * length)
+            offset = cy[d] * y - means[mean + d]
+            step = cx[d]
+            for j in range(length):
+                u = np.uint64(j)
+                diff = psi[base + u] + (step * columns[column + u] + offset)
+                differences[row + u] = diff
+                squares[u] += diff * diff
+
+    @t.device
+    def invert_norms(squares, length):
+        """squares[j] -> 1 / ||.|| for j < length (0 at the kink, NaN passes); returns the sum of
+        the norms."""
+        total = 0.0
+        for j in range(length):
+            norm = math.sqrt(squares[np.uint64(j)])
+            total += norm
+            squares[np.uint64(j)] = 1.0 / norm if norm != 0.0 else 0.0
+        return total
+
+    @cpu_kernel_fast_sums
     def statistics(psi, labels, cy, cx, sums, counts, norm_sums, unit_sums, batch, dims, height, width, k_max,
                    with_norms):
         """Per image: the per-instance sums of psi (``sums`` [N, K, D]) and pixel counts; with
         ``with_norms`` the sums are made means, then the sums of ||psi_u - mean|| (``norm_sums``
         [N, K]) and of the unit vectors (``unit_sums`` [N, K, D]) follow.
 
-        Each row is cut into runs of one label; a run's sums add up in registers (the sums pass
-        channel by channel, reading contiguously) and reach the instance's accumulators once."""
+        Each row is cut into runs of one label; a run's sums are taken channel by channel over
+        its pixels (vectorised: the kernel may reorder sums, and its fixed code gives the same
+        bits every run) and reach the instance's accumulators once."""
         plane = height * width
+        columns = column_ramp(width)
         for n in prange(batch):
             stats = n * k_max
             for k in range(k_max):
@@ -91,6 +138,7 @@ def cpu_kernels():
                     unit_sums[(stats + k) * dims + d] = 0.0
             for y in range(height):
                 line = n * plane + y * width
+                first = n * dims * plane + y * width
                 x = 0
                 while x < width:
                     end = run_end(labels, line, x, width)
@@ -98,11 +146,13 @@ def cpu_kernels():
                     if k >= 1 and k <= k_max:
                         counts[stats + k - 1] += end - x
                         for d in range(dims):
-                            channel = (n * dims + d) * plane + y * width
+                            base = np.uint64(first + d * plane + x)
                             total = 0.0
-                            for i in range(x, end):
-                                total += psi[channel + i] + cy[d] * y + cx[d] * i
-                            sums[(stats + k - 1) * dims + d] += total
+                            for j in range(end - x):
+                                total += psi[base + np.uint64(j)]
+                            # The coordinates' sum over the run in closed form (integers: exact).
+                            sums[(stats + k - 1) * dims + d] += total + (end - x) * (cy[d] * y
+                                                                                     + cx[d] * (x + end - 1) * 0.5)
                     x = end
             if not with_norms:
                 continue
@@ -110,54 +160,65 @@ def cpu_kernels():
                 if counts[stats + k] > 0:
                     for d in range(dims):
                         sums[(stats + k) * dims + d] /= counts[stats + k]
-            diff = np.empty(dims)
-            units = np.empty(dims)
+            inverses = np.empty(width)
+            differences = np.empty(dims * width)
             for y in range(height):
                 line = n * plane + y * width
+                first = n * dims * plane + y * width
                 x = 0
                 while x < width:
                     end = run_end(labels, line, x, width)
                     k = labels[line + x]
                     if k >= 1 and k <= k_max:
                         mean = (stats + k - 1) * dims
-                        total = 0.0
+                        run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, sums, mean, differences,
+                                    inverses)
+                        norm_sums[stats + k - 1] += invert_norms(inverses, end - x)
                         for d in range(dims):
-                            units[d] = 0.0
-                        for i in range(x, end):
-                            norm = differences(psi, n * dims * plane + y * width + i, plane, dims, cy, cx, y, i,
-                                               sums, mean, diff)
-                            total += norm
-                            if norm != 0.0:  # the unit vector is 0 at the kink (NaN passes)
-                                inverse = 1.0 / norm
-                                for d in range(dims):
-                                    units[d] += diff[d] * inverse
-                        norm_sums[stats + k - 1] += total
-                        for d in range(dims):
-                            unit_sums[mean + d] += units[d]
+                            row = np.uint64(d * (end - x))
+                            total = 0.0
+                            for j in range(end - x):
+                                u = np.uint64(j)
+                                total += differences[row + u] * inverses[u]
+                            unit_sums[mean + d] += total
                     x = end
 
-    @cpu_kernel
+    @cpu_kernel_fast_sums
     def loss_grad(psi, labels, cy, cx, means, scales, mean_units, grad, batch, dims, height, width, k_max):
-        """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere."""
+        """grad_u = scales[k] * (e_u - mean_units[k]) inside instance k, 0 elsewhere; per row,
+        run by run, channel by channel (vectorised)."""
         plane = height * width
+        columns = column_ramp(width)
         for row in prange(batch * height):
             n = row // height
             y = row - n * height
-            diff = np.empty(dims)
-            for x in range(width):
-                k = labels[n * plane + y * width + x]
-                pixel = n * dims * plane + y * width + x
+            line = n * plane + y * width
+            first = n * dims * plane + y * width
+            inverses = np.empty(width)
+            differences = np.empty(dims * width)
+            x = 0
+            while x < width:
+                end = run_end(labels, line, x, width)
+                k = labels[line + x]
                 if k < 1 or k > k_max:
                     for d in range(dims):
-                        grad[pixel + d * plane] = 0.0
-                    continue
-                mean = (n * k_max + k - 1) * dims
-                norm = differences(psi, pixel, plane, dims, cy, cx, y, x, means, mean, diff)
-                scale = scales[n * k_max + k - 1]
-                # The unit vector is 0 at the kink (NaN passes).
-                inverse = 1.0 / norm if norm != 0.0 else 0.0
-                for d in range(dims):
-                    grad[pixel + d * plane] = scale * (diff[d] * inverse - mean_units[mean + d])
+                        base = np.uint64(first + d * plane + x)
+                        for j in range(end - x):
+                            grad[base + np.uint64(j)] = 0.0
+                else:
+                    mean = (n * k_max + k - 1) * dims
+                    run_squares(psi, first, plane, dims, cy, cx, y, x, end - x, columns, means, mean, differences,
+                                inverses)
+                    invert_norms(inverses, end - x)
+                    scale = scales[n * k_max + k - 1]
+                    for d in range(dims):
+                        base = np.uint64(first + d * plane + x)
+                        row = np.uint64(d * (end - x))
+                        unit = mean_units[mean + d]
+                        for j in range(end - x):
+                            u = np.uint64(j)
+                            grad[base + u] = scale * (differences[row + u] * inverses[u] - unit)
+                x = end
 
     @cpu_kernel
     def affinity(psi, centers, sigma, cy, cx, out, batch, dims, height, width, k_max, kernel):
