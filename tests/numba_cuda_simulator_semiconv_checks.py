@@ -7,12 +7,21 @@ the shapes are tiny.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 
+from pydeform import centernet as centernet_module
 from pydeform.backends.numba_cuda import simulator_enabled
+from pydeform.backends.numba_kernels.centernet import NumbaCudaCenterNetKernels
 from pydeform.backends.numba_kernels.semiconv import NumbaCudaSemiConvKernels
-from tests.semiconv_checks import check_all_ops, ops_running
+from tests.semiconv_checks import (
+    check_all_ops,
+    check_ideal_displacements_recover_labels,
+    check_invariants,
+    ops_running,
+)
 
 if not simulator_enabled():
     raise RuntimeError("run this module with NUMBA_ENABLE_CUDASIM=1 (see tests/test_numba_cuda_simulator.py)")
@@ -22,3 +31,16 @@ if not simulator_enabled():
 def test_ops_match_reference(dtype):
     with ops_running(NumbaCudaSemiConvKernels(xp=np)):
         check_all_ops(np.random.default_rng(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_invariants_determinism_and_unchanged_inputs(dtype):
+    with ops_running(NumbaCudaSemiConvKernels(xp=np)):
+        check_invariants(dtype)
+
+
+def test_ideal_displacements_recover_the_labels_through_the_voting_ops():
+    kernels = NumbaCudaCenterNetKernels(xp=np)
+    with ops_running(NumbaCudaSemiConvKernels(xp=np)), \
+            mock.patch.object(centernet_module, "centernet_kernels", lambda library, backend: kernels):
+        check_ideal_displacements_recover_labels()

@@ -3,6 +3,7 @@ random cases: shared by the GPU kernel sets' CPU-side twins (the host shim, the 
 simulator) and the gpu-marked tests, which run them with the ops patched to their kernel set
 (:func:`ops_running`)."""
 
+import functools
 from unittest import mock
 
 import numpy as np
@@ -33,10 +34,11 @@ def embedding_case(rng, dtype, n=2, dims=3, height=5, width=6, K=3):
     return psi, labels, K
 
 
-def check_all_ops(rng, dtype, xp=np, to_host=np.asarray):
-    """Every op with and without coordinates; ``xp`` makes the input arrays (NumPy or CuPy)."""
+def check_all_ops(rng, dtype, xp=np, to_host=np.asarray, **sizes):
+    """Every op with and without coordinates; ``xp`` makes the input arrays (NumPy or CuPy);
+    ``sizes``: embedding_case's n, dims, height, width, K."""
     for options in (dict(), dict(coordinates=True, spacing=(0.5, 2.0))):
-        psi, labels, K = embedding_case(rng, dtype)
+        psi, labels, K = embedding_case(rng, dtype, **sizes)
         n, dims, height, width = psi.shape
         d_psi, d_labels = xp.asarray(psi), xp.asarray(labels.astype(np.int32))
 
@@ -90,3 +92,97 @@ def check_all_ops(rng, dtype, xp=np, to_host=np.asarray):
                                                     xp.asarray(centers * 3), max_distance, **options)
             np.testing.assert_array_equal(to_host(labels_out), ref.assign_to_centers(
                 votes_psi, foreground, centers * 3, max_distance, **options))
+
+
+def check_invariants(dtype, xp=np, to_host=np.asarray):
+    """The invariants of docs/semiconv.md, exactly where the arithmetic is exact (small integer
+    embeddings), NaN kept to its instance, two runs bit-identical, and every input unchanged."""
+    rng = np.random.default_rng(3)
+    _, labels, K = embedding_case(rng, dtype)
+    n = labels.shape[0]
+    points = rng.integers(-4, 5, size=(n, K + 1, 3)).astype(dtype)
+    constant = np.moveaxis(points[np.arange(n)[:, None, None], labels], -1, 1)  # psi constant per instance
+    height, width = labels.shape[1:]
+    coordinates = np.zeros((3, height, width), dtype)
+    coordinates[:2] = np.mgrid[:height, :width] * np.array([2.0, 0.5])[:, None, None]  # spacing (2, 0.5)
+    phi = constant - coordinates
+    d_labels = xp.asarray(labels)
+    inputs = {"labels": (labels, d_labels)}
+
+    def device(name, array):
+        inputs[name] = (array, xp.asarray(array))
+        return inputs[name][1]
+
+    for name, options in (("constant", {}), ("phi", dict(coordinates=True, spacing=(2.0, 0.5)))):
+        d_psi = device(name, constant if name == "constant" else phi)
+        loss = pydeform.instance_mean_loss(d_psi, d_labels, K, "none", **options)
+        grad = pydeform.instance_mean_loss_backward(1.0, d_psi, d_labels, K, **options)
+        assert not to_host(loss).any() and not to_host(grad).any(), f"loss 0 for psi constant per instance ({name})"
+        # the pixel (y, x) of each image as every center: affinity exactly 1 there
+        pixels = [(1, 2), (3, 4)][:n]
+        centers = np.stack([constant[b, :, y, x] for b, (y, x) in enumerate(pixels)])[:, None].repeat(K, axis=1)
+        d_centers = device(f"centers {name}", centers)
+        for kernel in ("laplacian", "gaussian"):
+            values = to_host(pydeform.affinity(d_psi, d_centers, 0.7, kernel, **options))
+            assert all(values[b, :, y, x].tolist() == [1.0] * K for b, (y, x) in enumerate(pixels)), kernel
+
+    psi = rng.normal(size=constant.shape).astype(dtype)
+    shift = np.array([3.0, -2.0, 0.5], dtype)[None, :, None, None]
+    d_psi, d_shifted = device("psi", psi), device("shifted", psi + shift)
+    for reduction, g in (("none", xp.asarray(rng.normal(size=(n, K)).astype(dtype))), ("mean", 0.5)):
+        for name, f in (("loss", pydeform.instance_mean_loss),
+                        ("grad", functools.partial(pydeform.instance_mean_loss_backward, g))):
+            assert_close(f(d_shifted, d_labels, K, reduction), to_host(f(d_psi, d_labels, K, reduction)), dtype,
+                         f"{name} of psi plus a constant ({reduction})", to_host)
+
+    nan_psi = psi.copy()
+    nan_psi[0, 1, 0, 0] = np.nan  # labels[0, 0, 0] = 1
+    d_nan = device("nan", nan_psi)
+    loss = to_host(pydeform.instance_mean_loss(d_nan, d_labels, K, "none"))
+    grad = to_host(pydeform.instance_mean_loss_backward(xp.asarray(np.ones((n, K), dtype)), d_nan, d_labels, K,
+                                                        "none"))
+    assert np.isnan(loss[0, 0]) and not np.isnan(loss[0, 1:]).any() and not np.isnan(loss[1:]).any()
+    assert np.isnan(grad[0][:, labels[0] == 1]).all() and not np.isnan(grad[0][:, labels[0] != 1]).any()
+
+    centers = device("centers", rng.normal(size=(n, K, 3)).astype(dtype))
+    scores = device("scores", rng.normal(size=labels.shape).astype(dtype))
+    grad_affinity = device("grad affinity", rng.normal(size=(n, K, height, width)).astype(dtype))
+
+    def run():
+        return [pydeform.instance_means(d_psi, d_labels, K, coordinates=True).means,
+                pydeform.instance_mean_loss(d_psi, d_labels, K, "none"),
+                pydeform.instance_mean_loss_backward(1.0, d_psi, d_labels, K, coordinates=True),
+                *pydeform.affinity_backward(grad_affinity, d_psi, centers, 0.9, "gaussian"),
+                *pydeform.seeded_mask_logits_backward(scores, scores, d_psi, 1.1, "softmax")]
+
+    for first, second in zip(run(), run()):
+        assert to_host(first).tobytes() == to_host(second).tobytes(), "two runs differ"
+    for name, (host, on_device) in inputs.items():
+        np.testing.assert_array_equal(to_host(on_device), host, err_msg=f"input {name} changed")
+
+
+def check_ideal_displacements_recover_labels(xp=np, to_host=np.asarray):
+    """Each instance's pixels point at its centre: hough_votes + hough_peaks + assign_to_centers
+    give back the ground-truth labels (up to the instances' order), identical copies apart."""
+    height, width = 20, 24
+    truth = np.zeros((2, height, width), np.int32)
+    truth[0, 2:7, 3:9], truth[0, 10:16, 12:20], truth[0, 2:6, 15:22] = 1, 2, 3
+    truth[1, 5:12, 4:10], truth[1, 13:19, 2:8] = 1, 2  # identical copies
+    ys, xs = np.mgrid[:height, :width].astype(np.float32)
+    phi = np.zeros((2, 2, height, width), np.float32)
+    for b in range(2):
+        for k in range(1, truth[b].max() + 1):
+            inside = truth[b] == k
+            phi[b, 0][inside] = ys[inside].mean() - ys[inside]
+            phi[b, 1][inside] = xs[inside].mean() - xs[inside]
+    foreground = truth > 0
+    d_phi, d_foreground = xp.asarray(phi), xp.asarray(foreground)
+    votes = pydeform.hough_votes(d_phi, d_foreground, coordinates=True)
+    assert int(to_host(votes).sum()) == foreground.sum()
+    peaks = pydeform.hough_peaks(votes, 4, min_votes=2)
+    assert (to_host(peaks.votes) > 0).sum(axis=1).tolist() == [3, 2]
+    labels = to_host(pydeform.assign_to_centers(d_phi, d_foreground, peaks.centers, 1.0, coordinates=True))
+    for b in range(2):
+        pairs = {(int(t), int(p)) for t, p in zip(truth[b].ravel(), labels[b].ravel())}
+        assert len(pairs) == truth[b].max() + 1 and len({p for _, p in pairs}) == len(pairs)
+        assert (0, 0) in pairs
