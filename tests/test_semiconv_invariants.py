@@ -4,7 +4,8 @@ instance, two runs bit-identical, inputs unchanged, and a hand-built ideal displ
 recovering the ground-truth labels through the voting ops: on the Numba CPU kernels, on the CUDA
 C kernels through the host shim (one thread, and threaded blocks), and, gpu-marked, on a real GPU
 with both GPU kernel sets (the Numba CUDA kernels run them in the simulator,
-numba_cuda_simulator_semiconv_checks.py). Also hypothesis-drawn shapes through the host shim."""
+numba_cuda_simulator_semiconv_checks.py). Also hypothesis-drawn shapes against the reference through
+the host shim and on a real GPU."""
 
 from unittest import mock
 
@@ -76,3 +77,18 @@ def test_gpu(backend, dtype):
     with semiconv, centernet:
         check_invariants(dtype, xp=cupy, to_host=cupy.asnumpy)
         check_ideal_displacements_recover_labels(xp=cupy, to_host=cupy.asnumpy)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cupy", "numba"])
+@settings(max_examples=10)
+@given(st.integers(1, 2), st.integers(2, 4), st.integers(1, 5), st.integers(1, 5), st.integers(1, 4),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**32 - 1))
+def test_gpu_matches_reference_on_drawn_shapes(backend, n, dims, height, width, K, dtype, seed):
+    import cupy
+
+    from pydeform.backends import semiconv_kernels
+
+    with ops_running(semiconv_kernels("cupy", backend)):
+        check_all_ops(np.random.default_rng(seed), dtype, cupy, cupy.asnumpy, n=n, dims=dims, height=height,
+                      width=width, K=K)
