@@ -186,3 +186,5 @@ def check_ideal_displacements_recover_labels(xp=np, to_host=np.asarray):
         pairs = {(int(t), int(p)) for t, p in zip(truth[b].ravel(), labels[b].ravel())}
         assert len(pairs) == truth[b].max() + 1 and len({p for _, p in pairs}) == len(pairs)
         assert (0, 0) in pairs
+    np.testing.assert_array_equal(to_host(d_phi), phi)
+    np.testing.assert_array_equal(to_host(d_foreground), foreground)
