@@ -7,29 +7,16 @@ The Numba CUDA kernels run a callback count in the simulator
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import numpy as np
 import pytest
 
 from fake_cupy import fake_gpu  # noqa: F401 (a fixture)
 from pydeform import levelset
-from tests import host_shim
+from tests.levelset_cases import kernels_named
 
 SNAKES = {"acwe": lambda image, init, **kw: levelset.morphological_chan_vese(image, 3, init, 1, **kw),
           "gac": lambda image, init, **kw: levelset.morphological_geodesic_active_contour(image, 3, init, 1, "auto",
                                                                                           -1, **kw)}
-
-
-def kernels_for(name):
-    """A context in which the ops on NumPy arrays run the named kernel set."""
-    if name == "numba-cpu":
-        return contextlib.nullcontext()
-    if not host_shim.compiler_available():
-        pytest.skip("needs g++")
-    kernels = host_shim.HostShimLevelSetKernels()
-    return mock.patch.object(levelset, "levelset_kernels", lambda library, backend: kernels)
 
 
 def check_callbacks(snake, image, init, xp=np, to_host=np.asarray):
@@ -59,7 +46,7 @@ def inputs(batch):
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
 @pytest.mark.parametrize("snake", SNAKES)
 def test_callbacks(kernels, batched, snake):
-    with kernels_for(kernels):
+    with kernels_named(kernels):
         check_callbacks(lambda *a, **kw: SNAKES[snake](*a, batched=batched, **kw), *inputs(batched))
 
 

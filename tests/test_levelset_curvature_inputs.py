@@ -5,17 +5,12 @@ GPU kernel sets. (The snakes binarise ``init_level_set`` with ``> 0``, as scikit
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import numpy as np
 import pytest
 
 from pydeform import levelset
 from reference import levelset as ref
-from tests import host_shim
-
-morphsnakes = pytest.importorskip("skimage.segmentation.morphsnakes")
+from tests.levelset_cases import kernels_named, morphsnakes
 
 
 def non_binary_arrays():
@@ -26,15 +21,6 @@ def non_binary_arrays():
     return {"negative-ints": rng.integers(-1, 2, (5, 6)), "floats-and-nan": with_nan,
             "3d-negative": rng.integers(-2, 2, (3, 4, 5)).astype(np.int8), "bool": rng.random((4, 4)) < 0.5,
             "uint8": rng.integers(0, 3, (4, 5)).astype(np.uint8)}
-
-
-def kernels(name):
-    if name == "numba-cpu":
-        return contextlib.nullcontext()
-    if not host_shim.compiler_available():
-        pytest.skip("needs g++")
-    shim = host_shim.HostShimLevelSetKernels()
-    return mock.patch.object(levelset, "levelset_kernels", lambda library, backend: shim)
 
 
 @pytest.mark.parametrize("name", non_binary_arrays())
@@ -49,7 +35,7 @@ def test_reference_reads_non_zero_as_one(name):
 def test_ops_read_non_zero_as_one(backend, name):
     u = non_binary_arrays()[name]
     copy = u.copy()
-    with kernels(backend):
+    with kernels_named(backend):
         np.testing.assert_array_equal(levelset.sup_inf(u), morphsnakes.sup_inf(u))
         np.testing.assert_array_equal(levelset.inf_sup(u), morphsnakes.inf_sup(u))
     np.testing.assert_array_equal(u, copy)
