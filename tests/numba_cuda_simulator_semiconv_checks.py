@@ -20,6 +20,7 @@ from tests.semiconv_checks import (
     check_all_ops,
     check_ideal_displacements_recover_labels,
     check_invariants,
+    check_votes_round_half_away,
     ops_running,
 )
 
@@ -44,3 +45,9 @@ def test_ideal_displacements_recover_the_labels_through_the_voting_ops():
     with ops_running(NumbaCudaSemiConvKernels(xp=np)), \
             mock.patch.object(centernet_module, "centernet_kernels", lambda library, backend: kernels):
         check_ideal_displacements_recover_labels()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_votes_round_half_away_exactly(dtype):
+    with ops_running(NumbaCudaSemiConvKernels(xp=np)):
+        check_votes_round_half_away(dtype)

@@ -3,6 +3,7 @@ random cases: shared by the GPU kernel sets' CPU-side twins (the host shim, the 
 simulator) and the gpu-marked tests, which run them with the ops patched to their kernel set
 (:func:`ops_running`)."""
 
+import decimal
 import functools
 from unittest import mock
 
@@ -188,3 +189,28 @@ def check_ideal_displacements_recover_labels(xp=np, to_host=np.asarray):
         assert (0, 0) in pairs
     np.testing.assert_array_equal(to_host(d_phi), phi)
     np.testing.assert_array_equal(to_host(d_foreground), foreground)
+
+
+def check_votes_round_half_away(dtype, hough_votes=pydeform.hough_votes, xp=np, to_host=np.asarray):
+    """The votes of values at and around halves (the float just below 0.5, -0.5, 1.5, 2.5 and
+    3.5, the halves themselves and the floats just above) land where an exact decimal rounding,
+    ties away from zero, puts them, and NaN and infinite ones nowhere; with and without
+    coordinates."""
+    below = [np.nextafter(dtype(h), dtype(0)) for h in (0.5, 1.5, 2.5, 3.5)]
+    above = [np.nextafter(dtype(h), dtype(9)) for h in (0.5, 1.5, 2.5)]
+    values = np.array([*below, *(-v for v in below), 0.5, -0.5, 1.5, 2.5, 3.5, *above, np.nan, np.inf, -np.inf],
+                      dtype)
+    expected = np.zeros((1, 5, 5), np.int32)
+    for column, v in enumerate(values[np.isfinite(values)]):
+        row = int(decimal.Decimal(float(v)).quantize(decimal.Decimal(1), rounding=decimal.ROUND_HALF_UP))
+        if 0 <= row < 5:
+            expected[0, row, column % 5] += 1
+    # rows vote the values, columns 0..4 in turn (exact); with coordinates the columns come from x
+    width = len(values)
+    psi = np.stack([values, np.arange(width) % 5]).astype(dtype).reshape(1, 2, 1, width)
+    phi = psi.copy()
+    phi[0, 1] -= np.arange(width, dtype=dtype)  # + x gives the column back exactly
+    foreground = np.ones((1, 1, width), bool)
+    np.testing.assert_array_equal(to_host(hough_votes(xp.asarray(psi), xp.asarray(foreground), (5, 5))), expected)
+    np.testing.assert_array_equal(to_host(hough_votes(xp.asarray(phi), xp.asarray(foreground), (5, 5),
+                                                      coordinates=True)), expected)

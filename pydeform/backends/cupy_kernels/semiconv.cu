@@ -184,10 +184,11 @@ __device__ __forceinline__ AffinityFactor<acc_t<T>> affinity_factor(
     return {-g * a / (s * s), dist, a};
 }
 
-// Rounding half away from zero.
+// Rounding half away from zero, exactly (floor(v + 0.5) would round the sum first: the float
+// just below 0.5 would give 1); NaN and infinities stay as they are.
 template <typename A>
 __device__ __forceinline__ A round_half_away(const A v) {
-    return v >= A(0) ? floor(v + A(0.5)) : -floor(-v + A(0.5));
+    return round(v);
 }
 
 }  // namespace pydeform

@@ -324,9 +324,15 @@ def cpu_kernels():
 
     @t.device
     def round_half_away(v):
-        if v >= 0:
-            return math.floor(v + 0.5)
-        return -math.floor(-v + 0.5)
+        """v rounded half away from zero, exactly (floor(v + 0.5) would round the sum first: the
+        float just below 0.5 would give 1); NaN and infinities as they are."""
+        if math.isnan(v) or math.isinf(v):
+            return v
+        magnitude = abs(v)
+        whole = math.floor(magnitude)
+        if magnitude - whole >= 0.5:
+            whole = math.ceil(magnitude)
+        return whole if v >= 0 else -whole
 
     @cpu_kernel
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
@@ -621,9 +627,15 @@ def cuda_kernels():
 
     @t.device
     def round_half_away(v, zero, half):
-        if v >= zero:
-            return math.floor(v + half)
-        return -math.floor(-v + half)
+        """As the CPU's, in v's type (NaN and infinities never reach math.floor, which the
+        simulator computes as a Python int)."""
+        if math.isnan(v) or math.isinf(v):
+            return v
+        magnitude = abs(v)
+        whole = math.floor(magnitude)
+        if magnitude - whole >= half:
+            whole = math.ceil(magnitude)
+        return whole if v >= zero else -whole
 
     @cuda_kernel
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
