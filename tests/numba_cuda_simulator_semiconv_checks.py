@@ -11,6 +11,8 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydeform import centernet as centernet_module
 from pydeform.backends.numba_cuda import simulator_enabled
@@ -51,3 +53,11 @@ def test_ideal_displacements_recover_the_labels_through_the_voting_ops():
 def test_votes_round_half_away_exactly(dtype):
     with ops_running(NumbaCudaSemiConvKernels(xp=np)):
         check_votes_round_half_away(dtype)
+
+
+@settings(max_examples=4)
+@given(st.integers(1, 2), st.integers(2, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**32 - 1))
+def test_ops_match_reference_on_drawn_shapes(n, dims, height, width, K, dtype, seed):
+    with ops_running(NumbaCudaSemiConvKernels(xp=np)):
+        check_all_ops(np.random.default_rng(seed), dtype, n=n, dims=dims, height=height, width=width, K=K)
