@@ -23,7 +23,8 @@ def ops_running(kernels):
 
 def assert_close(got, expected, dtype, name, to_host=np.asarray):
     got, expected = np.asarray(to_host(got), np.float64), np.asarray(expected)
-    scale = max(1.0, float(np.nanmax(np.abs(expected)))) if expected.size else 1.0
+    finite = np.abs(expected[np.isfinite(expected)])  # an infinity would make any tolerance infinite
+    scale = max(1.0, float(finite.max())) if finite.size else 1.0
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE[np.dtype(dtype)] * scale, err_msg=name)
 
 
@@ -144,6 +145,24 @@ def check_invariants(dtype, xp=np, to_host=np.asarray):
                                                         "none"))
     assert np.isnan(loss[0, 0]) and not np.isnan(loss[0, 1:]).any() and not np.isnan(loss[1:]).any()
     assert np.isnan(grad[0][:, labels[0] == 1]).all() and not np.isnan(grad[0][:, labels[0] != 1]).any()
+
+    # NaN scores: the seed is NumPy's argmax (a NaN is the largest score, the first NaN wins); and
+    # a region of -inf scores
+    nan_scores = rng.normal(size=(4, height, width)).astype(dtype)
+    nan_scores[0, 2, 3] = nan_scores[1, 0, 0] = nan_scores[2, 1, 1] = nan_scores[2, 3, 0] = np.nan
+    nan_scores[3] = -np.inf
+    seeded_psi = rng.normal(size=(4, 3, height, width)).astype(dtype)
+    d_scores, d_seeded_psi = device("NaN scores", nan_scores), device("seeded psi", seeded_psi)
+    g = rng.normal(size=nan_scores.shape).astype(dtype)
+    with np.errstate(invalid="ignore"):
+        for mode in ("argmax", "softmax"):
+            assert_close(pydeform.seeded_mask_logits(d_scores, d_seeded_psi, 1.3, mode),
+                         ref.seeded_mask_logits(nan_scores, seeded_psi, 1.3, mode), dtype, f"NaN scores {mode}",
+                         to_host)
+            got = pydeform.seeded_mask_logits_backward(xp.asarray(g), d_scores, d_seeded_psi, 1.3, mode)
+            expected = ref.seeded_mask_logits_backward(g, nan_scores, seeded_psi, 1.3, mode)
+            for name, a, b in zip(got._fields, got, expected):
+                assert_close(a, b, dtype, f"NaN scores {mode} {name}", to_host)
 
     centers = device("centers", rng.normal(size=(n, K, 3)).astype(dtype))
     scores = device("scores", rng.normal(size=labels.shape).astype(dtype))

@@ -36,6 +36,13 @@ LAPLACIAN, GAUSSIAN = 0, 1
 ARGMAX, SOFTMAX = 0, 1
 
 
+def _better_seed(score, best):
+    """Whether ``score`` beats the seed score ``best`` found at a lower index: as NumPy's and
+    PyTorch's argmax, NaN counts as the largest score and the first NaN wins. (Compiled as a
+    device function of each target.)"""
+    return score > best or (score != score and best == best)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernels():
     """The CPU kernels: ``(statistics, loss_grad, affinity, affinity_grad_psi,
@@ -43,6 +50,7 @@ def cpu_kernels():
     from numba import prange
 
     t = cpu_target()
+    better_seed = t.device(_better_seed)
 
     @t.device
     def distance(psi, pixel, plane, dims, cy, cx, y, x, centers, c):
@@ -241,7 +249,7 @@ def cpu_kernels():
         first = r * plane
         best = 0
         for p in range(1, plane):
-            if scores[first + p] > scores[first + best]:
+            if better_seed(scores[first + p], scores[first + best]):
                 best = p
         if mode == ARGMAX:
             y = best // width
@@ -306,7 +314,7 @@ def cpu_kernels():
             if mode == ARGMAX:
                 best = 0
                 for p in range(1, plane):
-                    if scores[r * plane + p] > scores[r * plane + best]:
+                    if better_seed(scores[r * plane + p], scores[r * plane + best]):
                         best = p
                 for d in range(dims):
                     grad_psi[(r * dims + d) * plane + best] += grad_seeds[seed + d]
@@ -391,6 +399,7 @@ def cuda_kernels():
     # Only the target's device decorator is used: the kernels make every constant from the
     # dtype of ``cy`` (the accumulation type), so one build serves every dtype.
     t = cuda_target(np.float32)
+    better_seed = t.device(_better_seed)
 
     @t.device
     def value_at(psi, pixel, plane, d, cy, cx, fy, fx):
@@ -431,7 +440,7 @@ def cuda_kernels():
         first = r * plane
         best = 0
         for p in range(1, plane):
-            if scores[first + p] > scores[first + best]:
+            if better_seed(scores[first + p], scores[first + best]):
                 best = p
         base = r * dims * plane
         if mode == ARGMAX:
