@@ -356,23 +356,26 @@ def _curvature(u, name, backend):
     if u.ndim not in (2, 3):
         raise ValueError(f"u: expected a 2-d or 3-d level set, got {u.ndim}-d with shape {shape_of(u)}")
     kernels = _kernels_for(library, backend)
-    src, dst = _padded(kernels.xp, (u[None] > 0).astype(np.uint8))
+    # non-zero is 1, NaN and negative values included: scikit-image's SciPy binary morphology
+    src, dst = _padded(kernels.xp, (u[None] != 0).astype(np.uint8))
     getattr(kernels, name)(src, dst)
     return _interior(dst, False)
 
 
 @dlpack_entry
 def sup_inf(u, *, backend=None):
-    """The SI curvature operator: the largest erosion of ``u > 0`` by the line elements through
-    the centre (2-D: 4 segments of 3 pixels; 3-D: 9 planes of 3x3 voxels), outside the array 0.
+    """The SI curvature operator: the largest erosion of ``u`` (every non-zero element, as in
+    scikit-image, is 1) by the line elements through the centre (2-D: 4 segments of 3 pixels;
+    3-D: 9 planes of 3x3 voxels), outside the array 0.
     u: [H, W] or [D, H, W]; returns int8 of u's shape. backend: as :func:`morphological_chan_vese`."""
     return _curvature(u, "sup_inf", backend)
 
 
 @dlpack_entry
 def inf_sup(u, *, backend=None):
-    """The IS curvature operator: the smallest dilation of ``u > 0`` by the line elements
-    through the centre, outside the array 0 (so IS(u) differs from 1 - SI(1 - u) on the border).
+    """The IS curvature operator: the smallest dilation of ``u`` (every non-zero element is 1) by
+    the line elements through the centre, outside the array 0 (so IS(u) differs from
+    1 - SI(1 - u) on the border).
     u: [H, W] or [D, H, W]; returns int8 of u's shape. backend: as :func:`morphological_chan_vese`."""
     return _curvature(u, "inf_sup", backend)
 

@@ -49,15 +49,17 @@ def _elements(u):
 
 
 def sup_inf(u):
-    """SI: the largest of the erosions of ``u`` (read as ``u > 0``) by the line elements; int8."""
-    binary = (np.asarray(u) > 0).astype(np.int8)
+    """SI: the largest of the erosions of ``u`` (read as ``u != 0``, as SciPy's binary erosion
+    does) by the line elements; int8."""
+    binary = (np.asarray(u) != 0).astype(np.int8)
     erosions = [np.minimum.reduce([_shifted(binary, o) for o in element]) for element in _elements(binary)]
     return np.maximum.reduce(erosions).astype(np.int8)
 
 
 def inf_sup(u):
-    """IS: the smallest of the dilations of ``u`` (read as ``u > 0``) by the line elements; int8."""
-    binary = (np.asarray(u) > 0).astype(np.int8)
+    """IS: the smallest of the dilations of ``u`` (read as ``u != 0``, as SciPy's binary dilation
+    does) by the line elements; int8."""
+    binary = (np.asarray(u) != 0).astype(np.int8)
     dilations = [np.maximum.reduce([_shifted(binary, o) for o in element]) for element in _elements(binary)]
     return np.minimum.reduce(dilations).astype(np.int8)
 

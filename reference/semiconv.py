@@ -203,7 +203,11 @@ def seeded_mask_logits_backward(grad_output, scores, psi, sigma, mode="argmax", 
 
 
 def round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    """x rounded half away from zero, exactly: floor(|x| + 0.5) would round the sum first (the
+    float just below 0.5 would give 1)."""
+    magnitude = np.abs(x)
+    whole = np.floor(magnitude)
+    return np.sign(x) * np.where(magnitude - whole >= 0.5, np.ceil(magnitude), whole)
 
 
 def hough_votes(psi, foreground, shape=None, *, coordinates=False, spacing=1.0):

@@ -2,7 +2,11 @@
 in module state set explicitly), and scikit-image's own morphsnakes / chan_vese test cases,
 written once against an implementation ``impl`` (a namespace with ``morphological_chan_vese``,
 ``morphological_geodesic_active_contour``, ``chan_vese``, ``disk_level_set``,
-``inverse_gaussian_gradient``) so that every backend runs them."""
+``inverse_gaussian_gradient``) so that every backend runs them; and :func:`kernels_named`, which
+points the ops at the Numba CPU or the host-shim kernels."""
+
+import contextlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -191,3 +195,17 @@ SNAKE_CASES = [case_black_image, case_blob_from_two_radii, case_gac_11x11, case_
 CHAN_VESE_CASES = [case_chan_vese_flat_level_set, case_chan_vese_small_disk, case_chan_vese_simple_shape,
                    case_chan_vese_extended_output, case_chan_vese_remove_noise, case_chan_vese_gap_closing,
                    case_chan_vese_bad_arguments, case_chan_vese_blank_image]
+
+
+def kernels_named(name):
+    """A context in which the level-set ops on NumPy arrays run the kernel set ``name``:
+    "numba-cpu" (their own) or "host-shim" (the CUDA C kernels on the CPU; skips without g++)."""
+    if name == "numba-cpu":
+        return contextlib.nullcontext()
+    from pydeform import levelset
+    from tests import host_shim
+
+    if not host_shim.compiler_available():
+        pytest.skip("needs g++")
+    kernels = host_shim.HostShimLevelSetKernels()
+    return mock.patch.object(levelset, "levelset_kernels", lambda library, backend: kernels)

@@ -19,6 +19,14 @@ from pydeform import levelset
 from pydeform.backends.numba_cuda import simulator_enabled
 from pydeform.backends.numba_kernels.levelset import NumbaCudaLevelSetKernels
 from reference import levelset as ref
+from tests.levelset_cases import (
+    case_chan_vese_bad_arguments,
+    case_chan_vese_blank_image,
+    case_chan_vese_flat_level_set,
+    case_gac_11x11,
+    case_init_level_sets,
+    case_wrong_ndim,
+)
 
 if not simulator_enabled():
     raise RuntimeError("run this module with NUMBA_ENABLE_CUDASIM=1 (see tests/test_numba_cuda_simulator.py)")
@@ -145,3 +153,32 @@ def test_steps_write_every_interior_pixel_and_no_border(shape):
             np.testing.assert_array_equal(dst[b][inside[1:]], expected(b, u[b][inside[1:]]), err_msg=name)
         dst[inside] = 0
         assert not dst.any(), f"{name} wrote the border"
+
+
+# scikit-image's ported cases that stay short here; the others (the black image, the blob from two
+# radii and the 3-D zero image: 6, 20 and 5 MorphACWE iterations of 11x11 / 7x7x7, 10-25 s each,
+# and the Chan-Vese runs of 100 to 500 iterations) run on the host shim and the GPU.
+@pytest.mark.parametrize("case", [case_gac_11x11, case_init_level_sets, case_wrong_ndim,
+                                  case_chan_vese_flat_level_set, case_chan_vese_bad_arguments,
+                                  case_chan_vese_blank_image], ids=lambda c: c.__name__)
+def test_scikit_image_cases(case):
+    case(levelset)
+
+
+def test_2x2_images_callbacks_and_unchanged_inputs():
+    rng = np.random.default_rng(8)
+    image, init = rng.integers(0, 9, (2, 2)).astype(np.float64), rng.standard_normal((2, 2))
+    copies = image.copy(), init.copy()
+    acwe_calls, gac_calls = [], []
+    acwe = levelset.morphological_chan_vese(image, 2, init, 1, iter_callback=acwe_calls.append)
+    gac = levelset.morphological_geodesic_active_contour(image, 2, init, 1, "auto", 1, gac_calls.append, phase=1)
+    seg, phi, _ = levelset.chan_vese(image, max_num_iter=2, init_level_set=init, extended_output=True)
+    np.testing.assert_array_equal(acwe, ref.morphological_chan_vese(image, 2, init, 1)[0])
+    np.testing.assert_array_equal(gac, ref.morphological_geodesic_active_contour(image, 2, init, 1, "auto", 1,
+                                                                                 phase=1)[0])
+    np.testing.assert_allclose(phi, ref.chan_vese(image, max_num_iter=2, init_level_set=init,
+                                                  extended_output=True)[1], rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(levelset.sup_inf(init), ref.sup_inf(init))
+    assert len(acwe_calls) == len(gac_calls) == 3
+    np.testing.assert_array_equal(image, copies[0])
+    np.testing.assert_array_equal(init, copies[1])

@@ -1,7 +1,7 @@
 """The level-set driver on CuPy arrays with the CuPy RawKernels, checked without a GPU through the
 stand-ins of tests/fake_cupy.py (kernels do not run there; launches and reads are recorded):
 the launches of each iteration, no read back to the host inside the snake loops, and exactly one
-read per Chan-Vese iteration (its stopping test)."""
+read per Chan-Vese iteration (its stopping test); the Numba CUDA kernel set reads the same."""
 
 from __future__ import annotations
 
@@ -87,4 +87,17 @@ def test_chan_vese_reads_its_stopping_test_once_per_iteration(fake_gpu, reads, b
     pydeform.chan_vese(image, tol=-1.0, max_num_iter=5, batched=True)
     assert launches(fake_gpu) == {"levelset_chan_vese_sums": 1, "levelset_chan_vese_stats": 1 + 5,
                                   "levelset_chan_vese_step": 5}
+    assert reads == ["asnumpy"] * 5
+
+
+def test_numba_cuda_set_reads_only_the_chan_vese_stopping_test(fake_gpu, reads):
+    """The same with the Numba CUDA kernel set (backend="numba"): its launches, and no read in
+    the snake loops."""
+    image = fake_gpu.asarray(np.random.default_rng(4).random((2, 6, 7)))
+    fake_gpu.events.clear()
+    pydeform.morphological_chan_vese(image, 3, smoothing=2, batched=True, backend="numba")
+    pydeform.morphological_geodesic_active_contour(image, 3, balloon=-1, batched=True, backend="numba")
+    assert reads == [] and any(event[0] == "numba launch" for event in fake_gpu.events)
+    assert not any(event[0] == "launch" for event in fake_gpu.events), "a CUDA C kernel launched"
+    pydeform.chan_vese(image, tol=-1.0, max_num_iter=5, batched=True, backend="numba")
     assert reads == ["asnumpy"] * 5

@@ -1,7 +1,7 @@
 """The Numba CPU semi-convolutional ops against the float64 reference (hypothesis-drawn shapes,
 labels, centers, sigma and options, float32 and float64), their determinism (bit-identical
-runs, for 1 and 2 threads), NaN propagation, untouched inputs, and the voting ops recovering
-ground-truth labels exactly from an ideal displacement field."""
+runs, for 1 and 2 threads), NaN propagation and untouched inputs (the invariants and the voting
+ops recovering ground-truth labels from an ideal displacement field: test_semiconv_invariants.py)."""
 
 import numba
 import numpy as np
@@ -209,29 +209,3 @@ def test_loss_is_zero_for_constant_instances_with_coordinates():
     phi = np.stack([points[labels[0], 0] - ys, points[labels[0], 1] - xs])[None]
     assert pydeform.instance_mean_loss(phi, labels, 2, coordinates=True) == 0
     assert not pydeform.instance_mean_loss_backward(1.0, phi, labels, 2, coordinates=True).any()
-
-
-def test_ideal_displacements_recover_the_labels_through_the_voting_ops():
-    """Each instance's pixels point at its centre: hough_votes + hough_peaks +
-    assign_to_centers give back the ground-truth labels (up to the instances' order)."""
-    height, width = 20, 24
-    truth = np.zeros((2, height, width), np.int32)
-    truth[0, 2:7, 3:9], truth[0, 10:16, 12:20], truth[0, 2:6, 15:22] = 1, 2, 3
-    truth[1, 5:12, 4:10], truth[1, 13:19, 2:8] = 1, 2  # identical copies
-    ys, xs = np.mgrid[:height, :width].astype(np.float32)
-    phi = np.zeros((2, 2, height, width), np.float32)
-    for b in range(2):
-        for k in range(1, truth[b].max() + 1):
-            inside = truth[b] == k
-            phi[b, 0][inside] = ys[inside].mean() - ys[inside]
-            phi[b, 1][inside] = xs[inside].mean() - xs[inside]
-    foreground = truth > 0
-    votes = pydeform.hough_votes(phi, foreground, coordinates=True)
-    assert votes.sum() == foreground.sum()
-    peaks = pydeform.hough_peaks(votes, 4, min_votes=2)
-    assert (peaks.votes > 0).sum(axis=1).tolist() == [3, 2]
-    labels = pydeform.assign_to_centers(phi, foreground, peaks.centers, 1.0, coordinates=True)
-    for b in range(2):
-        pairs = {(int(t), int(p)) for t, p in zip(truth[b].ravel(), labels[b].ravel())}
-        assert len(pairs) == truth[b].max() + 1 and len({p for _, p in pairs}) == len(pairs)
-        assert (0, 0) in pairs

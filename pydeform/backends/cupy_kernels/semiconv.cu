@@ -71,18 +71,22 @@ __device__ V block_sum(const V value, V* shared) {
     return total;
 }
 
-// Whether score a at index ia is a better seed than b at ib: NaN never is (except as the only
-// choice), higher first, equal scores by the lower index.
+// Whether score a at index ia is a better seed than b at ib (ib < 0: none yet): as NumPy's and
+// PyTorch's argmax, NaN counts as the largest score; higher first, equal scores (NaN or not) by the
+// lower index.
 template <typename A>
 __device__ __forceinline__ bool better_seed(const A a, const long long ia, const A b, const long long ib) {
-    if (isnan(a)) {
-        return false;
+    if (ib < 0) {
+        return true;
     }
-    return ib < 0 || isnan(b) || a > b || (a == b && ia < ib);
+    if (isnan(b)) {
+        return isnan(a) && ia < ib;
+    }
+    return isnan(a) || a > b || (a == b && ia < ib);
 }
 
-// Region r's seed pixel: the first pixel if its score is NaN (as a sequential scan that only moves
-// on to a strictly larger score), else the highest non-NaN score, lowest index on ties.
+// Region r's seed pixel: the argmax of its scores (the first NaN if any, else the highest score,
+// lowest index on ties).
 template <typename T>
 __device__ long long seed_pixel(const T* __restrict__ scores, const long long plane, acc_t<T>* shared_values,
                                 long long* shared_indices) {
@@ -113,7 +117,7 @@ __device__ long long seed_pixel(const T* __restrict__ scores, const long long pl
     }
     const long long found = shared_indices[0];
     __syncthreads();
-    return (found < 0 || isnan(load_acc(scores))) ? 0 : found;
+    return found < 0 ? 0 : found;
 }
 
 // Region r's seed into seeds[0, dims) (and, with softmax, the weights of its pixels); returns the
@@ -184,10 +188,11 @@ __device__ __forceinline__ AffinityFactor<acc_t<T>> affinity_factor(
     return {-g * a / (s * s), dist, a};
 }
 
-// Rounding half away from zero.
+// Rounding half away from zero, exactly (floor(v + 0.5) would round the sum first: the float
+// just below 0.5 would give 1); NaN and infinities stay as they are.
 template <typename A>
 __device__ __forceinline__ A round_half_away(const A v) {
-    return v >= A(0) ? floor(v + A(0.5)) : -floor(-v + A(0.5));
+    return round(v);
 }
 
 }  // namespace pydeform

@@ -46,6 +46,13 @@ LAPLACIAN, GAUSSIAN = 0, 1
 ARGMAX, SOFTMAX = 0, 1
 
 
+def _better_seed(score, best):
+    """Whether ``score`` beats the seed score ``best`` found at a lower index: as NumPy's and
+    PyTorch's argmax, NaN counts as the largest score and the first NaN wins. (Compiled as a
+    device function of each target.)"""
+    return score > best or (score != score and best == best)
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernels():
     """The CPU kernels: ``(statistics, loss_grad, affinity, affinity_grad_psi,
@@ -53,6 +60,7 @@ def cpu_kernels():
     from numba import prange
 
     t = cpu_target()
+    better_seed = t.device(_better_seed)
 
     @t.device
     def distance(psi, pixel, plane, dims, cy, cx, y, x, centers, c):
@@ -302,7 +310,7 @@ def cpu_kernels():
         first = r * plane
         best = 0
         for p in range(1, plane):
-            if scores[first + p] > scores[first + best]:
+            if better_seed(scores[first + p], scores[first + best]):
                 best = p
         if mode == ARGMAX:
             y = best // width
@@ -367,7 +375,7 @@ def cpu_kernels():
             if mode == ARGMAX:
                 best = 0
                 for p in range(1, plane):
-                    if scores[r * plane + p] > scores[r * plane + best]:
+                    if better_seed(scores[r * plane + p], scores[r * plane + best]):
                         best = p
                 for d in range(dims):
                     grad_psi[(r * dims + d) * plane + best] += grad_seeds[seed + d]
@@ -385,9 +393,15 @@ def cpu_kernels():
 
     @t.device
     def round_half_away(v):
-        if v >= 0:
-            return math.floor(v + 0.5)
-        return -math.floor(-v + 0.5)
+        """v rounded half away from zero, exactly (floor(v + 0.5) would round the sum first: the
+        float just below 0.5 would give 1); NaN and infinities as they are."""
+        if math.isnan(v) or math.isinf(v):
+            return v
+        magnitude = abs(v)
+        whole = math.floor(magnitude)
+        if magnitude - whole >= 0.5:
+            whole = math.ceil(magnitude)
+        return whole if v >= 0 else -whole
 
     @cpu_kernel
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
@@ -446,6 +460,7 @@ def cuda_kernels():
     # Only the target's device decorator is used: the kernels make every constant from the
     # dtype of ``cy`` (the accumulation type), so one build serves every dtype.
     t = cuda_target(np.float32)
+    better_seed = t.device(_better_seed)
 
     @t.device
     def value_at(psi, pixel, plane, d, cy, cx, fy, fx):
@@ -486,7 +501,7 @@ def cuda_kernels():
         first = r * plane
         best = 0
         for p in range(1, plane):
-            if scores[first + p] > scores[first + best]:
+            if better_seed(scores[first + p], scores[first + best]):
                 best = p
         base = r * dims * plane
         if mode == ARGMAX:
@@ -682,9 +697,15 @@ def cuda_kernels():
 
     @t.device
     def round_half_away(v, zero, half):
-        if v >= zero:
-            return math.floor(v + half)
-        return -math.floor(-v + half)
+        """As the CPU's, in v's type (NaN and infinities never reach math.floor, which the
+        simulator computes as a Python int)."""
+        if math.isnan(v) or math.isinf(v):
+            return v
+        magnitude = abs(v)
+        whole = math.floor(magnitude)
+        if magnitude - whole >= half:
+            whole = math.ceil(magnitude)
+        return whole if v >= zero else -whole
 
     @cuda_kernel
     def votes(psi, foreground, cy, cx, counts, batch, dims, height, width, out_h, out_w):
