@@ -104,10 +104,6 @@ WARMUP = {
     "centernet_focal_loss": WarmupOp(_centernet_focal_loss),
     "deform_conv_transpose2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_CONV_TRANSPOSE)),
     "deform_pool2d": WarmupOp(_op_calls(st.deform_unet.DEFORM_POOL)),
-    "morphological_chan_vese": WarmupOp(_snake(morphological_chan_vese), _levelset_dtype),
-    "morphological_geodesic_active_contour": WarmupOp(_snake(morphological_geodesic_active_contour),
-                                                      _levelset_dtype),
-    "chan_vese": WarmupOp(_chan_vese, _levelset_dtype),
     "semiconv_embed": WarmupOp(_semiconv_embed),
     "instance_means": WarmupOp(_op_calls(st.semiconv.INSTANCE_MEANS)),
     "instance_mean_loss": WarmupOp(_op_calls(st.semiconv.INSTANCE_MEAN_LOSS)),
@@ -116,6 +112,10 @@ WARMUP = {
     "hough_votes": WarmupOp(_op_calls(st.semiconv.HOUGH_VOTES)),
     "hough_peaks": WarmupOp(_hough_peaks, _float32),
     "assign_to_centers": WarmupOp(_op_calls(st.semiconv.ASSIGN_TO_CENTERS)),
+    "morphological_chan_vese": WarmupOp(_snake(morphological_chan_vese), _levelset_dtype),
+    "morphological_geodesic_active_contour": WarmupOp(_snake(morphological_geodesic_active_contour),
+                                                      _levelset_dtype),
+    "chan_vese": WarmupOp(_chan_vese, _levelset_dtype),
 }
 
 
