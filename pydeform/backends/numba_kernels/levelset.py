@@ -10,9 +10,9 @@ A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x, or fo
 operators one padded plane walked as a single flat row; tasks run in order on one thread.
 Reductions are deterministic: the MorphACWE sums are kept per column (added over the rows in
 order, then the columns in order), the Chan-Vese sums per column of each block of
-CHAN_VESE_BLOCK_ROWS rows (added block after block, then the columns in order). Arithmetic is IEEE float64 without contraction into FMAs,
-so the MorphACWE attachment equals NumPy's for integer-valued images and the MorphGAC attachment
-for any float64 gimage.
+CHAN_VESE_BLOCK_ROWS rows (added block after block, then the columns in order). Arithmetic is
+IEEE float64 without contraction into FMAs, so the MorphACWE attachment equals NumPy's for
+integer-valued images and the MorphGAC attachment for any float64 gimage.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def cpu_serial_kernel(fn):
     on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
     than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread. The
     heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.15 ms), took
-    0.77 ms on two threads at best but 8 ms a step (two 4 ms scheduler ticks) at a load average
-    of 2.5: the second thread, asleep between steps, waited for the core another process held.
+    0.77 ms on two threads (its row blocks split between them) when the second core was free,
+    but mostly 8 ms (two 4 ms scheduler ticks) at a load average of 2.5 to 4: the second thread,
+    asleep between steps, waited for the core another process held (docs/benchmarks.md).
     """
     import numba
 
@@ -587,11 +588,9 @@ def _kernels():
                 region_add_row(phi[b, y], phi[b, y], image[b, y], sums)
             chan_vese_store_stats(sums, float(height * width), stats, b)
 
-    @numba.njit(nogil=True, error_model="numpy")
+    @inline
     def chan_vese_rows(phi, image, c1, c2, mu, lambda1, lambda2, dt, start, stop, new_phi, sums):
-        """new_phi rows start to stop - 1 of one image, their column sums added to sums [4, W]
-        (a function of its own, not inlined: the row loops vectorise in it, and did not inside
-        a parallel ``prange`` body)."""
+        """new_phi rows start to stop - 1 of one image, their column sums added to sums [4, W]."""
         height, last = image.shape[0], image.shape[1] - 1
         for y in range(start, stop):
             y0, y1, _ = neighbours(y, height)
@@ -604,11 +603,10 @@ def _kernels():
                                             lambda2, dt)
             region_add_row(out, row, values, sums)
 
-    @numba.njit(nogil=True, error_model="numpy")
+    @inline
     def chan_vese_block_stats(sums, blocks, pixels, active, stats):
         """stats[b] from the column sums of image b's blocks [blocks, 4, W], added block after
-        block (a function of its own: in a parallel kernel each array expression would be a
-        parallel region of its own)."""
+        block."""
         for b in range(active.shape[0]):
             if active[b]:
                 total = sums[b * blocks]
