@@ -35,9 +35,9 @@ def cpu_serial_kernel(fn):
     on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
     than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread. The
     heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.15 ms), took
-    0.77 ms on two threads (its row blocks split between them) when the second core was free,
-    but mostly 8 ms (two 4 ms scheduler ticks) at a load average of 2.5 to 4: the second thread,
-    asleep between steps, waited for the core another process held (docs/benchmarks.md).
+    0.6-0.7 ms on two threads (its row blocks split between them) while the machine left a core
+    free, but mostly 8 ms (two 4 ms scheduler ticks) at a load average of 2.5 to 4: the second
+    thread waited for the core another process held (docs/benchmarks.md).
     """
     import numba
 
