@@ -9,10 +9,10 @@ the other.
 A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x, or for the curvature
 operators one padded plane walked as a single flat row; tasks run in order on one thread.
 Reductions are deterministic: the MorphACWE sums are kept per column (added over the rows in
-order, then the columns in order), the Chan-Vese sums per row (in 4 interleaved lanes, added in
-lane order, then the rows in order). Arithmetic is IEEE float64 without contraction into FMAs,
-so the MorphACWE attachment equals NumPy's for integer-valued images and the MorphGAC attachment
-for any float64 gimage.
+order, then the columns in order), the Chan-Vese sums per column of each block of
+CHAN_VESE_BLOCK_ROWS rows (added block after block, then the columns in order). Arithmetic is
+IEEE float64 without contraction into FMAs, so the MorphACWE attachment equals NumPy's for
+integer-valued images and the MorphGAC attachment for any float64 gimage.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ import numpy as np
 
 from .disk_cache import cache_on_disk
 
+# Rows per task of the Chan-Vese step, each task with column sums of its own: the split, and so
+# the order of the sums, is fixed by the image.
+CHAN_VESE_BLOCK_ROWS = 16
+
 
 def cpu_serial_kernel(fn):
     """Compile a kernel for one CPU thread (its ``prange`` runs as ``range``), cached on disk.
@@ -30,8 +34,10 @@ def cpu_serial_kernel(fn):
     Each pass of a level-set iteration is a few hundred microseconds of work at 512x512; measured
     on the 2-core machine of docs/benchmarks.md, waking a second thread for every pass cost more
     than it saved, and the ``parallel=True`` form of these loops ran 4x slower on one thread. The
-    heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.5 ms), took
-    0.9 ms on two threads at best but a median 12 ms with the machine's load average at 3.
+    heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.15 ms), took
+    0.6-0.7 ms on two threads (its row blocks split between them) while the machine left a core
+    free, but mostly 8 ms (two 4 ms scheduler ticks) at a load average of 2.5 to 4: the second
+    thread waited for the core another process held (docs/benchmarks.md).
     """
     import numba
 
@@ -524,17 +530,25 @@ def _kernels():
 
     @inline
     def chan_vese_pixel(phi, up, down, x, x0, x1, value, c1, c2, mu, lambda1, lambda2, dt):
+        """scikit-image's update (centre + dt d (mu K + force)) / (1 + mu dt d (k1 + k2 + k3 + k4)),
+        d = 1 / q, q = 1 + centre^2, K = right k1 + left k2 + below k3 + above k4, k_i = 1 / s_i
+        (s_i its square roots), with numerator and denominator multiplied by q s1 s2 s3 s4: k_i
+        becomes the product of the other three s_j, and one division a pixel is left of
+        scikit-image's six (the divider and the square root unit bound the step)."""
         centre, right, left = phi[x], phi[x1], phi[x0]
         below, above = down[x], up[x]
         dx_mid, dy_mid = (right - left) / 2.0, (below - above) / 2.0
-        k1 = 1.0 / np.sqrt(1e-16 + square(right - centre) + square(dy_mid))
-        k2 = 1.0 / np.sqrt(1e-16 + square(centre - left) + square(dy_mid))
-        k3 = 1.0 / np.sqrt(1e-16 + square(dx_mid) + square(below - centre))
-        k4 = 1.0 / np.sqrt(1e-16 + square(dx_mid) + square(centre - above))
-        curvature = right * k1 + left * k2 + below * k3 + above * k4
-        delta = 1.0 / (1.0 + square(centre))
+        s1 = np.sqrt(1e-16 + square(right - centre) + square(dy_mid))
+        s2 = np.sqrt(1e-16 + square(centre - left) + square(dy_mid))
+        s3 = np.sqrt(1e-16 + square(dx_mid) + square(below - centre))
+        s4 = np.sqrt(1e-16 + square(dx_mid) + square(centre - above))
+        s12, s34 = s1 * s2, s3 * s4
+        p1, p2, p3, p4 = s2 * s34, s1 * s34, s4 * s12, s3 * s12
+        product = s12 * s34
+        scale = (1.0 + square(centre)) * product
+        curvature = right * p1 + left * p2 + below * p3 + above * p4
         force = -lambda1 * square(value - c1) + lambda2 * square(value - c2)
-        return (centre + dt * delta * (mu * curvature + force)) / (1.0 + mu * dt * delta * (k1 + k2 + k3 + k4))
+        return (centre * scale + dt * (mu * curvature + force * product)) / (scale + mu * dt * (p1 + p2 + p3 + p4))
 
     @inline
     def region_add_row(phi, previous, values, sums):
@@ -574,31 +588,50 @@ def _kernels():
                 region_add_row(phi[b, y], phi[b, y], image[b, y], sums)
             chan_vese_store_stats(sums, float(height * width), stats, b)
 
+    @inline
+    def chan_vese_rows(phi, image, c1, c2, mu, lambda1, lambda2, dt, start, stop, new_phi, sums):
+        """new_phi rows start to stop - 1 of one image, their column sums added to sums [4, W]."""
+        height, last = image.shape[0], image.shape[1] - 1
+        for y in range(start, stop):
+            y0, y1, _ = neighbours(y, height)
+            row, up, down, values, out = phi[y], phi[y0], phi[y1], image[y], new_phi[y]
+            out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2, dt)
+            for x in range(1, last):
+                out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2, dt)
+            if last > 0:
+                out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
+                                            lambda2, dt)
+            region_add_row(out, row, values, sums)
+
+    @inline
+    def chan_vese_block_stats(sums, blocks, pixels, active, stats):
+        """stats[b] from the column sums of image b's blocks [blocks, 4, W], added block after
+        block."""
+        for b in range(active.shape[0]):
+            if active[b]:
+                total = sums[b * blocks]
+                for block in range(1, blocks):
+                    total += sums[b * blocks + block]
+                chan_vese_store_stats(total, pixels, stats, b)
+
     @cpu_serial_kernel
     def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi):
         """new_phi = one step of phi for the active images; stats[b] becomes (c1, c2, RMS
-        change) of new_phi."""
+        change) of new_phi. A task is a block of CHAN_VESE_BLOCK_ROWS rows with column sums of
+        its own, added block after block."""
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
-        last = width - 1
-        sums = np.empty((4, width))
-        for b in range(batch):
-            if not active[b]:
-                continue
-            c1, c2 = stats[b, 0], stats[b, 1]
-            sums[:] = 0.0
-            for y in range(height):
-                y0, y1, _ = neighbours(y, height)
-                row, up, down, values, out = phi[b, y], phi[b, y0], phi[b, y1], image[b, y], new_phi[b, y]
-                out[0] = chan_vese_pixel(row, up, down, 0, 0, min(1, last), values[0], c1, c2, mu, lambda1, lambda2,
-                                         dt)
-                for x in range(1, last):
-                    out[x] = chan_vese_pixel(row, up, down, x, x - 1, x + 1, values[x], c1, c2, mu, lambda1, lambda2,
-                                             dt)
-                if last > 0:
-                    out[last] = chan_vese_pixel(row, up, down, last, last - 1, last, values[last], c1, c2, mu, lambda1,
-                                                lambda2, dt)
-                region_add_row(out, row, values, sums)
-            chan_vese_store_stats(sums, float(height * width), stats, b)
+        blocks = (height + CHAN_VESE_BLOCK_ROWS - 1) // CHAN_VESE_BLOCK_ROWS
+        sums = np.empty((batch * blocks, 4, width))
+        for task in prange(batch * blocks):
+            b, block = row_bounds(task, blocks)
+            if active[b]:
+                start = block * CHAN_VESE_BLOCK_ROWS
+                block_sums = sums[task]
+                for x in range(width):
+                    block_sums[0, x] = block_sums[1, x] = block_sums[2, x] = block_sums[3, x] = 0.0
+                chan_vese_rows(phi[b], image[b], stats[b, 0], stats[b, 1], mu, lambda1, lambda2, dt, start,
+                               min(start + CHAN_VESE_BLOCK_ROWS, height), new_phi[b], block_sums)
+        chan_vese_block_stats(sums, blocks, float(height * width), active, stats)
 
     return dict(curvature_2d=curvature_2d, curvature_3d=curvature_3d,
                 acwe_means_2d=acwe_means_2d, acwe_means_3d=acwe_means_3d,
