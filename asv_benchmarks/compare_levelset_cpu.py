@@ -10,12 +10,13 @@
   single-image call.
 
 Usage: ``python asv_benchmarks/compare_levelset_cpu.py [--size S] [--repeats R] [--best]
-[--cpu-time]`` (S: the 2-D side, default 512; the volume side is S / 8, the batched images S / 4;
-``--best``: the fastest call of each side instead of the median, the figure closest to an idle
-machine on a shared one; ``--cpu-time``: the process's CPU time instead of the wall clock, which
-leaves out the time the process waits for a core on a loaded machine: both sides run on one
-thread, and a long call, such as the batched one, is otherwise more often interrupted than a
-short one).
+[--cpu-time] [--threads T]`` (S: the 2-D side, default 512; the volume side is S / 8, the batched
+images S / 4; ``--best``: the fastest call of each side instead of the median, the figure closest
+to an idle machine on a shared one; ``--cpu-time``: the process's CPU time instead of the wall
+clock, which leaves out the time the process waits for a core on a loaded machine: a long call,
+such as the batched one, is otherwise more often interrupted than a short one; the snakes and
+scikit-image run on one thread, the Chan-Vese step on Numba's threads, whose CPU time adds up
+over the threads; ``--threads``: ``numba.set_num_threads(T)`` first, default Numba's own count).
 """
 
 from __future__ import annotations
@@ -110,7 +111,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--best", action="store_true", help="report the fastest call, not the median")
     parser.add_argument("--cpu-time", action="store_true", help="time calls by the process's CPU time")
+    parser.add_argument("--threads", type=int, help="Numba threads (default: Numba's own count)")
     args = parser.parse_args(argv)
+    import numba
+
+    if args.threads is not None:
+        numba.set_num_threads(args.threads)
+    print(f"Numba threads: {numba.get_num_threads()}")
     result = measure(args.size, args.repeats, args.best, args.cpu_time)
     for name, seconds in result["times"].items():
         print(f"{name:45s} {seconds * 1e3:10.2f} ms")

@@ -187,9 +187,12 @@ def test_batched_chan_vese_stops_each_image_on_its_own():
     assert len({len(e) for e in energies}) > 1
 
 
-def test_chan_vese_row_blocks_equal_the_reference():
-    """Images of several row blocks of the step (the last one partial), one stopping before the
-    other: the reference's segmentation, phi and iteration count."""
+def test_chan_vese_row_blocks_equal_the_reference_and_do_not_depend_on_the_thread_count():
+    """Images of several row blocks of the threaded step (the last one partial), one stopping
+    before the other: the reference's segmentation, phi and iteration count, and the same bits
+    on one thread as on all of them."""
+    import numba
+
     from pydeform.backends.numba_kernels.levelset import CHAN_VESE_BLOCK_ROWS
 
     rng = np.random.default_rng(7)
@@ -197,7 +200,19 @@ def test_chan_vese_row_blocks_equal_the_reference():
     square = np.zeros((height, 9))
     square[10:30, 2:7] = 1.0
     images = np.stack([square, rng.random((height, 9))])
-    ours = levelset.chan_vese(images, tol=5e-3, max_num_iter=60, extended_output=True, batched=True)
+    previous = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            runs.append(levelset.chan_vese(images, tol=5e-3, max_num_iter=60, extended_output=True, batched=True))
+    finally:
+        numba.set_num_threads(previous)
+    ours = runs[0]
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other.phi, ours.phi)
+        for b in range(2):
+            np.testing.assert_array_equal(other.energies[b], ours.energies[b])
     assert len(ours.energies[0]) != len(ours.energies[1])
     for b in range(2):
         seg, phi, energies = ref.chan_vese(images[b], tol=5e-3, max_num_iter=60, extended_output=True)

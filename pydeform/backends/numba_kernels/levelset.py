@@ -22,9 +22,10 @@ import functools
 import numpy as np
 
 from .disk_cache import cache_on_disk
+from .targets import cpu_kernel, cpu_target
 
-# Rows per task of the Chan-Vese step, each task with column sums of its own: the split, and so
-# the order of the sums, is fixed by the image.
+# Rows per task of the multi-threaded Chan-Vese step, each task with column sums of its own: the
+# split, and so the order of the sums, is fixed by the image, whatever the number of threads.
 CHAN_VESE_BLOCK_ROWS = 16
 
 
@@ -54,6 +55,7 @@ def _kernels():
     import numba
     from numba import prange
 
+    cpu_target()  # the package's CPU threading setup, before the first parallel kernel
     inline = numba.njit(inline="always", nogil=True)
     row_bounds = inline(_row_bounds)
 
@@ -614,11 +616,12 @@ def _kernels():
                     total += sums[b * blocks + block]
                 chan_vese_store_stats(total, pixels, stats, b)
 
-    @cpu_serial_kernel
+    @cpu_kernel
     def chan_vese_step(phi, image, stats, mu, lambda1, lambda2, dt, active, new_phi):
         """new_phi = one step of phi for the active images; stats[b] becomes (c1, c2, RMS
-        change) of new_phi. A task is a block of CHAN_VESE_BLOCK_ROWS rows with column sums of
-        its own, added block after block."""
+        change) of new_phi. A task, one per thread at a time, is a block of CHAN_VESE_BLOCK_ROWS
+        rows with column sums of its own, added block after block: the bits do not depend on the
+        number of threads."""
         batch, height, width = image.shape[0], image.shape[1], image.shape[2]
         blocks = (height + CHAN_VESE_BLOCK_ROWS - 1) // CHAN_VESE_BLOCK_ROWS
         sums = np.empty((batch * blocks, 4, width))
@@ -645,7 +648,8 @@ def _kernels():
 
 
 class NumbaCpuLevelSetKernels:
-    """Level-set kernels for NumPy arrays, one CPU thread per call (see cpu_serial_kernel).
+    """Level-set kernels for NumPy arrays, one CPU thread per call (see cpu_serial_kernel) but
+    the Chan-Vese step's, which splits its row blocks over Numba's threads.
 
     Level sets are uint8 ``[B, *(S + 2)]`` with a zero border, images float64 ``[B, *S]`` (see the
     module docstring); ``ndim`` below is the number of image axes (2 or 3).
