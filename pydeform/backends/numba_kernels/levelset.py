@@ -7,7 +7,8 @@ image with no bounds test. Every step is Jacobi: a kernel reads one level-set bu
 the other.
 
 A task is one row (a fixed ``b``, and ``z`` in 3-D, ``y``) walked along x, or for the curvature
-operators one padded plane walked as a single flat row; tasks run in order on one thread.
+operators one padded plane walked as a single flat row; tasks run in order on one thread, but
+the Chan-Vese step's blocks of rows, which go to Numba's threads.
 Reductions are deterministic: the MorphACWE sums are kept per column (added over the rows in
 order, then the columns in order), the Chan-Vese sums per column of each block of
 CHAN_VESE_BLOCK_ROWS rows (added block after block, then the columns in order). Arithmetic is
@@ -38,7 +39,9 @@ def cpu_serial_kernel(fn):
     heaviest pass, the Chan-Vese step (then 1.8 ms at 512x512 on one thread, now 1.15 ms), took
     0.6-0.7 ms on two threads (its row blocks split between them) while the machine left a core
     free, but mostly 8 ms (two 4 ms scheduler ticks) at a load average of 2.5 to 4: the second
-    thread waited for the core another process held (docs/benchmarks.md).
+    thread waited for the core another process held (docs/benchmarks.md). It runs on Numba's
+    threads all the same, like the package's other parallel CPU kernels (``cpu_kernel``), with
+    the same bits for any thread count; the snakes' passes stay here.
     """
     import numba
 
