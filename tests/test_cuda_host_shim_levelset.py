@@ -79,9 +79,12 @@ def test_gac_equals_the_reference(shape, smoothing, phase, init, balloon, thresh
     np.testing.assert_array_equal(ours, expected)
 
 
+# At most 60 iterations: on noise that never converges (a 6x4 uniform image runs the default 500)
+# the rounding of the sums' order grows about 1000-fold every 40 iterations (1e-15 after 30, 1e-12
+# after 60, 4e-9 after 100, 3e-2 after 200), so the default limit compares chaos, not the kernels.
 @settings(max_examples=8)
 @given(st.sampled_from([(2, 2), (3, 5), (6, 4), (9, 11)]), st.sampled_from(["checkerboard", "disk", "array"]),
-       st.sampled_from([dict(), dict(mu=0.1, lambda1=2.0, dt=1.0, max_num_iter=30), dict(tol=0.0, max_num_iter=4)]),
+       st.sampled_from([dict(max_num_iter=60), dict(mu=0.1, lambda1=2.0, dt=1.0, max_num_iter=30), dict(tol=0.0, max_num_iter=4)]),
        st.integers(0, 2**32 - 1))
 def test_chan_vese_equals_the_reference(shape, init, params, seed):
     rng = np.random.default_rng(seed)
