@@ -7,13 +7,13 @@ signature (sizes ``long long``, flags ``int``, float parameters float64) and ret
 ``(template, n_blocks, args)``: one thread per pixel of the batch for the element-wise kernels,
 one block per (image, chunk of rows) for the sums and one block per image for their totals. The
 kernel set and the tests' CPU host shim both launch through them. Nothing here reads device
-memory back: a MorphACWE iteration is four launches (partial sums, means, attachment, and the
-smoothing's two per step) that read the means from device memory.
+memory back: a MorphACWE iteration is three launches (partial sums, means, attachment, the last
+reading the means from device memory) and two per smoothing step.
 """
 
 import numpy as np
 
-from ._compile import THREADS_PER_BLOCK, KernelManifest, launch_blocks
+from ._compile import THREADS_PER_BLOCK, KernelManifest, grid_blocks, launch_blocks
 
 KERNELS = KernelManifest(
     source="levelset.cu",
@@ -33,10 +33,6 @@ KERNELS = KernelManifest(
 # The pixels one block of a sum kernel adds, at least: a chunk is this many pixels' worth of
 # whole rows, so that each thread adds several pixels before the block's tree.
 CHUNK_PIXELS = 8 * THREADS_PER_BLOCK
-
-
-def _elementwise_blocks(n_items):
-    return -(-n_items // THREADS_PER_BLOCK)
 
 
 def _geometry(image_shape):
@@ -63,7 +59,7 @@ def _pixels(image_shape):
 
 def curvature_launch(src, dst, image_shape, dilate):
     args = (src, dst, *_geometry(image_shape), np.int32(bool(dilate)))
-    return "levelset_curvature", _elementwise_blocks(_pixels(image_shape)), args
+    return "levelset_curvature", grid_blocks(_pixels(image_shape)), args
 
 
 def acwe_partials_launch(u, image, partial):
@@ -79,18 +75,18 @@ def acwe_means_launch(partial, means, image_shape):
 
 def acwe_attach_launch(src, image, means, lambda1, lambda2, dst):
     args = (src, image, means, np.float64(lambda1), np.float64(lambda2), dst, *_geometry(image.shape))
-    return "levelset_acwe_attach", _elementwise_blocks(image.size), args
+    return "levelset_acwe_attach", grid_blocks(image.size), args
 
 
 def gac_balloon_launch(src, gimage, limit, grow, dst):
     args = (src, gimage, limit, dst, *_geometry(gimage.shape), np.int32(bool(grow)))
-    return "levelset_gac_balloon", _elementwise_blocks(gimage.size), args
+    return "levelset_gac_balloon", grid_blocks(gimage.size), args
 
 
 def gac_attach_launch(src, gradient, dst):
     image_shape = (gradient.shape[0], *gradient.shape[2:])
     args = (src, gradient, dst, *_geometry(image_shape))
-    return "levelset_gac_attach", _elementwise_blocks(_pixels(image_shape)), args
+    return "levelset_gac_attach", grid_blocks(_pixels(image_shape)), args
 
 
 def _chan_vese_geometry(image):

@@ -14,7 +14,7 @@ sigma and seeds are in the accumulation type (float32 for float16 / bfloat16 / f
 import numpy as np
 
 from ..._arrays import accumulation_dtype
-from ._compile import THREADS_PER_BLOCK, KernelManifest, launch_blocks
+from ._compile import KernelManifest, grid_blocks, launch_blocks
 
 KERNELS = KernelManifest(
     source="semiconv.cu",
@@ -30,10 +30,6 @@ KERNELS = KernelManifest(
         "semiconv_assign",
     ),
 )
-
-
-def _elementwise_blocks(n_items):
-    return -(-n_items // THREADS_PER_BLOCK)
 
 
 def _geometry(psi, offsets):
@@ -53,18 +49,18 @@ def statistics_launch(psi, labels, offsets, sums, counts, norm_sums, unit_sums, 
 
 def loss_grad_launch(psi, labels, offsets, means, scales, mean_units, grad):
     args = (psi, labels, means, scales, mean_units, grad, *_geometry(psi, offsets), np.int64(scales.shape[1]))
-    return "semiconv_loss_grad", _elementwise_blocks(labels.size), args
+    return "semiconv_loss_grad", grid_blocks(labels.size), args
 
 
 def affinity_launch(psi, centers, sigma, offsets, out, kernel):
     args = (psi, centers, sigma, out, *_geometry(psi, offsets), np.int64(centers.shape[1]), np.int32(kernel))
-    return "semiconv_affinity", _elementwise_blocks(out.size), args
+    return "semiconv_affinity", grid_blocks(out.size), args
 
 
 def affinity_grad_psi_launch(grad_output, psi, centers, sigma, offsets, grad_psi, kernel):
     args = (grad_output, psi, centers, sigma, grad_psi, *_geometry(psi, offsets), np.int64(centers.shape[1]),
             np.int32(kernel))
-    return "semiconv_affinity_grad_psi", _elementwise_blocks(psi.size // psi.shape[1]), args
+    return "semiconv_affinity_grad_psi", grid_blocks(psi.size // psi.shape[1]), args
 
 
 def affinity_grad_centers_launch(grad_output, psi, centers, sigma, offsets, grad_centers, grad_sigma, kernel):
@@ -87,13 +83,13 @@ def seeded_grad_launch(grad_output, scores, psi, sigma, offsets, seeds, weights,
 
 def votes_launch(psi, foreground, offsets, counts):
     args = (psi, foreground, counts, *_geometry(psi, offsets), np.int64(counts.shape[1]), np.int64(counts.shape[2]))
-    return "semiconv_votes", _elementwise_blocks(foreground.size), args
+    return "semiconv_votes", grid_blocks(foreground.size), args
 
 
 def assign_launch(psi, foreground, centers, offsets, labels, max_distance):
     args = (psi, foreground, centers, labels, *_geometry(psi, offsets), np.int64(centers.shape[1]),
             accumulation_dtype(psi.dtype).type(max_distance))
-    return "semiconv_assign", _elementwise_blocks(labels.size), args
+    return "semiconv_assign", grid_blocks(labels.size), args
 
 
 class CupySemiConvKernels:
